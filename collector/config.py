@@ -1,0 +1,271 @@
+"""Configuration: read once at the edge, validated, then passed down as frozen values.
+
+Every key either works and is tested or does not exist; an unknown key is an error that names
+the key and the file, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_GRPC_ENDPOINT = "127.0.0.1:4317"
+DEFAULT_HTTP_ENDPOINT = "127.0.0.1:4318"
+DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
+DEFAULT_SQLITE_PATH = "data/agent_sessions.db"
+DEFAULT_FLUSH_INTERVAL_MS = 200
+DEFAULT_MAX_PENDING_SPANS = 200_000
+DEFAULT_STALE_AFTER_S = 3600
+DEFAULT_DEDUPE_RETENTION_S = 24 * 3600
+MIN_DEDUPE_RETENTION_S = 1
+DEFAULT_AGENT_SPAN_TOKENS = False
+DEFAULT_LOG_LEVEL = "info"
+DEFAULT_MAX_SESSION_ID_LENGTH = 256
+LOG_LEVELS = ("debug", "info", "warning", "error")
+PRICE_KEYS = ("input", "output", "cache_read", "cache_write")
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded for the person who edits the file."""
+
+    def __init__(self, source: str, key: str, problem: str) -> None:
+        self.source = source
+        self.key = key
+        self.problem = problem
+        where = f"{source}: {key}: " if key else f"{source}: "
+        super().__init__(where + problem)
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPrice:
+    """USD per million tokens. Cache rates default to the input rate (no discount assumed)."""
+
+    input: float
+    output: float
+    cache_read: float
+    cache_write: float
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiverConfig:
+    grpc_endpoint: Endpoint | None = None
+    http_endpoint: Endpoint | None = None
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: str = "<defaults>"
+    receivers: ReceiverConfig = field(default_factory=ReceiverConfig)
+    sqlite_path: Path = Path(DEFAULT_SQLITE_PATH)
+    flush_interval_ms: int = DEFAULT_FLUSH_INTERVAL_MS
+    max_pending_spans: int = DEFAULT_MAX_PENDING_SPANS
+    stale_after_s: int = DEFAULT_STALE_AFTER_S
+    dedupe_retention_s: int = DEFAULT_DEDUPE_RETENTION_S
+    agent_span_tokens: bool = DEFAULT_AGENT_SPAN_TOKENS
+    max_session_id_length: int = DEFAULT_MAX_SESSION_ID_LENGTH
+    log_level: str = DEFAULT_LOG_LEVEL
+    pricing: Mapping[str, ModelPrice] = field(default_factory=dict)
+
+
+# The schema of the file: section -> key -> expected kind. Tables of arbitrary names (pricing)
+# are handled separately.
+_SCHEMA: dict[str, dict[str, type]] = {
+    "receivers.otlp": {"grpc_endpoint": str, "http_endpoint": str, "max_request_bytes": int},
+    "storage": {"sqlite_path": str},
+    "flush": {"interval_ms": int, "max_pending_spans": int},
+    "sessions": {"stale_after_s": int, "max_id_length": int},
+    "dedupe": {"retention_s": int},
+    "mapping": {"agent_span_tokens": bool},
+    "log": {"level": str},
+}
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a TOML file; every failure is a ConfigError naming the file."""
+    p = Path(path)
+    source = str(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(source, "", "file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(source, "", "is a directory, not a config file") from None
+    except OSError as exc:
+        raise ConfigError(source, "", f"cannot read: {exc.strerror or exc}") from None
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(source, "", "not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, "", f"invalid TOML: {exc}") from None
+    return parse_config(doc, source=source, base_dir=p.resolve().parent)
+
+
+def parse_config(doc: Mapping[str, Any], *, source: str, base_dir: Path) -> Config:
+    """Validate a parsed document. Relative paths are resolved against `base_dir`."""
+    values = _flatten(doc, source)
+    pricing = _parse_pricing(doc.get("pricing", {}), source)
+
+    def get(key: str, default: Any) -> Any:
+        return values.get(key, default)
+
+    grpc = _parse_endpoint(source, "receivers.otlp.grpc_endpoint",
+                           get("receivers.otlp.grpc_endpoint", DEFAULT_GRPC_ENDPOINT))
+    http = _parse_endpoint(source, "receivers.otlp.http_endpoint",
+                           get("receivers.otlp.http_endpoint", DEFAULT_HTTP_ENDPOINT))
+    if grpc is None and http is None:
+        raise ConfigError(source, "receivers.otlp",
+                          "both grpc_endpoint and http_endpoint are disabled; enable at least one")
+    if grpc is not None and http is not None and grpc == http:
+        raise ConfigError(source, "receivers.otlp.http_endpoint",
+                          f"same address as grpc_endpoint ({grpc})")
+
+    sqlite_path = get("storage.sqlite_path", DEFAULT_SQLITE_PATH)
+    if not sqlite_path.strip():
+        raise ConfigError(source, "storage.sqlite_path", "must not be empty")
+    path = Path(sqlite_path).expanduser()
+    if not path.is_absolute():
+        path = base_dir / path
+
+    level = get("log.level", DEFAULT_LOG_LEVEL).lower()
+    if level not in LOG_LEVELS:
+        raise ConfigError(source, "log.level", f"must be one of {', '.join(LOG_LEVELS)}; got {level!r}")
+
+    return Config(
+        source=source,
+        receivers=ReceiverConfig(
+            grpc_endpoint=grpc,
+            http_endpoint=http,
+            max_request_bytes=_positive(source, "receivers.otlp.max_request_bytes",
+                                        get("receivers.otlp.max_request_bytes",
+                                            DEFAULT_MAX_REQUEST_BYTES)),
+        ),
+        sqlite_path=path,
+        flush_interval_ms=_positive(source, "flush.interval_ms",
+                                    get("flush.interval_ms", DEFAULT_FLUSH_INTERVAL_MS)),
+        max_pending_spans=_positive(source, "flush.max_pending_spans",
+                                    get("flush.max_pending_spans", DEFAULT_MAX_PENDING_SPANS)),
+        stale_after_s=_positive(source, "sessions.stale_after_s",
+                                get("sessions.stale_after_s", DEFAULT_STALE_AFTER_S)),
+        max_session_id_length=_positive(source, "sessions.max_id_length",
+                                        get("sessions.max_id_length",
+                                            DEFAULT_MAX_SESSION_ID_LENGTH)),
+        dedupe_retention_s=_at_least(source, "dedupe.retention_s",
+                                     get("dedupe.retention_s", DEFAULT_DEDUPE_RETENTION_S),
+                                     MIN_DEDUPE_RETENTION_S),
+        agent_span_tokens=get("mapping.agent_span_tokens", DEFAULT_AGENT_SPAN_TOKENS),
+        log_level=level,
+        pricing=pricing,
+    )
+
+
+def _flatten(doc: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Check every key against the schema and return dotted key -> value."""
+    out: dict[str, Any] = {}
+    for top, value in doc.items():
+        if top == "pricing":
+            continue
+        if top == "receivers":
+            if not isinstance(value, dict):
+                raise ConfigError(source, top, "must be a table")
+            for sub, subval in value.items():
+                if sub != "otlp":
+                    raise ConfigError(source, f"receivers.{sub}", "unknown key")
+                _check_section(source, "receivers.otlp", subval, out)
+            continue
+        if top not in _SCHEMA:
+            raise ConfigError(source, top, "unknown key")
+        _check_section(source, top, value, out)
+    return out
+
+
+def _check_section(source: str, section: str, value: Any, out: dict[str, Any]) -> None:
+    if not isinstance(value, dict):
+        raise ConfigError(source, section, "must be a table")
+    schema = _SCHEMA[section]
+    for key, item in value.items():
+        dotted = f"{section}.{key}"
+        expected = schema.get(key)
+        if expected is None:
+            raise ConfigError(source, dotted, "unknown key")
+        # bool is a subclass of int in Python; TOML keeps them apart, so do we.
+        if expected is int and (isinstance(item, bool) or not isinstance(item, int)):
+            raise ConfigError(source, dotted, f"must be an integer; got {item!r}")
+        if not isinstance(item, expected):
+            raise ConfigError(source, dotted, f"must be a {expected.__name__}; got {item!r}")
+        out[dotted] = item
+
+
+def _parse_pricing(table: Any, source: str) -> dict[str, ModelPrice]:
+    if not isinstance(table, dict):
+        raise ConfigError(source, "pricing", "must be a table of models")
+    prices: dict[str, ModelPrice] = {}
+    for model, rates in table.items():
+        prefix = f'pricing."{model}"'
+        if not model.strip():
+            raise ConfigError(source, prefix, "model name must not be empty")
+        if not isinstance(rates, dict):
+            raise ConfigError(source, prefix, "must be a table with input and output")
+        for key in rates:
+            if key not in PRICE_KEYS:
+                raise ConfigError(source, f"{prefix}.{key}", "unknown key")
+        parsed: dict[str, float] = {}
+        for key, item in rates.items():
+            if isinstance(item, bool) or not isinstance(item, int | float):
+                raise ConfigError(source, f"{prefix}.{key}", f"must be a number; got {item!r}")
+            if not math.isfinite(item) or item < 0:
+                raise ConfigError(source, f"{prefix}.{key}",
+                                  f"must be a finite number >= 0; got {item!r}")
+            parsed[key] = float(item)
+        for required in ("input", "output"):
+            if required not in parsed:
+                raise ConfigError(source, f"{prefix}.{required}", "missing (USD per million tokens)")
+        prices[model] = ModelPrice(
+            input=parsed["input"],
+            output=parsed["output"],
+            cache_read=parsed.get("cache_read", parsed["input"]),
+            cache_write=parsed.get("cache_write", parsed["input"]),
+        )
+    return prices
+
+
+def _parse_endpoint(source: str, key: str, value: str) -> Endpoint | None:
+    value = value.strip()
+    if not value:
+        return None
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ConfigError(source, key, f"expected [ipv6]:port; got {value!r}")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = value.rpartition(":")
+        if not sep or not host:
+            raise ConfigError(source, key, f"expected host:port; got {value!r}")
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError(source, key, f"port must be 1-65535; got {port_text!r}")
+    return Endpoint(host=host, port=int(port_text))
+
+
+def _positive(source: str, key: str, value: int) -> int:
+    return _at_least(source, key, value, 1)
+
+
+def _at_least(source: str, key: str, value: int, minimum: int) -> int:
+    if value < minimum:
+        raise ConfigError(source, key, f"must be >= {minimum}; got {value}")
+    return value

@@ -1,0 +1,90 @@
+"""Wiring and lifecycle of `collector serve`: one place owns startup and shutdown order.
+
+Start: store, then the pipeline, then receivers (so nothing is accepted before it can be
+committed). Stop, on SIGTERM or SIGINT: refuse new exports, stop the receivers while the
+pipeline keeps committing for the requests in flight, drain the pipeline, close the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from contextlib import AsyncExitStack
+from typing import Protocol
+
+from collector.config import Config
+from collector.mapping import MappingOptions
+from collector.pipeline import Pipeline
+from collector.pricing import Pricer
+from collector.receivers import GrpcReceiver, HttpReceiver
+from collector.store import SQLiteStore
+
+log = logging.getLogger(__name__)
+
+
+class Receiver(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+def build_pipeline(config: Config, store: SQLiteStore) -> Pipeline:
+    options = MappingOptions(
+        pricer=Pricer(config.pricing),
+        agent_span_tokens=config.agent_span_tokens,
+        max_session_id_length=config.max_session_id_length,
+    )
+    return Pipeline(
+        store,
+        options,
+        flush_interval_s=config.flush_interval_ms / 1000,
+        max_pending_spans=config.max_pending_spans,
+        stale_after_s=config.stale_after_s,
+    )
+
+
+async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
+    """Run until `stop` is set (or a signal arrives); returns the process exit code."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        async with AsyncExitStack() as stack:
+            store = SQLiteStore(config.sqlite_path, retention_s=config.dedupe_retention_s)
+            await store.open()
+            stack.push_async_callback(store.close)
+            log.info("storage: %s", config.sqlite_path)
+
+            pipeline = build_pipeline(config, store)
+            await pipeline.start()
+            stack.push_async_callback(pipeline.shutdown)
+
+            receivers: list[Receiver] = []
+            stack.push_async_callback(_stop_receivers, pipeline, receivers)
+            limit = config.receivers.max_request_bytes
+            if config.receivers.grpc_endpoint is not None:
+                grpc_receiver = GrpcReceiver(config.receivers.grpc_endpoint, pipeline.export,
+                                             max_request_bytes=limit)
+                await grpc_receiver.start()
+                receivers.append(grpc_receiver)
+            if config.receivers.http_endpoint is not None:
+                http_receiver = HttpReceiver(config.receivers.http_endpoint, pipeline.export,
+                                             max_request_bytes=limit)
+                await http_receiver.start()
+                receivers.append(http_receiver)
+            log.info("collector ready")
+            await stop.wait()
+            log.info("shutting down: refusing new exports, committing what was accepted")
+        stats = pipeline.stats
+        log.info("stopped: %d spans accepted, %d duplicates ignored, %d rejected",
+                 stats.spans_accepted, stats.spans_duplicate, stats.spans_rejected)
+        return 1 if pipeline.lost_on_shutdown else 0
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+
+
+async def _stop_receivers(pipeline: Pipeline, receivers: list[Receiver]) -> None:
+    pipeline.begin_shutdown()
+    await asyncio.gather(*(r.stop() for r in receivers))

@@ -1,0 +1,55 @@
+"""The one table that turns a refusal into an HTTP status and a gRPC code.
+
+Both receivers raise `ExportError` and translate it here, so the transports cannot drift apart
+on what is permanent and what an exporter should retry. Retryable answers follow the OTLP
+specification: HTTP 429/502/503/504 and gRPC UNAVAILABLE (with RetryInfo) are retried by the
+standard exporters; 400/413/415 and INVALID_ARGUMENT are not.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import grpc
+
+# How long an exporter is asked to wait before retrying a retryable refusal.
+RETRY_AFTER_S = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    reason: str  # a stable label for logs and metrics
+    http_status: int
+    grpc_code: grpc.StatusCode
+    retryable: bool
+
+
+class Refusal(enum.Enum):
+    INVALID = Answer("invalid", 400, grpc.StatusCode.INVALID_ARGUMENT, retryable=False)
+    UNAUTHENTICATED = Answer("unauthenticated", 401, grpc.StatusCode.UNAUTHENTICATED, retryable=False)
+    NOT_FOUND = Answer("not_found", 404, grpc.StatusCode.UNIMPLEMENTED, retryable=False)
+    METHOD_NOT_ALLOWED = Answer("method_not_allowed", 405, grpc.StatusCode.UNIMPLEMENTED, retryable=False)
+    TOO_LARGE = Answer("too_large", 413, grpc.StatusCode.RESOURCE_EXHAUSTED, retryable=False)
+    UNSUPPORTED_MEDIA = Answer("unsupported_media_type", 415, grpc.StatusCode.INVALID_ARGUMENT, retryable=False)
+    OVERLOADED = Answer("overloaded", 503, grpc.StatusCode.UNAVAILABLE, retryable=True)
+    STORAGE_UNAVAILABLE = Answer("storage_unavailable", 503, grpc.StatusCode.UNAVAILABLE, retryable=True)
+    SHUTTING_DOWN = Answer("shutting_down", 503, grpc.StatusCode.UNAVAILABLE, retryable=True)
+
+    @property
+    def answer(self) -> Answer:
+        value: Answer = self.value
+        return value
+
+
+class ExportError(Exception):
+    """A request refused as a whole; nothing of it was accounted."""
+
+    def __init__(self, refusal: Refusal, message: str) -> None:
+        super().__init__(message)
+        self.refusal = refusal
+        self.message = message
+
+    @property
+    def answer(self) -> Answer:
+        return self.refusal.answer

@@ -1,0 +1,385 @@
+"""Span -> usage record mapping. Pure: values in, values out; no I/O, no event loop.
+
+This module is the specification of what a span means to the collector:
+
+* session id: ``gen_ai.conversation.id``, else ``session.id``;
+* model: ``gen_ai.response.model``, else ``gen_ai.request.model``, else ``llm.model_name``;
+* tokens: GenAI semantic conventions, their deprecated names, or OpenInference; the first
+  convention present wins for each count, so a span carrying two conventions counts once;
+* cost given by the emitter (USD): ``gen_ai.usage.cost``, ``llm.cost.total``, ``operation.cost``;
+* session attributes: ``agent.session.kind`` / ``.channel`` / ``.status`` / ``.goal``.
+
+Each value is looked up on the span's attributes first and on its resource's second.
+
+Which spans count as what:
+
+* agent span (``gen_ai.operation.name = invoke_agent`` or OpenInference kind ``AGENT``): one
+  turn; its tokens are roll-ups of its children and are ignored unless ``agent_span_tokens``;
+* model call (``chat``, ``text_completion``, ``generate_content`` or kind ``LLM``): tokens, cost
+  and model; also a turn when it has no parent span;
+* any other span with a session id and token counts: one turn plus its tokens;
+* a span with a session id and session attributes only: updates the session;
+* anything else is not usage and is ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from collector.pricing import Pricer
+
+KINDS = ("interactive", "autonomous", "acp")
+STATUSES = ("active", "completed", "failed", "cancelled", "unknown")
+CHANNELS = ("cli", "tui", "telegram", "discord", "slack", "acp")
+DEFAULT_KIND = "interactive"
+DEFAULT_STATUS = "active"
+DEFAULT_CHANNEL = "cli"
+MODEL_CALL_OPERATIONS = frozenset({"chat", "text_completion", "generate_content"})
+TRACE_ID_BYTES = 16
+SPAN_ID_BYTES = 8
+# Error messages returned to the exporter are capped so one bad request cannot make a huge
+# answer; the count of rejected spans is always exact.
+MAX_ERROR_MESSAGES = 5
+MAX_VALUE_IN_MESSAGE = 64
+
+# Attribute slots: every attribute the mapping reads gets an index into a flat list, so one pass
+# over a span's attributes with one dict lookup each finds everything.
+(
+    S_CONVERSATION_ID, S_SESSION_ID,
+    S_RESPONSE_MODEL, S_REQUEST_MODEL, S_OI_MODEL,
+    S_IN, S_OUT, S_REASONING, S_CACHE_READ, S_CACHE_WRITE,
+    S_IN_DEPRECATED, S_OUT_DEPRECATED,
+    S_OI_IN, S_OI_OUT, S_OI_REASONING, S_OI_CACHE_READ, S_OI_CACHE_WRITE,
+    S_COST_GENAI, S_COST_OI, S_COST_OP,
+    S_KIND, S_STATUS, S_CHANNEL, S_GOAL,
+    S_OPERATION, S_OI_SPAN_KIND,
+) = range(26)
+N_SLOTS = 26
+
+ATTRIBUTE_SLOTS: dict[str, int] = {
+    "gen_ai.conversation.id": S_CONVERSATION_ID,
+    "session.id": S_SESSION_ID,
+    "gen_ai.response.model": S_RESPONSE_MODEL,
+    "gen_ai.request.model": S_REQUEST_MODEL,
+    "llm.model_name": S_OI_MODEL,
+    "gen_ai.usage.input_tokens": S_IN,
+    "gen_ai.usage.output_tokens": S_OUT,
+    "gen_ai.usage.reasoning.output_tokens": S_REASONING,
+    "gen_ai.usage.cache_read.input_tokens": S_CACHE_READ,
+    "gen_ai.usage.cache_creation.input_tokens": S_CACHE_WRITE,
+    "gen_ai.usage.prompt_tokens": S_IN_DEPRECATED,
+    "gen_ai.usage.completion_tokens": S_OUT_DEPRECATED,
+    "llm.token_count.prompt": S_OI_IN,
+    "llm.token_count.completion": S_OI_OUT,
+    "llm.token_count.completion_details.reasoning": S_OI_REASONING,
+    "llm.token_count.prompt_details.cache_read": S_OI_CACHE_READ,
+    "llm.token_count.prompt_details.cache_write": S_OI_CACHE_WRITE,
+    "gen_ai.usage.cost": S_COST_GENAI,
+    "llm.cost.total": S_COST_OI,
+    "operation.cost": S_COST_OP,
+    "agent.session.kind": S_KIND,
+    "agent.session.status": S_STATUS,
+    "agent.session.channel": S_CHANNEL,
+    "agent.session.goal": S_GOAL,
+    "gen_ai.operation.name": S_OPERATION,
+    "openinference.span.kind": S_OI_SPAN_KIND,
+}
+SLOT_NAMES = {slot: name for name, slot in ATTRIBUTE_SLOTS.items()}
+
+SESSION_SLOTS = (S_CONVERSATION_ID, S_SESSION_ID)
+MODEL_SLOTS = (S_RESPONSE_MODEL, S_REQUEST_MODEL, S_OI_MODEL)
+IN_SLOTS = (S_IN, S_IN_DEPRECATED, S_OI_IN)
+OUT_SLOTS = (S_OUT, S_OUT_DEPRECATED, S_OI_OUT)
+REASONING_SLOTS = (S_REASONING, S_OI_REASONING)
+CACHE_READ_SLOTS = (S_CACHE_READ, S_OI_CACHE_READ)
+CACHE_WRITE_SLOTS = (S_CACHE_WRITE, S_OI_CACHE_WRITE)
+TOKEN_SLOTS = IN_SLOTS + OUT_SLOTS + REASONING_SLOTS + CACHE_READ_SLOTS + CACHE_WRITE_SLOTS
+COST_SLOTS = (S_COST_GENAI, S_COST_OI, S_COST_OP)
+SESSION_ATTRIBUTE_SLOTS = (S_KIND, S_STATUS, S_CHANNEL, S_GOAL)
+
+
+class SpanUsage(NamedTuple):
+    """What one accepted span contributes to its session."""
+
+    key: bytes  # trace id + span id: the identity used for exactly-once accounting
+    session_id: str
+    start_ns: int
+    end_ns: int
+    turns: int
+    prompt_tokens: int
+    completion_tokens: int
+    reasoning_tokens: int
+    cache_read_tokens: int
+    cache_write_tokens: int
+    cost_cents: float
+    priced: bool  # False when tokens were counted but no price was known
+    model: str | None
+    kind: str | None
+    status: str | None
+    channel: str | None
+    goal: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class MappingOptions:
+    pricer: Pricer
+    agent_span_tokens: bool = False
+    max_session_id_length: int = 256
+
+
+@dataclass(slots=True)
+class MappingResult:
+    records: list[SpanUsage] = field(default_factory=list)
+    spans: int = 0
+    rejected: int = 0
+    ignored: int = 0
+    unpriced: int = 0
+    errors: list[str] = field(default_factory=list)
+    # (attribute, value) pairs outside the allowed sets, replaced by the column default.
+    invalid_values: list[tuple[str, str]] = field(default_factory=list)
+
+    def reject(self, message: str) -> None:
+        self.rejected += 1
+        if len(self.errors) < MAX_ERROR_MESSAGES:
+            self.errors.append(message)
+
+    @property
+    def error_message(self) -> str:
+        if not self.rejected:
+            return ""
+        more = self.rejected - len(self.errors)
+        tail = f" (and {more} more)" if more > 0 else ""
+        return "; ".join(self.errors) + tail
+
+
+class InvalidSpan(Exception):
+    """A span whose values break the conventions; it is rejected, its request is not."""
+
+
+def map_request(request: Any, options: MappingOptions, now_ns: int) -> MappingResult:
+    """Map an ExportTraceServiceRequest (or anything shaped like it) to usage records."""
+    result = MappingResult()
+    for resource_spans in request.resource_spans:
+        resource_values = collect(resource_spans.resource.attributes)
+        for scope_spans in resource_spans.scope_spans:
+            for span in scope_spans.spans:
+                result.spans += 1
+                try:
+                    record = map_span(span, resource_values, options, now_ns, result)
+                except InvalidSpan as exc:
+                    result.reject(str(exc))
+                    continue
+                if record is None:
+                    result.ignored += 1
+                else:
+                    result.records.append(record)
+                    if not record.priced:
+                        result.unpriced += 1
+    return result
+
+
+def collect(attributes: Iterable[Any]) -> list[Any]:
+    """One pass over KeyValues; the AnyValue of each attribute the mapping knows, by slot."""
+    values: list[Any] = [None] * N_SLOTS
+    slots = ATTRIBUTE_SLOTS
+    for kv in attributes:
+        slot = slots.get(kv.key)
+        if slot is not None:
+            values[slot] = kv.value
+    return values
+
+
+def map_span(span: Any, resource: list[Any], options: MappingOptions, now_ns: int,
+             result: MappingResult) -> SpanUsage | None:
+    """Map one span; None when it is not usage. Raises InvalidSpan for broken values."""
+    own = collect(span.attributes)
+
+    def pick(slots: tuple[int, ...]) -> tuple[int, Any]:
+        for slot in slots:
+            value = own[slot]
+            if value is not None:
+                return slot, value
+        for slot in slots:
+            value = resource[slot]
+            if value is not None:
+                return slot, value
+        return -1, None
+
+    span_ref = span.span_id.hex() or "(no span id)"
+    _, session_value = pick(SESSION_SLOTS)
+    session_id = _text(session_value)
+    if not session_id:
+        return None
+    _check_session_id(session_id, span_ref, options.max_session_id_length)
+    if len(span.trace_id) != TRACE_ID_BYTES or len(span.span_id) != SPAN_ID_BYTES:
+        raise InvalidSpan(f"span {span_ref}: trace id must be 16 bytes and span id 8 bytes")
+
+    operation = _text(pick((S_OPERATION,))[1])
+    oi_kind = (_text(pick((S_OI_SPAN_KIND,))[1]) or "").upper()
+    is_agent = operation == "invoke_agent" or oi_kind == "AGENT"
+    is_model_call = operation in MODEL_CALL_OPERATIONS or oi_kind == "LLM"
+    has_tokens = any(own[s] is not None or resource[s] is not None for s in TOKEN_SLOTS)
+    has_session_attributes = any(
+        own[s] is not None or resource[s] is not None for s in SESSION_ATTRIBUTE_SLOTS)
+
+    if is_agent:
+        turns, counts_tokens = 1, options.agent_span_tokens
+    elif is_model_call:
+        turns, counts_tokens = (0 if span.parent_span_id else 1), True
+    elif has_tokens:
+        turns, counts_tokens = 1, True
+    elif has_session_attributes:
+        turns, counts_tokens = 0, False
+    else:
+        return None
+
+    model_slot, model_value = pick(MODEL_SLOTS)
+    model = _text(model_value) or None
+
+    prompt = completion = reasoning = cache_read = cache_write = 0
+    cost = 0.0
+    priced = True
+    if counts_tokens:
+        prompt = _count(pick(IN_SLOTS), span_ref)
+        completion = _count(pick(OUT_SLOTS), span_ref)
+        reasoning = _count(pick(REASONING_SLOTS), span_ref)
+        cache_read = _count(pick(CACHE_READ_SLOTS), span_ref)
+        cache_write = _count(pick(CACHE_WRITE_SLOTS), span_ref)
+        # GenAI convention: input includes cache reads and writes. Some emitters report cache
+        # tokens beside input instead; when cache exceeds input that must be the case.
+        cached = cache_read + cache_write
+        if cached > prompt:
+            uncached = prompt
+            prompt += cached
+        else:
+            uncached = prompt - cached
+        # Reasoning is part of output; an emitter reporting more reasoning than output counted
+        # it beside output, so it is added once to make output whole.
+        if reasoning > completion:
+            completion += reasoning
+        emitted_cost = _cost(pick(COST_SLOTS), span_ref)
+        if emitted_cost is not None:
+            cost = emitted_cost * 100.0
+        elif prompt or completion:
+            request_model = _text(own[S_REQUEST_MODEL] or resource[S_REQUEST_MODEL]) or None
+            response_model = model if model_slot != S_REQUEST_MODEL else None
+            priced_cost = options.pricer.cost_cents(
+                (response_model, request_model),
+                uncached_input=uncached, cache_read=cache_read, cache_write=cache_write,
+                output=completion,
+            )
+            if priced_cost is None:
+                priced = False
+            else:
+                cost = priced_cost
+
+    start_ns = span.start_time_unix_nano or span.end_time_unix_nano or now_ns
+    end_ns = span.end_time_unix_nano or start_ns
+    if end_ns < start_ns:
+        start_ns, end_ns = end_ns, start_ns
+
+    return SpanUsage(
+        span.trace_id + span.span_id,
+        session_id,
+        start_ns,
+        end_ns,
+        turns,
+        prompt,
+        completion,
+        reasoning,
+        cache_read,
+        cache_write,
+        cost,
+        priced,
+        model,
+        _choice(pick((S_KIND,))[1], KINDS, DEFAULT_KIND, S_KIND, result),
+        _choice(pick((S_STATUS,))[1], STATUSES, DEFAULT_STATUS, S_STATUS, result),
+        _choice(pick((S_CHANNEL,))[1], CHANNELS, DEFAULT_CHANNEL, S_CHANNEL, result),
+        _text(pick((S_GOAL,))[1]) or None,
+    )
+
+
+def _text(value: Any) -> str:
+    """A string attribute as text; integers are accepted for ids. Anything else is ''."""
+    if value is None:
+        return ""
+    which = value.WhichOneof("value")
+    if which == "string_value":
+        return str(value.string_value)
+    if which == "int_value":
+        return str(value.int_value)
+    return ""
+
+
+def _check_session_id(session_id: str, span_ref: str, max_length: int) -> None:
+    if len(session_id) > max_length:
+        raise InvalidSpan(f"span {span_ref}: session id longer than {max_length} characters")
+    if not session_id.isprintable():
+        raise InvalidSpan(f"span {span_ref}: session id contains control characters")
+
+
+def _show(value: Any) -> str:
+    which = value.WhichOneof("value")
+    shown = repr(getattr(value, which)) if which else "empty value"
+    return shown if len(shown) <= MAX_VALUE_IN_MESSAGE else shown[:MAX_VALUE_IN_MESSAGE] + "..."
+
+
+def _count(picked: tuple[int, Any], span_ref: str) -> int:
+    """A token count: a non-negative integer (integral doubles and digit strings accepted)."""
+    slot, value = picked
+    if value is None:
+        return 0
+    which = value.WhichOneof("value")
+    number: int | None = None
+    if which == "int_value":
+        number = value.int_value
+    elif which == "double_value":
+        d = value.double_value
+        if math.isfinite(d) and d.is_integer():
+            number = int(d)
+    elif which == "string_value":
+        text = value.string_value.strip()
+        if text.isascii() and text.isdigit():
+            number = int(text)
+    if number is None or number < 0:
+        raise InvalidSpan(
+            f"span {span_ref}: {SLOT_NAMES[slot]} must be a non-negative integer, "
+            f"got {_show(value)}")
+    return number
+
+
+def _cost(picked: tuple[int, Any], span_ref: str) -> float | None:
+    slot, value = picked
+    if value is None:
+        return None
+    which = value.WhichOneof("value")
+    number: float | None = None
+    if which == "double_value":
+        number = value.double_value
+    elif which == "int_value":
+        number = float(value.int_value)
+    elif which == "string_value":
+        try:
+            number = float(value.string_value)
+        except ValueError:
+            number = None
+    if number is None or not math.isfinite(number) or number < 0:
+        raise InvalidSpan(
+            f"span {span_ref}: {SLOT_NAMES[slot]} must be a non-negative number of USD, "
+            f"got {_show(value)}")
+    return number
+
+
+def _choice(value: Any, allowed: tuple[str, ...], default: str, slot: int,
+            result: MappingResult) -> str | None:
+    """An enumerated session attribute; outside its set it becomes the column default."""
+    if value is None:
+        return None
+    text = _text(value).strip().lower()
+    if text in allowed:
+        return text
+    result.invalid_values.append((SLOT_NAMES[slot], _text(value)[:MAX_VALUE_IN_MESSAGE]))
+    return default

@@ -1,0 +1,150 @@
+"""OTLP wire formats: decode requests, encode answers. No network here, only bytes.
+
+OTLP/JSON is proto3 JSON with two differences the protobuf library does not know: trace and
+span ids are hex (not base64) and enum values may be integers. Ids are rewritten before
+parsing; unknown fields are ignored as the specification requires.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import zlib
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError
+from google.rpc import status_pb2
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+
+from collector.errors import ExportError, Refusal
+
+PROTOBUF = "application/x-protobuf"
+JSON = "application/json"
+ID_FIELDS = ("traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id")
+MAX_JSON_DEPTH = 64  # deeper than any real OTLP document; stops recursion bombs early
+
+
+def decode_protobuf(body: bytes) -> ExportTraceServiceRequest:
+    request = ExportTraceServiceRequest()
+    try:
+        request.ParseFromString(body)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise ExportError(Refusal.INVALID, f"cannot decode protobuf ExportTraceServiceRequest: "
+                                           f"{exc}") from None
+    return request
+
+
+def decode_json(body: bytes) -> ExportTraceServiceRequest:
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ExportError(Refusal.INVALID, f"invalid JSON: {exc}") from None
+    except RecursionError:
+        raise ExportError(Refusal.INVALID, "invalid JSON: nested too deeply") from None
+    if not isinstance(doc, dict):
+        raise ExportError(Refusal.INVALID, "OTLP/JSON body must be an object")
+    try:
+        _hex_ids_to_base64(doc, 0)
+        return json_format.ParseDict(doc, ExportTraceServiceRequest(),
+                                     ignore_unknown_fields=True)
+    except ExportError:
+        raise
+    except (json_format.ParseError, ValueError, TypeError, RecursionError) as exc:
+        raise ExportError(Refusal.INVALID, f"not an OTLP/JSON ExportTraceServiceRequest: "
+                                           f"{exc}") from None
+
+
+def _hex_ids_to_base64(node: Any, depth: int) -> None:
+    """OTLP/JSON writes ids as hex; proto3 JSON expects base64. Rewrite them in place."""
+    if depth > MAX_JSON_DEPTH:
+        raise ExportError(Refusal.INVALID, "OTLP/JSON document nested too deeply")
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ID_FIELDS and isinstance(value, str):
+                try:
+                    node[key] = base64.b64encode(bytes.fromhex(value)).decode("ascii")
+                except ValueError:
+                    raise ExportError(Refusal.INVALID,
+                                      f"{key} must be hex, got {value[:40]!r}") from None
+            elif isinstance(value, dict | list):
+                _hex_ids_to_base64(value, depth + 1)
+    elif isinstance(node, list):
+        for item in node:
+            if isinstance(item, dict | list):
+                _hex_ids_to_base64(item, depth + 1)
+
+
+class BoundedGunzip:
+    """Incremental gzip decoding that refuses to produce more than `limit` bytes.
+
+    Bounding the output, not the input, is what stops a gzip bomb: a few kilobytes can
+    expand to gigabytes.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._out = bytearray()
+        self._inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+
+    def feed(self, chunk: bytes) -> None:
+        room = self._limit - len(self._out) + 1
+        try:
+            data = self._inflater.decompress(chunk, room)
+        except zlib.error as exc:
+            raise ExportError(Refusal.INVALID, f"invalid gzip body: {exc}") from None
+        self._out += data
+        if len(self._out) > self._limit or self._inflater.unconsumed_tail:
+            raise ExportError(Refusal.TOO_LARGE,
+                              f"decompressed body exceeds {self._limit} bytes")
+
+    def finish(self) -> bytes:
+        try:
+            rest = self._inflater.flush()
+        except zlib.error as exc:
+            raise ExportError(Refusal.INVALID, f"invalid gzip body: {exc}") from None
+        self._out += rest
+        if len(self._out) > self._limit:
+            raise ExportError(Refusal.TOO_LARGE,
+                              f"decompressed body exceeds {self._limit} bytes")
+        if not self._inflater.eof:
+            raise ExportError(Refusal.INVALID, "invalid gzip body: truncated stream")
+        return bytes(self._out)
+
+
+def gunzip_bounded(body: bytes, limit: int) -> bytes:
+    inflater = BoundedGunzip(limit)
+    inflater.feed(body)
+    return inflater.finish()
+
+
+def export_response(rejected: int, message: str) -> ExportTraceServiceResponse:
+    """Full success leaves partial_success unset, as the specification asks."""
+    response = ExportTraceServiceResponse()
+    if rejected or message:
+        response.partial_success.rejected_spans = rejected
+        response.partial_success.error_message = message
+    return response
+
+
+def encode_response(response: ExportTraceServiceResponse, content_type: str) -> bytes:
+    if content_type == JSON:
+        return json_format.MessageToJson(response, indent=None).encode("utf-8")
+    data: bytes = response.SerializeToString()
+    return data
+
+
+def encode_status(code: int, message: str, content_type: str) -> bytes:
+    """An error body: a google.rpc.Status in the request's encoding."""
+    status = status_pb2.Status(code=code, message=message)
+    if content_type == JSON:
+        return json_format.MessageToJson(status, indent=None).encode("utf-8")
+    data: bytes = status.SerializeToString()
+    return data
+
+
+__all__ = ["JSON", "PROTOBUF", "BoundedGunzip", "decode_json", "decode_protobuf",
+           "encode_response", "encode_status", "export_response", "gunzip_bounded"]

@@ -1,0 +1,273 @@
+"""The export handler both receivers call, and the group-commit loop behind it.
+
+Contract: `export` returns only after every usage span of the request is committed (or known to
+be accounted already); it raises ExportError when the request must be answered with a refusal.
+A request whose batch fails to commit is refused as retryable, but its spans stay pending and
+are committed by a later flush: the exporter's retry then finds them accounted, so nothing is
+lost and nothing is counted twice.
+
+Lifecycle: `start` returns at once; `begin_shutdown` refuses new exports; `shutdown` commits
+everything accepted and is safe to call even if `start` never ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from collector.aggregate import Batch
+from collector.errors import ExportError, Refusal
+from collector.mapping import MappingOptions, map_request
+from collector.store import CommitResult, SQLiteStore, StorageError
+
+log = logging.getLogger(__name__)
+
+# Backoff between failed flushes: doubles from the flush interval up to this cap.
+MAX_RETRY_DELAY_S = 5.0
+# While storage keeps failing, one summary line per this period instead of one per failure.
+FAILURE_LOG_PERIOD_S = 30.0
+# How long shutdown keeps retrying a failing store before giving up on what is pending.
+SHUTDOWN_FLUSH_DEADLINE_S = 10.0
+# The stale sweep runs every stale_after/10, within these bounds.
+MIN_SWEEP_INTERVAL_S = 1.0
+MAX_SWEEP_INTERVAL_S = 60.0
+# Distinct invalid attribute values remembered so each is logged once.
+MAX_LOGGED_INVALID_VALUES = 1000
+
+
+@dataclass(slots=True)
+class Stats:
+    """Counters since start; read by logs (and, later, metrics)."""
+
+    requests: int = 0
+    spans_received: int = 0
+    spans_accepted: int = 0
+    spans_rejected: int = 0
+    spans_ignored: int = 0
+    spans_duplicate: int = 0
+    spans_unpriced: int = 0
+    invalid_values: int = 0
+    flushes: int = 0
+    flush_failures: int = 0
+    sessions_swept: int = 0
+    refusals: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ExportOutcome:
+    rejected: int
+    message: str
+
+
+class Pipeline:
+    def __init__(
+        self,
+        store: SQLiteStore,
+        options: MappingOptions,
+        *,
+        flush_interval_s: float,
+        max_pending_spans: int,
+        stale_after_s: float,
+        clock: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self._store = store
+        self._options = options
+        self._interval = flush_interval_s
+        self._max_pending = max_pending_spans
+        self._stale_after_ns = int(stale_after_s * 1e9)
+        self._sweep_every_ns = int(
+            min(max(stale_after_s / 10, MIN_SWEEP_INTERVAL_S), MAX_SWEEP_INTERVAL_S) * 1e9)
+        self._next_sweep_ns = 0
+        self._clock = clock
+        self.stats = Stats()
+        self._pending = Batch()
+        self._ticket: asyncio.Future[CommitResult] | None = None
+        self._in_flush = 0
+        self._closing = False
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._failing_since: float | None = None
+        self._failures_unlogged = 0
+        self._last_failure_log = 0.0
+        self._logged_invalid: set[tuple[str, str]] = set()
+        self.lost_on_shutdown = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="flush-loop")
+
+    def begin_shutdown(self) -> None:
+        """Refuse new exports (retryably); in-flight ones still get their commit."""
+        self._closing = True
+        self._wake.set()
+
+    async def shutdown(self) -> None:
+        self.begin_shutdown()
+        if self._task is not None:
+            await self._task
+            self._task = None
+
+    @property
+    def pending_spans(self) -> int:
+        return len(self._pending) + self._in_flush
+
+    @property
+    def pending_sessions(self) -> int:
+        return len(self._pending.sessions)
+
+    # -- the export handler ----------------------------------------------------------------
+
+    async def export(self, request: Any) -> ExportOutcome:
+        stats = self.stats
+        stats.requests += 1
+        if self._closing:
+            raise self._refuse(Refusal.SHUTTING_DOWN, "collector is shutting down; retry later")
+        if self.pending_spans >= self._max_pending:
+            raise self._refuse(Refusal.OVERLOADED,
+                               f"{self.pending_spans} spans waiting for storage; retry later")
+        result = map_request(request, self._options, self._clock())
+        stats.spans_received += result.spans
+        stats.spans_rejected += result.rejected
+        stats.spans_ignored += result.ignored
+        stats.spans_unpriced += result.unpriced
+        if result.invalid_values:
+            self._log_invalid_values(result.invalid_values)
+        if result.records:
+            self._pending.add(result.records)
+            ticket = self._current_ticket()
+            try:
+                await asyncio.shield(ticket)
+            except ExportError as exc:
+                raise self._refuse(exc.refusal, exc.message) from None
+        return ExportOutcome(rejected=result.rejected, message=result.error_message)
+
+    def _refuse(self, refusal: Refusal, message: str) -> ExportError:
+        reason = refusal.answer.reason
+        self.stats.refusals[reason] = self.stats.refusals.get(reason, 0) + 1
+        return ExportError(refusal, message)
+
+    def _current_ticket(self) -> asyncio.Future[CommitResult]:
+        if self._ticket is None:
+            self._ticket = asyncio.get_running_loop().create_future()
+        return self._ticket
+
+    def _log_invalid_values(self, values: list[tuple[str, str]]) -> None:
+        self.stats.invalid_values += len(values)
+        for item in values:
+            if item in self._logged_invalid or len(self._logged_invalid) >= MAX_LOGGED_INVALID_VALUES:
+                continue
+            self._logged_invalid.add(item)
+            log.warning("attribute %s has value %r outside its allowed set; stored as the column "
+                        "default (logged once per value)", item[0], item[1])
+
+    # -- group commit ----------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        delay = self._interval
+        shutdown_deadline: float | None = None
+        while True:
+            if not self._closing:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), delay)
+            if self._closing and shutdown_deadline is None:
+                shutdown_deadline = time.monotonic() + SHUTDOWN_FLUSH_DEADLINE_S
+            ok = await self._flush_once()
+            if ok:
+                delay = self._interval
+                if self._closing and not self._pending:
+                    return
+            else:
+                delay = min(delay * 2, MAX_RETRY_DELAY_S)
+                if shutdown_deadline is not None:
+                    if time.monotonic() >= shutdown_deadline:
+                        self._abandon_pending()
+                        return
+                    await asyncio.sleep(min(delay, self._interval))
+
+    async def _flush_once(self) -> bool:
+        now = self._clock()
+        sweep_before = None
+        if now >= self._next_sweep_ns:
+            sweep_before = now - self._stale_after_ns
+        if not self._pending and sweep_before is None:
+            return True
+        batch, ticket = self._pending, self._ticket
+        self._pending, self._ticket = Batch(), None
+        self._in_flush = len(batch)
+        started = time.monotonic()
+        try:
+            result, applied = await self._store.commit(batch, now_ns=now,
+                                                       sweep_before_ns=sweep_before)
+        except StorageError as exc:
+            # Keep the data: it goes in front of whatever arrived meanwhile, and its requests
+            # are told to retry (their retries will find it accounted).
+            batch.absorb(self._pending)
+            self._pending = batch
+            self._note_failure(exc, len(batch))
+            if ticket is not None:
+                ticket.set_exception(ExportError(
+                    Refusal.STORAGE_UNAVAILABLE, f"storage unavailable: {exc}; retry later"))
+                ticket.exception()  # retrieved: waiters that left early do not warn
+            return False
+        except BaseException:
+            batch.absorb(self._pending)
+            self._pending, self._ticket = batch, ticket
+            raise
+        finally:
+            self._in_flush = 0
+        if sweep_before is not None:
+            self._next_sweep_ns = now + self._sweep_every_ns
+        self._note_success(result, applied, time.monotonic() - started)
+        if ticket is not None:
+            ticket.set_result(result)
+        return True
+
+    def _note_success(self, result: CommitResult, applied: Batch, seconds: float) -> None:
+        stats = self.stats
+        stats.flushes += 1
+        stats.spans_accepted += result.spans
+        stats.spans_duplicate += result.duplicates
+        stats.sessions_swept += result.swept
+        if self._failing_since is not None:
+            log.warning("storage recovered after %.1f s; %d failed flushes",
+                        time.monotonic() - self._failing_since, stats.flush_failures)
+            self._failing_since = None
+        if result.swept:
+            log.info("%d sessions silent for %d s marked unknown", result.swept,
+                     self._stale_after_ns // 1_000_000_000)
+        log.debug("flushed %d spans into %d sessions (%d duplicates) in %.1f ms",
+                  result.spans, result.sessions, result.duplicates, seconds * 1000)
+
+    def _note_failure(self, exc: StorageError, pending: int) -> None:
+        self.stats.flush_failures += 1
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+            self._last_failure_log = now
+            self._failures_unlogged = 0
+            log.error("flush failed, %d spans kept for retry: %s", pending, exc)
+            return
+        self._failures_unlogged += 1
+        if now - self._last_failure_log >= FAILURE_LOG_PERIOD_S:
+            log.error("storage still failing after %.0f s (%d more failed flushes), %d spans "
+                      "pending: %s", now - self._failing_since, self._failures_unlogged,
+                      pending, exc)
+            self._last_failure_log = now
+            self._failures_unlogged = 0
+
+    def _abandon_pending(self) -> None:
+        """Shutdown could not commit: the spans' requests were refused retryably already."""
+        self.lost_on_shutdown = len(self._pending)
+        log.error("shutting down with %d spans not committed; their exporters were told to "
+                  "retry", self.lost_on_shutdown)
+        if self._ticket is not None:
+            self._ticket.set_exception(ExportError(
+                Refusal.STORAGE_UNAVAILABLE, "storage unavailable at shutdown; retry later"))
+            self._ticket.exception()
+        self._pending, self._ticket = Batch(), None

@@ -1,0 +1,197 @@
+"""OTLP receivers: HTTP (aiohttp) and gRPC (grpc.aio). Network and status codes only.
+
+Each decodes its body and hands the request to the same export callable; every refusal is an
+ExportError translated through collector.errors, so both transports answer alike.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from aiohttp import web
+from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2
+
+from collector.config import Endpoint
+from collector.errors import RETRY_AFTER_S, ExportError, Refusal
+from collector.otlp import (
+    JSON,
+    PROTOBUF,
+    BoundedGunzip,
+    decode_json,
+    decode_protobuf,
+    encode_response,
+    encode_status,
+    export_response,
+)
+from collector.pipeline import ExportOutcome
+
+log = logging.getLogger(__name__)
+
+ExportFn = Callable[[Any], Awaitable[ExportOutcome]]
+
+TRACES_PATH = "/v1/traces"
+GRPC_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
+# Receivers wait this long for requests in flight when stopping; each of them needs at most
+# a flush interval plus a commit, so this is generous.
+STOP_GRACE_S = 15.0
+READ_CHUNK = 64 * 1024
+
+
+class ReceiverError(Exception):
+    """A receiver could not start (address in use, bad address)."""
+
+
+class HttpReceiver:
+    def __init__(self, endpoint: Endpoint, export: ExportFn, *, max_request_bytes: int) -> None:
+        self.endpoint = endpoint
+        self._export = export
+        self._limit = max_request_bytes
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=self._limit)
+        app.router.add_route("*", TRACES_PATH, self._handle)
+        app.router.add_route("*", "/{tail:.*}", self._not_found)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                               shutdown_timeout=STOP_GRACE_S)
+        await runner.setup()
+        site = web.TCPSite(runner, self.endpoint.host, self.endpoint.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise ReceiverError(f"cannot listen for OTLP/HTTP on {self.endpoint}: "
+                                f"{exc.strerror or exc}") from None
+        self._runner = runner
+        log.info("OTLP/HTTP listening on %s", self.endpoint)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    async def _not_found(self, request: web.Request) -> web.Response:
+        return _refusal(ExportError(Refusal.NOT_FOUND,
+                                    f"no route {request.path}; OTLP traces go to {TRACES_PATH}"),
+                        None)
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        if request.method != "POST":
+            response = _refusal(ExportError(Refusal.METHOD_NOT_ALLOWED,
+                                            f"{request.method} not allowed; use POST"), None)
+            response.headers["Allow"] = "POST"
+            return response
+        content_type = request.content_type.lower()
+        if content_type not in (PROTOBUF, JSON):
+            return _refusal(ExportError(
+                Refusal.UNSUPPORTED_MEDIA,
+                f"unsupported Content-Type {content_type!r}; use {PROTOBUF} or {JSON}"), None)
+        try:
+            body = await self._read_body(request)
+            decoded = decode_json(body) if content_type == JSON else decode_protobuf(body)
+            outcome = await self._export(decoded)
+        except ExportError as exc:
+            return _refusal(exc, content_type)
+        payload = encode_response(export_response(outcome.rejected, outcome.message),
+                                  content_type)
+        return web.Response(body=payload, status=200, content_type=content_type)
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        """Read at most the limit (after decompression too), never the whole of a large body."""
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("identity", "gzip", ""):
+            raise ExportError(Refusal.UNSUPPORTED_MEDIA,
+                              f"unsupported Content-Encoding {encoding!r}; use gzip or none")
+        limit = self._limit
+        length = request.content_length
+        if length is not None and length > limit:
+            raise ExportError(Refusal.TOO_LARGE,
+                              f"body of {length} bytes exceeds the limit of {limit} bytes")
+        inflater = BoundedGunzip(limit) if encoding == "gzip" else None
+        received = 0
+        chunks: list[bytes] = []
+        stream = request.content
+        while True:
+            chunk = await stream.readany()
+            if not chunk:
+                break
+            received += len(chunk)
+            if received > limit:
+                raise ExportError(Refusal.TOO_LARGE,
+                                  f"body exceeds the limit of {limit} bytes")
+            if inflater is not None:
+                inflater.feed(chunk)
+            else:
+                chunks.append(chunk)
+        if inflater is not None:
+            return inflater.finish()
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _refusal(exc: ExportError, content_type: str | None) -> web.Response:
+    answer = exc.answer
+    headers = {}
+    if answer.retryable:
+        headers["Retry-After"] = str(RETRY_AFTER_S)
+    if content_type is None:
+        response = web.Response(status=answer.http_status, text=exc.message + "\n",
+                                headers=headers)
+    else:
+        body = encode_status(answer.grpc_code.value[0], exc.message, content_type)
+        response = web.Response(status=answer.http_status, body=body,
+                                content_type=content_type, headers=headers)
+    if answer.http_status == 413:
+        # The rest of the body was not read; closing is cheaper than draining it.
+        response.force_close()
+    return response
+
+
+class GrpcReceiver:
+    def __init__(self, endpoint: Endpoint, export: ExportFn, *, max_request_bytes: int) -> None:
+        self.endpoint = endpoint
+        self._export = export
+        self._limit = max_request_bytes
+        self._server: grpc.aio.Server | None = None
+
+    async def start(self) -> None:
+        server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", self._limit),
+            ("grpc.so_reuseport", 0),
+        ])
+        handler = grpc.method_handlers_generic_handler(GRPC_SERVICE, {
+            # Raw bytes in and out: decoding is ours, so a bad body is INVALID_ARGUMENT with
+            # the same message the HTTP receiver gives.
+            "Export": grpc.unary_unary_rpc_method_handler(self._handle),
+        })
+        server.add_generic_rpc_handlers((handler,))
+        try:
+            port = server.add_insecure_port(str(self.endpoint))
+        except RuntimeError as exc:
+            raise ReceiverError(f"cannot listen for OTLP/gRPC on {self.endpoint}: {exc}") from None
+        if port == 0:
+            raise ReceiverError(f"cannot listen for OTLP/gRPC on {self.endpoint}")
+        await server.start()
+        self._server = server
+        log.info("OTLP/gRPC listening on %s", self.endpoint)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            server, self._server = self._server, None
+            await server.stop(STOP_GRACE_S)
+
+    async def _handle(self, body: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        try:
+            outcome = await self._export(decode_protobuf(body))
+        except ExportError as exc:
+            answer = exc.answer
+            if answer.retryable:
+                info = error_details_pb2.RetryInfo(
+                    retry_delay=duration_pb2.Duration(seconds=RETRY_AFTER_S))
+                context.set_trailing_metadata(
+                    (("google.rpc.retryinfo-bin", info.SerializeToString()),))
+            await context.abort(answer.grpc_code, exc.message)
+        return encode_response(export_response(outcome.rejected, outcome.message), PROTOBUF)

@@ -1,0 +1,348 @@
+"""SQLite storage: one writer connection, one transaction per flush.
+
+The store owns its connection, schema and transaction. A batch is committed whole or not at all:
+the span ids it carries are recorded in the same transaction as the sums they produce, so a span
+is accounted exactly once even across crashes, restarts and several daemons on one file.
+
+Tables besides ``agent_sessions`` (whose columns are fixed by its readers):
+
+* ``collector_session_marks``: per session, the end time of the span that set each "latest"
+  value (model, kind, status, channel, goal), so late or out-of-order spans never overwrite a
+  newer value;
+* ``collector_seen_current`` / ``collector_seen_previous``: span ids already accounted, in two
+  generations rotated every retention period, so an id is remembered for at least one period
+  and at most two, and expiry is a cheap ``DROP TABLE``;
+* ``collector_meta``: the start of the current generation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from collector.aggregate import Batch, SessionDelta
+
+log = logging.getLogger(__name__)
+
+BUSY_TIMEOUT_MS = 2000
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+
+COLUMNS: tuple[tuple[str, str], ...] = (
+    ("id", "TEXT"),
+    ("kind", "TEXT"),
+    ("status", "TEXT"),
+    ("channel", "TEXT"),
+    ("model", "TEXT"),
+    ("created_at", "TEXT"),
+    ("last_active_at", "TEXT"),
+    ("turns", "INTEGER"),
+    ("prompt_tokens", "INTEGER"),
+    ("completion_tokens", "INTEGER"),
+    ("reasoning_tokens", "INTEGER"),
+    ("cost_cents", "REAL"),
+    ("goal_text", "TEXT"),
+)
+COLUMN_NAMES = tuple(name for name, _ in COLUMNS)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS agent_sessions (
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL DEFAULT 'interactive',
+    status TEXT NOT NULL DEFAULT 'active',
+    channel TEXT NOT NULL DEFAULT 'cli',
+    model TEXT NOT NULL DEFAULT '',
+    created_at TEXT NOT NULL,
+    last_active_at TEXT NOT NULL,
+    turns INTEGER NOT NULL DEFAULT 0,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    reasoning_tokens INTEGER NOT NULL DEFAULT 0,
+    cost_cents REAL NOT NULL DEFAULT 0.0,
+    goal_text TEXT
+);
+CREATE INDEX IF NOT EXISTS agent_sessions_status ON agent_sessions (status);
+CREATE INDEX IF NOT EXISTS agent_sessions_last_active_at ON agent_sessions (last_active_at);
+CREATE TABLE IF NOT EXISTS collector_session_marks (
+    id TEXT PRIMARY KEY,
+    model_ns INTEGER NOT NULL DEFAULT -1,
+    kind_ns INTEGER NOT NULL DEFAULT -1,
+    status_ns INTEGER NOT NULL DEFAULT -1,
+    channel_ns INTEGER NOT NULL DEFAULT -1,
+    goal_ns INTEGER NOT NULL DEFAULT -1
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS collector_seen_current (key BLOB PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS collector_seen_previous (key BLOB PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS collector_meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+# A span id is new when it is in neither generation; the insert is skipped otherwise, so the
+# summed rowcount of one executemany says whether the whole batch was new.
+INSERT_SEEN = """
+INSERT OR IGNORE INTO collector_seen_current (key)
+SELECT ?1 WHERE NOT EXISTS (SELECT 1 FROM collector_seen_previous WHERE key = ?1)
+"""
+
+
+def _latest(column: str, value: str, at: str, mark: str) -> str:
+    """SQL for "take the new value if it was set by a span at least as late as the stored one"."""
+    return (f"CASE WHEN {value} IS NOT NULL AND {at} >= coalesce((SELECT {mark} FROM "
+            f"collector_session_marks WHERE id = ?1), -1) THEN {value} ELSE {column} END")
+
+
+UPSERT_SESSION = f"""
+INSERT INTO agent_sessions (id, kind, status, channel, model, created_at, last_active_at, turns,
+    prompt_tokens, completion_tokens, reasoning_tokens, cost_cents, goal_text)
+VALUES (?1, coalesce(?2, 'interactive'), coalesce(?4, 'active'), coalesce(?6, 'cli'),
+    coalesce(?8, ''), ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)
+ON CONFLICT (id) DO UPDATE SET
+    kind = {_latest("kind", "?2", "?3", "kind_ns")},
+    status = CASE
+        WHEN ?4 IS NOT NULL AND ?5 >= coalesce((SELECT status_ns FROM collector_session_marks
+                                                WHERE id = ?1), -1) THEN ?4
+        WHEN status = 'unknown' AND ?11 > last_active_at THEN 'active'
+        ELSE status END,
+    channel = {_latest("channel", "?6", "?7", "channel_ns")},
+    model = {_latest("model", "?8", "?9", "model_ns")},
+    created_at = min(created_at, ?10),
+    last_active_at = max(last_active_at, ?11),
+    turns = turns + ?12,
+    prompt_tokens = prompt_tokens + ?13,
+    completion_tokens = completion_tokens + ?14,
+    reasoning_tokens = reasoning_tokens + ?15,
+    cost_cents = cost_cents + ?16,
+    goal_text = {_latest("goal_text", "?17", "?18", "goal_ns")}
+"""
+
+UPSERT_MARKS = """
+INSERT INTO collector_session_marks (id, model_ns, kind_ns, status_ns, channel_ns, goal_ns)
+VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+ON CONFLICT (id) DO UPDATE SET
+    model_ns = max(model_ns, excluded.model_ns),
+    kind_ns = max(kind_ns, excluded.kind_ns),
+    status_ns = max(status_ns, excluded.status_ns),
+    channel_ns = max(channel_ns, excluded.channel_ns),
+    goal_ns = max(goal_ns, excluded.goal_ns)
+"""
+
+SWEEP_STALE = """
+UPDATE agent_sessions SET status = 'unknown' WHERE status = 'active' AND last_active_at < ?
+"""
+
+GENERATION_STARTED = "seen_generation_started_ns"
+
+
+class StorageError(Exception):
+    """The batch was not committed; nothing of it was applied. Retrying is safe."""
+
+
+class SchemaError(Exception):
+    """The database holds an agent_sessions table this collector cannot write safely."""
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    spans: int  # spans newly accounted
+    duplicates: int  # spans already accounted (in this batch or before)
+    sessions: int  # session rows upserted
+    swept: int  # sessions marked 'unknown' by the stale sweep
+
+
+def iso_utc(ns: int) -> str:
+    """YYYY-MM-DDTHH:MM:SS.mmmZ; fixed width, so text order is time order."""
+    seconds, rest = divmod(max(ns, 0), 1_000_000_000)
+    tm = time.gmtime(min(seconds, 253402300799))  # clamp to year 9999
+    return (f"{tm.tm_year:04d}-{tm.tm_mon:02d}-{tm.tm_mday:02d}T{tm.tm_hour:02d}:"
+            f"{tm.tm_min:02d}:{tm.tm_sec:02d}.{rest // 1_000_000:03d}Z")
+
+
+def session_params(d: SessionDelta) -> tuple[Any, ...]:
+    return (d.session_id, d.kind, d.kind_ns, d.status, d.status_ns, d.channel, d.channel_ns,
+            d.model, d.model_ns, iso_utc(d.created_ns), iso_utc(d.last_ns), d.turns,
+            d.prompt_tokens, d.completion_tokens, d.reasoning_tokens, d.cost_cents, d.goal,
+            d.goal_ns)
+
+
+def mark_params(d: SessionDelta) -> tuple[Any, ...]:
+    return (d.session_id, d.model_ns, d.kind_ns, d.status_ns, d.channel_ns, d.goal_ns)
+
+
+def prepare_file(path: Path) -> None:
+    """Create the directory and an owner-only database file before SQLite opens it."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+    if not path.exists():
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY, FILE_MODE)
+        os.close(fd)
+
+
+def schema_problem(table_info: list[Any]) -> str | None:
+    """What is wrong with an existing agent_sessions, from PRAGMA table_info rows; None if fine."""
+    if not table_info:
+        return None
+    found = [(r[1], (r[2] or "").upper()) for r in table_info]
+    if found == list(COLUMNS):
+        return None
+    expected = ", ".join(f"{n} {t}" for n, t in COLUMNS)
+    actual = ", ".join(f"{n} {t}" for n, t in found)
+    return f"table agent_sessions has columns ({actual}); expected exactly ({expected})"
+
+
+class SQLiteStore:
+    """The writer. Not safe for concurrent commits: the pipeline flushes one batch at a time."""
+
+    def __init__(self, path: Path, *, retention_s: int) -> None:
+        self.path = path
+        self._retention_ns = retention_s * 1_000_000_000
+        self._db: aiosqlite.Connection | None = None
+        self._generation_started_ns: int | None = None
+
+    async def open(self) -> None:
+        prepare_file(self.path)
+        db = await aiosqlite.connect(self.path, isolation_level=None)
+        try:
+            await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            mode = await (await db.execute("PRAGMA journal_mode = WAL")).fetchone()
+            if mode is None or str(mode[0]).lower() != "wal":
+                raise StorageError(f"{self.path}: cannot switch to WAL journal mode")
+            # FULL: a commit is on disk before the exporter hears success (power loss too).
+            await db.execute("PRAGMA synchronous = FULL")
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                rows = await (await db.execute("PRAGMA table_info(agent_sessions)")).fetchall()
+                problem = schema_problem(list(rows))
+                if problem:
+                    raise SchemaError(f"{self.path}: {problem}")
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        await db.execute(statement)
+                await db.execute("COMMIT")
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+        except BaseException:
+            await db.close()
+            raise
+        self._db = db
+
+    async def close(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            await db.close()
+
+    async def commit(self, batch: Batch, *, now_ns: int,
+                     sweep_before_ns: int | None = None) -> tuple[CommitResult, Batch]:
+        """Commit a batch in one transaction; returns what was applied and the batch applied.
+
+        Raises StorageError when nothing was committed (the caller keeps the batch).
+        """
+        db = self._db
+        if db is None:
+            raise StorageError("store is not open")
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot begin a write transaction: {exc}") from exc
+        try:
+            await self._rotate_if_due(db, now_ns)
+            applied = await self._record_seen(db, batch)
+            deltas = list(applied.sessions.values())
+            if deltas:
+                await db.executemany(UPSERT_SESSION, map(session_params, deltas))
+                await db.executemany(
+                    UPSERT_MARKS,
+                    [mark_params(d) for d in deltas
+                     if max(d.model_ns, d.kind_ns, d.status_ns, d.channel_ns, d.goal_ns) >= 0])
+            swept = 0
+            if sweep_before_ns is not None:
+                cursor = await db.execute(SWEEP_STALE, (iso_utc(sweep_before_ns),))
+                swept = max(cursor.rowcount, 0)
+            await db.execute("COMMIT")
+        except BaseException as exc:
+            try:
+                await db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # a failed COMMIT may already have rolled back
+            if isinstance(exc, sqlite3.Error):
+                raise StorageError(str(exc)) from exc
+            raise
+        return CommitResult(spans=len(applied), duplicates=applied.duplicates,
+                            sessions=len(deltas), swept=swept), applied
+
+    async def _record_seen(self, db: aiosqlite.Connection, batch: Batch) -> Batch:
+        """Record the batch's span ids; return the batch minus spans accounted before."""
+        if not batch.keys:
+            return batch
+        await db.execute("SAVEPOINT seen")
+        cursor = await db.executemany(INSERT_SEEN, ((k,) for k in batch.keys))
+        if cursor.rowcount == len(batch.keys):
+            await db.execute("RELEASE seen")
+            return batch
+        # Some ids were accounted before (a retry after a crash or a lost answer). Undo the
+        # insert, find which, and record only the new ones.
+        await db.execute("ROLLBACK TO seen")
+        await db.execute("RELEASE seen")
+        await db.execute("CREATE TEMP TABLE IF NOT EXISTS batch_keys (key BLOB PRIMARY KEY)")
+        await db.executemany("INSERT OR IGNORE INTO temp.batch_keys (key) VALUES (?)",
+                             ((k,) for k in batch.keys))
+        rows = await (await db.execute(
+            "SELECT key FROM temp.batch_keys WHERE key IN (SELECT key FROM collector_seen_current)"
+            " OR key IN (SELECT key FROM collector_seen_previous)")).fetchall()
+        await db.execute("DELETE FROM temp.batch_keys")
+        accounted = {bytes(r[0]) for r in rows}
+        rest = batch.without(accounted)
+        if rest.keys:
+            await db.executemany(INSERT_SEEN, ((k,) for k in rest.keys))
+        return rest
+
+    async def _rotate_if_due(self, db: aiosqlite.Connection, now_ns: int) -> None:
+        started = self._generation_started_ns
+        if started is not None and now_ns - started < self._retention_ns:
+            return
+        # Read inside the write transaction: another daemon on this file may have rotated.
+        row = await (await db.execute("SELECT value FROM collector_meta WHERE name = ?",
+                                      (GENERATION_STARTED,))).fetchone()
+        if row is None:
+            await db.execute("INSERT INTO collector_meta (name, value) VALUES (?, ?)",
+                             (GENERATION_STARTED, now_ns))
+            self._generation_started_ns = now_ns
+            return
+        started = int(row[0])
+        if now_ns - started >= self._retention_ns:
+            await db.execute("DROP TABLE collector_seen_previous")
+            await db.execute("ALTER TABLE collector_seen_current RENAME TO collector_seen_previous")
+            await db.execute(
+                "CREATE TABLE collector_seen_current (key BLOB PRIMARY KEY) WITHOUT ROWID")
+            await db.execute("UPDATE collector_meta SET value = ? WHERE name = ?",
+                             (now_ns, GENERATION_STARTED))
+            log.info("dedupe window rotated; span ids older than %d s forgotten",
+                     self._retention_ns // 1_000_000_000)
+            started = now_ns
+        self._generation_started_ns = started
+
+
+def read_sessions(path: Path, *, status: str | None = None,
+                  limit: int | None = None) -> list[dict[str, Any]]:
+    """Rows for readers, newest activity first. Opens its own connection; never writes."""
+    uri = f"{path.resolve().as_uri()}?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+    try:
+        conn.row_factory = sqlite3.Row
+        sql = f"SELECT {', '.join(COLUMN_NAMES)} FROM agent_sessions"
+        params: list[Any] = []
+        if status is not None:
+            sql += " WHERE status = ?"
+            params.append(status)
+        sql += " ORDER BY last_active_at DESC, id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return [dict(row) for row in conn.execute(sql, params)]
+    finally:
+        conn.close()

@@ -78,24 +78,28 @@ def _hex_ids_to_base64(node: Any, depth: int) -> None:
                 _hex_ids_to_base64(item, depth + 1)
 
 
+GZIP_WBITS = 16 + zlib.MAX_WBITS
+DEFLATE_WBITS = zlib.MAX_WBITS  # HTTP "deflate" is the zlib format
+
+
 class BoundedGunzip:
-    """Incremental gzip decoding that refuses to produce more than `limit` bytes.
+    """Incremental gzip (or deflate) decoding that refuses to produce more than `limit` bytes.
 
     Bounding the output, not the input, is what stops a gzip bomb: a few kilobytes can
     expand to gigabytes.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, wbits: int = GZIP_WBITS) -> None:
         self._limit = limit
         self._out = bytearray()
-        self._inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self._inflater = zlib.decompressobj(wbits)
 
     def feed(self, chunk: bytes) -> None:
         room = self._limit - len(self._out) + 1
         try:
             data = self._inflater.decompress(chunk, room)
         except zlib.error as exc:
-            raise ExportError(Refusal.INVALID, f"invalid gzip body: {exc}") from None
+            raise ExportError(Refusal.INVALID, f"invalid compressed body: {exc}") from None
         self._out += data
         if len(self._out) > self._limit or self._inflater.unconsumed_tail:
             raise ExportError(Refusal.TOO_LARGE,
@@ -105,13 +109,13 @@ class BoundedGunzip:
         try:
             rest = self._inflater.flush()
         except zlib.error as exc:
-            raise ExportError(Refusal.INVALID, f"invalid gzip body: {exc}") from None
+            raise ExportError(Refusal.INVALID, f"invalid compressed body: {exc}") from None
         self._out += rest
         if len(self._out) > self._limit:
             raise ExportError(Refusal.TOO_LARGE,
                               f"decompressed body exceeds {self._limit} bytes")
         if not self._inflater.eof:
-            raise ExportError(Refusal.INVALID, "invalid gzip body: truncated stream")
+            raise ExportError(Refusal.INVALID, "invalid compressed body: truncated stream")
         return bytes(self._out)
 
 

@@ -141,6 +141,7 @@ class Pipeline:
         if result.records:
             self._pending.add(result.records)
             ticket = self._current_ticket()
+            log.debug("request with %d usage spans waiting for commit", len(result.records))
             try:
                 await asyncio.shield(ticket)
             except ExportError as exc:

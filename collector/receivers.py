@@ -18,6 +18,7 @@ from google.rpc import error_details_pb2
 from collector.config import Endpoint
 from collector.errors import RETRY_AFTER_S, ExportError, Refusal
 from collector.otlp import (
+    DEFLATE_WBITS,
     JSON,
     PROTOBUF,
     BoundedGunzip,
@@ -56,8 +57,9 @@ class HttpReceiver:
         app = web.Application(client_max_size=self._limit)
         app.router.add_route("*", TRACES_PATH, self._handle)
         app.router.add_route("*", "/{tail:.*}", self._not_found)
+        # auto_decompress off: decompression is ours, bounded by the limit (gzip bombs).
         runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                               shutdown_timeout=STOP_GRACE_S)
+                               shutdown_timeout=STOP_GRACE_S, auto_decompress=False)
         await runner.setup()
         site = web.TCPSite(runner, self.endpoint.host, self.endpoint.port, reuse_address=True)
         try:
@@ -103,15 +105,20 @@ class HttpReceiver:
     async def _read_body(self, request: web.Request) -> bytes:
         """Read at most the limit (after decompression too), never the whole of a large body."""
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-        if encoding not in ("identity", "gzip", ""):
+        if encoding not in ("identity", "gzip", "deflate", ""):
             raise ExportError(Refusal.UNSUPPORTED_MEDIA,
-                              f"unsupported Content-Encoding {encoding!r}; use gzip or none")
+                              f"unsupported Content-Encoding {encoding!r}; use gzip, deflate "
+                              f"or none")
         limit = self._limit
         length = request.content_length
         if length is not None and length > limit:
             raise ExportError(Refusal.TOO_LARGE,
                               f"body of {length} bytes exceeds the limit of {limit} bytes")
-        inflater = BoundedGunzip(limit) if encoding == "gzip" else None
+        inflater = None
+        if encoding == "gzip":
+            inflater = BoundedGunzip(limit)
+        elif encoding == "deflate":
+            inflater = BoundedGunzip(limit, DEFLATE_WBITS)
         received = 0
         chunks: list[bytes] = []
         stream = request.content

@@ -1,0 +1,231 @@
+"""Shared test parts: a real daemon in a subprocess, real SDK exporters, the real SQLite file."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+from opentelemetry.exporter.otlp.proto.http import Compression as HttpCompression
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExportResult
+from opentelemetry.trace import SpanContext, SpanKind, TraceFlags
+
+ROOT = Path(__file__).resolve().parent.parent
+READY_LINE = "collector ready"
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 30.0
+# A fixed base time keeps expected timestamps exact: 2026-01-01T00:00:00Z.
+T0 = 1_767_225_600_000_000_000
+MS = 1_000_000
+SECOND = 1_000_000_000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def make_span(
+    *,
+    trace_id: int = 1,
+    span_id: int = 1,
+    parent_id: int | None = None,
+    name: str = "span",
+    attrs: Mapping[str, Any] | None = None,
+    resource: Mapping[str, Any] | None = None,
+    start: int = T0,
+    end: int | None = None,
+) -> ReadableSpan:
+    """A finished SDK span, exactly as an instrumented agent would hand it to its exporter."""
+    ctx = SpanContext(trace_id=trace_id, span_id=span_id, is_remote=False,
+                      trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    parent = None
+    if parent_id is not None:
+        parent = SpanContext(trace_id=trace_id, span_id=parent_id, is_remote=False,
+                             trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    return ReadableSpan(
+        name=name, context=ctx, parent=parent, kind=SpanKind.INTERNAL,
+        resource=Resource(dict(resource or {})), attributes=dict(attrs or {}),
+        start_time=start, end_time=start + MS if end is None else end,
+    )
+
+
+class Daemon:
+    """`collector serve` in a subprocess with its own ports and database."""
+
+    def __init__(self, workdir: Path, extra_config: str = "", *, db_path: Path | None = None,
+                 grpc: bool = True, http: bool = True) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.grpc_port = free_port()
+        self.http_port = free_port()
+        self.db_path = db_path or workdir / "data" / "sessions.db"
+        grpc_ep = f"127.0.0.1:{self.grpc_port}" if grpc else ""
+        http_ep = f"127.0.0.1:{self.http_port}" if http else ""
+        self.config_path = workdir / "collector.toml"
+        base = (f'[receivers.otlp]\ngrpc_endpoint = "{grpc_ep}"\nhttp_endpoint = "{http_ep}"\n'
+                f'[storage]\nsqlite_path = "{self.db_path}"\n')
+        self.config_path.write_text(merge_toml(base, extra_config))
+        self.proc: subprocess.Popen[str] | None = None
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        self._reader: threading.Thread | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/v1/traces"
+
+    @property
+    def grpc_endpoint(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def start(self) -> Daemon:
+        self.lines = []
+        self._ready.clear()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "collector", "serve", "--config", str(self.config_path)],
+            cwd=self.workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self._reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
+        self._reader.start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self._ready.wait(0.05):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                raise RuntimeError("daemon did not start:\n" + self.log)
+        return self
+
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+            if READY_LINE in line:
+                self._ready.set()
+
+    @property
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Signal the daemon and wait for it to exit; returns its exit code."""
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        code = self.proc.wait(STOP_TIMEOUT_S)
+        if self._reader is not None:
+            self._reader.join(5)
+        return code
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self._reader is not None:
+            self._reader.join(5)
+
+    def http_exporter(self, **kwargs: Any) -> HttpExporter:
+        return HttpExporter(endpoint=self.http_url, timeout=20, **kwargs)
+
+    def grpc_exporter(self, **kwargs: Any) -> GrpcExporter:
+        return GrpcExporter(endpoint=self.grpc_endpoint, insecure=True, timeout=20, **kwargs)
+
+    def export_http(self, spans: Sequence[ReadableSpan], *, gzip: bool = False) -> None:
+        compression = HttpCompression.Gzip if gzip else HttpCompression.NoCompression
+        exporter = self.http_exporter(compression=compression)
+        try:
+            assert exporter.export(list(spans)) == SpanExportResult.SUCCESS, self.log
+        finally:
+            exporter.shutdown()
+
+    def export_grpc(self, spans: Sequence[ReadableSpan], *, gzip: bool = False) -> None:
+        import grpc
+
+        compression = grpc.Compression.Gzip if gzip else grpc.Compression.NoCompression
+        exporter = self.grpc_exporter(compression=compression)
+        try:
+            assert exporter.export(list(spans)) == SpanExportResult.SUCCESS, self.log
+        finally:
+            exporter.shutdown()
+
+    def rows(self) -> dict[str, dict[str, Any]]:
+        return read_rows(self.db_path)
+
+    def row(self, session_id: str) -> dict[str, Any]:
+        return self.rows()[session_id]
+
+
+def read_rows(db_path: Path) -> dict[str, dict[str, Any]]:
+    conn = sqlite3.connect(db_path)
+    try:
+        conn.row_factory = sqlite3.Row
+        return {r["id"]: dict(r) for r in conn.execute("SELECT * FROM agent_sessions")}
+    finally:
+        conn.close()
+
+
+def merge_toml(base: str, extra: str) -> str:
+    """Append extra TOML; a [section] present in both is merged by moving its keys up."""
+    sections: dict[str, list[str]] = {}
+    order: list[str] = []
+    for text in (base, extra):
+        current = ""
+        for line in text.splitlines():
+            stripped = line.strip()
+            if stripped.startswith("[") and not stripped.startswith("[["):
+                current = stripped
+                if current not in sections:
+                    sections[current] = []
+                    order.append(current)
+                continue
+            if stripped:
+                sections.setdefault(current, [])
+                if current not in order:
+                    order.insert(0, current)
+                sections[current].append(line)
+    out: list[str] = []
+    for name in order:
+        if name:
+            out.append(name)
+        out.extend(sections[name])
+    return "\n".join(out) + "\n"
+
+
+@pytest.fixture
+def start_daemon(tmp_path: Path) -> Iterator[Any]:
+    """Start daemons for one test; every one is killed at the end whatever happened."""
+    started: list[Daemon] = []
+
+    def start(extra_config: str = "", **kwargs: Any) -> Daemon:
+        daemon = Daemon(tmp_path / f"d{len(started)}", extra_config, **kwargs)
+        started.append(daemon)
+        return daemon.start()
+
+    yield start
+    for daemon in started:
+        daemon.kill()
+
+
+@pytest.fixture(scope="module")
+def shared_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """One daemon for tests that only need distinct session ids (saves start-up time)."""
+    daemon = Daemon(tmp_path_factory.mktemp("shared"),
+                    '[pricing."test-model"]\ninput = 1.0\noutput = 2.0\n'
+                    'cache_read = 0.5\ncache_write = 4.0\n')
+    daemon.start()
+    yield daemon
+    daemon.kill()

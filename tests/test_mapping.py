@@ -1,0 +1,252 @@
+"""The mapping is the specification of what a span means; these tests read like it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+from collector.config import ModelPrice
+from collector.mapping import MappingOptions, MappingResult, SpanUsage, map_request
+from collector.pricing import Pricer
+from tests.conftest import MS, T0, make_span
+
+PRICES = {"test-model": ModelPrice(input=1.0, output=2.0, cache_read=0.5, cache_write=4.0)}
+OPTIONS = MappingOptions(pricer=Pricer(PRICES, use_library=False))
+
+
+def run(*spans: Any, options: MappingOptions = OPTIONS) -> MappingResult:
+    return map_request(encode_spans(list(spans)), options, now_ns=T0)
+
+
+def one(*spans: Any, options: MappingOptions = OPTIONS) -> SpanUsage:
+    result = run(*spans, options=options)
+    assert result.rejected == 0, result.errors
+    assert len(result.records) == 1, result
+    return result.records[0]
+
+
+def chat(**attrs: Any) -> dict[str, Any]:
+    return {"gen_ai.conversation.id": "s", "gen_ai.operation.name": "chat",
+            "gen_ai.request.model": "test-model", **attrs}
+
+
+def test_root_model_call_is_a_turn_with_tokens_cost_and_model() -> None:
+    r = one(make_span(attrs=chat(**{"gen_ai.usage.input_tokens": 1000,
+                                    "gen_ai.usage.output_tokens": 500})))
+    assert r.session_id == "s"
+    assert (r.turns, r.prompt_tokens, r.completion_tokens) == (1, 1000, 500)
+    assert r.model == "test-model"
+    # 1000 x $1/M + 500 x $2/M = $0.002 = 0.2 cents
+    assert r.cost_cents == pytest.approx(0.2)
+    assert r.priced
+    assert r.key == (1).to_bytes(16, "big") + (1).to_bytes(8, "big")
+    assert (r.start_ns, r.end_ns) == (T0, T0 + MS)
+
+
+def test_child_model_call_adds_tokens_but_no_turn() -> None:
+    r = one(make_span(parent_id=7, attrs=chat(**{"gen_ai.usage.input_tokens": 10})))
+    assert (r.turns, r.prompt_tokens) == (0, 10)
+
+
+def test_agent_span_is_one_turn_and_its_rolled_up_tokens_are_not_added() -> None:
+    attrs = {"gen_ai.conversation.id": "s", "gen_ai.operation.name": "invoke_agent",
+             "gen_ai.usage.input_tokens": 999, "gen_ai.usage.output_tokens": 99,
+             "gen_ai.usage.cost": 5.0}
+    r = one(make_span(attrs=attrs))
+    assert (r.turns, r.prompt_tokens, r.completion_tokens, r.cost_cents) == (1, 0, 0, 0.0)
+
+
+def test_agent_span_tokens_switch_counts_agent_tokens() -> None:
+    options = MappingOptions(pricer=OPTIONS.pricer, agent_span_tokens=True)
+    attrs = {"session.id": "s", "openinference.span.kind": "AGENT",
+             "llm.token_count.prompt": 30, "llm.token_count.completion": 3,
+             "llm.model_name": "test-model"}
+    r = one(make_span(attrs=attrs), options=options)
+    assert (r.turns, r.prompt_tokens, r.completion_tokens) == (1, 30, 3)
+    assert r.cost_cents == pytest.approx((30 * 1.0 + 3 * 2.0) / 1e6 * 100)
+
+
+def test_openinference_llm_span_is_a_model_call() -> None:
+    attrs = {"session.id": "oi", "openinference.span.kind": "LLM",
+             "llm.model_name": "test-model", "llm.token_count.prompt": 100,
+             "llm.token_count.completion": 40,
+             "llm.token_count.completion_details.reasoning": 10,
+             "llm.token_count.prompt_details.cache_read": 60,
+             "llm.token_count.prompt_details.cache_write": 20}
+    r = one(make_span(parent_id=3, attrs=attrs))
+    assert (r.turns, r.prompt_tokens, r.completion_tokens, r.reasoning_tokens) == (0, 100, 40, 10)
+    assert (r.cache_read_tokens, r.cache_write_tokens) == (60, 20)
+    # uncached 20 x 1 + cache read 60 x 0.5 + cache write 20 x 4 + output 40 x 2, per million
+    assert r.cost_cents == pytest.approx((20 + 30 + 80 + 80) / 1e6 * 100)
+
+
+def test_per_turn_usage_span_of_no_known_kind_is_one_turn_plus_tokens() -> None:
+    attrs = {"gen_ai.conversation.id": "s", "gen_ai.usage.input_tokens": 5,
+             "gen_ai.usage.output_tokens": 6, "gen_ai.response.model": "test-model"}
+    r = one(make_span(parent_id=9, attrs=attrs))
+    assert (r.turns, r.prompt_tokens, r.completion_tokens) == (1, 5, 6)
+
+
+def test_session_attributes_without_tokens_update_the_session_only() -> None:
+    attrs = {"session.id": "s", "agent.session.kind": "autonomous",
+             "agent.session.status": "completed", "agent.session.channel": "slack",
+             "agent.session.goal": "ship it"}
+    r = one(make_span(attrs=attrs))
+    assert (r.turns, r.prompt_tokens, r.cost_cents) == (0, 0, 0.0)
+    assert (r.kind, r.status, r.channel, r.goal) == ("autonomous", "completed", "slack", "ship it")
+
+
+def test_spans_without_session_or_usage_are_ignored() -> None:
+    result = run(make_span(attrs={"gen_ai.usage.input_tokens": 5}),
+                 make_span(span_id=2, attrs={"session.id": "s", "tool.name": "grep"}))
+    assert (result.spans, result.ignored, result.rejected, result.records) == (2, 2, 0, [])
+
+
+def test_session_id_precedence_and_resource_fallback() -> None:
+    both = one(make_span(attrs={"gen_ai.conversation.id": "conv", "session.id": "sess",
+                                "gen_ai.usage.input_tokens": 1}))
+    assert both.session_id == "conv"
+    # The span's own attribute beats the resource's, even a higher-precedence key there.
+    own = one(make_span(attrs={"session.id": "span-level", "gen_ai.usage.input_tokens": 1},
+                        resource={"gen_ai.conversation.id": "resource-level"}))
+    assert own.session_id == "span-level"
+    fallback = one(make_span(attrs={"gen_ai.usage.input_tokens": 1},
+                             resource={"session.id": "from-resource",
+                                       "agent.session.channel": "tui"}))
+    assert (fallback.session_id, fallback.channel) == ("from-resource", "tui")
+
+
+def test_model_precedence_response_then_request_then_openinference() -> None:
+    base = {"session.id": "s", "gen_ai.usage.input_tokens": 1}
+    assert one(make_span(attrs={**base, "gen_ai.response.model": "resp",
+                                "gen_ai.request.model": "req",
+                                "llm.model_name": "oi"})).model == "resp"
+    assert one(make_span(attrs={**base, "gen_ai.request.model": "req",
+                                "llm.model_name": "oi"})).model == "req"
+    assert one(make_span(attrs={**base, "llm.model_name": "oi"})).model == "oi"
+
+
+def test_two_conventions_on_one_span_count_once_genai_first() -> None:
+    attrs = chat(**{"gen_ai.usage.input_tokens": 100, "llm.token_count.prompt": 100,
+                    "gen_ai.usage.output_tokens": 10, "llm.token_count.completion": 10,
+                    "gen_ai.usage.reasoning.output_tokens": 4,
+                    "llm.token_count.completion_details.reasoning": 4})
+    r = one(make_span(attrs=attrs))
+    assert (r.prompt_tokens, r.completion_tokens, r.reasoning_tokens) == (100, 10, 4)
+
+
+def test_deprecated_genai_names_are_read() -> None:
+    r = one(make_span(attrs=chat(**{"gen_ai.usage.prompt_tokens": 7,
+                                    "gen_ai.usage.completion_tokens": 8})))
+    assert (r.prompt_tokens, r.completion_tokens) == (7, 8)
+
+
+def test_cache_tokens_inside_input_are_priced_at_cache_rates() -> None:
+    r = one(make_span(attrs=chat(**{"gen_ai.usage.input_tokens": 1000,
+                                    "gen_ai.usage.cache_read.input_tokens": 600,
+                                    "gen_ai.usage.cache_creation.input_tokens": 100})))
+    assert r.prompt_tokens == 1000
+    assert r.cost_cents == pytest.approx((300 * 1.0 + 600 * 0.5 + 100 * 4.0) / 1e6 * 100)
+
+
+def test_cache_tokens_reported_beside_input_are_added_to_prompt_tokens() -> None:
+    # Cache exceeds input: the emitter counted them outside input (Anthropic's shape).
+    r = one(make_span(attrs=chat(**{"gen_ai.usage.input_tokens": 10,
+                                    "gen_ai.usage.cache_read.input_tokens": 500,
+                                    "gen_ai.usage.cache_creation.input_tokens": 50})))
+    assert r.prompt_tokens == 560
+    assert r.cost_cents == pytest.approx((10 * 1.0 + 500 * 0.5 + 50 * 4.0) / 1e6 * 100)
+
+
+def test_reasoning_is_inside_output_and_never_priced_again() -> None:
+    r = one(make_span(attrs=chat(**{"gen_ai.usage.output_tokens": 100,
+                                    "gen_ai.usage.reasoning.output_tokens": 80})))
+    assert (r.completion_tokens, r.reasoning_tokens) == (100, 80)
+    assert r.cost_cents == pytest.approx(100 * 2.0 / 1e6 * 100)
+
+
+def test_reasoning_above_output_was_reported_beside_it() -> None:
+    r = one(make_span(attrs=chat(**{"gen_ai.usage.output_tokens": 10,
+                                    "gen_ai.usage.reasoning.output_tokens": 30})))
+    assert (r.completion_tokens, r.reasoning_tokens) == (40, 30)
+
+
+@pytest.mark.parametrize(("key", "value"), [("gen_ai.usage.cost", 0.25),
+                                            ("llm.cost.total", 0.25),
+                                            ("operation.cost", "0.25")])
+def test_emitter_cost_in_usd_wins_over_prices(key: str, value: Any) -> None:
+    r = one(make_span(attrs=chat(**{"gen_ai.usage.input_tokens": 1_000_000, key: value})))
+    assert r.cost_cents == pytest.approx(25.0)
+
+
+def test_unknown_model_is_unpriced_and_costs_nothing() -> None:
+    result = run(make_span(attrs={"session.id": "s", "gen_ai.request.model": "mystery",
+                                  "gen_ai.usage.input_tokens": 10}))
+    assert result.unpriced == 1
+    assert result.records[0].cost_cents == 0.0 and not result.records[0].priced
+
+
+def test_configured_request_model_prices_when_response_model_is_unknown() -> None:
+    r = one(make_span(attrs={"session.id": "s", "gen_ai.response.model": "test-model-2026-01",
+                             "gen_ai.request.model": "test-model",
+                             "gen_ai.usage.input_tokens": 1_000_000}))
+    assert r.model == "test-model-2026-01"
+    assert r.cost_cents == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize("bad", [-1, "twelve", 1.5, True, "-3"])
+def test_invalid_token_counts_reject_the_span_not_the_request(bad: Any) -> None:
+    result = run(make_span(span_id=1, attrs=chat(**{"gen_ai.usage.input_tokens": bad})),
+                 make_span(span_id=2, attrs=chat(**{"gen_ai.usage.input_tokens": 3})))
+    assert result.rejected == 1
+    assert [r.prompt_tokens for r in result.records] == [3]
+    assert "gen_ai.usage.input_tokens" in result.error_message
+    assert "0000000000000001" in result.error_message
+
+
+def test_numeric_strings_and_integral_doubles_are_accepted_as_counts() -> None:
+    r = one(make_span(attrs=chat(**{"gen_ai.usage.input_tokens": "42",
+                                    "gen_ai.usage.output_tokens": 7.0})))
+    assert (r.prompt_tokens, r.completion_tokens) == (42, 7)
+
+
+def test_negative_cost_rejects_the_span() -> None:
+    result = run(make_span(attrs=chat(**{"gen_ai.usage.cost": -0.5})))
+    assert result.rejected == 1 and "gen_ai.usage.cost" in result.error_message
+
+
+def test_values_outside_the_sets_become_defaults_and_are_reported() -> None:
+    result = run(make_span(attrs={"session.id": "s", "agent.session.kind": "robot",
+                                  "agent.session.status": "Completed",
+                                  "agent.session.channel": "fax"}))
+    r = result.records[0]
+    assert (r.kind, r.status, r.channel) == ("interactive", "completed", "cli")
+    assert result.invalid_values == [("agent.session.kind", "robot"),
+                                     ("agent.session.channel", "fax")]
+
+
+def test_session_id_too_long_or_with_control_characters_is_rejected() -> None:
+    options = MappingOptions(pricer=OPTIONS.pricer, max_session_id_length=8)
+    result = run(make_span(span_id=1, attrs={"session.id": "x" * 9,
+                                             "gen_ai.usage.input_tokens": 1}),
+                 make_span(span_id=2, attrs={"session.id": "a\nb",
+                                             "gen_ai.usage.input_tokens": 1}),
+                 options=options)
+    assert result.rejected == 2 and not result.records
+    assert "longer than 8" in result.error_message
+    assert "control characters" in result.error_message
+
+
+def test_error_messages_are_capped_but_the_count_is_exact() -> None:
+    spans = [make_span(span_id=i, attrs=chat(**{"gen_ai.usage.input_tokens": -1}))
+             for i in range(1, 21)]
+    result = run(*spans)
+    assert result.rejected == 20
+    assert result.error_message.endswith("(and 15 more)")
+
+
+def test_missing_times_fall_back_and_reversed_times_are_ordered() -> None:
+    r = one(make_span(attrs=chat(), start=T0 + 5 * MS, end=T0))
+    assert (r.start_ns, r.end_ns) == (T0, T0 + 5 * MS)

@@ -102,30 +102,47 @@ def _sessions(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _print_table(rows: list[dict[str, Any]], path: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
+SHOWN_COLUMNS = ("id", "status", "kind", "channel", "model", "turns", "prompt_tokens",
+                 "completion_tokens", "reasoning_tokens", "cost_cents", "created_at",
+                 "last_active_at", "goal_text")
+NUMERIC = {"turns", "prompt_tokens", "completion_tokens", "reasoning_tokens", "cost_cents"}
 
-    table = Table(title=f"agent sessions ({len(rows)}) in {path}")
-    shown = [("id", "left"), ("status", "left"), ("kind", "left"), ("channel", "left"),
-             ("model", "left"), ("turns", "right"), ("prompt_tokens", "right"),
-             ("completion_tokens", "right"), ("reasoning_tokens", "right"),
-             ("cost_cents", "right"), ("created_at", "left"), ("last_active_at", "left"),
-             ("goal_text", "left")]
-    for name, justify in shown:
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    for row in rows:
-        cells = []
-        for name, _ in shown:
-            value = row[name]
-            if name == "cost_cents":
-                cells.append(f"{value:.4f}")
-            elif isinstance(value, int):
-                cells.append(f"{value:,}")
-            else:
-                cells.append("" if value is None else str(value))
-        table.add_row(*cells)
-    Console().print(table)
+
+def _cell(name: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if name == "cost_cents":
+        return f"{value:.4f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _print_table(rows: list[dict[str, Any]], path: Path) -> None:
+    """A rich table on a terminal; plain aligned text when piped (for grep and friends)."""
+    cells = [[_cell(name, row[name]) for name in SHOWN_COLUMNS] for row in rows]
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"agent sessions ({len(rows)}) in {path}")
+        for name in SHOWN_COLUMNS:
+            table.add_column(name, justify="right" if name in NUMERIC else "left")
+        for line in cells:
+            table.add_row(*line)
+        Console().print(table)
+        return
+    widths = [max([len(name)] + [len(line[i]) for line in cells])
+              for i, name in enumerate(SHOWN_COLUMNS)]
+
+    def fmt(values: Sequence[str]) -> str:
+        parts = [v.rjust(w) if name in NUMERIC else v.ljust(w)
+                 for v, w, name in zip(values, widths, SHOWN_COLUMNS, strict=True)]
+        return "  ".join(parts).rstrip()
+
+    print(fmt(SHOWN_COLUMNS))
+    for line in cells:
+        print(fmt(line))
 
 
 def _check_config(config: Config, args: argparse.Namespace) -> int:

@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-DEFAULT_GRPC_ENDPOINT = "127.0.0.1:4317"
-DEFAULT_HTTP_ENDPOINT = "127.0.0.1:4318"
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 DEFAULT_SQLITE_PATH = "data/agent_sessions.db"
 DEFAULT_FLUSH_INTERVAL_MS = 200
@@ -61,8 +59,8 @@ class ModelPrice:
 
 @dataclass(frozen=True, slots=True)
 class ReceiverConfig:
-    grpc_endpoint: Endpoint | None = None
-    http_endpoint: Endpoint | None = None
+    grpc_endpoint: Endpoint | None = Endpoint("127.0.0.1", 4317)
+    http_endpoint: Endpoint | None = Endpoint("127.0.0.1", 4318)
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
 
 
@@ -123,10 +121,11 @@ def parse_config(doc: Mapping[str, Any], *, source: str, base_dir: Path) -> Conf
     def get(key: str, default: Any) -> Any:
         return values.get(key, default)
 
+    defaults = ReceiverConfig()
     grpc = _parse_endpoint(source, "receivers.otlp.grpc_endpoint",
-                           get("receivers.otlp.grpc_endpoint", DEFAULT_GRPC_ENDPOINT))
+                           get("receivers.otlp.grpc_endpoint", str(defaults.grpc_endpoint)))
     http = _parse_endpoint(source, "receivers.otlp.http_endpoint",
-                           get("receivers.otlp.http_endpoint", DEFAULT_HTTP_ENDPOINT))
+                           get("receivers.otlp.http_endpoint", str(defaults.http_endpoint)))
     if grpc is None and http is None:
         raise ConfigError(source, "receivers.otlp",
                           "both grpc_endpoint and http_endpoint are disabled; enable at least one")
@@ -143,7 +142,8 @@ def parse_config(doc: Mapping[str, Any], *, source: str, base_dir: Path) -> Conf
 
     level = get("log.level", DEFAULT_LOG_LEVEL).lower()
     if level not in LOG_LEVELS:
-        raise ConfigError(source, "log.level", f"must be one of {', '.join(LOG_LEVELS)}; got {level!r}")
+        raise ConfigError(source, "log.level",
+                          f"must be one of {', '.join(LOG_LEVELS)}; got {level!r}")
 
     return Config(
         source=source,
@@ -233,7 +233,8 @@ def _parse_pricing(table: Any, source: str) -> dict[str, ModelPrice]:
             parsed[key] = float(item)
         for required in ("input", "output"):
             if required not in parsed:
-                raise ConfigError(source, f"{prefix}.{required}", "missing (USD per million tokens)")
+                raise ConfigError(source, f"{prefix}.{required}",
+                                  "missing (USD per million tokens)")
         prices[model] = ModelPrice(
             input=parsed["input"],
             output=parsed["output"],

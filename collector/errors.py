@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import grpc
 
+Code = grpc.StatusCode
+
 # How long an exporter is asked to wait before retrying a retryable refusal.
 RETRY_AFTER_S = 1
 
@@ -25,16 +27,20 @@ class Answer:
     retryable: bool
 
 
+_PERMANENT = False
+_RETRYABLE = True
+
+
 class Refusal(enum.Enum):
-    INVALID = Answer("invalid", 400, grpc.StatusCode.INVALID_ARGUMENT, retryable=False)
-    UNAUTHENTICATED = Answer("unauthenticated", 401, grpc.StatusCode.UNAUTHENTICATED, retryable=False)
-    NOT_FOUND = Answer("not_found", 404, grpc.StatusCode.UNIMPLEMENTED, retryable=False)
-    METHOD_NOT_ALLOWED = Answer("method_not_allowed", 405, grpc.StatusCode.UNIMPLEMENTED, retryable=False)
-    TOO_LARGE = Answer("too_large", 413, grpc.StatusCode.RESOURCE_EXHAUSTED, retryable=False)
-    UNSUPPORTED_MEDIA = Answer("unsupported_media_type", 415, grpc.StatusCode.INVALID_ARGUMENT, retryable=False)
-    OVERLOADED = Answer("overloaded", 503, grpc.StatusCode.UNAVAILABLE, retryable=True)
-    STORAGE_UNAVAILABLE = Answer("storage_unavailable", 503, grpc.StatusCode.UNAVAILABLE, retryable=True)
-    SHUTTING_DOWN = Answer("shutting_down", 503, grpc.StatusCode.UNAVAILABLE, retryable=True)
+    INVALID = Answer("invalid", 400, Code.INVALID_ARGUMENT, _PERMANENT)
+    UNAUTHENTICATED = Answer("unauthenticated", 401, Code.UNAUTHENTICATED, _PERMANENT)
+    NOT_FOUND = Answer("not_found", 404, Code.UNIMPLEMENTED, _PERMANENT)
+    METHOD_NOT_ALLOWED = Answer("method_not_allowed", 405, Code.UNIMPLEMENTED, _PERMANENT)
+    TOO_LARGE = Answer("too_large", 413, Code.RESOURCE_EXHAUSTED, _PERMANENT)
+    UNSUPPORTED_MEDIA = Answer("unsupported_media_type", 415, Code.INVALID_ARGUMENT, _PERMANENT)
+    OVERLOADED = Answer("overloaded", 503, Code.UNAVAILABLE, _RETRYABLE)
+    STORAGE_UNAVAILABLE = Answer("storage_unavailable", 503, Code.UNAVAILABLE, _RETRYABLE)
+    SHUTTING_DOWN = Answer("shutting_down", 503, Code.UNAVAILABLE, _RETRYABLE)
 
     @property
     def answer(self) -> Answer:

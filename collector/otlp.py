@@ -49,8 +49,9 @@ def decode_json(body: bytes) -> ExportTraceServiceRequest:
         raise ExportError(Refusal.INVALID, "OTLP/JSON body must be an object")
     try:
         _hex_ids_to_base64(doc, 0)
-        return json_format.ParseDict(doc, ExportTraceServiceRequest(),
-                                     ignore_unknown_fields=True)
+        request = ExportTraceServiceRequest()
+        json_format.ParseDict(doc, request, ignore_unknown_fields=True)
+        return request
     except ExportError:
         raise
     except (json_format.ParseError, ValueError, TypeError, RecursionError) as exc:
@@ -136,7 +137,8 @@ def export_response(rejected: int, message: str) -> ExportTraceServiceResponse:
 
 def encode_response(response: ExportTraceServiceResponse, content_type: str) -> bytes:
     if content_type == JSON:
-        return json_format.MessageToJson(response, indent=None).encode("utf-8")
+        text: str = json_format.MessageToJson(response, indent=None)
+        return text.encode("utf-8")
     data: bytes = response.SerializeToString()
     return data
 
@@ -145,7 +147,8 @@ def encode_status(code: int, message: str, content_type: str) -> bytes:
     """An error body: a google.rpc.Status in the request's encoding."""
     status = status_pb2.Status(code=code, message=message)
     if content_type == JSON:
-        return json_format.MessageToJson(status, indent=None).encode("utf-8")
+        text: str = json_format.MessageToJson(status, indent=None)
+        return text.encode("utf-8")
     data: bytes = status.SerializeToString()
     return data
 

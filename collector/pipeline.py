@@ -161,8 +161,10 @@ class Pipeline:
     def _log_invalid_values(self, values: list[tuple[str, str]]) -> None:
         self.stats.invalid_values += len(values)
         for item in values:
-            if item in self._logged_invalid or len(self._logged_invalid) >= MAX_LOGGED_INVALID_VALUES:
+            if item in self._logged_invalid:
                 continue
+            if len(self._logged_invalid) >= MAX_LOGGED_INVALID_VALUES:
+                break
             self._logged_invalid.add(item)
             log.warning("attribute %s has value %r outside its allowed set; stored as the column "
                         "default (logged once per value)", item[0], item[1])

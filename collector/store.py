@@ -17,6 +17,7 @@ Tables besides ``agent_sessions`` (whose columns are fixed by its readers):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
@@ -265,10 +266,9 @@ class SQLiteStore:
                 swept = max(cursor.rowcount, 0)
             await db.execute("COMMIT")
         except BaseException as exc:
-            try:
+            # A failed COMMIT may already have rolled back; then ROLLBACK itself fails.
+            with contextlib.suppress(sqlite3.Error):
                 await db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass  # a failed COMMIT may already have rolled back
             if isinstance(exc, sqlite3.Error):
                 raise StorageError(str(exc)) from exc
             raise

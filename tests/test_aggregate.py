@@ -1,0 +1,64 @@
+"""Per-session folding: sums add, latest values follow span time, each key counts once."""
+
+from __future__ import annotations
+
+from collector.aggregate import NO_TIME, Batch
+from collector.mapping import SpanUsage
+from tests.conftest import MS, T0
+
+
+def rec(key: int, session: str = "s", *, start: int = T0, end: int | None = None,
+        model: str | None = None, status: str | None = None, kind: str | None = None,
+        goal: str | None = None, prompt: int = 1) -> SpanUsage:
+    return SpanUsage(key.to_bytes(24, "big"), session, start, end or start + MS, 1, prompt, 2,
+                     1, 3, 4, 0.25, True, model, kind, status, None, goal)
+
+
+def test_sums_and_time_bounds() -> None:
+    b = Batch()
+    b.add([rec(1, start=T0 + 5 * MS), rec(2, start=T0, end=T0 + 9 * MS), rec(3, "t")])
+    d = b.sessions["s"]
+    assert (d.turns, d.prompt_tokens, d.completion_tokens, d.reasoning_tokens) == (2, 2, 4, 2)
+    assert (d.cache_read_tokens, d.cache_write_tokens, d.cost_cents, d.spans) == (6, 8, 0.5, 2)
+    assert (d.created_ns, d.last_ns) == (T0, T0 + 9 * MS)
+    assert len(b) == 3 and set(b.sessions) == {"s", "t"}
+
+
+def test_latest_value_is_the_one_with_the_latest_end_time() -> None:
+    b = Batch()
+    b.add([rec(1, end=T0 + 9 * MS, model="late", status="completed"),
+           rec(2, end=T0 + 1 * MS, model="early", status="failed", kind="acp"),
+           rec(3, end=T0 + 20 * MS)])
+    d = b.sessions["s"]
+    assert (d.model, d.model_ns, d.status, d.status_ns) == ("late", T0 + 9 * MS, "completed",
+                                                            T0 + 9 * MS)
+    assert (d.kind, d.kind_ns, d.goal, d.goal_ns) == ("acp", T0 + MS, None, NO_TIME)
+
+
+def test_a_key_is_counted_once_per_batch() -> None:
+    b = Batch()
+    b.add([rec(1), rec(1), rec(2)])
+    b.add([rec(2)])
+    assert (len(b), b.duplicates, b.sessions["s"].turns) == (2, 2, 2)
+
+
+def test_without_refolds_exactly() -> None:
+    b = Batch()
+    b.add([rec(1, prompt=10, model="a", end=T0 + 5 * MS), rec(2, prompt=20, model="b"),
+           rec(3, "other")])
+    rest = b.without({(1).to_bytes(24, "big"), (3).to_bytes(24, "big")})
+    assert set(rest.sessions) == {"s"}
+    d = rest.sessions["s"]
+    assert (d.prompt_tokens, d.turns, d.model) == (20, 1, "b")
+    assert rest.duplicates == 2
+
+
+def test_absorb_keeps_failed_batch_first_and_dedupes() -> None:
+    failed = Batch()
+    failed.add([rec(1), rec(2)])
+    later = Batch()
+    later.add([rec(2), rec(3), rec(3)])
+    failed.absorb(later)
+    assert len(failed) == 3
+    assert failed.duplicates == 2  # one inside `later`, one across the two
+    assert failed.sessions["s"].turns == 3

@@ -1,0 +1,142 @@
+"""The SQLite store on a real file: whole-or-nothing commits, exactly-once ids, schema rules."""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+from pathlib import Path
+
+import pytest
+
+from collector.aggregate import Batch
+from collector.mapping import SpanUsage
+from collector.store import SchemaError, SQLiteStore, StorageError, iso_utc
+from tests.conftest import MS, SECOND, T0, read_rows
+
+
+def rec(key: int, session: str = "s", *, t: int = T0, turns: int = 1, prompt: int = 10,
+        model: str | None = "m", status: str | None = None) -> SpanUsage:
+    return SpanUsage(key.to_bytes(24, "big"), session, t, t + MS, turns, prompt, 2, 1, 0, 0,
+                     0.5, True, model, None, status, None, None)
+
+
+def batch(*records: SpanUsage) -> Batch:
+    b = Batch()
+    b.add(records)
+    return b
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> SQLiteStore:
+    s = SQLiteStore(tmp_path / "sub" / "db.sqlite", retention_s=100)
+    await s.open()
+    yield s  # type: ignore[misc]
+    await s.close()
+
+
+def test_iso_utc_is_fixed_width_milliseconds() -> None:
+    assert iso_utc(T0) == "2026-01-01T00:00:00.000Z"
+    assert iso_utc(T0 + 1_234_567_890) == "2026-01-01T00:00:01.234Z"
+    assert iso_utc(0) == "1970-01-01T00:00:00.000Z"
+    assert iso_utc(2**64 - 1) == "2554-07-21T23:34:33.709Z"
+
+
+async def test_file_is_owner_only_in_wal_mode(store: SQLiteStore) -> None:
+    assert stat.S_IMODE(store.path.stat().st_mode) == 0o600
+    conn = sqlite3.connect(store.path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    indexes = {r[1] for r in conn.execute("PRAGMA index_list(agent_sessions)")}
+    conn.close()
+    assert {"agent_sessions_status", "agent_sessions_last_active_at"} <= indexes
+
+
+async def test_commit_adds_to_what_is_stored(store: SQLiteStore) -> None:
+    result, _ = await store.commit(batch(rec(1), rec(2, "other")), now_ns=T0)
+    assert (result.spans, result.sessions, result.duplicates) == (2, 2, 0)
+    await store.commit(batch(rec(3, t=T0 + SECOND)), now_ns=T0)
+    row = read_rows(store.path)["s"]
+    assert (row["turns"], row["prompt_tokens"], row["completion_tokens"]) == (2, 20, 4)
+    assert (row["reasoning_tokens"], row["cost_cents"]) == (2, 1.0)
+    assert row["last_active_at"] == "2026-01-01T00:00:01.001Z"
+
+
+async def test_ids_already_accounted_are_skipped_exactly(store: SQLiteStore) -> None:
+    await store.commit(batch(rec(1), rec(2)), now_ns=T0)
+    result, applied = await store.commit(batch(rec(2), rec(3), rec(1), rec(4)), now_ns=T0)
+    assert (result.spans, result.duplicates) == (2, 2)
+    assert {r.key for r in applied.records} == {(3).to_bytes(24, "big"), (4).to_bytes(24, "big")}
+    assert read_rows(store.path)["s"]["turns"] == 4
+
+
+async def test_a_second_store_on_the_same_file_shares_the_dedupe(store: SQLiteStore,
+                                                                  tmp_path: Path) -> None:
+    await store.commit(batch(rec(1)), now_ns=T0)
+    other = SQLiteStore(store.path, retention_s=100)
+    await other.open()
+    try:
+        result, _ = await other.commit(batch(rec(1), rec(2)), now_ns=T0)
+    finally:
+        await other.close()
+    assert (result.spans, result.duplicates) == (1, 1)
+    assert read_rows(store.path)["s"]["turns"] == 2
+
+
+async def test_dedupe_window_rotates_after_the_retention(store: SQLiteStore) -> None:
+    await store.commit(batch(rec(1)), now_ns=T0)
+    # One retention later, id 1 moves to the previous generation: still remembered.
+    await store.commit(batch(rec(2)), now_ns=T0 + 100 * SECOND)
+    result, _ = await store.commit(batch(rec(1)), now_ns=T0 + 150 * SECOND)
+    assert result.duplicates == 1
+    # Two retentions later it is forgotten, as documented.
+    await store.commit(batch(), now_ns=T0 + 200 * SECOND)
+    result, _ = await store.commit(batch(rec(1)), now_ns=T0 + 201 * SECOND)
+    assert (result.spans, result.duplicates) == (1, 0)
+
+
+async def test_a_locked_database_commits_nothing_and_the_retry_commits_once(
+        store: SQLiteStore) -> None:
+    blocker = sqlite3.connect(store.path, timeout=0)
+    blocker.execute("BEGIN IMMEDIATE")
+    pending = batch(rec(1), rec(2))
+    with pytest.raises(StorageError, match="locked"):
+        await store.commit(pending, now_ns=T0)
+    blocker.rollback()
+    blocker.close()
+    assert read_rows(store.path) == {}
+    await store.commit(pending, now_ns=T0)
+    assert read_rows(store.path)["s"]["turns"] == 2
+
+
+async def test_disk_full_midway_rolls_back_the_whole_batch(store: SQLiteStore) -> None:
+    await store.commit(batch(rec(1)), now_ns=T0)
+    db = store._db
+    assert db is not None
+    pages = (await (await db.execute("PRAGMA page_count")).fetchone())[0]  # type: ignore[index]
+    await db.execute(f"PRAGMA max_page_count = {pages}")
+    big = batch(*(rec(i, f"session-{i}") for i in range(2, 3000)))
+    with pytest.raises(StorageError, match="full"):
+        await store.commit(big, now_ns=T0)
+    rows = read_rows(store.path)
+    assert set(rows) == {"s"} and rows["s"]["turns"] == 1
+    await db.execute("PRAGMA max_page_count = 1073741823")
+    result, _ = await store.commit(big, now_ns=T0)
+    assert result.spans == 2998 and len(read_rows(store.path)) == 2999
+
+
+async def test_sweep_marks_only_active_sessions_unknown(store: SQLiteStore) -> None:
+    await store.commit(batch(rec(1, "a"), rec(2, "done", status="completed"),
+                             rec(3, "fresh", t=T0 + 10 * SECOND)), now_ns=T0)
+    result, _ = await store.commit(batch(), now_ns=T0, sweep_before_ns=T0 + 5 * SECOND)
+    assert result.swept == 1
+    rows = read_rows(store.path)
+    assert {k: v["status"] for k, v in rows.items()} == {
+        "a": "unknown", "done": "completed", "fresh": "active"}
+
+
+async def test_other_columns_are_a_schema_error(tmp_path: Path) -> None:
+    path = tmp_path / "x.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE agent_sessions (id TEXT PRIMARY KEY, cost REAL)")
+    conn.close()
+    with pytest.raises(SchemaError, match=r"agent_sessions has columns \(id TEXT, cost REAL\)"):
+        await SQLiteStore(path, retention_s=100).open()

@@ -146,8 +146,8 @@ def _print_table(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def _check_config(config: Config, args: argparse.Namespace) -> int:
-    effective = asdict(config)
-    effective["sqlite_path"] = str(config.sqlite_path)
+    effective = json.loads(json.dumps(asdict(config), default=str))
+    effective["auth_token"] = "<set>" if config.auth_token else None
     for key in ("grpc_endpoint", "http_endpoint"):
         endpoint = getattr(config.receivers, key)
         effective["receivers"][key] = "" if endpoint is None else str(endpoint)

@@ -23,6 +23,11 @@ MIN_DEDUPE_RETENTION_S = 1
 DEFAULT_AGENT_SPAN_TOKENS = False
 DEFAULT_LOG_LEVEL = "info"
 DEFAULT_MAX_SESSION_ID_LENGTH = 256
+DEFAULT_MAX_SPANS_PER_REQUEST = 10_000
+DEFAULT_MAX_ATTRIBUTES_PER_SPAN = 256
+DEFAULT_MAX_ATTRIBUTE_VALUE_BYTES = 8192
+DEFAULT_MAX_VALUE_DEPTH = 8
+MAX_TOKEN_FILE_BYTES = 4096
 LOG_LEVELS = ("debug", "info", "warning", "error")
 PRICE_KEYS = ("input", "output", "cache_read", "cache_write")
 
@@ -65,6 +70,23 @@ class ReceiverConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds on everything an exporter controls (the body size is in ReceiverConfig)."""
+
+    max_spans_per_request: int = DEFAULT_MAX_SPANS_PER_REQUEST
+    max_attributes_per_span: int = DEFAULT_MAX_ATTRIBUTES_PER_SPAN
+    max_attribute_value_bytes: int = DEFAULT_MAX_ATTRIBUTE_VALUE_BYTES
+    max_value_depth: int = DEFAULT_MAX_VALUE_DEPTH
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     source: str = "<defaults>"
     receivers: ReceiverConfig = field(default_factory=ReceiverConfig)
@@ -77,6 +99,9 @@ class Config:
     max_session_id_length: int = DEFAULT_MAX_SESSION_ID_LENGTH
     log_level: str = DEFAULT_LOG_LEVEL
     pricing: Mapping[str, ModelPrice] = field(default_factory=dict)
+    limits: Limits = field(default_factory=Limits)
+    auth_token: str | None = field(default=None, repr=False)
+    tls: TlsConfig | None = None
 
 
 # The schema of the file: section -> key -> expected kind. Tables of arbitrary names (pricing)
@@ -89,6 +114,10 @@ _SCHEMA: dict[str, dict[str, type]] = {
     "dedupe": {"retention_s": int},
     "mapping": {"agent_span_tokens": bool},
     "log": {"level": str},
+    "limits": {"max_spans_per_request": int, "max_attributes_per_span": int,
+               "max_attribute_value_bytes": int, "max_value_depth": int},
+    "auth": {"token_file": str},
+    "tls": {"cert_file": str, "key_file": str, "client_ca_file": str},
 }
 
 
@@ -170,7 +199,69 @@ def parse_config(doc: Mapping[str, Any], *, source: str, base_dir: Path) -> Conf
         agent_span_tokens=get("mapping.agent_span_tokens", DEFAULT_AGENT_SPAN_TOKENS),
         log_level=level,
         pricing=pricing,
+        limits=Limits(**{
+            name: _positive(source, f"limits.{name}", get(f"limits.{name}", default))
+            for name, default in (
+                ("max_spans_per_request", DEFAULT_MAX_SPANS_PER_REQUEST),
+                ("max_attributes_per_span", DEFAULT_MAX_ATTRIBUTES_PER_SPAN),
+                ("max_attribute_value_bytes", DEFAULT_MAX_ATTRIBUTE_VALUE_BYTES),
+                ("max_value_depth", DEFAULT_MAX_VALUE_DEPTH),
+            )
+        }),
+        auth_token=_read_token(source, base_dir, get("auth.token_file", "")),
+        tls=_parse_tls(source, base_dir, values),
     )
+
+
+def _resolve(base_dir: Path, value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base_dir / path
+
+
+def _readable(source: str, key: str, path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(source, key, f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _read_token(source: str, base_dir: Path, value: str) -> str | None:
+    """The bearer token, read once at start. Never logged or printed."""
+    if not value.strip():
+        return None
+    path = _resolve(base_dir, value)
+    raw = _readable(source, "auth.token_file", path)
+    if len(raw) > MAX_TOKEN_FILE_BYTES:
+        raise ConfigError(source, "auth.token_file", f"{path} is too large for a token")
+    try:
+        token = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise ConfigError(source, "auth.token_file", f"{path}: token must be ASCII") from None
+    if not token or any(c.isspace() or not c.isprintable() for c in token):
+        raise ConfigError(source, "auth.token_file",
+                          f"{path}: must hold one token without spaces")
+    return token
+
+
+def _parse_tls(source: str, base_dir: Path, values: Mapping[str, Any]) -> TlsConfig | None:
+    cert = values.get("tls.cert_file", "").strip()
+    key = values.get("tls.key_file", "").strip()
+    ca = values.get("tls.client_ca_file", "").strip()
+    if not cert and not key:
+        if ca:
+            raise ConfigError(source, "tls.client_ca_file", "needs tls.cert_file and key_file")
+        return None
+    if not cert or not key:
+        missing = "tls.cert_file" if not cert else "tls.key_file"
+        raise ConfigError(source, missing, "TLS needs both cert_file and key_file")
+    paths = {"tls.cert_file": _resolve(base_dir, cert), "tls.key_file": _resolve(base_dir, key)}
+    if ca:
+        paths["tls.client_ca_file"] = _resolve(base_dir, ca)
+    for name, path in paths.items():
+        if b"-----BEGIN" not in _readable(source, name, path):
+            raise ConfigError(source, name, f"{path} is not a PEM file")
+    return TlsConfig(cert_file=paths["tls.cert_file"], key_file=paths["tls.key_file"],
+                     client_ca_file=paths.get("tls.client_ca_file"))
 
 
 def _flatten(doc: Mapping[str, Any], source: str) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from collector.mapping import MappingOptions
 from collector.pipeline import Pipeline
 from collector.pricing import Pricer
 from collector.receivers import GrpcReceiver, HttpReceiver
+from collector.security import Security
 from collector.store import SQLiteStore
 
 log = logging.getLogger(__name__)
@@ -33,12 +34,16 @@ def build_pipeline(config: Config, store: SQLiteStore) -> Pipeline:
         pricer=Pricer(config.pricing),
         agent_span_tokens=config.agent_span_tokens,
         max_session_id_length=config.max_session_id_length,
+        max_attributes_per_span=config.limits.max_attributes_per_span,
+        max_attribute_value_bytes=config.limits.max_attribute_value_bytes,
+        max_value_depth=config.limits.max_value_depth,
     )
     return Pipeline(
         store,
         options,
         flush_interval_s=config.flush_interval_ms / 1000,
         max_pending_spans=config.max_pending_spans,
+        max_spans_per_request=config.limits.max_spans_per_request,
         stale_after_s=config.stale_after_s,
     )
 
@@ -63,14 +68,16 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
             receivers: list[Receiver] = []
             stack.push_async_callback(_stop_receivers, pipeline, receivers)
             limit = config.receivers.max_request_bytes
+            security = Security(
+                token=config.auth_token.encode() if config.auth_token else None, tls=config.tls)
             if config.receivers.grpc_endpoint is not None:
                 grpc_receiver = GrpcReceiver(config.receivers.grpc_endpoint, pipeline.export,
-                                             max_request_bytes=limit)
+                                             max_request_bytes=limit, security=security)
                 await grpc_receiver.start()
                 receivers.append(grpc_receiver)
             if config.receivers.http_endpoint is not None:
                 http_receiver = HttpReceiver(config.receivers.http_endpoint, pipeline.export,
-                                             max_request_bytes=limit)
+                                             max_request_bytes=limit, security=security)
                 await http_receiver.start()
                 receivers.append(http_receiver)
             log.info("collector ready")

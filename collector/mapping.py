@@ -25,7 +25,7 @@ Which spans count as what:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -128,6 +128,9 @@ class MappingOptions:
     pricer: Pricer
     agent_span_tokens: bool = False
     max_session_id_length: int = 256
+    max_attributes_per_span: int = 256
+    max_attribute_value_bytes: int = 8192
+    max_value_depth: int = 8
 
 
 @dataclass(slots=True)
@@ -159,11 +162,22 @@ class InvalidSpan(Exception):
     """A span whose values break the conventions; it is rejected, its request is not."""
 
 
+def count_spans(request: Any) -> int:
+    return sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
+
+
 def map_request(request: Any, options: MappingOptions, now_ns: int) -> MappingResult:
     """Map an ExportTraceServiceRequest (or anything shaped like it) to usage records."""
     result = MappingResult()
     for resource_spans in request.resource_spans:
-        resource_values = collect(resource_spans.resource.attributes)
+        try:
+            resource_values = collect(resource_spans.resource.attributes, options)
+        except InvalidSpan as exc:
+            for scope_spans in resource_spans.scope_spans:
+                for _ in scope_spans.spans:
+                    result.spans += 1
+                    result.reject(f"resource: {exc}")
+            continue
         for scope_spans in resource_spans.scope_spans:
             for span in scope_spans.spans:
                 result.spans += 1
@@ -181,21 +195,52 @@ def map_request(request: Any, options: MappingOptions, now_ns: int) -> MappingRe
     return result
 
 
-def collect(attributes: Iterable[Any]) -> list[Any]:
-    """One pass over KeyValues; the AnyValue of each attribute the mapping knows, by slot."""
+def collect(attributes: Sequence[Any], options: MappingOptions) -> list[Any]:
+    """One pass over KeyValues; the AnyValue of each attribute the mapping knows, by slot.
+
+    Also enforces the bounds on attribute count and on array/kvlist nesting, which only the
+    attributes the mapping does not read can carry, so only those pay for the check.
+    """
+    if len(attributes) > options.max_attributes_per_span:
+        raise InvalidSpan(f"{len(attributes)} attributes exceed the limit of "
+                          f"{options.max_attributes_per_span}")
     values: list[Any] = [None] * N_SLOTS
     slots = ATTRIBUTE_SLOTS
     for kv in attributes:
         slot = slots.get(kv.key)
         if slot is not None:
             values[slot] = kv.value
+        elif (kv.value.WhichOneof("value") in NESTED_KINDS
+              and _depth(kv.value, options.max_value_depth) > options.max_value_depth):
+            raise InvalidSpan(f"attribute {kv.key[:MAX_VALUE_IN_MESSAGE]!r} nests "
+                              f"deeper than {options.max_value_depth} levels")
     return values
+
+
+NESTED_KINDS = frozenset({"array_value", "kvlist_value"})
+
+
+def _depth(value: Any, limit: int) -> int:
+    """Nesting depth of an AnyValue (a scalar is 0), exploring at most limit + 1 levels."""
+    which = value.WhichOneof("value")
+    if which == "array_value":
+        children = value.array_value.values
+    elif which == "kvlist_value":
+        children = [kv.value for kv in value.kvlist_value.values]
+    else:
+        return 0
+    if limit < 0:
+        return 1
+    return 1 + max((_depth(child, limit - 1) for child in children), default=0)
 
 
 def map_span(span: Any, resource: list[Any], options: MappingOptions, now_ns: int,
              result: MappingResult) -> SpanUsage | None:
     """Map one span; None when it is not usage. Raises InvalidSpan for broken values."""
-    own = collect(span.attributes)
+    try:
+        own = collect(span.attributes, options)
+    except InvalidSpan as exc:
+        raise InvalidSpan(f"span {_ref(span)}: {exc}") from None
 
     def pick(slots: tuple[int, ...]) -> tuple[int, Any]:
         for slot in slots:
@@ -208,14 +253,13 @@ def map_span(span: Any, resource: list[Any], options: MappingOptions, now_ns: in
                 return slot, value
         return -1, None
 
-    span_ref = span.span_id.hex() or "(no span id)"
     _, session_value = pick(SESSION_SLOTS)
     session_id = _text(session_value)
     if not session_id:
         return None
-    _check_session_id(session_id, span_ref, options.max_session_id_length)
+    _check_session_id(session_id, span, options.max_session_id_length)
     if len(span.trace_id) != TRACE_ID_BYTES or len(span.span_id) != SPAN_ID_BYTES:
-        raise InvalidSpan(f"span {span_ref}: trace id must be 16 bytes and span id 8 bytes")
+        raise InvalidSpan(f"span {_ref(span)}: trace id must be 16 bytes and span id 8 bytes")
 
     operation = _text(pick((S_OPERATION,))[1])
     oi_kind = (_text(pick((S_OI_SPAN_KIND,))[1]) or "").upper()
@@ -237,17 +281,18 @@ def map_span(span: Any, resource: list[Any], options: MappingOptions, now_ns: in
         return None
 
     model_slot, model_value = pick(MODEL_SLOTS)
-    model = _text(model_value) or None
+    limit = options.max_attribute_value_bytes
+    model = _bounded(_text(model_value), model_slot, span, limit) or None
 
     prompt = completion = reasoning = cache_read = cache_write = 0
     cost = 0.0
     priced = True
     if counts_tokens:
-        prompt = _count(pick(IN_SLOTS), span_ref)
-        completion = _count(pick(OUT_SLOTS), span_ref)
-        reasoning = _count(pick(REASONING_SLOTS), span_ref)
-        cache_read = _count(pick(CACHE_READ_SLOTS), span_ref)
-        cache_write = _count(pick(CACHE_WRITE_SLOTS), span_ref)
+        prompt = _count(pick(IN_SLOTS), span)
+        completion = _count(pick(OUT_SLOTS), span)
+        reasoning = _count(pick(REASONING_SLOTS), span)
+        cache_read = _count(pick(CACHE_READ_SLOTS), span)
+        cache_write = _count(pick(CACHE_WRITE_SLOTS), span)
         # GenAI convention: input includes cache reads and writes. Some emitters report cache
         # tokens beside input instead; when cache exceeds input that must be the case.
         cached = cache_read + cache_write
@@ -260,7 +305,7 @@ def map_span(span: Any, resource: list[Any], options: MappingOptions, now_ns: in
         # it beside output, so it is added once to make output whole.
         if reasoning > completion:
             completion += reasoning
-        emitted_cost = _cost(pick(COST_SLOTS), span_ref)
+        emitted_cost = _cost(pick(COST_SLOTS), span)
         if emitted_cost is not None:
             cost = emitted_cost * 100.0
         elif prompt or completion:
@@ -298,8 +343,20 @@ def map_span(span: Any, resource: list[Any], options: MappingOptions, now_ns: in
         _choice(pick((S_KIND,))[1], KINDS, DEFAULT_KIND, S_KIND, result),
         _choice(pick((S_STATUS,))[1], STATUSES, DEFAULT_STATUS, S_STATUS, result),
         _choice(pick((S_CHANNEL,))[1], CHANNELS, DEFAULT_CHANNEL, S_CHANNEL, result),
-        _text(pick((S_GOAL,))[1]) or None,
+        _bounded(_text(pick((S_GOAL,))[1]), S_GOAL, span, limit) or None,
     )
+
+
+def _ref(span: Any) -> str:
+    """How error messages name a span; computed only when there is an error."""
+    return span.span_id.hex() or "(no span id)"
+
+
+def _bounded(text: str, slot: int, span: Any, limit: int) -> str:
+    """A stored text value within the byte limit, else the span is rejected."""
+    if len(text) > limit or (not text.isascii() and len(text.encode()) > limit):
+        raise InvalidSpan(f"span {_ref(span)}: {SLOT_NAMES[slot]} is longer than {limit} bytes")
+    return text
 
 
 def _text(value: Any) -> str:
@@ -314,11 +371,11 @@ def _text(value: Any) -> str:
     return ""
 
 
-def _check_session_id(session_id: str, span_ref: str, max_length: int) -> None:
+def _check_session_id(session_id: str, span: Any, max_length: int) -> None:
     if len(session_id) > max_length:
-        raise InvalidSpan(f"span {span_ref}: session id longer than {max_length} characters")
+        raise InvalidSpan(f"span {_ref(span)}: session id longer than {max_length} characters")
     if not session_id.isprintable():
-        raise InvalidSpan(f"span {span_ref}: session id contains control characters")
+        raise InvalidSpan(f"span {_ref(span)}: session id contains control characters")
 
 
 def _show(value: Any) -> str:
@@ -327,7 +384,7 @@ def _show(value: Any) -> str:
     return shown if len(shown) <= MAX_VALUE_IN_MESSAGE else shown[:MAX_VALUE_IN_MESSAGE] + "..."
 
 
-def _count(picked: tuple[int, Any], span_ref: str) -> int:
+def _count(picked: tuple[int, Any], span: Any) -> int:
     """A token count: a non-negative integer (integral doubles and digit strings accepted)."""
     slot, value = picked
     if value is None:
@@ -346,12 +403,12 @@ def _count(picked: tuple[int, Any], span_ref: str) -> int:
             number = int(text)
     if number is None or number < 0:
         raise InvalidSpan(
-            f"span {span_ref}: {SLOT_NAMES[slot]} must be a non-negative integer, "
+            f"span {_ref(span)}: {SLOT_NAMES[slot]} must be a non-negative integer, "
             f"got {_show(value)}")
     return number
 
 
-def _cost(picked: tuple[int, Any], span_ref: str) -> float | None:
+def _cost(picked: tuple[int, Any], span: Any) -> float | None:
     slot, value = picked
     if value is None:
         return None
@@ -368,7 +425,7 @@ def _cost(picked: tuple[int, Any], span_ref: str) -> float | None:
             number = None
     if number is None or not math.isfinite(number) or number < 0:
         raise InvalidSpan(
-            f"span {span_ref}: {SLOT_NAMES[slot]} must be a non-negative number of USD, "
+            f"span {_ref(span)}: {SLOT_NAMES[slot]} must be a non-negative number of USD, "
             f"got {_show(value)}")
     return number
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from collector.aggregate import Batch
 from collector.errors import ExportError, Refusal
-from collector.mapping import MappingOptions, map_request
+from collector.mapping import MappingOptions, count_spans, map_request
 from collector.store import CommitResult, SQLiteStore, StorageError
 
 log = logging.getLogger(__name__)
@@ -73,12 +73,14 @@ class Pipeline:
         flush_interval_s: float,
         max_pending_spans: int,
         stale_after_s: float,
+        max_spans_per_request: int = 10_000,
         clock: Callable[[], int] = time.time_ns,
     ) -> None:
         self._store = store
         self._options = options
         self._interval = flush_interval_s
         self._max_pending = max_pending_spans
+        self._max_spans_per_request = max_spans_per_request
         self._stale_after_ns = int(stale_after_s * 1e9)
         self._sweep_every_ns = int(
             min(max(stale_after_s / 10, MIN_SWEEP_INTERVAL_S), MAX_SWEEP_INTERVAL_S) * 1e9)
@@ -131,6 +133,11 @@ class Pipeline:
         if self.pending_spans >= self._max_pending:
             raise self._refuse(Refusal.OVERLOADED,
                                f"{self.pending_spans} spans waiting for storage; retry later")
+        spans = count_spans(request)
+        if spans > self._max_spans_per_request:
+            raise self._refuse(Refusal.TOO_LARGE,
+                               f"request carries {spans} spans; the limit is "
+                               f"{self._max_spans_per_request} (send smaller batches)")
         result = map_request(request, self._options, self._clock())
         stats.spans_received += result.spans
         stats.spans_rejected += result.rejected

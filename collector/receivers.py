@@ -7,6 +7,7 @@ ExportError translated through collector.errors, so both transports answer alike
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -29,6 +30,7 @@ from collector.otlp import (
     export_response,
 )
 from collector.pipeline import ExportOutcome
+from collector.security import Security
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +49,12 @@ class ReceiverError(Exception):
 
 
 class HttpReceiver:
-    def __init__(self, endpoint: Endpoint, export: ExportFn, *, max_request_bytes: int) -> None:
+    def __init__(self, endpoint: Endpoint, export: ExportFn, *, max_request_bytes: int,
+                 security: Security | None = None) -> None:
         self.endpoint = endpoint
         self._export = export
         self._limit = max_request_bytes
+        self._security = security or Security()
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
@@ -61,15 +65,17 @@ class HttpReceiver:
         runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                shutdown_timeout=STOP_GRACE_S, auto_decompress=False)
         await runner.setup()
-        site = web.TCPSite(runner, self.endpoint.host, self.endpoint.port, reuse_address=True)
         try:
+            ssl_context = self._security.server_ssl_context()
+            site = web.TCPSite(runner, self.endpoint.host, self.endpoint.port,
+                               reuse_address=True, ssl_context=ssl_context)
             await site.start()
-        except OSError as exc:
+        except (OSError, ssl.SSLError) as exc:
             await runner.cleanup()
             raise ReceiverError(f"cannot listen for OTLP/HTTP on {self.endpoint}: "
                                 f"{exc.strerror or exc}") from None
         self._runner = runner
-        log.info("OTLP/HTTP listening on %s", self.endpoint)
+        log.info("OTLP/HTTP%s listening on %s", "S" if ssl_context else "", self.endpoint)
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -86,6 +92,12 @@ class HttpReceiver:
             response = _refusal(ExportError(Refusal.METHOD_NOT_ALLOWED,
                                             f"{request.method} not allowed; use POST"), None)
             response.headers["Allow"] = "POST"
+            return response
+        try:
+            self._security.check(request.headers.get("Authorization"))
+        except ExportError as exc:
+            response = _refusal(exc, None)
+            response.headers["WWW-Authenticate"] = "Bearer"
             return response
         content_type = request.content_type.lower()
         if content_type not in (PROTOBUF, JSON):
@@ -158,10 +170,12 @@ def _refusal(exc: ExportError, content_type: str | None) -> web.Response:
 
 
 class GrpcReceiver:
-    def __init__(self, endpoint: Endpoint, export: ExportFn, *, max_request_bytes: int) -> None:
+    def __init__(self, endpoint: Endpoint, export: ExportFn, *, max_request_bytes: int,
+                 security: Security | None = None) -> None:
         self.endpoint = endpoint
         self._export = export
         self._limit = max_request_bytes
+        self._security = security or Security()
         self._server: grpc.aio.Server | None = None
 
     async def start(self) -> None:
@@ -175,15 +189,23 @@ class GrpcReceiver:
             "Export": grpc.unary_unary_rpc_method_handler(self._handle),
         })
         server.add_generic_rpc_handlers((handler,))
+        material = self._security.grpc_material()
         try:
-            port = server.add_insecure_port(str(self.endpoint))
+            if material is None:
+                port = server.add_insecure_port(str(self.endpoint))
+            else:
+                key, chain, client_ca = material
+                credentials = grpc.ssl_server_credentials(
+                    [(key, chain)], root_certificates=client_ca,
+                    require_client_auth=client_ca is not None)
+                port = server.add_secure_port(str(self.endpoint), credentials)
         except RuntimeError as exc:
             raise ReceiverError(f"cannot listen for OTLP/gRPC on {self.endpoint}: {exc}") from None
         if port == 0:
             raise ReceiverError(f"cannot listen for OTLP/gRPC on {self.endpoint}")
         await server.start()
         self._server = server
-        log.info("OTLP/gRPC listening on %s", self.endpoint)
+        log.info("OTLP/gRPC%s listening on %s", " (TLS)" if material else "", self.endpoint)
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -192,6 +214,7 @@ class GrpcReceiver:
 
     async def _handle(self, body: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         try:
+            self._security.check(_metadata_value(context, "authorization"))
             outcome = await self._export(decode_protobuf(body))
         except ExportError as exc:
             answer = exc.answer
@@ -202,3 +225,11 @@ class GrpcReceiver:
                     (("google.rpc.retryinfo-bin", info.SerializeToString()),))
             await context.abort(answer.grpc_code, exc.message)
         return encode_response(export_response(outcome.rejected, outcome.message), PROTOBUF)
+
+
+def _metadata_value(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str | None:
+    for item in context.invocation_metadata() or ():
+        if item[0] == key:
+            value = item[1]
+            return value.decode("latin-1") if isinstance(value, bytes) else str(value)
+    return None

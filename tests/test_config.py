@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from collector.config import Config, ConfigError, Endpoint, ModelPrice, load_config
+from collector.config import (
+    Config,
+    ConfigError,
+    Endpoint,
+    Limits,
+    ModelPrice,
+    TlsConfig,
+    load_config,
+)
 
 CONFIGS = Path(__file__).parent / "configs"
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,6 +35,13 @@ def test_full_config_sets_every_key() -> None:
     assert config.dedupe_retention_s == 172800
     assert config.agent_span_tokens is True
     assert config.log_level == "debug"
+    assert config.limits == Limits(max_spans_per_request=500, max_attributes_per_span=64,
+                                   max_attribute_value_bytes=1024, max_value_depth=4)
+    assert config.auth_token == "abc123-token"
+    assert config.tls == TlsConfig(cert_file=CONFIGS / "dummy_cert.pem",
+                                   key_file=CONFIGS / "dummy_key.pem",
+                                   client_ca_file=CONFIGS / "dummy_cert.pem")
+    assert "abc123" not in repr(config)
     assert config.pricing == {
         "gpt-4o": ModelPrice(input=2.5, output=10.0, cache_read=1.25, cache_write=0.0),
         "local-llama": ModelPrice(input=0.0, output=0.0, cache_read=0.0, cache_write=0.0),
@@ -69,6 +84,11 @@ def test_shipped_config_toml_is_valid_and_matches_the_defaults() -> None:
     ("bad_log_level.toml", "log.level", "must be one of"),
     ("bad_bool.toml", "mapping.agent_span_tokens", "must be a bool"),
     ("bad_receivers_other.toml", "receivers.zipkin", "unknown key"),
+    ("bad_tls_half.toml", "tls.key_file", "needs both"),
+    ("bad_tls_not_pem.toml", "tls.cert_file", "not a PEM file"),
+    ("bad_token_missing.toml", "auth.token_file", "cannot read"),
+    ("bad_token_spaces.toml", "auth.token_file", "one token without spaces"),
+    ("bad_limit_zero.toml", "limits.max_value_depth", "must be >= 1"),
 ])
 def test_bad_config_names_key_and_file(name: str, key: str, words: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -111,3 +131,4 @@ def test_check_config_prints_the_effective_config() -> None:
     assert effective["flush_interval_ms"] == 50
     assert effective["receivers"]["http_endpoint"] == "[::1]:14318"
     assert effective["pricing"]["gpt-4o"]["cache_read"] == 1.25
+    assert effective["auth_token"] == "<set>" and "abc123" not in result.stdout

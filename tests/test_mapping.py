@@ -250,3 +250,58 @@ def test_error_messages_are_capped_but_the_count_is_exact() -> None:
 def test_missing_times_fall_back_and_reversed_times_are_ordered() -> None:
     r = one(make_span(attrs=chat(), start=T0 + 5 * MS, end=T0))
     assert (r.start_ns, r.end_ns) == (T0, T0 + 5 * MS)
+
+
+def bounded(**limits: int) -> MappingOptions:
+    return MappingOptions(pricer=OPTIONS.pricer, **limits)  # type: ignore[arg-type]
+
+
+def test_too_many_attributes_rejects_the_span() -> None:
+    attrs = chat(**{f"extra.{i}": i for i in range(10)})
+    result = run(make_span(attrs=attrs), options=bounded(max_attributes_per_span=8))
+    assert result.rejected == 1 and "attributes exceed the limit of 8" in result.error_message
+
+
+def test_too_many_resource_attributes_rejects_its_spans() -> None:
+    result = run(make_span(span_id=1, attrs=chat(), resource={f"r.{i}": i for i in range(5)}),
+                 options=bounded(max_attributes_per_span=4))
+    assert result.rejected == 1 and result.error_message.startswith("resource: ")
+
+
+def test_stored_text_over_the_byte_limit_rejects_the_span() -> None:
+    result = run(make_span(span_id=1, attrs=chat(**{"gen_ai.response.model": "m" * 33})),
+                 make_span(span_id=2, attrs=chat(**{"agent.session.goal": "é" * 17})),
+                 make_span(span_id=3, attrs=chat(**{"agent.session.goal": "g" * 32})),
+                 options=bounded(max_attribute_value_bytes=32))
+    assert result.rejected == 2 and len(result.records) == 1
+    assert "gen_ai.response.model is longer than 32 bytes" in result.error_message
+    assert "agent.session.goal is longer than 32 bytes" in result.error_message
+
+
+def test_nesting_deeper_than_the_limit_rejects_the_span() -> None:
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+
+    request = encode_spans([make_span(span_id=1, attrs=chat()),
+                            make_span(span_id=2, attrs=chat())])
+    spans = request.resource_spans[0].scope_spans[0].spans
+
+    def nest(depth: int) -> AnyValue:
+        value = AnyValue(string_value="leaf")
+        for level in range(depth):
+            outer = AnyValue()
+            if level % 2:
+                outer.array_value.values.append(value)
+            else:
+                entry = outer.kvlist_value.values.add()
+                entry.key = "k"
+                entry.value.CopyFrom(value)
+            value = outer
+        return value
+
+    for span, depth in ((spans[0], 3), (spans[1], 4)):
+        kv = span.attributes.add()
+        kv.key = "payload"
+        kv.value.CopyFrom(nest(depth))
+    result = map_request(request, bounded(max_value_depth=3), now_ns=T0)
+    assert (len(result.records), result.rejected) == (1, 1)
+    assert "nests deeper than 3 levels" in result.error_message

@@ -318,3 +318,40 @@ def test_requests_without_usage_are_answered_at_once(shared_daemon: Daemon) -> N
     assert ExportTraceServiceRequest().SerializeToString() == b""
     status, _, _ = post(shared_daemon, b"")  # an empty request is a valid, empty export
     assert status == 200
+
+
+@pytest.fixture(scope="module")
+def bounded_daemon(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    daemon = Daemon(tmp_path_factory.mktemp("bounded"),
+                    "[limits]\nmax_spans_per_request = 10\nmax_attributes_per_span = 12\n"
+                    "max_attribute_value_bytes = 64\nmax_value_depth = 2\n")
+    daemon.start()
+    yield daemon
+    daemon.kill()
+
+
+def test_limits_answer_413_or_reject_spans_with_a_message(bounded_daemon: Daemon) -> None:
+    trace = new_trace()
+    status, _, payload = post(bounded_daemon, request_bytes(
+        *(make_span(trace_id=trace, span_id=i + 1, attrs=usage("limits")) for i in range(11))))
+    assert status == 413 and "11 spans; the limit is 10" in status_message(payload)
+    with pytest.raises(grpc.RpcError) as info:
+        grpc_call(bounded_daemon, request_bytes(
+            *(make_span(trace_id=trace, span_id=i + 1, attrs=usage("limits"))
+              for i in range(11))))
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    status, _, payload = post(bounded_daemon, request_bytes(
+        make_span(trace_id=trace, span_id=1, attrs=usage("limits")),
+        make_span(trace_id=trace, span_id=2, attrs=usage("limits", **{
+            f"x.{i}": i for i in range(10)})),
+        make_span(trace_id=trace, span_id=3, attrs=usage("limits", **{
+            "gen_ai.response.model": "m" * 65})),
+        make_span(trace_id=trace, span_id=4, attrs=usage("limits", nested=[1, 2])),
+    ))
+    assert status == 200
+    partial = ExportTraceServiceResponse.FromString(payload).partial_success
+    assert partial.rejected_spans == 2
+    assert "exceed the limit of 12" in partial.error_message
+    assert "longer than 64 bytes" in partial.error_message
+    assert bounded_daemon.row("limits")["turns"] == 2

@@ -84,8 +84,10 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
             await stop.wait()
             log.info("shutting down: refusing new exports, committing what was accepted")
         stats = pipeline.stats
-        log.info("stopped: %d spans accepted, %d duplicates ignored, %d rejected",
-                 stats.spans_accepted, stats.spans_duplicate, stats.spans_rejected)
+        refused = ", ".join(f"{k}={v}" for k, v in sorted(stats.refusals.items())) or "none"
+        log.info("stopped: %d spans accepted, %d duplicates ignored, %d rejected; requests "
+                 "refused: %s", stats.spans_accepted, stats.spans_duplicate,
+                 stats.spans_rejected, refused)
         return 1 if pipeline.lost_on_shutdown else 0
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):

@@ -27,6 +27,9 @@ DEFAULT_MAX_SPANS_PER_REQUEST = 10_000
 DEFAULT_MAX_ATTRIBUTES_PER_SPAN = 256
 DEFAULT_MAX_ATTRIBUTE_VALUE_BYTES = 8192
 DEFAULT_MAX_VALUE_DEPTH = 8
+# The operations listener (/metrics, /healthz, /readyz); 8888 is where the OpenTelemetry
+# Collector serves its own metrics, so dashboards and scrape configs expect it.
+DEFAULT_OPS_ENDPOINT = "127.0.0.1:8888"
 MAX_TOKEN_FILE_BYTES = 4096
 LOG_LEVELS = ("debug", "info", "warning", "error")
 PRICE_KEYS = ("input", "output", "cache_read", "cache_write")
@@ -100,8 +103,11 @@ class Config:
     log_level: str = DEFAULT_LOG_LEVEL
     pricing: Mapping[str, ModelPrice] = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
+    # Extra attribute names read as if they were a known one: alias -> known attribute.
+    aliases: Mapping[str, str] = field(default_factory=dict)
     auth_token: str | None = field(default=None, repr=False)
     tls: TlsConfig | None = None
+    ops_endpoint: Endpoint | None = Endpoint("127.0.0.1", 8888)
 
 
 # The schema of the file: section -> key -> expected kind. Tables of arbitrary names (pricing)
@@ -112,12 +118,13 @@ _SCHEMA: dict[str, dict[str, type]] = {
     "flush": {"interval_ms": int, "max_pending_spans": int},
     "sessions": {"stale_after_s": int, "max_id_length": int},
     "dedupe": {"retention_s": int},
-    "mapping": {"agent_span_tokens": bool},
+    "mapping": {"agent_span_tokens": bool, "aliases": dict},
     "log": {"level": str},
     "limits": {"max_spans_per_request": int, "max_attributes_per_span": int,
                "max_attribute_value_bytes": int, "max_value_depth": int},
     "auth": {"token_file": str},
     "tls": {"cert_file": str, "key_file": str, "client_ca_file": str},
+    "ops": {"endpoint": str},
 }
 
 
@@ -161,6 +168,10 @@ def parse_config(doc: Mapping[str, Any], *, source: str, base_dir: Path) -> Conf
     if grpc is not None and http is not None and grpc == http:
         raise ConfigError(source, "receivers.otlp.http_endpoint",
                           f"same address as grpc_endpoint ({grpc})")
+
+    ops = _parse_endpoint(source, "ops.endpoint", get("ops.endpoint", DEFAULT_OPS_ENDPOINT))
+    if ops is not None and ops in (grpc, http):
+        raise ConfigError(source, "ops.endpoint", f"same address as an OTLP receiver ({ops})")
 
     sqlite_path = get("storage.sqlite_path", DEFAULT_SQLITE_PATH)
     if not sqlite_path.strip():
@@ -208,9 +219,28 @@ def parse_config(doc: Mapping[str, Any], *, source: str, base_dir: Path) -> Conf
                 ("max_value_depth", DEFAULT_MAX_VALUE_DEPTH),
             )
         }),
+        aliases=_parse_aliases(source, get("mapping.aliases", {})),
         auth_token=_read_token(source, base_dir, get("auth.token_file", "")),
         tls=_parse_tls(source, base_dir, values),
+        ops_endpoint=ops,
     )
+
+
+def _parse_aliases(source: str, table: Mapping[str, Any]) -> dict[str, str]:
+    """Aliases let agents with their own attribute names be read without code changes."""
+    from collector.mapping import ATTRIBUTE_SLOTS  # mapping imports config indirectly
+
+    aliases: dict[str, str] = {}
+    for alias, target in table.items():
+        key = f'mapping.aliases."{alias}"'
+        if not isinstance(target, str):
+            raise ConfigError(source, key, f"must name a known attribute; got {target!r}")
+        if alias in ATTRIBUTE_SLOTS:
+            raise ConfigError(source, key, "is already a known attribute")
+        if target not in ATTRIBUTE_SLOTS:
+            raise ConfigError(source, key, f"{target!r} is not an attribute the collector reads")
+        aliases[alias] = target
+    return aliases
 
 
 def _resolve(base_dir: Path, value: str) -> Path:

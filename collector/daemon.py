@@ -37,6 +37,7 @@ def build_pipeline(config: Config, store: SQLiteStore) -> Pipeline:
         max_attributes_per_span=config.limits.max_attributes_per_span,
         max_attribute_value_bytes=config.limits.max_attribute_value_bytes,
         max_value_depth=config.limits.max_value_depth,
+        alias_slots=MappingOptions.slots_for(config.aliases),
     )
     return Pipeline(
         store,

@@ -25,7 +25,7 @@ Which spans count as what:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -131,6 +131,12 @@ class MappingOptions:
     max_attributes_per_span: int = 256
     max_attribute_value_bytes: int = 8192
     max_value_depth: int = 8
+    # Extra attribute name -> slot of the known attribute it stands for (from config aliases).
+    alias_slots: Mapping[str, int] = field(default_factory=dict)
+
+    @staticmethod
+    def slots_for(aliases: Mapping[str, str]) -> dict[str, int]:
+        return {alias: ATTRIBUTE_SLOTS[target] for alias, target in aliases.items()}
 
 
 @dataclass(slots=True)
@@ -206,10 +212,15 @@ def collect(attributes: Sequence[Any], options: MappingOptions) -> list[Any]:
                           f"{options.max_attributes_per_span}")
     values: list[Any] = [None] * N_SLOTS
     slots = ATTRIBUTE_SLOTS
+    aliases = options.alias_slots
     for kv in attributes:
         slot = slots.get(kv.key)
         if slot is not None:
             values[slot] = kv.value
+        elif aliases and (slot := aliases.get(kv.key)) is not None:
+            # An alias fills a slot only when the known attribute has not: known names win.
+            if values[slot] is None:
+                values[slot] = kv.value
         elif (kv.value.WhichOneof("value") in NESTED_KINDS
               and _depth(kv.value, options.max_value_depth) > options.max_value_depth):
             raise InvalidSpan(f"attribute {kv.key[:MAX_VALUE_IN_MESSAGE]!r} nests "

@@ -37,6 +37,7 @@ def test_full_config_sets_every_key() -> None:
     assert config.log_level == "debug"
     assert config.limits == Limits(max_spans_per_request=500, max_attributes_per_span=64,
                                    max_attribute_value_bytes=1024, max_value_depth=4)
+    assert config.aliases == {"app.thread_id": "session.id"}
     assert config.auth_token == "abc123-token"
     assert config.tls == TlsConfig(cert_file=CONFIGS / "dummy_cert.pem",
                                    key_file=CONFIGS / "dummy_key.pem",
@@ -89,6 +90,7 @@ def test_shipped_config_toml_is_valid_and_matches_the_defaults() -> None:
     ("bad_token_missing.toml", "auth.token_file", "cannot read"),
     ("bad_token_spaces.toml", "auth.token_file", "one token without spaces"),
     ("bad_limit_zero.toml", "limits.max_value_depth", "must be >= 1"),
+    ("bad_alias_target.toml", 'mapping.aliases."app.thread_id"', "not an attribute"),
 ])
 def test_bad_config_names_key_and_file(name: str, key: str, words: str) -> None:
     with pytest.raises(ConfigError) as info:

@@ -305,3 +305,15 @@ def test_nesting_deeper_than_the_limit_rejects_the_span() -> None:
     result = map_request(request, bounded(max_value_depth=3), now_ns=T0)
     assert (len(result.records), result.rejected) == (1, 1)
     assert "nests deeper than 3 levels" in result.error_message
+
+
+def test_aliases_read_other_attribute_names_and_known_names_win() -> None:
+    options = MappingOptions(pricer=OPTIONS.pricer, alias_slots=MappingOptions.slots_for({
+        "app.thread_id": "session.id", "app.tokens_in": "gen_ai.usage.input_tokens"}))
+    aliased = one(make_span(attrs={"app.thread_id": "t-1", "app.tokens_in": 12}),
+                  options=options)
+    assert (aliased.session_id, aliased.prompt_tokens, aliased.turns) == ("t-1", 12, 1)
+    both = one(make_span(attrs={"app.tokens_in": 12, "session.id": "known",
+                                "gen_ai.usage.input_tokens": 5, "app.thread_id": "alias"}),
+               options=options)
+    assert (both.session_id, both.prompt_tokens) == ("known", 5)

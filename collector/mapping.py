@@ -175,6 +175,7 @@ def count_spans(request: Any) -> int:
 def map_request(request: Any, options: MappingOptions, now_ns: int) -> MappingResult:
     """Map an ExportTraceServiceRequest (or anything shaped like it) to usage records."""
     result = MappingResult()
+    records = result.records
     for resource_spans in request.resource_spans:
         try:
             resource_values = collect(resource_spans.resource.attributes, options)
@@ -184,18 +185,21 @@ def map_request(request: Any, options: MappingOptions, now_ns: int) -> MappingRe
                     result.spans += 1
                     result.reject(f"resource: {exc}")
             continue
+        # Only the groups the resource actually sets need a fallback per span (usually none).
+        fallbacks = [(group, [resource_values[s] for s in group]) for group in FIELD_GROUPS
+                     if any(resource_values[s] is not None for s in group)]
         for scope_spans in resource_spans.scope_spans:
             for span in scope_spans.spans:
                 result.spans += 1
                 try:
-                    record = map_span(span, resource_values, options, now_ns, result)
+                    record = map_span(span, fallbacks, options, now_ns, result)
                 except InvalidSpan as exc:
                     result.reject(str(exc))
                     continue
                 if record is None:
                     result.ignored += 1
                 else:
-                    result.records.append(record)
+                    records.append(record)
                     if not record.priced:
                         result.unpriced += 1
     return result
@@ -229,6 +233,11 @@ def collect(attributes: Sequence[Any], options: MappingOptions) -> list[Any]:
 
 
 NESTED_KINDS = frozenset({"array_value", "kvlist_value"})
+# Each field a value is looked up for; a span setting any slot of a group hides the resource's
+# values for that whole group (span first, then resource, per field).
+FIELD_GROUPS = (SESSION_SLOTS, MODEL_SLOTS, IN_SLOTS, OUT_SLOTS, REASONING_SLOTS,
+                CACHE_READ_SLOTS, CACHE_WRITE_SLOTS, COST_SLOTS, (S_KIND,), (S_STATUS,),
+                (S_CHANNEL,), (S_GOAL,), (S_OPERATION,), (S_OI_SPAN_KIND,))
 
 
 def _depth(value: Any, limit: int) -> int:
@@ -245,65 +254,88 @@ def _depth(value: Any, limit: int) -> int:
     return 1 + max((_depth(child, limit - 1) for child in children), default=0)
 
 
-def map_span(span: Any, resource: list[Any], options: MappingOptions, now_ns: int,
-             result: MappingResult) -> SpanUsage | None:
-    """Map one span; None when it is not usage. Raises InvalidSpan for broken values."""
+_new_usage = tuple.__new__
+
+
+def map_span(span: Any, fallbacks: list[tuple[tuple[int, ...], list[Any]]],
+             options: MappingOptions, now_ns: int, result: MappingResult) -> SpanUsage | None:
+    """Map one span; None when it is not usage. Raises InvalidSpan for broken values.
+
+    Written for speed (it runs once per span): AnyValue messages are always truthy, so
+    `a or b or c` picks the first attribute present in precedence order.
+    """
     try:
-        own = collect(span.attributes, options)
+        v = collect(span.attributes, options)
     except InvalidSpan as exc:
         raise InvalidSpan(f"span {_ref(span)}: {exc}") from None
+    for group, resource_values in fallbacks:
+        if all(v[s] is None for s in group):
+            for slot, value in zip(group, resource_values, strict=True):
+                v[slot] = value
 
-    def pick(slots: tuple[int, ...]) -> tuple[int, Any]:
-        for slot in slots:
-            value = own[slot]
-            if value is not None:
-                return slot, value
-        for slot in slots:
-            value = resource[slot]
-            if value is not None:
-                return slot, value
-        return -1, None
-
-    _, session_value = pick(SESSION_SLOTS)
-    session_id = _text(session_value)
+    session_value = v[S_CONVERSATION_ID] or v[S_SESSION_ID]
+    if session_value is None:
+        return None
+    session_id = session_value.string_value or _text(session_value)
     if not session_id:
         return None
-    _check_session_id(session_id, span, options.max_session_id_length)
-    if len(span.trace_id) != TRACE_ID_BYTES or len(span.span_id) != SPAN_ID_BYTES:
+    if len(session_id) > options.max_session_id_length or not session_id.isprintable():
+        _check_session_id(session_id, span, options.max_session_id_length)
+    trace_id = span.trace_id
+    span_id = span.span_id
+    if len(trace_id) != TRACE_ID_BYTES or len(span_id) != SPAN_ID_BYTES:
         raise InvalidSpan(f"span {_ref(span)}: trace id must be 16 bytes and span id 8 bytes")
 
-    operation = _text(pick((S_OPERATION,))[1])
-    oi_kind = (_text(pick((S_OI_SPAN_KIND,))[1]) or "").upper()
-    is_agent = operation == "invoke_agent" or oi_kind == "AGENT"
-    is_model_call = operation in MODEL_CALL_OPERATIONS or oi_kind == "LLM"
-    has_tokens = any(own[s] is not None or resource[s] is not None for s in TOKEN_SLOTS)
-    has_session_attributes = any(
-        own[s] is not None or resource[s] is not None for s in SESSION_ATTRIBUTE_SLOTS)
-
-    if is_agent:
+    operation = v[S_OPERATION]
+    operation = operation.string_value if operation is not None else ""
+    oi_kind = v[S_OI_SPAN_KIND]
+    oi_kind = oi_kind.string_value.upper() if oi_kind is not None else ""
+    if operation == "invoke_agent" or oi_kind == "AGENT":
         turns, counts_tokens = 1, options.agent_span_tokens
-    elif is_model_call:
+    elif operation in MODEL_CALL_OPERATIONS or oi_kind == "LLM":
         turns, counts_tokens = (0 if span.parent_span_id else 1), True
-    elif has_tokens:
+    elif any(v[s] is not None for s in TOKEN_SLOTS):
         turns, counts_tokens = 1, True
-    elif has_session_attributes:
+    elif any(v[s] is not None for s in SESSION_ATTRIBUTE_SLOTS):
         turns, counts_tokens = 0, False
     else:
         return None
 
-    model_slot, model_value = pick(MODEL_SLOTS)
     limit = options.max_attribute_value_bytes
-    model = _bounded(_text(model_value), model_slot, span, limit) or None
+    model_value = v[S_RESPONSE_MODEL] or v[S_REQUEST_MODEL] or v[S_OI_MODEL]
+    model = (model_value.string_value or _text(model_value)) if model_value is not None else ""
+    if len(model) * 4 > limit:
+        _bounded(model, _slot_of(v, MODEL_SLOTS, model_value), span, limit)
 
     prompt = completion = reasoning = cache_read = cache_write = 0
     cost = 0.0
     priced = True
     if counts_tokens:
-        prompt = _count(pick(IN_SLOTS), span)
-        completion = _count(pick(OUT_SLOTS), span)
-        reasoning = _count(pick(REASONING_SLOTS), span)
-        cache_read = _count(pick(CACHE_READ_SLOTS), span)
-        cache_write = _count(pick(CACHE_WRITE_SLOTS), span)
+        x = v[S_IN] or v[S_IN_DEPRECATED] or v[S_OI_IN]
+        if x is not None:
+            prompt = x.int_value
+            if prompt <= 0:  # not a positive int: let _count validate (or reject) it
+                prompt = _count(x, v, IN_SLOTS, span)
+        x = v[S_OUT] or v[S_OUT_DEPRECATED] or v[S_OI_OUT]
+        if x is not None:
+            completion = x.int_value
+            if completion <= 0:  # not a positive int: let _count validate (or reject) it
+                completion = _count(x, v, OUT_SLOTS, span)
+        x = v[S_REASONING] or v[S_OI_REASONING]
+        if x is not None:
+            reasoning = x.int_value
+            if reasoning <= 0:  # not a positive int: let _count validate (or reject) it
+                reasoning = _count(x, v, REASONING_SLOTS, span)
+        x = v[S_CACHE_READ] or v[S_OI_CACHE_READ]
+        if x is not None:
+            cache_read = x.int_value
+            if cache_read <= 0:  # not a positive int: let _count validate (or reject) it
+                cache_read = _count(x, v, CACHE_READ_SLOTS, span)
+        x = v[S_CACHE_WRITE] or v[S_OI_CACHE_WRITE]
+        if x is not None:
+            cache_write = x.int_value
+            if cache_write <= 0:  # not a positive int: let _count validate (or reject) it
+                cache_write = _count(x, v, CACHE_WRITE_SLOTS, span)
         # GenAI convention: input includes cache reads and writes. Some emitters report cache
         # tokens beside input instead; when cache exceeds input that must be the case.
         cached = cache_read + cache_write
@@ -316,46 +348,50 @@ def map_span(span: Any, resource: list[Any], options: MappingOptions, now_ns: in
         # it beside output, so it is added once to make output whole.
         if reasoning > completion:
             completion += reasoning
-        emitted_cost = _cost(pick(COST_SLOTS), span)
-        if emitted_cost is not None:
-            cost = emitted_cost * 100.0
+        x = v[S_COST_GENAI] or v[S_COST_OI] or v[S_COST_OP]
+        if x is not None:
+            cost = _cost(x, v, span) * 100.0
         elif prompt or completion:
-            request_model = _text(own[S_REQUEST_MODEL] or resource[S_REQUEST_MODEL]) or None
-            response_model = model if model_slot != S_REQUEST_MODEL else None
+            request_value = v[S_REQUEST_MODEL]
+            request_model = _text(request_value) if request_value is not None else ""
+            response_model = model if model_value is not request_value else ""
             priced_cost = options.pricer.cost_cents(
-                (response_model, request_model),
-                uncached_input=uncached, cache_read=cache_read, cache_write=cache_write,
-                output=completion,
-            )
+                response_model, request_model, uncached, cache_read, cache_write, completion)
             if priced_cost is None:
                 priced = False
             else:
                 cost = priced_cost
 
-    start_ns = span.start_time_unix_nano or span.end_time_unix_nano or now_ns
-    end_ns = span.end_time_unix_nano or start_ns
+    start_ns = span.start_time_unix_nano
+    end_ns = span.end_time_unix_nano
+    if not start_ns:
+        start_ns = end_ns or now_ns
+    if not end_ns:
+        end_ns = start_ns
     if end_ns < start_ns:
         start_ns, end_ns = end_ns, start_ns
 
-    return SpanUsage(
-        span.trace_id + span.span_id,
-        session_id,
-        start_ns,
-        end_ns,
-        turns,
-        prompt,
-        completion,
-        reasoning,
-        cache_read,
-        cache_write,
-        cost,
-        priced,
-        model,
-        _choice(pick((S_KIND,))[1], KINDS, DEFAULT_KIND, S_KIND, result),
-        _choice(pick((S_STATUS,))[1], STATUSES, DEFAULT_STATUS, S_STATUS, result),
-        _choice(pick((S_CHANNEL,))[1], CHANNELS, DEFAULT_CHANNEL, S_CHANNEL, result),
-        _bounded(_text(pick((S_GOAL,))[1]), S_GOAL, span, limit) or None,
-    )
+    x = v[S_KIND]
+    kind = _choice(x, KINDS, DEFAULT_KIND, S_KIND, result) if x is not None else None
+    x = v[S_STATUS]
+    status = _choice(x, STATUSES, DEFAULT_STATUS, S_STATUS, result) if x is not None else None
+    x = v[S_CHANNEL]
+    channel = _choice(x, CHANNELS, DEFAULT_CHANNEL, S_CHANNEL, result) if x is not None else None
+    x = v[S_GOAL]
+    goal = _bounded(_text(x), S_GOAL, span, limit) or None if x is not None else None
+
+    return _new_usage(SpanUsage, (  # type: ignore[no-any-return]
+        trace_id + span_id, session_id, start_ns, end_ns, turns, prompt, completion, reasoning,
+        cache_read, cache_write, cost, priced, model or None, kind, status, channel, goal,
+    ))
+
+
+def _slot_of(values: list[Any], group: tuple[int, ...], value: Any) -> int:
+    """Which attribute of a group a picked value came from (for error messages)."""
+    for slot in group:
+        if values[slot] is value:
+            return slot
+    return group[0]
 
 
 def _ref(span: Any) -> str:
@@ -374,6 +410,9 @@ def _text(value: Any) -> str:
     """A string attribute as text; integers are accepted for ids. Anything else is ''."""
     if value is None:
         return ""
+    text: str = value.string_value
+    if text:  # non-empty string_value: the oneof holds a string
+        return text
     which = value.WhichOneof("value")
     if which == "string_value":
         return str(value.string_value)
@@ -395,34 +434,33 @@ def _show(value: Any) -> str:
     return shown if len(shown) <= MAX_VALUE_IN_MESSAGE else shown[:MAX_VALUE_IN_MESSAGE] + "..."
 
 
-def _count(picked: tuple[int, Any], span: Any) -> int:
+def _count(value: Any, values: list[Any], group: tuple[int, ...], span: Any) -> int:
     """A token count: a non-negative integer (integral doubles and digit strings accepted)."""
-    slot, value = picked
-    if value is None:
-        return 0
-    which = value.WhichOneof("value")
-    number: int | None = None
-    if which == "int_value":
-        number = value.int_value
-    elif which == "double_value":
-        d = value.double_value
-        if math.isfinite(d) and d.is_integer():
-            number = int(d)
-    elif which == "string_value":
-        text = value.string_value.strip()
-        if text.isascii() and text.isdigit():
-            number = int(text)
-    if number is None or number < 0:
-        raise InvalidSpan(
-            f"span {_ref(span)}: {SLOT_NAMES[slot]} must be a non-negative integer, "
-            f"got {_show(value)}")
-    return number
+    number: int | None = value.int_value
+    if number:  # a non-zero int_value means the oneof holds an int
+        if number > 0:
+            return number  # type: ignore[return-value]
+    else:
+        number = None
+        which = value.WhichOneof("value")
+        if which == "int_value":
+            number = 0
+        elif which == "double_value":
+            d = value.double_value
+            if math.isfinite(d) and d.is_integer():
+                number = int(d)
+        elif which == "string_value":
+            text = value.string_value.strip()
+            if text.isascii() and text.isdigit():
+                number = int(text)
+        if number is not None and number >= 0:
+            return number
+    raise InvalidSpan(
+        f"span {_ref(span)}: {SLOT_NAMES[_slot_of(values, group, value)]} must be a "
+        f"non-negative integer, got {_show(value)}")
 
 
-def _cost(picked: tuple[int, Any], span: Any) -> float | None:
-    slot, value = picked
-    if value is None:
-        return None
+def _cost(value: Any, values: list[Any], span: Any) -> float:
     which = value.WhichOneof("value")
     number: float | None = None
     if which == "double_value":
@@ -436,8 +474,8 @@ def _cost(picked: tuple[int, Any], span: Any) -> float | None:
             number = None
     if number is None or not math.isfinite(number) or number < 0:
         raise InvalidSpan(
-            f"span {_ref(span)}: {SLOT_NAMES[slot]} must be a non-negative number of USD, "
-            f"got {_show(value)}")
+            f"span {_ref(span)}: {SLOT_NAMES[_slot_of(values, COST_SLOTS, value)]} must be a "
+            f"non-negative number of USD, got {_show(value)}")
     return number
 
 

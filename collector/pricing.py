@@ -51,6 +51,7 @@ class Pricer:
         self._configured = {name: rates_from_config(p) for name, p in configured.items()}
         self._use_library = use_library
         self._library: dict[str, Rates | None] = {}
+        self._chosen: dict[tuple[str, str], Rates | None] = {}
 
     def rates_for(self, model: str) -> Rates | None:
         rates = self._configured.get(model)
@@ -65,34 +66,38 @@ class Pricer:
             self._library[model] = rates
         return rates
 
-    def cost_cents(
-        self,
-        models: tuple[str | None, str | None],
-        *,
-        uncached_input: int,
-        cache_read: int,
-        cache_write: int,
-        output: int,
-    ) -> float | None:
-        """Price one call; `models` is (response model, request model), tried in that order.
+    def cost_cents(self, response_model: str, request_model: str, uncached_input: int,
+                   cache_read: int, cache_write: int, output: int) -> float | None:
+        """Price one call; None when neither model name has a known price.
 
         Configured prices win over the library for either name, so a configured request model
-        beats a library price for the response model.
+        beats a library price for the response model. The choice is memoised per name pair.
         """
-        names = [m for m in models if m]
+        key = (response_model, request_model)
+        try:
+            rates = self._chosen[key]
+        except KeyError:
+            rates = self._choose(response_model, request_model)
+            if len(self._chosen) < MAX_CACHED_MODELS:
+                self._chosen[key] = rates
+        if rates is None:
+            return None
+        if rates.tier_from is not None and (uncached_input + cache_read + cache_write
+                                            >= rates.tier_from):
+            return _library_cost(rates.library_ref or response_model or request_model,
+                                 uncached_input, cache_read, cache_write, output)
+        return (uncached_input * rates.input + cache_read * rates.cache_read
+                + cache_write * rates.cache_write + output * rates.output)
+
+    def _choose(self, response_model: str, request_model: str) -> Rates | None:
+        names = [m for m in (response_model, request_model) if m]
         for name in names:
             if name in self._configured:
-                return _apply(self._configured[name], uncached_input, cache_read, cache_write,
-                              output)
+                return self._configured[name]
         for name in names:
             rates = self.rates_for(name)
-            if rates is None:
-                continue
-            prompt = uncached_input + cache_read + cache_write
-            if rates.tier_from is not None and prompt >= rates.tier_from:
-                return _library_cost(rates.library_ref or name, uncached_input, cache_read,
-                                     cache_write, output)
-            return _apply(rates, uncached_input, cache_read, cache_write, output)
+            if rates is not None:
+                return rates
         return None
 
 

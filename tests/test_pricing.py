@@ -11,8 +11,7 @@ from collector.pricing import Pricer
 
 def cost(pricer: Pricer, model: str, *, uncached: int = 0, read: int = 0, write: int = 0,
          out: int = 0, request_model: str | None = None) -> float | None:
-    return pricer.cost_cents((model, request_model), uncached_input=uncached, cache_read=read,
-                             cache_write=write, output=out)
+    return pricer.cost_cents(model, request_model or "", uncached, read, write, out)
 
 
 def library_cents(model: str, *, uncached: int = 0, read: int = 0, write: int = 0,

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
+import os
 import sys
 import time
 from collections import Counter
@@ -43,6 +45,7 @@ PROTOBUF = "application/x-protobuf"
 REQUEST_TIMEOUT_S = 60.0
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 RSS_SAMPLE_PERIOD_S = 0.1
+FAILURE_PAUSE_S = 0.1
 # Hard bounds on any run, whatever the arguments say.
 MAX_RUN_S = 900.0
 MAX_REQUESTS = 1_000_000
@@ -143,13 +146,23 @@ class RssSampler:
     async def run(self, until: asyncio.Event) -> None:
         while not until.is_set() and self.pid is not None:
             self.max_rss_kb = max(self.max_rss_kb, self._field("VmRSS:"))
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(until.wait(), RSS_SAMPLE_PERIOD_S)
-            except TimeoutError:
-                pass
 
     def peak_kb(self) -> int:
         return max(self._field("VmHWM:"), self.max_rss_kb)
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the process so far (all its threads)."""
+        if self.pid is None:
+            return 0.0
+        try:
+            with open(f"/proc/{self.pid}/stat") as stat:
+                fields = stat.read().rpartition(")")[2].split()
+        except OSError:
+            return 0.0
+        # After the command name: state is field 3, utime field 14, stime field 15.
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -190,6 +203,8 @@ async def _closed_loop(send: Send, factory: RequestFactory, plan: Plan, tally: T
                 await send(body)
             except (SendFailed, aiohttp.ClientError, TimeoutError) as exc:
                 tally.failures[str(exc) or type(exc).__name__] += 1
+                # A refusing or dead server must not turn this into a busy loop.
+                await asyncio.sleep(FAILURE_PAUSE_S)
                 continue
             done = time.perf_counter()
             tally.acked.append(number)
@@ -247,6 +262,7 @@ async def run_load(transport: str, target: str, plan: Plan, *, sessions: int,
                                        if transport == "http" else GrpcSender(target))
     async with sender:
         sampling = asyncio.create_task(sampler.run(sampling_done))
+        server_cpu0, own_cpu0 = sampler.cpu_seconds(), time.process_time()
         t0 = time.perf_counter()
         if plan.requests is not None and plan.rate_spans_s is None:
             window = (t0, t0 + MAX_RUN_S)
@@ -255,6 +271,7 @@ async def run_load(transport: str, target: str, plan: Plan, *, sessions: int,
         drive = _open_loop if plan.rate_spans_s is not None else _closed_loop
         await drive(sender.send, factory, plan, tally, t0, window)
         finished = time.perf_counter()
+        server_cpu, own_cpu = sampler.cpu_seconds() - server_cpu0, time.process_time() - own_cpu0
         sampling_done.set()
         await sampling
     if plan.requests is not None and plan.rate_spans_s is None:
@@ -285,6 +302,11 @@ async def run_load(transport: str, target: str, plan: Plan, *, sessions: int,
         },
         "server_peak_rss_kb": sampler.peak_kb(),
         "server_max_sampled_rss_kb": sampler.max_rss_kb,
+        # CPU use over the whole run (warm-up included), in cores: 1.0 is one core busy.
+        "server_cpu_cores": round(server_cpu / (finished - t0), 2),
+        "loadgen_cpu_cores": round(own_cpu / (finished - t0), 2),
+        "server_cpu_us_per_span": round(server_cpu * 1e6 / max(len(tally.acked), 1)
+                                        / SPANS_PER_REQUEST, 2),
     }
     return result, tally
 

@@ -5,6 +5,10 @@ arrive, so a flush costs one upsert per session touched, not one per span. It ke
 too, because the store may find some of them already accounted (an exporter retry after a
 restart) and then asks for the same batch without those: the re-fold is exact, never a
 subtraction.
+
+Beside the session deltas it folds one `HourDelta` per (session, model, hour of the span's end),
+which the store adds to the hourly rollup in the same transaction: reports then read a table
+that grows with sessions and hours, not with spans.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from dataclasses import dataclass, field
 from collector.mapping import SpanUsage
 
 NO_TIME = -1
+HOUR_NS = 3600 * 1_000_000_000
+NO_MODEL = ""  # the rollup's model for usage without one (a key column cannot be NULL)
 
 
 @dataclass(slots=True)
@@ -45,12 +51,35 @@ class SessionDelta:
 
 
 @dataclass(slots=True)
+class HourDelta:
+    """What a batch adds to one (session, model, hour) of the hourly rollup."""
+
+    turns: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    cost_cents: float = 0.0
+
+    def is_empty(self) -> bool:
+        """Session updates (a status, a goal) carry no usage; they need no rollup row."""
+        return not (self.turns or self.prompt_tokens or self.completion_tokens
+                    or self.reasoning_tokens or self.cost_cents)
+
+
+# (session id, model or NO_MODEL, hour number since the epoch: end_ns // HOUR_NS)
+HourKey = tuple[str, str, int]
+
+
+@dataclass(slots=True)
 class Batch:
     """Records accepted since the last flush, folded per session, each span at most once."""
 
     records: list[SpanUsage] = field(default_factory=list)
     keys: set[bytes] = field(default_factory=set)
     sessions: dict[str, SessionDelta] = field(default_factory=dict)
+    hours: dict[HourKey, HourDelta] = field(default_factory=dict)
     duplicates: int = 0  # spans seen twice within this batch (a retry racing its original)
 
     def __len__(self) -> int:
@@ -59,6 +88,7 @@ class Batch:
     def add(self, records: Iterable[SpanUsage]) -> None:
         keys = self.keys
         sessions = self.sessions
+        hours = self.hours
         for record in records:
             key = record.key
             if key in keys:
@@ -71,6 +101,18 @@ class Batch:
                 delta = sessions[record.session_id] = SessionDelta(
                     record.session_id, record.start_ns, record.end_ns)
             fold(delta, record)
+            # Inline, not a function call: this runs once per span on the export path.
+            hour_key = (record.session_id, record.model or NO_MODEL, record.end_ns // HOUR_NS)
+            hour = hours.get(hour_key)
+            if hour is None:
+                hour = hours[hour_key] = HourDelta()
+            hour.turns += record.turns
+            hour.prompt_tokens += record.prompt_tokens
+            hour.completion_tokens += record.completion_tokens
+            hour.reasoning_tokens += record.reasoning_tokens
+            hour.cache_read_tokens += record.cache_read_tokens
+            hour.cache_write_tokens += record.cache_write_tokens
+            hour.cost_cents += record.cost_cents
 
     def without(self, accounted: Set[bytes]) -> Batch:
         """The same batch minus spans already accounted in storage."""

@@ -1,9 +1,10 @@
-"""The `collector` command: serve, sessions, check-config."""
+"""The `collector` command: serve, sessions, report, check-config."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
 import logging
 import sqlite3
@@ -12,11 +13,12 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from collector import report
 from collector.config import Config, ConfigError, load_config
 from collector.mapping import STATUSES
-from collector.receivers import ReceiverError
-from collector.store import SchemaError, StorageError, read_sessions
+from collector.store import SchemaError, StorageError, read_sessions, read_usage
 
 log = logging.getLogger("collector")
 
@@ -34,7 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"collector: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    handler: Any = {"serve": _serve, "sessions": _sessions, "check-config": _check_config}
+    handler: Any = {"serve": _serve, "sessions": _sessions, "check-config": _check_config,
+                    "report": _report}
     code: int = handler[args.command](config, args)
     return code
 
@@ -52,7 +55,33 @@ def _parser() -> argparse.ArgumentParser:
     sessions.add_argument("--json", action="store_true", help="a JSON array of row objects")
     check = sub.add_parser("check-config", help="validate a config and print the effective one")
     check.add_argument("--config", required=True, help="TOML config file")
+    rep = sub.add_parser("report", help="usage by day, month, session or model",
+                         description="Tokens by kind, turns and cost from the hourly rollup. "
+                         "Days and months are in --timezone (UTC by default).")
+    rep.add_argument("kind", choices=report.REPORTS)
+    rep.add_argument("--config", required=True, help="TOML config file")
+    rep.add_argument("--since", type=_date, help="first day included (YYYY-MM-DD)")
+    rep.add_argument("--until", type=_date, help="last day included (YYYY-MM-DD)")
+    rep.add_argument("--json", action="store_true", help="the same numbers as JSON")
+    rep.add_argument("--breakdown", action="store_true", help="split each line by model")
+    rep.add_argument("--timezone", type=_zone, default="UTC",
+                     help="IANA time zone for days and months, e.g. Europe/Berlin (default UTC)")
     return parser
+
+
+def _date(text: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
+
+
+def _zone(text: str) -> str:
+    try:
+        ZoneInfo(text)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise argparse.ArgumentTypeError(f"unknown time zone: {text!r}") from None
+    return text
 
 
 def _positive_int(text: str) -> int:
@@ -67,11 +96,15 @@ def _positive_int(text: str) -> int:
 
 def _serve(config: Config, args: argparse.Namespace) -> int:
     logging.basicConfig(level=config.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    # Imported here: the network stack (grpc, aiohttp) is slow to import and only serve needs
+    # it, so `collector report` and `collector sessions` start in a fraction of the time.
     from collector.daemon import serve
+    from collector.ops import OpsError
+    from collector.receivers import ReceiverError
 
     try:
         return _run(serve(config))
-    except (StorageError, SchemaError, ReceiverError, sqlite3.Error, OSError) as exc:
+    except (StorageError, SchemaError, ReceiverError, OpsError, sqlite3.Error, OSError) as exc:
         log.error("cannot start: %s", exc)
         return EXIT_FAILURE
 
@@ -151,8 +184,69 @@ def _check_config(config: Config, args: argparse.Namespace) -> int:
     for key in ("grpc_endpoint", "http_endpoint"):
         endpoint = getattr(config.receivers, key)
         effective["receivers"][key] = "" if endpoint is None else str(endpoint)
+    effective["ops_endpoint"] = "" if config.ops_endpoint is None else str(config.ops_endpoint)
     print(json.dumps(effective, indent=2, sort_keys=True))
     return EXIT_OK
+
+
+# The rollup grouping each report reads (see collector.store.read_usage). The model report
+# folds (hour, model) sums too: they stream in the table's key order, while a bare GROUP BY
+# model would sort every row.
+REPORT_GROUPS = {"daily": "hour", "monthly": "hour", "session": "session", "model": "hour"}
+
+
+def _report(config: Config, args: argparse.Namespace) -> int:
+    path = config.sqlite_path
+    if not path.exists():
+        print(f"collector: no database at {path} (has the daemon run?)", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.since and args.until and args.since > args.until:
+        print(f"collector: --since {args.since} is after --until {args.until}", file=sys.stderr)
+        return EXIT_USAGE
+    tz = ZoneInfo(args.timezone)
+    lo, hi = report.hour_bounds(args.since, args.until, tz)
+    try:
+        rows = read_usage(path, group=REPORT_GROUPS[args.kind], lo=lo, hi=hi)
+    except sqlite3.Error as exc:
+        hint = (" (start this version of the daemon once to create the hourly rollup)"
+                if "no such table" in str(exc) else "")
+        print(f"collector: cannot read {path}: {exc}{hint}", file=sys.stderr)
+        return EXIT_FAILURE
+    result = report.build_report(args.kind, (report.RollupRow(*r) for r in rows), tz=tz,
+                                 timezone=args.timezone, breakdown=args.breakdown,
+                                 since=args.since, until=args.until)
+    if args.json:
+        sys.stdout.write(report.json_text(report.to_json(result, tz)))
+        return EXIT_OK
+    table = report.to_table(result, tz)
+    title = f"{args.kind} usage ({args.timezone})"
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        rich_table = Table(title=title, show_footer=False)
+        for header, numeric in zip(table.headers, table.numeric, strict=True):
+            rich_table.add_column(header, justify="right" if numeric else "left")
+        for i, cells in enumerate(table.rows):
+            rich_table.add_row(*cells, end_section=i == len(table.rows) - 1)
+        rich_table.add_row(*table.totals, style="bold")
+        Console().print(rich_table)
+        return EXIT_OK
+    for line in _aligned(table.headers, table.numeric, [*table.rows, table.totals]):
+        print(line)
+    return EXIT_OK
+
+
+def _aligned(headers: Sequence[str], numeric: Sequence[bool],
+             rows: Sequence[Sequence[str]]) -> list[str]:
+    """Plain columns for pipes: numbers right-aligned, text left, two spaces apart."""
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+
+    def fmt(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w)
+                         for v, w, num in zip(values, widths, numeric, strict=True)).rstrip()
+
+    return [fmt(headers), *(fmt(r) for r in rows)]
 
 
 if __name__ == "__main__":  # pragma: no cover

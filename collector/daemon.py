@@ -1,20 +1,25 @@
 """Wiring and lifecycle of `collector serve`: one place owns startup and shutdown order.
 
-Start: store, then the pipeline, then receivers (so nothing is accepted before it can be
-committed). Stop, on SIGTERM or SIGINT: refuse new exports, stop the receivers while the
-pipeline keeps committing for the requests in flight, drain the pipeline, close the store.
+Start: store, then the operations endpoint, the pipeline, then receivers (so nothing is
+accepted before it can be committed; /readyz says ready once the receivers listen). Stop, on
+SIGTERM or SIGINT: refuse new exports, stop the receivers while the pipeline keeps committing
+for the requests in flight, drain the pipeline, stop the operations endpoint (it answers
+"shutting down" until then), close the store.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import Protocol
 
 from collector.config import Config
 from collector.mapping import MappingOptions
+from collector.ops import Metrics, OpsServer, readiness_problem
 from collector.pipeline import Pipeline
 from collector.pricing import Pricer
 from collector.receivers import GrpcReceiver, HttpReceiver
@@ -29,7 +34,8 @@ class Receiver(Protocol):
     async def stop(self) -> None: ...
 
 
-def build_pipeline(config: Config, store: SQLiteStore) -> Pipeline:
+def build_pipeline(config: Config, store: SQLiteStore, *,
+                   on_flush: Callable[[float, int], None] | None = None) -> Pipeline:
     options = MappingOptions(
         pricer=Pricer(config.pricing),
         agent_span_tokens=config.agent_span_tokens,
@@ -46,6 +52,7 @@ def build_pipeline(config: Config, store: SQLiteStore) -> Pipeline:
         max_pending_spans=config.max_pending_spans,
         max_spans_per_request=config.limits.max_spans_per_request,
         stale_after_s=config.stale_after_s,
+        on_flush=on_flush,
     )
 
 
@@ -62,8 +69,18 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
             stack.push_async_callback(store.close)
             log.info("storage: %s", config.sqlite_path)
 
-            pipeline = build_pipeline(config, store)
-            await pipeline.start()
+            metrics = Metrics() if config.ops_endpoint is not None else None
+            pipeline = build_pipeline(config, store,
+                                      on_flush=metrics.observe_flush if metrics else None)
+            listening = asyncio.Event()  # set once every receiver listens
+            if metrics is not None and config.ops_endpoint is not None:
+                metrics.watch(pipeline, store)
+                ops = OpsServer(config.ops_endpoint, metrics, lambda: readiness_problem(
+                    receivers_listening=listening.is_set(), closing=pipeline.closing,
+                    storage_problem=pipeline.storage_problem), before_scrape=metrics.refresh)
+                await ops.start()
+                stack.push_async_callback(ops.stop)
+            await pipeline.start(on_fatal=stop.set)
             stack.push_async_callback(pipeline.shutdown)
 
             receivers: list[Receiver] = []
@@ -72,15 +89,20 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
             security = Security(
                 token=config.auth_token.encode() if config.auth_token else None, tls=config.tls)
             if config.receivers.grpc_endpoint is not None:
-                grpc_receiver = GrpcReceiver(config.receivers.grpc_endpoint, pipeline.export,
-                                             max_request_bytes=limit, security=security)
+                grpc_receiver = GrpcReceiver(
+                    config.receivers.grpc_endpoint, pipeline.export, max_request_bytes=limit,
+                    security=security,
+                    on_answer=functools.partial(pipeline.stats.count_answer, "grpc"))
                 await grpc_receiver.start()
                 receivers.append(grpc_receiver)
             if config.receivers.http_endpoint is not None:
-                http_receiver = HttpReceiver(config.receivers.http_endpoint, pipeline.export,
-                                             max_request_bytes=limit, security=security)
+                http_receiver = HttpReceiver(
+                    config.receivers.http_endpoint, pipeline.export, max_request_bytes=limit,
+                    security=security,
+                    on_answer=functools.partial(pipeline.stats.count_answer, "http"))
                 await http_receiver.start()
                 receivers.append(http_receiver)
+            listening.set()
             log.info("collector ready")
             await stop.wait()
             log.info("shutting down: refusing new exports, committing what was accepted")
@@ -89,7 +111,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
         log.info("stopped: %d spans accepted, %d duplicates ignored, %d rejected; requests "
                  "refused: %s", stats.spans_accepted, stats.spans_duplicate,
                  stats.spans_rejected, refused)
-        return 1 if pipeline.lost_on_shutdown else 0
+        return 1 if pipeline.lost_on_shutdown or pipeline.fatal else 0
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)

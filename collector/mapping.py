@@ -40,6 +40,12 @@ DEFAULT_CHANNEL = "cli"
 MODEL_CALL_OPERATIONS = frozenset({"chat", "text_completion", "generate_content"})
 TRACE_ID_BYTES = 16
 SPAN_ID_BYTES = 8
+# Bounds that keep every stored number exact: SQLite integers are signed 64-bit, and a sum that
+# passes 2**63 silently becomes a float. No call uses a trillion tokens or costs a billion USD;
+# with these caps a session needs millions of absurd spans before its sums could overflow.
+MAX_TOKEN_COUNT = 10**12
+MAX_COST_USD = 1e9
+MAX_TIME_NS = 2**63 - 1  # year 2262, the end of signed 64-bit nanoseconds
 # Error messages returned to the exporter are capped so one bad request cannot make a huge
 # answer; the count of rejected spans is always exact.
 MAX_ERROR_MESSAGES = 5
@@ -235,9 +241,10 @@ def collect(attributes: Sequence[Any], options: MappingOptions) -> list[Any]:
 NESTED_KINDS = frozenset({"array_value", "kvlist_value"})
 # Each field a value is looked up for; a span setting any slot of a group hides the resource's
 # values for that whole group (span first, then resource, per field).
-FIELD_GROUPS = (SESSION_SLOTS, MODEL_SLOTS, IN_SLOTS, OUT_SLOTS, REASONING_SLOTS,
-                CACHE_READ_SLOTS, CACHE_WRITE_SLOTS, COST_SLOTS, (S_KIND,), (S_STATUS,),
-                (S_CHANNEL,), (S_GOAL,), (S_OPERATION,), (S_OI_SPAN_KIND,))
+FIELD_GROUPS: tuple[tuple[int, ...], ...] = (
+    SESSION_SLOTS, MODEL_SLOTS, IN_SLOTS, OUT_SLOTS, REASONING_SLOTS, CACHE_READ_SLOTS,
+    CACHE_WRITE_SLOTS, COST_SLOTS, (S_KIND,), (S_STATUS,), (S_CHANNEL,), (S_GOAL,),
+    (S_OPERATION,), (S_OI_SPAN_KIND,))
 
 
 def _depth(value: Any, limit: int) -> int:
@@ -314,27 +321,27 @@ def map_span(span: Any, fallbacks: list[tuple[tuple[int, ...], list[Any]]],
         x = v[S_IN] or v[S_IN_DEPRECATED] or v[S_OI_IN]
         if x is not None:
             prompt = x.int_value
-            if prompt <= 0:  # not a positive int: let _count validate (or reject) it
+            if not 0 < prompt <= MAX_TOKEN_COUNT:  # not a plain count: _count decides
                 prompt = _count(x, v, IN_SLOTS, span)
         x = v[S_OUT] or v[S_OUT_DEPRECATED] or v[S_OI_OUT]
         if x is not None:
             completion = x.int_value
-            if completion <= 0:  # not a positive int: let _count validate (or reject) it
+            if not 0 < completion <= MAX_TOKEN_COUNT:  # not a plain count: _count decides
                 completion = _count(x, v, OUT_SLOTS, span)
         x = v[S_REASONING] or v[S_OI_REASONING]
         if x is not None:
             reasoning = x.int_value
-            if reasoning <= 0:  # not a positive int: let _count validate (or reject) it
+            if not 0 < reasoning <= MAX_TOKEN_COUNT:  # not a plain count: _count decides
                 reasoning = _count(x, v, REASONING_SLOTS, span)
         x = v[S_CACHE_READ] or v[S_OI_CACHE_READ]
         if x is not None:
             cache_read = x.int_value
-            if cache_read <= 0:  # not a positive int: let _count validate (or reject) it
+            if not 0 < cache_read <= MAX_TOKEN_COUNT:  # not a plain count: _count decides
                 cache_read = _count(x, v, CACHE_READ_SLOTS, span)
         x = v[S_CACHE_WRITE] or v[S_OI_CACHE_WRITE]
         if x is not None:
             cache_write = x.int_value
-            if cache_write <= 0:  # not a positive int: let _count validate (or reject) it
+            if not 0 < cache_write <= MAX_TOKEN_COUNT:  # not a plain count: _count decides
                 cache_write = _count(x, v, CACHE_WRITE_SLOTS, span)
         # GenAI convention: input includes cache reads and writes. Some emitters report cache
         # tokens beside input instead; when cache exceeds input that must be the case.
@@ -364,6 +371,8 @@ def map_span(span: Any, fallbacks: list[tuple[tuple[int, ...], list[Any]]],
 
     start_ns = span.start_time_unix_nano
     end_ns = span.end_time_unix_nano
+    if start_ns > MAX_TIME_NS or end_ns > MAX_TIME_NS:
+        raise InvalidSpan(f"span {_ref(span)}: timestamp after the year 2262")
     if not start_ns:
         start_ns = end_ns or now_ns
     if not end_ns:
@@ -380,7 +389,7 @@ def map_span(span: Any, fallbacks: list[tuple[tuple[int, ...], list[Any]]],
     x = v[S_GOAL]
     goal = _bounded(_text(x), S_GOAL, span, limit) or None if x is not None else None
 
-    return _new_usage(SpanUsage, (  # type: ignore[no-any-return]
+    return _new_usage(SpanUsage, (
         trace_id + span_id, session_id, start_ns, end_ns, turns, prompt, completion, reasoning,
         cache_read, cache_write, cost, priced, model or None, kind, status, channel, goal,
     ))
@@ -438,8 +447,8 @@ def _count(value: Any, values: list[Any], group: tuple[int, ...], span: Any) -> 
     """A token count: a non-negative integer (integral doubles and digit strings accepted)."""
     number: int | None = value.int_value
     if number:  # a non-zero int_value means the oneof holds an int
-        if number > 0:
-            return number  # type: ignore[return-value]
+        if 0 < number <= MAX_TOKEN_COUNT:
+            return number
     else:
         number = None
         which = value.WhichOneof("value")
@@ -453,11 +462,11 @@ def _count(value: Any, values: list[Any], group: tuple[int, ...], span: Any) -> 
             text = value.string_value.strip()
             if text.isascii() and text.isdigit():
                 number = int(text)
-        if number is not None and number >= 0:
+        if number is not None and 0 <= number <= MAX_TOKEN_COUNT:
             return number
     raise InvalidSpan(
-        f"span {_ref(span)}: {SLOT_NAMES[_slot_of(values, group, value)]} must be a "
-        f"non-negative integer, got {_show(value)}")
+        f"span {_ref(span)}: {SLOT_NAMES[_slot_of(values, group, value)]} must be an "
+        f"integer from 0 to {MAX_TOKEN_COUNT}, got {_show(value)}")
 
 
 def _cost(value: Any, values: list[Any], span: Any) -> float:
@@ -472,10 +481,10 @@ def _cost(value: Any, values: list[Any], span: Any) -> float:
             number = float(value.string_value)
         except ValueError:
             number = None
-    if number is None or not math.isfinite(number) or number < 0:
+    if number is None or not 0 <= number <= MAX_COST_USD:  # also rejects NaN
         raise InvalidSpan(
             f"span {_ref(span)}: {SLOT_NAMES[_slot_of(values, COST_SLOTS, value)]} must be a "
-            f"non-negative number of USD, got {_show(value)}")
+            f"number of USD from 0 to {MAX_COST_USD:g}, got {_show(value)}")
     return number
 
 

@@ -54,7 +54,7 @@ def decode_json(body: bytes) -> ExportTraceServiceRequest:
         return request
     except ExportError:
         raise
-    except (json_format.ParseError, ValueError, TypeError, RecursionError) as exc:
+    except (json_format.ParseError, ValueError, TypeError, RecursionError, SystemError) as exc:
         raise ExportError(Refusal.INVALID, f"not an OTLP/JSON ExportTraceServiceRequest: "
                                            f"{exc}") from None
 
@@ -145,7 +145,7 @@ def encode_response(response: ExportTraceServiceResponse, content_type: str) -> 
 
 def encode_status(code: int, message: str, content_type: str) -> bytes:
     """An error body: a google.rpc.Status in the request's encoding."""
-    status = status_pb2.Status(code=code, message=message)
+    status = status_pb2.Status(code=code, message=message.encode("utf-8", "replace").decode())
     if content_type == JSON:
         text: str = json_format.MessageToJson(status, indent=None)
         return text.encode("utf-8")

@@ -42,7 +42,10 @@ MAX_LOGGED_INVALID_VALUES = 1000
 
 @dataclass(slots=True)
 class Stats:
-    """Counters since start; read by logs (and, later, metrics)."""
+    """Counters since start; read by logs and, at scrape time, by the metrics (collector.ops).
+
+    Plain ints and dicts bumped on the hot path: exposing them costs nothing until a scrape.
+    """
 
     requests: int = 0
     spans_received: int = 0
@@ -56,6 +59,14 @@ class Stats:
     flush_failures: int = 0
     sessions_swept: int = 0
     refusals: dict[str, int] = field(default_factory=dict)
+    # spans in requests refused as a whole (not counted as received), by refusal reason
+    spans_refused: dict[str, int] = field(default_factory=dict)
+    # answers given, by (transport, outcome); outcome is "ok", "partial" or a refusal reason
+    answers: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def count_answer(self, transport: str, outcome: str) -> None:
+        key = (transport, outcome)
+        self.answers[key] = self.answers.get(key, 0) + 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +86,9 @@ class Pipeline:
         stale_after_s: float,
         max_spans_per_request: int = 10_000,
         clock: Callable[[], int] = time.time_ns,
+        on_flush: Callable[[float, int], None] | None = None,
     ) -> None:
+        """`on_flush(seconds, rows)` is called after each committed flush (for the metrics)."""
         self._store = store
         self._options = options
         self._interval = flush_interval_s
@@ -86,6 +99,7 @@ class Pipeline:
             min(max(stale_after_s / 10, MIN_SWEEP_INTERVAL_S), MAX_SWEEP_INTERVAL_S) * 1e9)
         self._next_sweep_ns = 0
         self._clock = clock
+        self._on_flush = on_flush
         self.stats = Stats()
         self._pending = Batch()
         self._ticket: asyncio.Future[CommitResult] | None = None
@@ -94,15 +108,37 @@ class Pipeline:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._failing_since: float | None = None
+        self._last_failure = ""
         self._failures_unlogged = 0
         self._last_failure_log = 0.0
         self._logged_invalid: set[tuple[str, str]] = set()
         self.lost_on_shutdown = 0
+        self.fatal = False
+        self._on_fatal: Callable[[], None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, on_fatal: Callable[[], None] | None = None) -> None:
+        """Start the flush loop. `on_fatal` is called if the loop ever dies of a bug, so the
+        daemon exits (and its supervisor restarts it) instead of hanging with requests
+        waiting forever."""
         self._task = asyncio.create_task(self._run(), name="flush-loop")
+        self._on_fatal = on_fatal
+        self._task.add_done_callback(self._loop_ended)
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        log.critical("flush loop died; stopping the collector", exc_info=task.exception())
+        self.fatal = True
+        self._closing = True
+        for ticket in (self._ticket,):
+            if ticket is not None and not ticket.done():
+                ticket.set_exception(ExportError(Refusal.STORAGE_UNAVAILABLE,
+                                                 "collector failed; retry later"))
+                ticket.exception()
+        if self._on_fatal is not None:
+            self._on_fatal()
 
     def begin_shutdown(self) -> None:
         """Refuse new exports (retryably); in-flight ones still get their commit."""
@@ -112,8 +148,9 @@ class Pipeline:
     async def shutdown(self) -> None:
         self.begin_shutdown()
         if self._task is not None:
-            await self._task
-            self._task = None
+            task, self._task = self._task, None
+            if not self.fatal:
+                await task
 
     @property
     def pending_spans(self) -> int:
@@ -123,21 +160,35 @@ class Pipeline:
     def pending_sessions(self) -> int:
         return len(self._pending.sessions)
 
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    @property
+    def storage_problem(self) -> str | None:
+        """Why the last flush failed, while storage keeps failing; None once a flush commits."""
+        if self._failing_since is None:
+            return None
+        return (f"storage failing for {time.monotonic() - self._failing_since:.0f} s: "
+                f"{self._last_failure}")
+
     # -- the export handler ----------------------------------------------------------------
 
     async def export(self, request: Any) -> ExportOutcome:
         stats = self.stats
         stats.requests += 1
+        spans = count_spans(request)
         if self._closing:
-            raise self._refuse(Refusal.SHUTTING_DOWN, "collector is shutting down; retry later")
+            raise self._refuse(Refusal.SHUTTING_DOWN, "collector is shutting down; retry later",
+                               spans)
         if self.pending_spans >= self._max_pending:
             raise self._refuse(Refusal.OVERLOADED,
-                               f"{self.pending_spans} spans waiting for storage; retry later")
-        spans = count_spans(request)
+                               f"{self.pending_spans} spans waiting for storage; retry later",
+                               spans)
         if spans > self._max_spans_per_request:
             raise self._refuse(Refusal.TOO_LARGE,
                                f"request carries {spans} spans; the limit is "
-                               f"{self._max_spans_per_request} (send smaller batches)")
+                               f"{self._max_spans_per_request} (send smaller batches)", spans)
         result = map_request(request, self._options, self._clock())
         stats.spans_received += result.spans
         stats.spans_rejected += result.rejected
@@ -155,9 +206,12 @@ class Pipeline:
                 raise self._refuse(exc.refusal, exc.message) from None
         return ExportOutcome(rejected=result.rejected, message=result.error_message)
 
-    def _refuse(self, refusal: Refusal, message: str) -> ExportError:
+    def _refuse(self, refusal: Refusal, message: str, spans: int = 0) -> ExportError:
         reason = refusal.answer.reason
-        self.stats.refusals[reason] = self.stats.refusals.get(reason, 0) + 1
+        stats = self.stats
+        stats.refusals[reason] = stats.refusals.get(reason, 0) + 1
+        if spans:
+            stats.spans_refused[reason] = stats.spans_refused.get(reason, 0) + spans
         return ExportError(refusal, message)
 
     def _current_ticket(self) -> asyncio.Future[CommitResult]:
@@ -253,9 +307,12 @@ class Pipeline:
                      self._stale_after_ns // 1_000_000_000)
         log.debug("flushed %d spans into %d sessions (%d duplicates) in %.1f ms",
                   result.spans, result.sessions, result.duplicates, seconds * 1000)
+        if self._on_flush is not None:
+            self._on_flush(seconds, result.sessions)
 
     def _note_failure(self, exc: StorageError, pending: int) -> None:
         self.stats.flush_failures += 1
+        self._last_failure = str(exc)
         now = time.monotonic()
         if self._failing_since is None:
             self._failing_since = now

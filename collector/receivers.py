@@ -35,6 +35,8 @@ from collector.security import Security
 log = logging.getLogger(__name__)
 
 ExportFn = Callable[[Any], Awaitable[ExportOutcome]]
+# Called once per answer with its outcome: "ok", "partial" or the refusal's reason (metrics).
+AnswerFn = Callable[[str], None]
 
 TRACES_PATH = "/v1/traces"
 GRPC_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
@@ -42,6 +44,16 @@ GRPC_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
 # a flush interval plus a commit, so this is generous.
 STOP_GRACE_S = 15.0
 READ_CHUNK = 64 * 1024
+# Where an HTTP handler leaves its answer's outcome on the response, for the counting middleware.
+OUTCOME_KEY = "collector.outcome"
+
+
+def _no_count(outcome: str) -> None:
+    pass
+
+
+def _outcome(outcome: ExportOutcome) -> str:
+    return "partial" if outcome.rejected else "ok"
 
 
 class ReceiverError(Exception):
@@ -50,15 +62,16 @@ class ReceiverError(Exception):
 
 class HttpReceiver:
     def __init__(self, endpoint: Endpoint, export: ExportFn, *, max_request_bytes: int,
-                 security: Security | None = None) -> None:
+                 security: Security | None = None, on_answer: AnswerFn = _no_count) -> None:
         self.endpoint = endpoint
         self._export = export
         self._limit = max_request_bytes
         self._security = security or Security()
+        self._on_answer = on_answer
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
-        app = web.Application(client_max_size=self._limit)
+        app = web.Application(client_max_size=self._limit, middlewares=[self._count])
         app.router.add_route("*", TRACES_PATH, self._handle)
         app.router.add_route("*", "/{tail:.*}", self._not_found)
         # auto_decompress off: decompression is ours, bounded by the limit (gzip bombs).
@@ -81,6 +94,17 @@ class HttpReceiver:
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
+
+    @web.middleware
+    async def _count(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Count every answer once, by outcome, whichever of the many exits produced it."""
+        try:
+            response: web.StreamResponse = await handler(request)
+        except BaseException:
+            self._on_answer("error")
+            raise
+        self._on_answer(response.get(OUTCOME_KEY, "error"))
+        return response
 
     async def _not_found(self, request: web.Request) -> web.Response:
         return _refusal(ExportError(Refusal.NOT_FOUND,
@@ -112,7 +136,9 @@ class HttpReceiver:
             return _refusal(exc, content_type)
         payload = encode_response(export_response(outcome.rejected, outcome.message),
                                   content_type)
-        return web.Response(body=payload, status=200, content_type=content_type)
+        response = web.Response(body=payload, status=200, content_type=content_type)
+        response[OUTCOME_KEY] = _outcome(outcome)
+        return response
 
     async def _read_body(self, request: web.Request) -> bytes:
         """Read at most the limit (after decompression too), never the whole of a large body."""
@@ -166,16 +192,18 @@ def _refusal(exc: ExportError, content_type: str | None) -> web.Response:
     if answer.http_status == 413:
         # The rest of the body was not read; closing is cheaper than draining it.
         response.force_close()
+    response[OUTCOME_KEY] = answer.reason
     return response
 
 
 class GrpcReceiver:
     def __init__(self, endpoint: Endpoint, export: ExportFn, *, max_request_bytes: int,
-                 security: Security | None = None) -> None:
+                 security: Security | None = None, on_answer: AnswerFn = _no_count) -> None:
         self.endpoint = endpoint
         self._export = export
         self._limit = max_request_bytes
         self._security = security or Security()
+        self._on_answer = on_answer
         self._server: grpc.aio.Server | None = None
 
     async def start(self) -> None:
@@ -218,12 +246,14 @@ class GrpcReceiver:
             outcome = await self._export(decode_protobuf(body))
         except ExportError as exc:
             answer = exc.answer
+            self._on_answer(answer.reason)
             if answer.retryable:
                 info = error_details_pb2.RetryInfo(
                     retry_delay=duration_pb2.Duration(seconds=RETRY_AFTER_S))
                 context.set_trailing_metadata(
                     (("google.rpc.retryinfo-bin", info.SerializeToString()),))
             await context.abort(answer.grpc_code, exc.message)
+        self._on_answer(_outcome(outcome))
         return encode_response(export_response(outcome.rejected, outcome.message), PROTOBUF)
 
 

@@ -69,17 +69,21 @@ class Daemon:
     """`collector serve` in a subprocess with its own ports and database."""
 
     def __init__(self, workdir: Path, extra_config: str = "", *, db_path: Path | None = None,
-                 grpc: bool = True, http: bool = True) -> None:
+                 grpc: bool = True, http: bool = True, ops: bool = True) -> None:
+        """`ops=False` leaves [ops] to `extra_config` (else it is on a free port)."""
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.grpc_port = free_port()
         self.http_port = free_port()
+        self.ops_port = free_port()  # never the default 8888: daemons run side by side
         self.db_path = db_path or workdir / "data" / "sessions.db"
         grpc_ep = f"127.0.0.1:{self.grpc_port}" if grpc else ""
         http_ep = f"127.0.0.1:{self.http_port}" if http else ""
         self.config_path = workdir / "collector.toml"
         base = (f'[receivers.otlp]\ngrpc_endpoint = "{grpc_ep}"\nhttp_endpoint = "{http_ep}"\n'
                 f'[storage]\nsqlite_path = "{self.db_path}"\n')
+        if ops:
+            base += f'[ops]\nendpoint = "127.0.0.1:{self.ops_port}"\n'
         self.config_path.write_text(merge_toml(base, extra_config))
         self.proc: subprocess.Popen[str] | None = None
         self.lines: list[str] = []

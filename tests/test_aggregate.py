@@ -62,3 +62,38 @@ def test_absorb_keeps_failed_batch_first_and_dedupes() -> None:
     assert len(failed) == 3
     assert failed.duplicates == 2  # one inside `later`, one across the two
     assert failed.sessions["s"].turns == 3
+
+
+HOUR = 3600 * 1_000_000_000
+
+
+def test_hours_fold_per_session_model_and_hour_of_the_end() -> None:
+    b = Batch()
+    b.add([rec(1, model="a"), rec(2, model="a", start=T0 + 30 * MS),
+           rec(3, model="b"), rec(4, end=T0 + HOUR + MS),  # no model, next hour
+           rec(5, "t", model="a")])
+    hour0 = T0 // HOUR
+    assert set(b.hours) == {("s", "a", hour0), ("s", "b", hour0), ("s", "", hour0 + 1),
+                            ("t", "a", hour0)}
+    h = b.hours[("s", "a", hour0)]
+    assert (h.turns, h.prompt_tokens, h.completion_tokens, h.reasoning_tokens) == (2, 2, 4, 2)
+    assert (h.cache_read_tokens, h.cache_write_tokens, h.cost_cents) == (6, 8, 0.5)
+    # The hours add up to the sessions, whatever the split.
+    for name in ("turns", "prompt_tokens", "completion_tokens", "reasoning_tokens",
+                 "cache_read_tokens", "cache_write_tokens", "cost_cents"):
+        assert sum(getattr(h, name) for h in b.hours.values()) == sum(
+            getattr(d, name) for d in b.sessions.values()), name
+
+
+def test_without_refolds_hours_exactly_and_empty_hours_are_marked() -> None:
+    b = Batch()
+    b.add([rec(1, model="a"), rec(2, model="a"), rec(3, model="b")])
+    rest = b.without({(2).to_bytes(24, "big"), (3).to_bytes(24, "big")})
+    hour0 = T0 // HOUR
+    assert list(rest.hours) == [("s", "a", hour0)]
+    assert rest.hours[("s", "a", hour0)].turns == 1
+    update = Batch()
+    update.add([SpanUsage((9).to_bytes(24, "big"), "s", T0, T0, 0, 0, 0, 0, 0, 0, 0.0, True,
+                          None, None, "completed", None, None)])
+    assert all(h.is_empty() for h in update.hours.values())
+    assert not rest.hours[("s", "a", hour0)].is_empty()

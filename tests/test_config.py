@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from collector.config import (
+    DEFAULT_OPS_ENDPOINT,
     Config,
     ConfigError,
     Endpoint,
@@ -35,6 +36,7 @@ def test_full_config_sets_every_key() -> None:
     assert config.dedupe_retention_s == 172800
     assert config.agent_span_tokens is True
     assert config.log_level == "debug"
+    assert config.ops_endpoint == Endpoint("0.0.0.0", 19888)
     assert config.limits == Limits(max_spans_per_request=500, max_attributes_per_span=64,
                                    max_attribute_value_bytes=1024, max_value_depth=4)
     assert config.aliases == {"app.thread_id": "session.id"}
@@ -58,6 +60,12 @@ def test_empty_config_is_all_defaults() -> None:
     assert config.sqlite_path == CONFIGS / "data" / "agent_sessions.db"
     assert (config.flush_interval_ms, config.stale_after_s) == (200, 3600)
     assert config.dedupe_retention_s == 24 * 3600
+    assert config.ops_endpoint == defaults.ops_endpoint
+    assert str(config.ops_endpoint) == DEFAULT_OPS_ENDPOINT == "127.0.0.1:8888"
+
+
+def test_ops_endpoint_can_be_disabled() -> None:
+    assert load_config(CONFIGS / "good_ops_disabled.toml").ops_endpoint is None
 
 
 def test_shipped_config_toml_is_valid_and_matches_the_defaults() -> None:
@@ -66,7 +74,7 @@ def test_shipped_config_toml_is_valid_and_matches_the_defaults() -> None:
     assert config.receivers == defaults.receivers
     assert config.sqlite_path == ROOT / "data" / "agent_sessions.db"
     for key in ("flush_interval_ms", "max_pending_spans", "stale_after_s", "dedupe_retention_s",
-                "agent_span_tokens", "max_session_id_length", "log_level"):
+                "agent_span_tokens", "max_session_id_length", "log_level", "ops_endpoint"):
         assert getattr(config, key) == getattr(defaults, key), key
 
 
@@ -85,6 +93,8 @@ def test_shipped_config_toml_is_valid_and_matches_the_defaults() -> None:
     ("bad_log_level.toml", "log.level", "must be one of"),
     ("bad_bool.toml", "mapping.agent_span_tokens", "must be a bool"),
     ("bad_receivers_other.toml", "receivers.zipkin", "unknown key"),
+    ("bad_ops_same_endpoint.toml", "ops.endpoint", "same address as an OTLP receiver"),
+    ("bad_ops_endpoint.toml", "ops.endpoint", "expected host:port"),
     ("bad_tls_half.toml", "tls.key_file", "needs both"),
     ("bad_tls_not_pem.toml", "tls.cert_file", "not a PEM file"),
     ("bad_token_missing.toml", "auth.token_file", "cannot read"),
@@ -132,5 +142,13 @@ def test_check_config_prints_the_effective_config() -> None:
     effective = json.loads(result.stdout)
     assert effective["flush_interval_ms"] == 50
     assert effective["receivers"]["http_endpoint"] == "[::1]:14318"
+    assert effective["ops_endpoint"] == "0.0.0.0:19888"
     assert effective["pricing"]["gpt-4o"]["cache_read"] == 1.25
     assert effective["auth_token"] == "<set>" and "abc123" not in result.stdout
+
+
+def test_check_config_fails_naming_key_and_file() -> None:
+    result = run_cli("check-config", "--config", str(CONFIGS / "bad_ops_same_endpoint.toml"))
+    assert result.returncode == 2 and result.stdout == ""
+    assert "bad_ops_same_endpoint.toml: ops.endpoint: same address" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -317,3 +317,13 @@ def test_aliases_read_other_attribute_names_and_known_names_win() -> None:
                                 "gen_ai.usage.input_tokens": 5, "app.thread_id": "alias"}),
                options=options)
     assert (both.session_id, both.prompt_tokens) == ("known", 5)
+
+
+def test_values_beyond_the_storable_bounds_reject_the_span() -> None:
+    result = run(make_span(span_id=1, attrs=chat(**{"gen_ai.usage.input_tokens": 10**12 + 1})),
+                 make_span(span_id=2, attrs=chat(**{"gen_ai.usage.cost": 1e10})),
+                 make_span(span_id=3, attrs=chat(), start=2**63, end=2**63),
+                 make_span(span_id=4, attrs=chat(**{"gen_ai.usage.input_tokens": 10**12})))
+    assert result.rejected == 3
+    assert [r.prompt_tokens for r in result.records] == [10**12]
+    assert "after the year 2262" in result.error_message

@@ -5,12 +5,13 @@ from __future__ import annotations
 import sqlite3
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from collector.aggregate import Batch
 from collector.mapping import SpanUsage
-from collector.store import SchemaError, SQLiteStore, StorageError, iso_utc
+from collector.store import SchemaError, SQLiteStore, StorageError, iso_utc, read_usage
 from tests.conftest import MS, SECOND, T0, read_rows
 
 
@@ -140,3 +141,72 @@ async def test_other_columns_are_a_schema_error(tmp_path: Path) -> None:
     conn.close()
     with pytest.raises(SchemaError, match=r"agent_sessions has columns \(id TEXT, cost REAL\)"):
         await SQLiteStore(path, retention_s=100).open()
+
+
+def rollup(path: Path) -> dict[tuple[str, str, str], tuple[Any, ...]]:
+    conn = sqlite3.connect(path)
+    try:
+        return {(r[0], r[1], r[2]): r[3:] for r in conn.execute(
+            "SELECT hour, session_id, model, turns, prompt_tokens, completion_tokens, "
+            "reasoning_tokens, cache_read_tokens, cache_write_tokens, cost_cents "
+            "FROM collector_usage_hourly")}
+    finally:
+        conn.close()
+
+
+async def test_hourly_rollup_commits_with_the_sessions_and_only_once(store: SQLiteStore) -> None:
+    hour = 3600 * SECOND
+    await store.commit(batch(rec(1), rec(2, model=None), rec(3, t=T0 + hour + 5 * SECOND)),
+                       now_ns=T0)
+    # A retry of span 3 (already accounted) and a session update carrying no usage.
+    update = SpanUsage((4).to_bytes(24, "big"), "s", T0, T0, 0, 0, 0, 0, 0, 0, 0.0, True, None,
+                       None, "completed", None, None)
+    await store.commit(batch(rec(3, t=T0 + hour + 5 * SECOND), update), now_ns=T0)
+    assert rollup(store.path) == {
+        ("2026-01-01T00:00:00.000Z", "s", "m"): (1, 10, 2, 1, 0, 0, 0.5),
+        ("2026-01-01T00:00:00.000Z", "s", ""): (1, 10, 2, 1, 0, 0, 0.5),
+        ("2026-01-01T01:00:00.000Z", "s", "m"): (1, 10, 2, 1, 0, 0, 0.5),
+    }
+    usage = read_usage(store.path, group="session")
+    assert sorted(usage) == [("s", "", "2026-01-01T00:00:00.000Z", 1, 10, 2, 1, 0, 0, 0.5),
+                             ("s", "m", "2026-01-01T01:00:00.000Z", 2, 20, 4, 2, 0, 0, 1.0)]
+    assert read_rows(store.path)["s"]["status"] == "completed"
+    assert read_usage(store.path, group="hour", lo="2026-01-01T00:30:00.000Z") == [
+        ("2026-01-01T01:00:00.000Z", "m", "2026-01-01T01:00:00.000Z", 1, 10, 2, 1, 0, 0, 0.5)]
+    blocker = sqlite3.connect(store.path, timeout=0)
+    blocker.execute("BEGIN IMMEDIATE")
+    with pytest.raises(StorageError):
+        await store.commit(batch(rec(5)), now_ns=T0)
+    blocker.rollback()
+    blocker.close()
+    assert len(rollup(store.path)) == 3  # a failed flush adds no rollup either
+
+
+async def test_dedupe_window_counts_follow_commits_rotation_and_reopen(
+        store: SQLiteStore) -> None:
+    await store.commit(batch(rec(1), rec(2)), now_ns=T0)
+    await store.commit(batch(rec(2), rec(3)), now_ns=T0)
+    assert (store.seen_current, store.seen_previous, store.dedupe_window) == (3, 0, 3)
+    await store.commit(batch(rec(4)), now_ns=T0 + 100 * SECOND)  # rotates first
+    assert (store.seen_current, store.seen_previous) == (1, 3)
+    again = SQLiteStore(store.path, retention_s=100)
+    await again.open()
+    await again.close()
+    assert (again.seen_current, again.seen_previous) == (1, 3)
+
+
+async def test_a_database_from_before_the_rollup_is_backfilled(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    first = SQLiteStore(path, retention_s=100)
+    await first.open()
+    await first.commit(batch(rec(1, "old", t=T0 + 7200 * SECOND), rec(2, "old")), now_ns=T0)
+    await first.close()
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TABLE collector_usage_hourly")  # as an older collector left it
+    conn.commit()
+    conn.close()
+    reopened = SQLiteStore(path, retention_s=100)
+    await reopened.open()
+    await reopened.close()
+    # All of the session's sums, at the hour of its last activity.
+    assert rollup(path) == {("2026-01-01T02:00:00.000Z", "old", "m"): (2, 20, 4, 2, 0, 0, 1.0)}

@@ -1,0 +1,674 @@
+"""The whole benchmark in one command: collector vs parse-only baseline, latency, scaling, profile.
+
+    .venv/bin/python -m bench.run            # about 5 minutes on 2 cores
+    .venv/bin/python -m bench.run --quick    # about a minute; same phases, shorter
+
+Every server and every load generator is its own subprocess on free 127.0.0.1 ports, every
+collector run gets a fresh SQLite file in a temporary directory, and every collector run is
+followed by an exact check of the committed sums. Headline figures are ratios to the baseline
+measured in the same run, because absolute spans/s mean little across machines.
+
+Phases:
+1. throughput, per transport (HTTP protobuf, gRPC): baseline, then collector, closed loop;
+2. latency at 80 % of the collector's sustained rate (open loop) vs 2 x flush interval + 50 ms;
+3. scaling: the same number of spans into 100 sessions and into 100,000 sessions, with the
+   collector's debug log parsed for per-flush cost; peak RSS; bytes per span id on disk;
+   plus an in-process tracemalloc measure of bytes per session and per span in a batch;
+4. profile: py-spy samples the collector under HTTP load (skipped if py-spy is missing).
+
+Results: a markdown report on stdout and, with the raw JSON, in bench/results/ (git-ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from bench.payload import SPANS_PER_REQUEST, RequestFactory, decode_check
+from bench.verify import storage_footprint
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = ROOT / "bench" / "results"
+PYTHON = sys.executable
+HOST = "127.0.0.1"
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 60.0
+LOADGEN_SLACK_S = 300.0  # beyond its planned duration, before a load generator is killed
+FLUSH_LINE = re.compile(
+    r"flushed (\d+) spans into (\d+) sessions \((\d+) duplicates\) in ([\d.]+) ms")
+LATENCY_GOAL_SLACK_MS = 50
+RATIO_GOAL = 0.67
+RSS_GOAL_MB = 150
+LATENCY_LOAD_FRACTION = 0.8
+OPEN_LOOP_MAX_IN_FLIGHT = 512
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Sizes of one benchmark run; `--quick` shrinks durations and span counts only."""
+
+    throughput_s: float
+    warmup_s: float
+    latency_s: float
+    scaling_spans: int
+    profile_s: float
+    concurrency: int
+    flush_interval_ms: int
+    sessions: int = 1000
+    scaling_sessions: tuple[int, int] = (100, 100_000)
+    collector_src: str | None = None  # a directory holding another `collector` package
+
+
+FULL = Settings(throughput_s=20, warmup_s=3, latency_s=20, scaling_spans=1_000_000,
+                profile_s=15, concurrency=64, flush_interval_ms=200)
+QUICK = Settings(throughput_s=5, warmup_s=1, latency_s=5, scaling_spans=100_000,
+                 profile_s=5, concurrency=64, flush_interval_ms=200)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex((HOST, port)) == 0
+
+
+class Server:
+    """A server subprocess: started, awaited until its ports accept, stopped with SIGTERM."""
+
+    def __init__(self, name: str, argv: Sequence[str], *, http_port: int, grpc_port: int,
+                 log: Path, db: Path | None = None, pythonpath: str | None = None,
+                 cwd: Path = ROOT) -> None:
+        self.name = name
+        self.log = log
+        self.http_port = http_port
+        self.grpc_port = grpc_port
+        self.db = db  # the collector's SQLite file; None for the baseline
+        ports = (http_port, grpc_port)
+        self._log_file = log.open("wb")
+        env = dict(os.environ)
+        if pythonpath:
+            # Benchmark another copy of the package (an A/B of a fix) instead of the tree's.
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, (pythonpath,
+                                                              env.get("PYTHONPATH"))))
+        self.proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE,
+                                     stderr=self._log_file, env=env)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not all(_port_open(p) for p in ports):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{name} did not start; see {log}")
+            time.sleep(0.05)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> str:
+        """SIGTERM, wait (bounded), return what it printed on stdout."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = self.proc.communicate(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate(timeout=STOP_TIMEOUT_S)
+        self._log_file.close()
+        if self.proc.returncode not in (0, -signal.SIGTERM):
+            print(f"warning: {self.name} exited with {self.proc.returncode}; see {self.log}",
+                  file=sys.stderr)
+        return out.decode(errors="replace")
+
+
+@contextlib.contextmanager
+def running(server_factory: Any) -> Iterator[Server]:
+    server: Server = server_factory()
+    try:
+        yield server
+    finally:
+        if server.proc.poll() is None:
+            server.stop()
+
+
+def start_baseline(work: Path, tag: str) -> Server:
+    http, grpc_port = free_port(), free_port()
+    return Server("baseline", [PYTHON, "-m", "bench.baseline", "--http-port", str(http),
+                               "--grpc-port", str(grpc_port)],
+                  http_port=http, grpc_port=grpc_port, log=work / f"baseline-{tag}.log")
+
+
+def start_collector(work: Path, tag: str, settings: Settings, *,
+                    log_level: str = "info") -> Server:
+    http, grpc_port = free_port(), free_port()
+    db = work / f"collector-{tag}.db"
+    config = work / f"collector-{tag}.toml"
+    config.write_text(
+        "[receivers.otlp]\n"
+        f'grpc_endpoint = "{HOST}:{grpc_port}"\n'
+        f'http_endpoint = "{HOST}:{http}"\n'
+        "[storage]\n"
+        f'sqlite_path = "{db}"\n'
+        "[flush]\n"
+        f"interval_ms = {settings.flush_interval_ms}\n"
+        "[log]\n"
+        f'level = "{log_level}"\n')
+    return Server("collector", [PYTHON, "-m", "collector", "serve", "--config", str(config)],
+                  http_port=http, grpc_port=grpc_port, log=work / f"collector-{tag}.log", db=db,
+                  pythonpath=settings.collector_src or str(ROOT),
+                  # Not the tree's root: `python -m` puts the working directory first on
+                  # sys.path, which would shadow --collector-src.
+                  cwd=work)
+
+
+def loadgen(work: Path, tag: str, server: Server, transport: str, *, concurrency: int,
+            sessions: int, duration_s: float = 0, warmup_s: float = 0,
+            requests: int | None = None, rate: float | None = None,
+            verify_db: Path | None = None, background: bool = False
+            ) -> dict[str, Any] | subprocess.Popen[bytes]:
+    """Run bench.loadgen in its own process; its JSON result (or the process if background)."""
+    port = server.http_port if transport == "http" else server.grpc_port
+    out = work / f"load-{tag}.json"
+    argv = [PYTHON, "-m", "bench.loadgen", "--transport", transport,
+            "--target", f"{HOST}:{port}", "--concurrency", str(concurrency),
+            "--sessions", str(sessions), "--pid", str(server.pid), "--json-out", str(out)]
+    if requests is not None:
+        argv += ["--requests", str(requests)]
+    else:
+        argv += ["--duration", str(duration_s), "--warmup", str(warmup_s)]
+    if rate is not None:
+        argv += ["--rate", f"{rate:.1f}"]
+    if verify_db is not None:
+        argv += ["--verify-db", str(verify_db)]
+    if background:
+        return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL)
+    planned = duration_s + warmup_s + (requests or 0) * SPANS_PER_REQUEST / 5_000
+    subprocess.run(argv, cwd=ROOT, check=False, timeout=planned + LOADGEN_SLACK_S)
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
+LOADAVG_SEEN: list[float] = []  # 1-minute load average at the start of every measurement
+
+
+def _say(message: str) -> None:
+    """Progress on stderr; also notes the load average, since other work on the machine
+    (a test suite, another benchmark) skews every figure and must show in the report."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/loadavg") as loadavg:
+        LOADAVG_SEEN.append(float(loadavg.read().split()[0]))
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# -- phases --------------------------------------------------------------------------------
+
+
+def phase_throughput(work: Path, s: Settings) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for transport in ("http", "grpc"):
+        _say(f"throughput {transport}: baseline")
+        with running(lambda t=transport: start_baseline(work, f"tp-{t}")) as base:
+            b = loadgen(work, f"tp-{transport}-baseline", base, transport,
+                        concurrency=s.concurrency, sessions=s.sessions,
+                        duration_s=s.throughput_s, warmup_s=s.warmup_s)
+            summary = base.stop().strip().splitlines()
+        assert isinstance(b, dict)
+        b["baseline_counted"] = json.loads(summary[-1]) if summary else None
+        _say(f"throughput {transport}: collector")
+        with running(lambda t=transport: start_collector(work, f"tp-{t}", s)) as col:
+            c = loadgen(work, f"tp-{transport}-collector", col, transport,
+                        concurrency=s.concurrency, sessions=s.sessions,
+                        duration_s=s.throughput_s, warmup_s=s.warmup_s,
+                        verify_db=col.db)
+        assert isinstance(c, dict)
+        results[transport] = {"baseline": b, "collector": c,
+                              "ratio": c["spans_per_s"] / b["spans_per_s"]}
+    return results
+
+
+def phase_latency(work: Path, s: Settings, throughput: dict[str, Any]) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for transport in ("http", "grpc"):
+        rate = LATENCY_LOAD_FRACTION * throughput[transport]["collector"]["spans_per_s"]
+        _say(f"latency {transport}: {rate:,.0f} spans/s offered")
+        with running(lambda t=transport: start_collector(work, f"lat-{t}", s)) as col:
+            r = loadgen(work, f"lat-{transport}", col, transport,
+                        concurrency=OPEN_LOOP_MAX_IN_FLIGHT, sessions=s.sessions,
+                        duration_s=s.latency_s, warmup_s=s.warmup_s, rate=rate,
+                        verify_db=col.db)
+        assert isinstance(r, dict)
+        r["offered_spans_per_s"] = rate
+        r["goal_ms"] = 2 * s.flush_interval_ms + LATENCY_GOAL_SLACK_MS
+        results[transport] = r
+    return results
+
+
+def parse_flushes(log: Path) -> dict[str, Any]:
+    """Per-flush figures from the collector's debug log lines."""
+    spans, sessions, ms = [], [], []
+    with log.open(errors="replace") as lines:
+        for line in lines:
+            m = FLUSH_LINE.search(line)
+            if m and int(m.group(1)):
+                spans.append(int(m.group(1)))
+                sessions.append(int(m.group(2)))
+                ms.append(float(m.group(4)))
+    if not ms:
+        return {"flushes": 0}
+    ordered = sorted(ms)
+    return {
+        "flushes": len(ms),
+        "total_flush_ms": round(sum(ms), 1),
+        "mean_flush_ms": round(sum(ms) / len(ms), 1),
+        "p50_flush_ms": ordered[len(ordered) // 2],
+        "max_flush_ms": ordered[-1],
+        "mean_spans_per_flush": round(sum(spans) / len(spans)),
+        "mean_sessions_per_flush": round(sum(sessions) / len(sessions)),
+        "us_per_span": round(sum(ms) * 1000 / sum(spans), 2),
+    }
+
+
+def phase_scaling(work: Path, s: Settings) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    requests = math.ceil(s.scaling_spans / SPANS_PER_REQUEST)
+    for sessions in s.scaling_sessions:
+        _say(f"scaling: {requests * SPANS_PER_REQUEST:,} spans into {sessions:,} sessions")
+        tag = f"scale-{sessions}"
+        with running(lambda tag=tag: start_collector(work, tag, s, log_level="debug")) as col:
+            r = loadgen(work, tag, col, "http", concurrency=s.concurrency, sessions=sessions,
+                        requests=requests, verify_db=col.db)
+            assert isinstance(r, dict)
+            r["storage"] = storage_footprint(col.db)
+            # Memory once the load is over: what the sessions themselves keep resident.
+            r["server_rss_after_load_kb"] = _status_kb(col.pid, "VmRSS:")
+        r["flush"] = parse_flushes(col.log)
+        results[str(sessions)] = r
+    results["memory_model"] = batch_memory()
+    return results
+
+
+def _status_kb(pid: int, field: str) -> int:
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+def batch_memory(spans: int = 100_000) -> dict[str, float]:
+    """Bytes a pending batch holds per span and per session (tracemalloc, in this process).
+
+    The collector keeps per-session state only for sessions touched since the last flush
+    (collector.aggregate.Batch); a session's row lives in SQLite. So "memory per session" is
+    the cost of one SessionDelta in a batch, measured here by folding the same records into
+    100 and into `spans` sessions.
+    """
+    from collector.aggregate import Batch
+    from collector.mapping import SpanUsage
+
+    def records(n_sessions: int) -> list[SpanUsage]:
+        return [SpanUsage(os.urandom(24), f"bench-session-{i % n_sessions:07d}", 1, 2, 1, 300,
+                          100, 10, 0, 0, 0.01, True, "gpt-4o-mini", None, None, None, None)
+                for i in range(spans)]
+
+    record_bytes: dict[int, int] = {}
+    batch_bytes: dict[int, int] = {}
+    for n_sessions in (100, spans):
+        tracemalloc.start()
+        recs = records(n_sessions)
+        record_bytes[n_sessions] = tracemalloc.get_traced_memory()[0]
+        batch = Batch()
+        batch.add(recs)
+        batch_bytes[n_sessions] = tracemalloc.get_traced_memory()[0] - record_bytes[n_sessions]
+        tracemalloc.stop()
+        del batch, recs
+    return {
+        "record_bytes_per_span": round(record_bytes[100] / spans, 1),
+        "batch_bytes_per_span_excluding_records": round(batch_bytes[100] / spans, 1),
+        "batch_bytes_per_session": round((batch_bytes[spans] - batch_bytes[100])
+                                         / (spans - 100), 1),
+    }
+
+
+def phase_profile(work: Path, s: Settings) -> dict[str, Any]:
+    spy = shutil.which("py-spy", path=str(Path(PYTHON).parent)) or shutil.which("py-spy")
+    if spy is None:
+        _say("profile: py-spy not installed; skipped (pip install py-spy)")
+        return {"skipped": "py-spy not installed"}
+    _say(f"profile: py-spy on the collector under HTTP load for {s.profile_s:.0f} s")
+    raw = work / "profile.txt"
+    with running(lambda: start_collector(work, "profile", s)) as col:
+        load = loadgen(work, "profile", col, "http", concurrency=s.concurrency,
+                       sessions=s.sessions, duration_s=s.profile_s + 2, warmup_s=s.warmup_s,
+                       background=True)
+        assert isinstance(load, subprocess.Popen)
+        time.sleep(s.warmup_s)
+        spy_run = subprocess.run(
+            [spy, "record", "--pid", str(col.pid), "--duration", str(int(s.profile_s)),
+             "--rate", "200", "--format", "raw", "--threads", "--nonblocking",
+             "--output", str(raw)],
+            capture_output=True, check=False, timeout=s.profile_s + 60)
+        load.wait(timeout=s.profile_s + s.warmup_s + LOADGEN_SLACK_S)
+    if spy_run.returncode != 0 or not raw.exists():
+        return {"skipped": f"py-spy failed: {spy_run.stderr.decode(errors='replace')[-500:]}"}
+    shutil.copy(raw, RESULTS_DIR / "profile-collapsed.txt")
+    return summarize_profile(raw)
+
+
+# Frames at the bottom of every stack (interpreter, event loop, thread start): 100 % inclusive
+# and uninformative, so left out of the inclusive ranking.
+STACK_ROOTS = frozenset({"<module>", "main", "_run", "_serve", "run", "Runner.run",
+                         "Thread._bootstrap", "Thread._bootstrap_inner", "Thread.run",
+                         "_run_module_as_main", "_run_code"})
+
+
+def _frame_name(frame: str) -> str:
+    """'func (path/to/file.py:123)' -> 'func (file.py)': group a function's lines together."""
+    m = re.match(r"(.*) \((.*?)(?::\d+)?\)$", frame.strip())
+    if not m:
+        return frame.strip()
+    func, path = m.groups()
+    parts = Path(path).parts
+    if "site-packages" in parts:
+        short = "/".join(parts[parts.index("site-packages") + 1:])
+    elif "collector" in parts:
+        short = "/".join(parts[parts.index("collector"):])
+    else:
+        short = parts[-1] if parts else path
+    return f"{func} ({short})"
+
+
+def summarize_profile(raw: Path, top: int = 25) -> dict[str, Any]:
+    """Self and inclusive sample shares by function, from py-spy's collapsed stacks."""
+    self_counts: Counter[str] = Counter()
+    incl_counts: Counter[str] = Counter()
+    thread_counts: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        thread = frames[0] if frames and frames[0].startswith(("thread", "process")) else "?"
+        names = [_frame_name(f) for f in frames if not f.startswith(("thread", "process"))]
+        if not names:
+            continue
+        total += count
+        thread_counts[thread] += count
+        self_counts[names[-1]] += count
+        for name in set(names):
+            incl_counts[name] += count
+
+    def shares(counter: Counter[str]) -> list[tuple[str, float]]:
+        ranked = [(name, n) for name, n in counter.most_common()
+                  if name.split(" (")[0] not in STACK_ROOTS][:top]
+        return [(name, round(100 * n / total, 1)) for name, n in ranked]
+
+    return {"samples": total, "threads": shares(thread_counts),
+            "self": shares(self_counts), "inclusive": shares(incl_counts)}
+
+
+# -- report --------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, str]:
+    model = "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {"nproc": str(os.cpu_count()), "cpu": model,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def collector_version(settings: Settings) -> str:
+    """Which collector was measured: a copy given on the command line, or this tree's commit."""
+    if settings.collector_src:
+        return f"copy in {settings.collector_src}"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                                capture_output=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "collector"], cwd=ROOT,
+                               text=True, capture_output=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)"
+    return f"commit {commit}" + (" with uncommitted changes in collector/" if dirty else "")
+
+
+def _mb(kb: int) -> str:
+    return f"{kb / 1024:.0f}"
+
+
+def _sums(r: dict[str, Any]) -> str:
+    v = r.get("verification")
+    if v is None:
+        counted = r.get("baseline_counted")
+        return f"n/a (parsed {counted['spans']:,} spans)" if counted else "n/a"
+    if v["ok"]:
+        return f"exact ({v['sessions_committed']:,} sessions)"
+    return f"MISMATCH: {'; '.join(v['mismatches'][:2])}"
+
+
+def report(results: dict[str, Any], s: Settings, command: str) -> str:
+    out: list[str] = []
+    m = results["machine"]
+    out.append(f"Command: `{command}`  \nMachine: {m['nproc']} cores, {m['cpu']}, "
+               f"Python {m['python']}  \nCollector: {results['collector']}  \n"
+               f"Load: {SPANS_PER_REQUEST} spans/request, "
+               f"16 attributes/span, {s.sessions:,} sessions, closed loop with "
+               f"{s.concurrency} requests in flight, {s.warmup_s:.0f} s warm-up + "
+               f"{s.throughput_s:.0f} s measured; flush.interval_ms = {s.flush_interval_ms}  \n"
+               f"1-min load average at phase starts (this benchmark itself uses ~2): "
+               f"{', '.join(f'{x:.1f}' for x in results.get('loadavg_at_phase_starts', []))}\n")
+    names = {"http": "HTTP (protobuf)", "grpc": "gRPC"}
+    for transport, t in results.get("throughput", {}).items():
+        out.append(f"### Throughput, {names[transport]}\n")
+        out.append("| server | spans/s | vs baseline | ack p50 ms | ack p99 ms | peak RSS MB "
+                   "| server CPU (cores) | CPU µs/span | sums |")
+        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+        for role in ("baseline", "collector"):
+            r = t[role]
+            ratio = 1.0 if role == "baseline" else t["ratio"]
+            out.append(f"| {role} | {r['spans_per_s']:,.0f} | {ratio:.2f}x | "
+                       f"{r['latency_ms']['p50']} | {r['latency_ms']['p99']} | "
+                       f"{_mb(r['server_peak_rss_kb'])} | {r['server_cpu_cores']} | "
+                       f"{r['server_cpu_us_per_span']} | {_sums(r)} |")
+        out.append("")
+    if "latency" in results:
+        out.append("### Ack latency at 80 % of the sustained collector rate (open loop)\n")
+        out.append("| transport | offered spans/s | acked spans/s | p50 ms | p90 ms | p99 ms "
+                   "| max ms | goal p99 ms | met | sums |")
+        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---|---|")
+        for transport, r in results["latency"].items():
+            lat = r["latency_ms"]
+            met = "yes" if lat["p99"] <= r["goal_ms"] else "**no**"
+            out.append(f"| {names[transport]} | {r['offered_spans_per_s']:,.0f} | "
+                       f"{r['spans_per_s']:,.0f} | {lat['p50']} | {lat['p90']} | {lat['p99']} | "
+                       f"{lat['max']} | {r['goal_ms']} | {met} | {_sums(r)} |")
+        out.append("")
+    if "scaling" in results:
+        sc = results["scaling"]
+        out.append("### Scaling: the same spans into few vs many sessions (HTTP, debug log)\n")
+        out.append("| sessions | spans | seconds | spans/s | flushes | spans/flush "
+                   "| sessions/flush | mean flush ms | p50 flush ms | max flush ms "
+                   "| flush µs/span | peak RSS MB | span-id bytes on disk | sums |")
+        out.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        for key in (str(n) for n in s.scaling_sessions):
+            r = sc[key]
+            f = r["flush"]
+            st = r["storage"]
+            per_id = st["seen_bytes"] / max(st["seen_rows"], 1)
+            out.append(f"| {int(key):,} | {r['spans_acked']:,} | {r['seconds']} | "
+                       f"{r['spans_per_s']:,.0f} | {f.get('flushes', 0)} | "
+                       f"{f.get('mean_spans_per_flush', 0):,} | "
+                       f"{f.get('mean_sessions_per_flush', 0):,} | {f.get('mean_flush_ms')} | "
+                       f"{f.get('p50_flush_ms')} | {f.get('max_flush_ms')} | "
+                       f"{f.get('us_per_span')} | {_mb(r['server_peak_rss_kb'])} | "
+                       f"{per_id:.1f} | {_sums(r)} |")
+        out.append("")
+        out.append("Peak RSS is dominated by requests in flight, not by sessions: after the "
+                   "load, RSS is " + ", ".join(
+                       f"{_mb(sc[str(n)]['server_rss_after_load_kb'])} MB with {n:,} sessions"
+                       for n in s.scaling_sessions) + ".\n")
+        mem = sc["memory_model"]
+        big = sc[str(s.scaling_sessions[1])]
+        st = big["storage"]
+        session_bytes = (st.get("table:agent_sessions", 0)
+                         + st.get("table:agent_sessions_status", 0)
+                         + st.get("table:agent_sessions_last_active_at", 0)
+                         + st.get("table:sqlite_autoindex_agent_sessions_1", 0)
+                         + st.get("table:collector_session_marks", 0))
+        out.append(f"- In memory, a pending batch costs {mem['batch_bytes_per_session']:.0f} "
+                   f"bytes per session touched (SessionDelta + dict entry) and "
+                   f"{mem['batch_bytes_per_span_excluding_records']:.0f} bytes per span "
+                   f"(record list slot + key set entry) plus the record itself "
+                   f"({mem['record_bytes_per_span']:.0f} bytes), measured with tracemalloc. "
+                   f"Sessions not touched since the last flush cost no memory.")
+        out.append(f"- On disk with {st['session_rows']:,} sessions: "
+                   f"{session_bytes / max(st['session_rows'], 1):.0f} bytes per session "
+                   f"(agent_sessions, its indexes, collector_session_marks); "
+                   f"{st['seen_bytes'] / max(st['seen_rows'], 1):.1f} bytes per span id "
+                   f"(collector_seen_*, {st['seen_rows']:,} ids); database file "
+                   f"{st['db_file_bytes'] / 1e6:.1f} MB.\n")
+    prof = results.get("profile")
+    if prof and "samples" in prof:
+        out.append(f"### Profile of the collector under HTTP load (py-spy, "
+                   f"{prof['samples']:,} samples of non-idle threads)\n")
+        out.append("Threads: " + ", ".join(f"{n} {p}%" for n, p in prof["threads"]) + "\n")
+        out.append("| self % | function |")
+        out.append("|---:|---|")
+        for name, pct in prof["self"][:15]:
+            out.append(f"| {pct} | `{name}` |")
+        out.append("")
+        out.append("| inclusive % | function |")
+        out.append("|---:|---|")
+        for name, pct in prof["inclusive"][:20]:
+            out.append(f"| {pct} | `{name}` |")
+        out.append("")
+    elif prof:
+        out.append(f"Profile: {prof.get('skipped')}\n")
+    out.append("### Goals\n")
+    out.append("| goal | measured | met |")
+    out.append("|---|---|---|")
+    for transport, t in results.get("throughput", {}).items():
+        out.append(f"| {names[transport]} ≥ {RATIO_GOAL}x baseline | {t['ratio']:.2f}x | "
+                   f"{'yes' if t['ratio'] >= RATIO_GOAL else '**no**'} |")
+    for transport, r in results.get("latency", {}).items():
+        p99 = r["latency_ms"]["p99"]
+        out.append(f"| {names[transport]} p99 ≤ {r['goal_ms']} ms at 80 % load | {p99} ms | "
+                   f"{'yes' if p99 <= r['goal_ms'] else '**no**'} |")
+    if "scaling" in results:
+        big = results["scaling"][str(s.scaling_sessions[1])]
+        peak = big["server_peak_rss_kb"] / 1024
+        out.append(f"| peak RSS ≤ {RSS_GOAL_MB} MB with {s.scaling_sessions[1]:,} sessions | "
+                   f"{peak:.0f} MB | {'yes' if peak <= RSS_GOAL_MB else '**no**'} |")
+    ok = all(r.get("verification", {}).get("ok", True) for r in _all_runs(results))
+    out.append(f"| committed sums exact in every collector run | "
+               f"{'all exact' if ok else 'MISMATCH'} | {'yes' if ok else '**no**'} |")
+    return "\n".join(out) + "\n"
+
+
+def _all_runs(results: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    for t in results.get("throughput", {}).values():
+        yield t["collector"]
+    yield from results.get("latency", {}).values()
+    for key, r in results.get("scaling", {}).items():
+        if key != "memory_model":
+            yield r
+
+
+def self_check() -> None:
+    """The request factory must produce valid, distinct spans before anything is measured."""
+    factory = RequestFactory(1000)
+    a, b = decode_check(factory.request(0)), decode_check(factory.request(1))
+    spans_a = a.resource_spans[0].scope_spans[0].spans
+    spans_b = b.resource_spans[0].scope_spans[0].spans
+    ids = {s.trace_id + s.span_id for s in spans_a} | {s.trace_id + s.span_id for s in spans_b}
+    if len(spans_a) != SPANS_PER_REQUEST or len(ids) != 2 * SPANS_PER_REQUEST:
+        raise RuntimeError("request factory produced duplicate or missing spans")
+    if len(spans_a[0].attributes) != 16:
+        raise RuntimeError("each span must carry 16 attributes")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="collector benchmark (see bench/run.py)")
+    parser.add_argument("--quick", action="store_true", help="about a minute instead of ~5")
+    parser.add_argument("--only", choices=("throughput", "latency", "scaling", "profile"),
+                        action="append", help="run only these phases (latency implies "
+                        "throughput, which sets its rate)")
+    parser.add_argument("--concurrency", type=int, help="requests in flight (default 64)")
+    parser.add_argument("--collector-src", type=Path,
+                        help="run the collector package found in this directory (e.g. a "
+                        "patched copy) instead of the one in this tree")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = parser.parse_args(argv)
+    settings = QUICK if args.quick else FULL
+    overrides: dict[str, Any] = {}
+    if args.concurrency is not None:
+        overrides["concurrency"] = args.concurrency
+    if args.collector_src is not None:
+        if not (args.collector_src / "collector" / "__init__.py").exists():
+            parser.error(f"no collector package in {args.collector_src}")
+        overrides["collector_src"] = str(args.collector_src.resolve())
+    settings = replace(settings, **overrides)
+    phases = set(args.only or ("throughput", "latency", "scaling", "profile"))
+    if "latency" in phases:
+        phases.add("throughput")
+    self_check()
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="collector-bench-"))
+    started = time.monotonic()
+    results: dict[str, Any] = {"machine": machine(), "collector": collector_version(settings),
+                               "settings": {f: getattr(settings, f) for f in settings.__slots__}}
+    try:
+        if "throughput" in phases:
+            results["throughput"] = phase_throughput(work, settings)
+        if "latency" in phases:
+            results["latency"] = phase_latency(work, settings, results["throughput"])
+        if "scaling" in phases:
+            results["scaling"] = phase_scaling(work, settings)
+        if "profile" in phases:
+            results["profile"] = phase_profile(work, settings)
+    finally:
+        if args.keep:
+            _say(f"logs and databases kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    results["elapsed_s"] = round(time.monotonic() - started, 1)
+    results["loadavg_at_phase_starts"] = LOADAVG_SEEN
+    command = "python -m bench.run" + (" --quick" if args.quick else "")
+    text = report(results, settings, command)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (RESULTS_DIR / f"results-{stamp}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS_DIR / f"report-{stamp}.md").write_text(text)
+    print(text)
+    _say(f"done in {results['elapsed_s']:.0f} s; results in {RESULTS_DIR}")
+    ok = all(r.get("verification", {}).get("ok", True) for r in _all_runs(results))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""The operations endpoint: `/metrics` (Prometheus), `/healthz` and `/readyz`.
+
+It listens on its own address (`[ops] endpoint`, loopback by default), apart from the OTLP
+receivers: a scrape or a probe never competes with exports for a port, auth or body limits.
+
+Metrics cost nothing on the export path: the pipeline already keeps plain counters (`Stats`),
+and a custom collector turns them into metric families when Prometheus scrapes. The only
+values observed as they happen are the two flush histograms, once per flush. Sessions by status
+come from the database at scrape time (an index-only count on a read-only connection, off the
+event loop), because an upsert may change a session's status without the pipeline knowing
+the old one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+
+from collector import __version__
+from collector.config import Endpoint
+from collector.mapping import STATUSES
+from collector.pipeline import Pipeline, Stats
+from collector.store import SQLiteStore, count_sessions_by_status
+
+log = logging.getLogger(__name__)
+
+# Flush duration: a healthy commit takes milliseconds; seconds mean a slow or contended disk.
+FLUSH_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                         5.0, 10.0)
+# Session rows upserted by one flush.
+FLUSH_ROWS_BUCKETS = (1, 10, 100, 1_000, 10_000, 100_000)
+STOP_GRACE_S = 5.0
+
+
+class OpsError(Exception):
+    """The operations listener could not start (address in use, bad address)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Gauges:
+    """Point-in-time values read at scrape time, beside the counters."""
+
+    pending_spans: int
+    pending_sessions: int
+    dedupe_window: int
+    sessions_by_status: Mapping[str, int]
+
+
+def metric_families(stats: Stats, gauges: Gauges) -> list[Metric]:
+    """Prometheus families for the pipeline's counters and gauges. Pure: values in, families out.
+
+    Names follow Prometheus conventions: `collector_` prefix, `_total` on counters (added by
+    the client library), base units, one label set per family.
+    """
+
+    def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+        return CounterMetricFamily(name, doc, value=value)
+
+    rejected = CounterMetricFamily(
+        "collector_spans_rejected",
+        "Spans not accounted, by reason: invalid spans (their request was accepted) and spans "
+        "in requests refused as a whole (overloaded, shutting_down, too_large)",
+        labels=("reason",))
+    rejected.add_metric(("invalid",), stats.spans_rejected)
+    for reason, count in sorted(stats.spans_refused.items()):
+        rejected.add_metric((reason,), count)
+
+    requests = CounterMetricFamily(
+        "collector_requests", "Export requests answered, by transport and outcome (ok, partial "
+        "when some spans were rejected, or the refusal's reason)",
+        labels=("transport", "outcome"))
+    for (transport, outcome), count in sorted(stats.answers.items()):
+        requests.add_metric((transport, outcome), count)
+
+    sessions = GaugeMetricFamily("collector_sessions", "Sessions in the database, by status",
+                                 labels=("status",))
+    for status in sorted({*STATUSES, *gauges.sessions_by_status}):
+        sessions.add_metric((status,), gauges.sessions_by_status.get(status, 0))
+
+    info = GaugeMetricFamily("collector_build_info", "The collector's version",
+                             labels=("version",))
+    info.add_metric((__version__,), 1)
+
+    return [
+        counter("collector_spans_received",
+                "Spans decoded from export requests that reached the mapping",
+                stats.spans_received),
+        counter("collector_spans_accepted",
+                "Usage spans committed to the database (each span at most once)",
+                stats.spans_accepted),
+        rejected,
+        counter("collector_spans_duplicate",
+                "Spans ignored because their trace and span id were already accounted",
+                stats.spans_duplicate),
+        counter("collector_spans_unpriced",
+                "Spans with tokens but no known price (counted at cost 0)",
+                stats.spans_unpriced),
+        counter("collector_spans_ignored",
+                "Spans that are not usage (no session id, tools, HTTP calls)",
+                stats.spans_ignored),
+        counter("collector_attribute_values_invalid",
+                "Session attributes outside their allowed set, stored as the column default",
+                stats.invalid_values),
+        requests,
+        counter("collector_flushes", "Flushes committed", stats.flushes),
+        counter("collector_flush_failures",
+                "Flushes that failed and were kept for retry (nothing of them was applied)",
+                stats.flush_failures),
+        counter("collector_sessions_swept",
+                "Active sessions marked unknown after staying silent", stats.sessions_swept),
+        GaugeMetricFamily("collector_pending_spans",
+                          "Accepted spans waiting for their flush (or being flushed)",
+                          value=gauges.pending_spans),
+        GaugeMetricFamily("collector_pending_sessions",
+                          "Sessions with spans waiting for their flush",
+                          value=gauges.pending_sessions),
+        GaugeMetricFamily("collector_dedupe_window_spans",
+                          "Span ids remembered for exactly-once accounting (both generations)",
+                          value=gauges.dedupe_window),
+        sessions,
+        info,
+    ]
+
+
+class PipelineCollector:
+    """Reads the pipeline and store when scraped; nothing is copied in between."""
+
+    def __init__(self, pipeline: Pipeline, store: SQLiteStore,
+                 statuses: Callable[[], Mapping[str, int]]) -> None:
+        self._pipeline = pipeline
+        self._store = store
+        self._statuses = statuses
+
+    def collect(self) -> Iterable[Metric]:
+        pipeline = self._pipeline
+        return metric_families(pipeline.stats, Gauges(
+            pending_spans=pipeline.pending_spans,
+            pending_sessions=pipeline.pending_sessions,
+            dedupe_window=self._store.dedupe_window,
+            sessions_by_status=self._statuses(),
+        ))
+
+
+class Metrics:
+    """The registry `/metrics` serves: process metrics, flush histograms, pipeline counters."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        self._flush_seconds = Histogram(
+            "collector_flush_duration_seconds", "Time to commit one flush",
+            buckets=FLUSH_SECONDS_BUCKETS, registry=self.registry)
+        self._flush_rows = Histogram(
+            "collector_flush_rows", "Session rows upserted by one flush",
+            buckets=FLUSH_ROWS_BUCKETS, registry=self.registry)
+        self._statuses: dict[str, int] = {}
+        self._db_path: Path | None = None
+        self._refresh_lock = asyncio.Lock()
+
+    def observe_flush(self, seconds: float, rows: int) -> None:
+        """The pipeline's `on_flush`: once per committed flush."""
+        self._flush_seconds.observe(seconds)
+        self._flush_rows.observe(rows)
+
+    def watch(self, pipeline: Pipeline, store: SQLiteStore) -> None:
+        self._db_path = store.path
+        self.registry.register(PipelineCollector(pipeline, store, lambda: self._statuses))
+
+    async def refresh(self) -> None:
+        """Read what only the database knows, off the event loop, before a scrape."""
+        if self._db_path is None:
+            return
+        async with self._refresh_lock:
+            try:
+                self._statuses = await asyncio.to_thread(count_sessions_by_status,
+                                                         self._db_path)
+            except Exception as exc:  # a scrape must not fail because a count did
+                log.debug("cannot count sessions by status: %s", exc)
+
+    def exposition(self, accept: str) -> tuple[bytes, str]:
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
+
+
+def readiness_problem(*, receivers_listening: bool, closing: bool,
+                      storage_problem: str | None) -> str | None:
+    """Why the collector should not get traffic now, or None when it is ready."""
+    if closing:
+        return "shutting down"
+    if not receivers_listening:
+        return "receivers not listening yet"
+    if storage_problem is not None:
+        return storage_problem
+    return None
+
+
+class OpsServer:
+    """/metrics, /healthz (the process answers) and /readyz (it can take exports now)."""
+
+    def __init__(self, endpoint: Endpoint, metrics: Metrics,
+                 readiness: Callable[[], str | None],
+                 before_scrape: Callable[[], Awaitable[None]] | None = None) -> None:
+        self.endpoint = endpoint
+        self._metrics = metrics
+        self._readiness = readiness
+        self._before_scrape = before_scrape
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self._scrape)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                               shutdown_timeout=STOP_GRACE_S)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self.endpoint.host, self.endpoint.port,
+                               reuse_address=True)
+            await site.start()
+        except (OSError, ssl.SSLError) as exc:
+            await runner.cleanup()
+            raise OpsError(f"cannot listen for operations on {self.endpoint}: "
+                           f"{getattr(exc, 'strerror', None) or exc}") from None
+        self._runner = runner
+        log.info("operations endpoint (/metrics, /healthz, /readyz) on %s", self.endpoint)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    async def _scrape(self, request: web.Request) -> web.Response:
+        if self._before_scrape is not None:
+            await self._before_scrape()
+        body, content_type = self._metrics.exposition(request.headers.get("Accept", ""))
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        problem = self._readiness()
+        if problem is None:
+            return web.Response(text="ready\n")
+        return web.Response(status=503, text=f"not ready: {problem}\n")

@@ -1,0 +1,68 @@
+"""The pipeline in-process, on a real SQLite store: group commit and its failure modes."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+from collector.errors import ExportError, Refusal
+from collector.mapping import MappingOptions
+from collector.pipeline import Pipeline
+from collector.pricing import Pricer
+from collector.store import SQLiteStore
+from tests.conftest import make_span, read_rows
+
+
+def request(session: str, span_id: int = 1) -> Any:
+    return encode_spans([make_span(span_id=span_id, attrs={
+        "session.id": session, "gen_ai.usage.input_tokens": 3})])
+
+
+async def make(tmp_path: Path, **kwargs: Any) -> tuple[SQLiteStore, Pipeline]:
+    store = SQLiteStore(tmp_path / "p.db", retention_s=3600)
+    await store.open()
+    pipeline = Pipeline(store, MappingOptions(pricer=Pricer({}, use_library=False)),
+                        flush_interval_s=0.01, max_pending_spans=1000, stale_after_s=3600,
+                        **kwargs)
+    return store, pipeline
+
+
+async def test_export_returns_after_commit_and_shutdown_drains(tmp_path: Path) -> None:
+    store, pipeline = await make(tmp_path)
+    await pipeline.start()
+    outcome = await pipeline.export(request("a"))
+    assert (outcome.rejected, read_rows(store.path)["a"]["turns"]) == (0, 1)
+    await pipeline.shutdown()
+    with pytest.raises(ExportError) as info:
+        await pipeline.export(request("a", 2))
+    assert info.value.refusal is Refusal.SHUTTING_DOWN
+    await store.close()
+
+
+async def test_shutdown_is_safe_when_start_never_ran(tmp_path: Path) -> None:
+    store, pipeline = await make(tmp_path)
+    await pipeline.shutdown()
+    await store.close()
+
+
+async def test_a_dead_flush_loop_fails_waiters_and_stops_the_daemon(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store, pipeline = await make(tmp_path)
+    stopped = asyncio.Event()
+
+    async def broken_commit(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug in the store")
+
+    monkeypatch.setattr(store, "commit", broken_commit)
+    await pipeline.start(on_fatal=stopped.set)
+    with pytest.raises(ExportError) as info:
+        await asyncio.wait_for(pipeline.export(request("b")), 10)
+    assert info.value.refusal.answer.retryable
+    await asyncio.wait_for(stopped.wait(), 10)
+    assert pipeline.fatal
+    await pipeline.shutdown()
+    await store.close()

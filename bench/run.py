@@ -174,7 +174,9 @@ def start_collector(work: Path, tag: str, settings: Settings, *,
         "[flush]\n"
         f"interval_ms = {settings.flush_interval_ms}\n"
         "[log]\n"
-        f'level = "{log_level}"\n')
+        f'level = "{log_level}"\n'
+        "[ops]\n"
+        'endpoint = ""\n')
     return Server("collector", [PYTHON, "-m", "collector", "serve", "--config", str(config)],
                   http_port=http, grpc_port=grpc_port, log=work / f"collector-{tag}.log", db=db,
                   pythonpath=settings.collector_src or str(ROOT),

@@ -190,21 +190,24 @@ class Pipeline:
                                f"request carries {spans} spans; the limit is "
                                f"{self._max_spans_per_request} (send smaller batches)", spans)
         result = map_request(request, self._options, self._clock())
+        del request  # the decoded request is large; do not hold it while waiting for commit
         stats.spans_received += result.spans
         stats.spans_rejected += result.rejected
         stats.spans_ignored += result.ignored
         stats.spans_unpriced += result.unpriced
         if result.invalid_values:
             self._log_invalid_values(result.invalid_values)
+        outcome = ExportOutcome(rejected=result.rejected, message=result.error_message)
         if result.records:
             self._pending.add(result.records)
             ticket = self._current_ticket()
             log.debug("request with %d usage spans waiting for commit", len(result.records))
+            del result
             try:
                 await asyncio.shield(ticket)
             except ExportError as exc:
                 raise self._refuse(exc.refusal, exc.message) from None
-        return ExportOutcome(rejected=result.rejected, message=result.error_message)
+        return outcome
 
     def _refuse(self, refusal: Refusal, message: str, spans: int = 0) -> ExportError:
         reason = refusal.answer.reason
@@ -233,14 +236,19 @@ class Pipeline:
     # -- group commit ----------------------------------------------------------------------
 
     async def _run(self) -> None:
+        # Fixed-rate ticks: the next flush starts one interval after the previous one started,
+        # not after it ended, so a request waits at most two intervals plus one commit.
         delay = self._interval
+        started = time.monotonic()
         shutdown_deadline: float | None = None
         while True:
             if not self._closing:
+                wait = max(0.0, started + delay - time.monotonic())
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), delay)
+                    await asyncio.wait_for(self._wake.wait(), wait)
             if self._closing and shutdown_deadline is None:
                 shutdown_deadline = time.monotonic() + SHUTDOWN_FLUSH_DEADLINE_S
+            started = time.monotonic()
             ok = await self._flush_once()
             if ok:
                 delay = self._interval

@@ -129,9 +129,10 @@ class HttpReceiver:
                 Refusal.UNSUPPORTED_MEDIA,
                 f"unsupported Content-Type {content_type!r}; use {PROTOBUF} or {JSON}"), None)
         try:
-            body = await self._read_body(request)
-            decoded = decode_json(body) if content_type == JSON else decode_protobuf(body)
-            outcome = await self._export(decoded)
+            # No local keeps the body or the decoded request: both are large and the export
+            # waits for a commit, so holding them would multiply memory by requests in flight.
+            decode = decode_json if content_type == JSON else decode_protobuf
+            outcome = await self._export(decode(await self._read_body(request)))
         except ExportError as exc:
             return _refusal(exc, content_type)
         payload = encode_response(export_response(outcome.rejected, outcome.message),
@@ -243,6 +244,7 @@ class GrpcReceiver:
     async def _handle(self, body: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         try:
             self._security.check(_metadata_value(context, "authorization"))
+            # Inline, so no local holds the decoded request while the export awaits its commit.
             outcome = await self._export(decode_protobuf(body))
         except ExportError as exc:
             answer = exc.answer

@@ -33,6 +33,7 @@ from typing import Any
 import aiosqlite
 
 from collector.aggregate import HOUR_NS, Batch, HourDelta, HourKey, SessionDelta
+from collector.mapping import KEY_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +142,20 @@ WHERE NOT EXISTS (SELECT 1 FROM collector_meta WHERE name = ?1)
 
 # A span id is new when it is in neither generation; the insert is skipped otherwise, so the
 # summed rowcount of one executemany says whether the whole batch was new.
-INSERT_SEEN = """
+# All of a batch's span ids go in as one packed blob, split inside SQLite: a single statement
+# step, so the whole insert runs without the GIL and without a Python call per span. An id is
+# new when it is in neither generation; the changes() count says whether all were new.
+_SPLIT_KEYS = ("WITH RECURSIVE i(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM i WHERE n + 1 < ?2)"
+               f" SELECT substr(?1, n * {KEY_BYTES} + 1, {KEY_BYTES}) AS key FROM i")
+INSERT_SEEN = f"""
 INSERT OR IGNORE INTO collector_seen_current (key)
-SELECT ?1 WHERE NOT EXISTS (SELECT 1 FROM collector_seen_previous WHERE key = ?1)
+SELECT key FROM ({_SPLIT_KEYS}) AS batch
+WHERE NOT EXISTS (SELECT 1 FROM collector_seen_previous p WHERE p.key = batch.key)
+"""
+ACCOUNTED_BEFORE = f"""
+SELECT key FROM ({_SPLIT_KEYS}) AS batch
+WHERE key IN (SELECT key FROM collector_seen_current)
+   OR key IN (SELECT key FROM collector_seen_previous)
 """
 
 
@@ -375,26 +387,24 @@ class SQLiteStore:
         """Record the batch's span ids; return the batch minus spans accounted before."""
         if not batch.keys:
             return batch
+        keys = batch.keys
+        packed = b"".join(keys)
+        if len(packed) != KEY_BYTES * len(keys):  # the mapping makes every key this wide
+            raise ValueError(f"span keys must be {KEY_BYTES} bytes")
+        # Accounted-before ids are rare (a retry after a crash or a lost answer): look for
+        # them only when the insert did not add every id, and then redo it without them.
         await db.execute("SAVEPOINT seen")
-        cursor = await db.executemany(INSERT_SEEN, ((k,) for k in batch.keys))
-        if cursor.rowcount == len(batch.keys):
+        before = db.total_changes
+        await db.execute(INSERT_SEEN, (packed, len(keys)))
+        if db.total_changes - before == len(keys):
             await db.execute("RELEASE seen")
             return batch
-        # Some ids were accounted before (a retry after a crash or a lost answer). Undo the
-        # insert, find which, and record only the new ones.
         await db.execute("ROLLBACK TO seen")
         await db.execute("RELEASE seen")
-        await db.execute("CREATE TEMP TABLE IF NOT EXISTS batch_keys (key BLOB PRIMARY KEY)")
-        await db.executemany("INSERT OR IGNORE INTO temp.batch_keys (key) VALUES (?)",
-                             ((k,) for k in batch.keys))
-        rows = await (await db.execute(
-            "SELECT key FROM temp.batch_keys WHERE key IN (SELECT key FROM collector_seen_current)"
-            " OR key IN (SELECT key FROM collector_seen_previous)")).fetchall()
-        await db.execute("DELETE FROM temp.batch_keys")
-        accounted = {bytes(r[0]) for r in rows}
-        rest = batch.without(accounted)
+        rows = await (await db.execute(ACCOUNTED_BEFORE, (packed, len(keys)))).fetchall()
+        rest = batch.without({bytes(r[0]) for r in rows})
         if rest.keys:
-            await db.executemany(INSERT_SEEN, ((k,) for k in rest.keys))
+            await db.execute(INSERT_SEEN, (b"".join(rest.keys), len(rest.keys)))
         return rest
 
     async def _read_seen_counts(self, db: aiosqlite.Connection) -> tuple[int, int]:

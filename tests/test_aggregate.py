@@ -10,7 +10,7 @@ from tests.conftest import MS, T0
 def rec(key: int, session: str = "s", *, start: int = T0, end: int | None = None,
         model: str | None = None, status: str | None = None, kind: str | None = None,
         goal: str | None = None, prompt: int = 1) -> SpanUsage:
-    return SpanUsage(key.to_bytes(24, "big"), session, start, end or start + MS, 1, prompt, 2,
+    return SpanUsage(key.to_bytes(32, "big"), session, start, end or start + MS, 1, prompt, 2,
                      1, 3, 4, 0.25, True, model, kind, status, None, goal)
 
 
@@ -46,7 +46,7 @@ def test_without_refolds_exactly() -> None:
     b = Batch()
     b.add([rec(1, prompt=10, model="a", end=T0 + 5 * MS), rec(2, prompt=20, model="b"),
            rec(3, "other")])
-    rest = b.without({(1).to_bytes(24, "big"), (3).to_bytes(24, "big")})
+    rest = b.without({(1).to_bytes(32, "big"), (3).to_bytes(32, "big")})
     assert set(rest.sessions) == {"s"}
     d = rest.sessions["s"]
     assert (d.prompt_tokens, d.turns, d.model) == (20, 1, "b")
@@ -88,12 +88,12 @@ def test_hours_fold_per_session_model_and_hour_of_the_end() -> None:
 def test_without_refolds_hours_exactly_and_empty_hours_are_marked() -> None:
     b = Batch()
     b.add([rec(1, model="a"), rec(2, model="a"), rec(3, model="b")])
-    rest = b.without({(2).to_bytes(24, "big"), (3).to_bytes(24, "big")})
+    rest = b.without({(2).to_bytes(32, "big"), (3).to_bytes(32, "big")})
     hour0 = T0 // HOUR
     assert list(rest.hours) == [("s", "a", hour0)]
     assert rest.hours[("s", "a", hour0)].turns == 1
     update = Batch()
-    update.add([SpanUsage((9).to_bytes(24, "big"), "s", T0, T0, 0, 0, 0, 0, 0, 0, 0.0, True,
+    update.add([SpanUsage((9).to_bytes(32, "big"), "s", T0, T0, 0, 0, 0, 0, 0, 0, 0.0, True,
                           None, None, "completed", None, None)])
     assert all(h.is_empty() for h in update.hours.values())
     assert not rest.hours[("s", "a", hour0)].is_empty()

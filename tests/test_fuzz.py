@@ -36,6 +36,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 
 from collector.config import ModelPrice
 from collector.mapping import (
+    KEY_BYTES,
     MappingOptions,
     MappingResult,
     count_spans,
@@ -399,7 +400,7 @@ def check_mapping(request: ExportTraceServiceRequest, options: MappingOptions) -
     assert bool(result.error_message) == bool(result.rejected)
     assert 0 <= result.unpriced <= len(result.records)
     for r in result.records:
-        assert len(r.key) == 24
+        assert len(r.key) == KEY_BYTES
         assert isinstance(r.session_id, str) and r.session_id and r.session_id.isprintable()
         assert len(r.session_id) <= options.max_session_id_length
         assert r.turns in (0, 1)

@@ -41,7 +41,7 @@ def test_root_model_call_is_a_turn_with_tokens_cost_and_model() -> None:
     # 1000 x $1/M + 500 x $2/M = $0.002 = 0.2 cents
     assert r.cost_cents == pytest.approx(0.2)
     assert r.priced
-    assert r.key == (1).to_bytes(16, "big") + (1).to_bytes(8, "big")
+    assert r.key == (T0 + MS).to_bytes(8, "big") + (1).to_bytes(16, "big") + (1).to_bytes(8, "big")
     assert (r.start_ns, r.end_ns) == (T0, T0 + MS)
 
 
@@ -327,3 +327,11 @@ def test_values_beyond_the_storable_bounds_reject_the_span() -> None:
     assert result.rejected == 3
     assert [r.prompt_tokens for r in result.records] == [10**12]
     assert "after the year 2262" in result.error_message
+
+
+def test_a_span_without_timestamps_keeps_the_same_key_on_retry() -> None:
+    span = make_span(attrs=chat(**{"gen_ai.usage.input_tokens": 1}), start=0, end=0)
+    first = map_request(encode_spans([span]), OPTIONS, now_ns=T0).records[0]
+    retry = map_request(encode_spans([span]), OPTIONS, now_ns=T0 + 60 * 10**9).records[0]
+    assert first.key == retry.key
+    assert (first.start_ns, retry.start_ns) == (T0, T0 + 60 * 10**9)

@@ -17,7 +17,7 @@ from tests.conftest import MS, SECOND, T0, read_rows
 
 def rec(key: int, session: str = "s", *, t: int = T0, turns: int = 1, prompt: int = 10,
         model: str | None = "m", status: str | None = None) -> SpanUsage:
-    return SpanUsage(key.to_bytes(24, "big"), session, t, t + MS, turns, prompt, 2, 1, 0, 0,
+    return SpanUsage(key.to_bytes(32, "big"), session, t, t + MS, turns, prompt, 2, 1, 0, 0,
                      0.5, True, model, None, status, None, None)
 
 
@@ -65,7 +65,7 @@ async def test_ids_already_accounted_are_skipped_exactly(store: SQLiteStore) -> 
     await store.commit(batch(rec(1), rec(2)), now_ns=T0)
     result, applied = await store.commit(batch(rec(2), rec(3), rec(1), rec(4)), now_ns=T0)
     assert (result.spans, result.duplicates) == (2, 2)
-    assert {r.key for r in applied.records} == {(3).to_bytes(24, "big"), (4).to_bytes(24, "big")}
+    assert {r.key for r in applied.records} == {(3).to_bytes(32, "big"), (4).to_bytes(32, "big")}
     assert read_rows(store.path)["s"]["turns"] == 4
 
 
@@ -159,7 +159,7 @@ async def test_hourly_rollup_commits_with_the_sessions_and_only_once(store: SQLi
     await store.commit(batch(rec(1), rec(2, model=None), rec(3, t=T0 + hour + 5 * SECOND)),
                        now_ns=T0)
     # A retry of span 3 (already accounted) and a session update carrying no usage.
-    update = SpanUsage((4).to_bytes(24, "big"), "s", T0, T0, 0, 0, 0, 0, 0, 0, 0.0, True, None,
+    update = SpanUsage((4).to_bytes(32, "big"), "s", T0, T0, 0, 0, 0, 0, 0, 0, 0.0, True, None,
                        None, "completed", None, None)
     await store.commit(batch(rec(3, t=T0 + hour + 5 * SECOND), update), now_ns=T0)
     assert rollup(store.path) == {

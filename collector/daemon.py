@@ -34,9 +34,9 @@ class Receiver(Protocol):
     async def stop(self) -> None: ...
 
 
-def build_pipeline(config: Config, store: SQLiteStore, *,
-                   on_flush: Callable[[float, int], None] | None = None) -> Pipeline:
-    options = MappingOptions(
+def mapping_options(config: Config) -> MappingOptions:
+    """What the mapping needs of the config; also used by tests as the daemon's own oracle."""
+    return MappingOptions(
         pricer=Pricer(config.pricing),
         agent_span_tokens=config.agent_span_tokens,
         max_session_id_length=config.max_session_id_length,
@@ -45,9 +45,13 @@ def build_pipeline(config: Config, store: SQLiteStore, *,
         max_value_depth=config.limits.max_value_depth,
         alias_slots=MappingOptions.slots_for(config.aliases),
     )
+
+
+def build_pipeline(config: Config, store: SQLiteStore, *,
+                   on_flush: Callable[[float, int], None] | None = None) -> Pipeline:
     return Pipeline(
         store,
-        options,
+        mapping_options(config),
         flush_interval_s=config.flush_interval_ms / 1000,
         max_pending_spans=config.max_pending_spans,
         max_spans_per_request=config.limits.max_spans_per_request,

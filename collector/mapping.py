@@ -213,7 +213,10 @@ def map_request(request: Any, options: MappingOptions, now_ns: int) -> MappingRe
 
 
 def collect(attributes: Sequence[Any], options: MappingOptions) -> list[Any]:
-    """One pass over KeyValues; the AnyValue of each attribute the mapping knows, by slot.
+    """One pass over KeyValues; the KeyValue of each attribute the mapping knows, by slot.
+
+    KeyValues, not their AnyValues: reading `.value` builds a wrapper object, and only the
+    values a span's kind needs are ever read.
 
     Also enforces the bounds on attribute count and on array/kvlist nesting, which only the
     attributes the mapping does not read can carry, so only those pay for the check.
@@ -227,11 +230,11 @@ def collect(attributes: Sequence[Any], options: MappingOptions) -> list[Any]:
     for kv in attributes:
         slot = slot_of(kv.key)
         if slot is not None:
-            values[slot] = kv.value
+            values[slot] = kv
         elif aliases and (slot := aliases.get(kv.key)) is not None:
             # An alias fills a slot only when the known attribute has not: known names win.
             if values[slot] is None:
-                values[slot] = kv.value
+                values[slot] = kv
         elif (kv.value.WhichOneof("value") in NESTED_KINDS
               and _depth(kv.value, options.max_value_depth) > options.max_value_depth):
             raise InvalidSpan(f"attribute {kv.key[:MAX_VALUE_IN_MESSAGE]!r} nests "
@@ -274,7 +277,7 @@ def map_span(span: Any, fallbacks: list[tuple[tuple[int, ...], list[Any]]],
              options: MappingOptions, now_ns: int, result: MappingResult) -> SpanUsage | None:
     """Map one span; None when it is not usage. Raises InvalidSpan for broken values.
 
-    Written for speed (it runs once per span): AnyValue messages are always truthy, so
+    Written for speed (it runs once per span): KeyValue messages are always truthy, so
     `a or b or c` picks the first attribute present in precedence order.
     """
     try:
@@ -289,7 +292,7 @@ def map_span(span: Any, fallbacks: list[tuple[tuple[int, ...], list[Any]]],
     session_value = v[S_CONVERSATION_ID] or v[S_SESSION_ID]
     if session_value is None:
         return None
-    session_id = session_value.string_value or _text(session_value)
+    session_id = session_value.value.string_value or _text(session_value.value)
     if not session_id:
         return None
     if len(session_id) > options.max_session_id_length or not session_id.isprintable():
@@ -300,9 +303,9 @@ def map_span(span: Any, fallbacks: list[tuple[tuple[int, ...], list[Any]]],
         raise InvalidSpan(f"span {_ref(span)}: trace id must be 16 bytes and span id 8 bytes")
 
     operation = v[S_OPERATION]
-    operation = operation.string_value if operation is not None else ""
+    operation = operation.value.string_value if operation is not None else ""
     oi_kind = v[S_OI_SPAN_KIND]
-    oi_kind = oi_kind.string_value.upper() if oi_kind is not None else ""
+    oi_kind = oi_kind.value.string_value.upper() if oi_kind is not None else ""
     if operation == "invoke_agent" or oi_kind == "AGENT":
         turns, counts_tokens = 1, options.agent_span_tokens
     elif operation in MODEL_CALL_OPERATIONS or oi_kind == "LLM":
@@ -316,7 +319,10 @@ def map_span(span: Any, fallbacks: list[tuple[tuple[int, ...], list[Any]]],
 
     limit = options.max_attribute_value_bytes
     model_value = v[S_RESPONSE_MODEL] or v[S_REQUEST_MODEL] or v[S_OI_MODEL]
-    model = (model_value.string_value or _text(model_value)) if model_value is not None else ""
+    if model_value is not None:
+        model = model_value.value.string_value or _text(model_value.value)
+    else:
+        model = ""
     if len(model) * 4 > limit:
         _bounded(model, _slot_of(v, MODEL_SLOTS, model_value), span, limit)
 
@@ -326,27 +332,27 @@ def map_span(span: Any, fallbacks: list[tuple[tuple[int, ...], list[Any]]],
     if counts_tokens:
         x = v[S_IN] or v[S_IN_DEPRECATED] or v[S_OI_IN]
         if x is not None:
-            prompt = x.int_value
+            prompt = x.value.int_value
             if not 0 < prompt <= MAX_TOKEN_COUNT:  # not a plain count: _count decides
                 prompt = _count(x, v, IN_SLOTS, span)
         x = v[S_OUT] or v[S_OUT_DEPRECATED] or v[S_OI_OUT]
         if x is not None:
-            completion = x.int_value
+            completion = x.value.int_value
             if not 0 < completion <= MAX_TOKEN_COUNT:  # not a plain count: _count decides
                 completion = _count(x, v, OUT_SLOTS, span)
         x = v[S_REASONING] or v[S_OI_REASONING]
         if x is not None:
-            reasoning = x.int_value
+            reasoning = x.value.int_value
             if not 0 < reasoning <= MAX_TOKEN_COUNT:  # not a plain count: _count decides
                 reasoning = _count(x, v, REASONING_SLOTS, span)
         x = v[S_CACHE_READ] or v[S_OI_CACHE_READ]
         if x is not None:
-            cache_read = x.int_value
+            cache_read = x.value.int_value
             if not 0 < cache_read <= MAX_TOKEN_COUNT:  # not a plain count: _count decides
                 cache_read = _count(x, v, CACHE_READ_SLOTS, span)
         x = v[S_CACHE_WRITE] or v[S_OI_CACHE_WRITE]
         if x is not None:
-            cache_write = x.int_value
+            cache_write = x.value.int_value
             if not 0 < cache_write <= MAX_TOKEN_COUNT:  # not a plain count: _count decides
                 cache_write = _count(x, v, CACHE_WRITE_SLOTS, span)
         # GenAI convention: input includes cache reads and writes. Some emitters report cache
@@ -366,7 +372,7 @@ def map_span(span: Any, fallbacks: list[tuple[tuple[int, ...], list[Any]]],
             cost = _cost(x, v, span) * 100.0
         elif prompt or completion:
             request_value = v[S_REQUEST_MODEL]
-            request_model = _text(request_value) if request_value is not None else ""
+            request_model = _text(request_value.value) if request_value is not None else ""
             response_model = model if model_value is not request_value else ""
             priced_cost = options.pricer.cost_cents(
                 response_model, request_model, uncached, cache_read, cache_write, completion)
@@ -387,13 +393,15 @@ def map_span(span: Any, fallbacks: list[tuple[tuple[int, ...], list[Any]]],
         start_ns, end_ns = end_ns, start_ns
 
     x = v[S_KIND]
-    kind = _choice(x, KINDS, DEFAULT_KIND, S_KIND, result) if x is not None else None
+    kind = _choice(x.value, KINDS, DEFAULT_KIND, S_KIND, result) if x is not None else None
     x = v[S_STATUS]
-    status = _choice(x, STATUSES, DEFAULT_STATUS, S_STATUS, result) if x is not None else None
+    status = (_choice(x.value, STATUSES, DEFAULT_STATUS, S_STATUS, result)
+              if x is not None else None)
     x = v[S_CHANNEL]
-    channel = _choice(x, CHANNELS, DEFAULT_CHANNEL, S_CHANNEL, result) if x is not None else None
+    channel = (_choice(x.value, CHANNELS, DEFAULT_CHANNEL, S_CHANNEL, result)
+               if x is not None else None)
     x = v[S_GOAL]
-    goal = _bounded(_text(x), S_GOAL, span, limit) or None if x is not None else None
+    goal = _bounded(_text(x.value), S_GOAL, span, limit) or None if x is not None else None
 
     return _new_usage(SpanUsage, (
         _pack_time(key_time) + trace_id + span_id, session_id, start_ns, end_ns, turns, prompt,
@@ -450,8 +458,10 @@ def _show(value: Any) -> str:
     return shown if len(shown) <= MAX_VALUE_IN_MESSAGE else shown[:MAX_VALUE_IN_MESSAGE] + "..."
 
 
-def _count(value: Any, values: list[Any], group: tuple[int, ...], span: Any) -> int:
-    """A token count: a non-negative integer (integral doubles and digit strings accepted)."""
+def _count(kv: Any, values: list[Any], group: tuple[int, ...], span: Any) -> int:
+    """A token count: an integer up to MAX_TOKEN_COUNT (integral doubles and digit strings
+    accepted). `kv` is the attribute's KeyValue; `values` and `group` name it in errors."""
+    value = kv.value
     number: int | None = value.int_value
     if number:  # a non-zero int_value means the oneof holds an int
         if 0 < number <= MAX_TOKEN_COUNT:
@@ -472,11 +482,12 @@ def _count(value: Any, values: list[Any], group: tuple[int, ...], span: Any) -> 
         if number is not None and 0 <= number <= MAX_TOKEN_COUNT:
             return number
     raise InvalidSpan(
-        f"span {_ref(span)}: {SLOT_NAMES[_slot_of(values, group, value)]} must be an "
+        f"span {_ref(span)}: {SLOT_NAMES[_slot_of(values, group, kv)]} must be an "
         f"integer from 0 to {MAX_TOKEN_COUNT}, got {_show(value)}")
 
 
-def _cost(value: Any, values: list[Any], span: Any) -> float:
+def _cost(kv: Any, values: list[Any], span: Any) -> float:
+    value = kv.value
     which = value.WhichOneof("value")
     number: float | None = None
     if which == "double_value":
@@ -490,7 +501,7 @@ def _cost(value: Any, values: list[Any], span: Any) -> float:
             number = None
     if number is None or not 0 <= number <= MAX_COST_USD:  # also rejects NaN
         raise InvalidSpan(
-            f"span {_ref(span)}: {SLOT_NAMES[_slot_of(values, COST_SLOTS, value)]} must be a "
+            f"span {_ref(span)}: {SLOT_NAMES[_slot_of(values, COST_SLOTS, kv)]} must be a "
             f"number of USD from 0 to {MAX_COST_USD:g}, got {_show(value)}")
     return number
 

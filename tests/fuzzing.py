@@ -49,7 +49,6 @@ from collector.otlp import (
     decode_json,
     decode_protobuf,
 )
-from collector.pricing import Pricer
 from tests.conftest import MS, SECOND, T0, make_span
 
 INT64_MAX = 2**63 - 1
@@ -401,17 +400,10 @@ requests = st.builds(
 # -- the oracle --------------------------------------------------------------------------------
 
 def options_from_config(path: Path) -> MappingOptions:
-    """The MappingOptions the daemon builds from this config file (see daemon.build_pipeline)."""
-    config = load_config(path)
-    return MappingOptions(
-        pricer=Pricer(config.pricing),
-        agent_span_tokens=config.agent_span_tokens,
-        max_session_id_length=config.max_session_id_length,
-        max_attributes_per_span=config.limits.max_attributes_per_span,
-        max_attribute_value_bytes=config.limits.max_attribute_value_bytes,
-        max_value_depth=config.limits.max_value_depth,
-        alias_slots=MappingOptions.slots_for(config.aliases),
-    )
+    """The MappingOptions the daemon builds from this config file."""
+    from collector.daemon import mapping_options
+
+    return mapping_options(load_config(path))
 
 
 ORACLE_CRASHED = 0  # the collector's own decoder raised something it should have classified

@@ -184,6 +184,43 @@ def test_disk_full_answers_retryably_and_recovers_without_restart(
     assert "storage recovered" in daemon.log
 
 
+def can_chattr(directory: Path) -> bool:
+    probe = directory / "chattr-probe"
+    probe.write_bytes(b"x")
+    try:
+        ok = subprocess.run(["chattr", "+i", str(probe)], capture_output=True).returncode == 0
+        if ok:
+            subprocess.run(["chattr", "-i", str(probe)], check=True)
+        return ok
+    except OSError:
+        return False
+    finally:
+        probe.unlink()
+
+
+def test_read_only_files_answer_retryably_and_recover_without_restart(
+        start_daemon: StartDaemon, tmp_path: Path) -> None:
+    if not can_chattr(tmp_path):
+        pytest.skip("needs chattr +i (immutable files) on the test filesystem")
+    daemon = start_daemon("[flush]\ninterval_ms = 50\n")
+    daemon.export_http([turn(new_trace(), 1, "ro", 1)])
+    files = [str(daemon.db_path), f"{daemon.db_path}-wal"]
+    # Immutable: even root, and even through the daemon's open descriptors, cannot write.
+    subprocess.run(["chattr", "+i", *files], check=True)
+    body = request_bytes(turn(new_trace(), 1, "ro", 10))
+    try:
+        status, headers, _ = post(daemon, body)
+        assert status == 503 and headers["Retry-After"] == "1"
+        wait_for(lambda: "flush failed" in daemon.log, "the failure log")
+    finally:
+        subprocess.run(["chattr", "-i", *files], check=True)
+    wait_for(lambda: daemon.row("ro")["turns"] == 2, "the kept batch to commit")
+    assert post(daemon, body)[0] == 200
+    row = daemon.row("ro")
+    assert (row["turns"], row["prompt_tokens"]) == (2, 11)
+    assert "storage recovered" in daemon.log
+
+
 @needs_mount
 def test_read_only_filesystem_is_a_clear_start_error(small_fs: Path) -> None:
     db = small_fs / "sessions.db"

@@ -352,13 +352,15 @@ class SQLiteStore:
             deltas = list(applied.sessions.values())
             if deltas:
                 await db.executemany(UPSERT_SESSION, map(session_params, deltas))
+                # Generators, not lists: the parameters are built row by row in the writer
+                # thread, so a flush touching many sessions holds no second copy of them.
                 await db.executemany(
                     UPSERT_MARKS,
-                    [mark_params(d) for d in deltas
-                     if max(d.model_ns, d.kind_ns, d.status_ns, d.channel_ns, d.goal_ns) >= 0])
+                    (mark_params(d) for d in deltas
+                     if max(d.model_ns, d.kind_ns, d.status_ns, d.channel_ns, d.goal_ns) >= 0))
                 await db.executemany(
                     UPSERT_HOURLY,
-                    [hour_params(k, h) for k, h in applied.hours.items() if not h.is_empty()])
+                    (hour_params(k, h) for k, h in applied.hours.items() if not h.is_empty()))
             swept = 0
             if sweep_before_ns is not None:
                 cursor = await db.execute(SWEEP_STALE, (iso_utc(sweep_before_ns),))

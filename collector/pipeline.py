@@ -288,8 +288,15 @@ class Pipeline:
                 ticket.exception()  # retrieved: waiters that left early do not warn
             return False
         except BaseException:
+            # Not a storage failure: a bug or a cancellation. Keep the data as above, answer
+            # this batch's waiters retryably now; later waiters keep the newer ticket, which
+            # whoever handles the loop's end fails in turn.
             batch.absorb(self._pending)
-            self._pending, self._ticket = batch, ticket
+            self._pending = batch
+            if ticket is not None:
+                ticket.set_exception(ExportError(
+                    Refusal.STORAGE_UNAVAILABLE, "collector failed to commit; retry later"))
+                ticket.exception()
             raise
         finally:
             self._in_flush = 0

@@ -101,11 +101,6 @@ class Pricer:
         return None
 
 
-def _apply(r: Rates, uncached: int, cache_read: int, cache_write: int, output: int) -> float:
-    return (uncached * r.input + cache_read * r.cache_read + cache_write * r.cache_write
-            + output * r.output)
-
-
 def _library_rates(model: str) -> Rates | None:
     try:
         from genai_prices import Usage, calc_price

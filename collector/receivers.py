@@ -43,7 +43,6 @@ GRPC_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
 # Receivers wait this long for requests in flight when stopping; each of them needs at most
 # a flush interval plus a commit, so this is generous.
 STOP_GRACE_S = 15.0
-READ_CHUNK = 64 * 1024
 # Where an HTTP handler leaves its answer's outcome on the response, for the counting middleware.
 OUTCOME_KEY = "collector.outcome"
 

@@ -375,6 +375,9 @@ class SQLiteStore:
             # A failed COMMIT may already have rolled back; then ROLLBACK itself fails.
             with contextlib.suppress(sqlite3.Error):
                 await db.execute("ROLLBACK")
+            # A rotation in this transaction was rolled back too: re-read the generation's
+            # start from the database next time instead of trusting memory.
+            self._generation_started_ns = None
             if isinstance(exc, sqlite3.Error):
                 raise StorageError(str(exc)) from exc
             if isinstance(exc, OverflowError | ValueError | TypeError):

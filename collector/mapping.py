@@ -17,6 +17,8 @@ Which spans count as what:
   turn; its tokens are roll-ups of its children and are ignored unless ``agent_span_tokens``;
 * model call (``chat``, ``text_completion``, ``generate_content`` or kind ``LLM``): tokens, cost
   and model; also a turn when it has no parent span;
+* a span's GenAI operation name, when present, decides its kind; the OpenInference span kind
+  is consulted only without one;
 * any other span with a session id and token counts: one turn plus its tokens;
 * a span with a session id and session attributes only: updates the session;
 * anything else is not usage and is ignored.
@@ -304,8 +306,12 @@ def map_span(span: Any, fallbacks: list[tuple[tuple[int, ...], list[Any]]],
 
     operation = v[S_OPERATION]
     operation = operation.value.string_value if operation is not None else ""
-    oi_kind = v[S_OI_SPAN_KIND]
-    oi_kind = oi_kind.value.string_value.upper() if oi_kind is not None else ""
+    # The GenAI operation name, when present, decides; otherwise the OpenInference span kind.
+    if operation:
+        oi_kind = ""
+    else:
+        oi_kind = v[S_OI_SPAN_KIND]
+        oi_kind = oi_kind.value.string_value.upper() if oi_kind is not None else ""
     if operation == "invoke_agent" or oi_kind == "AGENT":
         turns, counts_tokens = 1, options.agent_span_tokens
     elif operation in MODEL_CALL_OPERATIONS or oi_kind == "LLM":

@@ -335,3 +335,13 @@ def test_a_span_without_timestamps_keeps_the_same_key_on_retry() -> None:
     retry = map_request(encode_spans([span]), OPTIONS, now_ns=T0 + 60 * 10**9).records[0]
     assert first.key == retry.key
     assert (first.start_ns, retry.start_ns) == (T0, T0 + 60 * 10**9)
+
+
+def test_the_genai_operation_decides_over_the_openinference_kind() -> None:
+    both = one(make_span(parent_id=5, attrs=chat(**{"openinference.span.kind": "AGENT",
+                                                     "gen_ai.usage.input_tokens": 7})))
+    assert (both.turns, both.prompt_tokens) == (0, 7)  # a child chat span, not an agent turn
+    oi_only = one(make_span(parent_id=5, attrs={"session.id": "s",
+                                                "openinference.span.kind": "AGENT",
+                                                "gen_ai.usage.input_tokens": 7}))
+    assert (oi_only.turns, oi_only.prompt_tokens) == (1, 0)

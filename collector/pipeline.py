@@ -36,6 +36,10 @@ SHUTDOWN_FLUSH_DEADLINE_S = 10.0
 # The stale sweep runs every stale_after/10, within these bounds.
 MIN_SWEEP_INTERVAL_S = 1.0
 MAX_SWEEP_INTERVAL_S = 60.0
+# A batch touching this many sessions is flushed at once instead of at the next tick: the
+# commit costs the same per session either way, and memory stays bounded by this, not by
+# how many sessions one interval happens to touch (about 1 KB each while pending).
+EARLY_FLUSH_SESSIONS = 8192
 # Distinct invalid attribute values remembered so each is logged once.
 MAX_LOGGED_INVALID_VALUES = 1000
 
@@ -199,7 +203,10 @@ class Pipeline:
             self._log_invalid_values(result.invalid_values)
         outcome = ExportOutcome(rejected=result.rejected, message=result.error_message)
         if result.records:
-            self._pending.add(result.records)
+            pending = self._pending
+            pending.add(result.records)
+            if len(pending.sessions) >= EARLY_FLUSH_SESSIONS:
+                self._wake.set()
             ticket = self._current_ticket()
             log.debug("request with %d usage spans waiting for commit", len(result.records))
             del result
@@ -246,6 +253,8 @@ class Pipeline:
                 wait = max(0.0, started + delay - time.monotonic())
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), wait)
+                if not self._closing:
+                    self._wake.clear()  # woken early by a large batch: flush it now
             if self._closing and shutdown_deadline is None:
                 shutdown_deadline = time.monotonic() + SHUTDOWN_FLUSH_DEADLINE_S
             started = time.monotonic()

@@ -66,3 +66,22 @@ async def test_a_dead_flush_loop_fails_waiters_and_stops_the_daemon(
     assert pipeline.fatal
     await pipeline.shutdown()
     await store.close()
+
+
+async def test_a_batch_touching_many_sessions_is_flushed_before_the_tick(
+        tmp_path: Path) -> None:
+    from collector.pipeline import EARLY_FLUSH_SESSIONS
+
+    store = SQLiteStore(tmp_path / "p.db", retention_s=3600)
+    await store.open()
+    pipeline = Pipeline(store, MappingOptions(pricer=Pricer({}, use_library=False)),
+                        flush_interval_s=3600, max_pending_spans=100_000, stale_after_s=3600)
+    await pipeline.start()
+    many = encode_spans([make_span(span_id=i + 1, attrs={
+        "session.id": f"s-{i}", "gen_ai.usage.input_tokens": 1})
+        for i in range(EARLY_FLUSH_SESSIONS)])
+    # With an hour-long interval only the early flush can answer this request.
+    await asyncio.wait_for(pipeline.export(many), 60)
+    assert len(read_rows(store.path)) == EARLY_FLUSH_SESSIONS
+    await pipeline.shutdown()
+    await store.close()

@@ -101,6 +101,7 @@ def test_shipped_config_toml_is_valid_and_matches_the_defaults() -> None:
     ("bad_token_spaces.toml", "auth.token_file", "one token without spaces"),
     ("bad_limit_zero.toml", "limits.max_value_depth", "must be >= 1"),
     ("bad_alias_target.toml", 'mapping.aliases."app.thread_id"', "not an attribute"),
+    ("bad_retention_short.toml", "dedupe.retention_s", "must be >= 86400"),
 ])
 def test_bad_config_names_key_and_file(name: str, key: str, words: str) -> None:
     with pytest.raises(ConfigError) as info:

@@ -136,11 +136,11 @@ class Pipeline:
         log.critical("flush loop died; stopping the collector", exc_info=task.exception())
         self.fatal = True
         self._closing = True
-        for ticket in (self._ticket,):
-            if ticket is not None and not ticket.done():
-                ticket.set_exception(ExportError(Refusal.STORAGE_UNAVAILABLE,
-                                                 "collector failed; retry later"))
-                ticket.exception()
+        ticket = self._ticket
+        if ticket is not None and not ticket.done():
+            ticket.set_exception(ExportError(Refusal.STORAGE_UNAVAILABLE,
+                                             "collector failed; retry later"))
+            ticket.exception()
         if self._on_fatal is not None:
             self._on_fatal()
 

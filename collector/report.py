@@ -19,8 +19,10 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
+import math
+import operator
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 REPORTS = ("daily", "monthly", "session", "model")
@@ -142,6 +144,10 @@ def build_report(kind: str, rows: Iterable[RollupRow], *, tz: dt.tzinfo, timezon
     if kind not in REPORTS:
         raise ValueError(f"unknown report {kind!r}")
     breakdown = breakdown and kind != "model"
+    if kind == "session":
+        ordered, totals = _session_lines(rows, breakdown)
+        return Report(kind=kind, timezone=timezone, since=since, until=until,
+                      breakdown=breakdown, lines=ordered, totals=totals)
     local_day: dict[str, str] = {}  # one conversion per distinct hour, not per row
 
     def key_of(row: RollupRow) -> str:
@@ -172,14 +178,64 @@ def build_report(kind: str, rows: Iterable[RollupRow], *, tz: dt.tzinfo, timezon
     ordered.sort(key=lambda line: (-line.usage.cost_cents, line.model or ""))
     if kind in ("daily", "monthly"):
         ordered.sort(key=lambda line: line.key)
-    elif kind == "session":
-        last: dict[str, str] = {}
-        for line in ordered:
-            last[line.key] = max(last.get(line.key, ""), line.last_hour)
-        ordered.sort(key=lambda line: line.key)
-        ordered.sort(key=lambda line: last[line.key], reverse=True)
     return Report(kind=kind, timezone=timezone, since=since, until=until, breakdown=breakdown,
                   lines=ordered, totals=totals)
+
+
+def _session_lines(rows: Iterable[RollupRow], breakdown: bool) -> tuple[list[Line], Usage]:
+    """The session report's fold: a session report can have a line per session, so this is
+    build_report's loop with the per-row work cut down (one dict lookup, no method calls).
+
+    Sums come out as Usage.add_row's would, in the same order: a line's first row is added to
+    zeros and the totals take every row in turn, so costs are the same floats.
+    """
+    lines: dict[tuple[str, str] | str, Line] = {}
+    turns = prompt = completion = reasoning = cache_read = cache_write = 0
+    cents = 0.0
+    for row in rows:
+        session, model, last_hour, r_turns, r_prompt, r_completion, r_reasoning, \
+            r_cache_read, r_cache_write, r_cents = row
+        turns += r_turns
+        prompt += r_prompt
+        completion += r_completion
+        reasoning += r_reasoning
+        cache_read += r_cache_read
+        cache_write += r_cache_write
+        cents += r_cents
+        key: tuple[str, str] | str = (session, model) if breakdown else session
+        line = lines.get(key)
+        if line is None:
+            lines[key] = Line(session, model if breakdown else None, {model}, last_hour,
+                              Usage(r_turns, r_prompt - r_cache_read - r_cache_write,
+                                    r_cache_read, r_cache_write, r_completion, r_reasoning,
+                                    0.0 + r_cents))
+            continue
+        line.models.add(model)
+        if last_hour > line.last_hour:
+            line.last_hour = last_hour
+        line.usage.add_row(row)
+    totals = Usage(turns, prompt - cache_read - cache_write, cache_read, cache_write, completion,
+                   reasoning, cents)
+    ordered = list(lines.values())
+    if breakdown:
+        # A session's models, most expensive first; then sessions as below, by the session's
+        # latest hour (the latest of its lines').
+        ordered.sort(key=lambda line: (line.key, -line.usage.cost_cents, line.model or ""))
+        last: dict[str, str] = {}
+        for line in ordered:
+            if line.last_hour > last.get(line.key, ""):
+                last[line.key] = line.last_hour
+        ordered.sort(key=lambda line: last[line.key], reverse=True)
+    else:
+        # Most recently active first, then by session id. Rows from collector.store come
+        # ordered by session, so the first sort finds them sorted.
+        ordered.sort(key=_KEY)
+        ordered.sort(key=_LAST_HOUR, reverse=True)
+    return ordered, totals
+
+
+_KEY = operator.attrgetter("key")
+_LAST_HOUR = operator.attrgetter("last_hour")
 
 
 def model_label(model: str) -> str:
@@ -220,10 +276,51 @@ def to_json(report: Report, tz: dt.tzinfo) -> dict[str, Any]:
 def json_text(data: dict[str, Any]) -> str:
     """`to_json`'s document with one line per report line: readable, and written by the C
     encoder (an indented dump runs the pure-Python one, 10x slower on 50,000 sessions)."""
+    return _json_document(data, [json.dumps(line) for line in data["lines"]])
+
+
+def json_report(report: Report, tz: dt.tzinfo) -> str:
+    """`json_text(to_json(report, tz))`, character for character, written straight from the
+    lines: a session report has up to a line per session, and a dict per line that json.dumps
+    then walks costs three times as much as formatting the line's text directly."""
+    key_name = json.dumps(KEY_NAMES[report.kind])
+    kind, breakdown = report.kind, report.breakdown
+    texts = []
+    for line in report.lines:
+        text = f"{{{key_name}: {_json_str(line.key)}"
+        if breakdown:
+            text += f', "model": {"null" if line.model is None else _json_str(line.model)}'
+        elif kind != "model":
+            models = line.models
+            names = (map(_json_str, models) if len(models) == 1
+                     else map(_json_str, sorted(models)))
+            text += f', "models": [{", ".join(names)}]'
+        if kind == "session":
+            # local_hour's text is digits, '-', ':' and a space: nothing to escape.
+            text += f', "last_active": "{local_hour(line.last_hour, tz)}"'
+        u = line.usage
+        texts.append(
+            f'{text}, "turns": {u.turns}, "input_tokens": {u.input_tokens}, '
+            f'"cache_read_tokens": {u.cache_read_tokens}, '
+            f'"cache_write_tokens": {u.cache_write_tokens}, "output_tokens": {u.output_tokens}, '
+            f'"reasoning_tokens": {u.reasoning_tokens}, "total_tokens": {u.total_tokens}, '
+            f'"cost_usd": {_json_float(round(u.cost_cents / 100, 8))}}}')
+    return _json_document(to_json(replace(report, lines=[]), tz), texts)
+
+
+_json_str = json.encoder.encode_basestring_ascii  # what json.dumps writes for a str
+
+
+def _json_float(value: float) -> str:
+    """What json.dumps writes for a float (it spells NaN and the infinities its own way)."""
+    return float.__repr__(value) if math.isfinite(value) else json.dumps(value)
+
+
+def _json_document(data: dict[str, Any], lines: list[str]) -> str:
     parts = []
     for key, value in data.items():
-        if key == "lines" and value:
-            inner = ",\n    ".join(json.dumps(line) for line in value)
+        if key == "lines" and lines:
+            inner = ",\n    ".join(lines)
             parts.append(f'  "lines": [\n    {inner}\n  ]')
         else:
             parts.append(f"  {json.dumps(key)}: {json.dumps(value)}")
@@ -253,26 +350,28 @@ def to_table(report: Report, tz: dt.tzinfo) -> Table:
         headers.append("last active")
     text_columns = len(headers)
     headers.extend(NUMBER_HEADERS)
+    kind, breakdown = report.kind, report.breakdown
     rows = []
     for line in report.lines:
-        cells = [model_label(line.key) if report.kind == "model" else line.key]
-        if report.breakdown:
-            cells.append(model_label(line.model or ""))
-        elif report.kind != "model":
-            cells.append(", ".join(model_label(m) for m in sorted(line.models)))
-        if report.kind == "session":
-            cells.append(local_hour(line.last_hour, tz))
-        cells.extend(_numbers(line.usage))
-        rows.append(tuple(cells))
+        cells: tuple[str, ...] = (model_label(line.key) if kind == "model" else line.key,)
+        if breakdown:
+            cells += (model_label(line.model or ""),)
+        elif kind != "model":
+            models = line.models
+            cells += (model_label(next(iter(models))) if len(models) == 1
+                      else ", ".join(map(model_label, sorted(models))),)
+        if kind == "session":
+            cells += (local_hour(line.last_hour, tz),)
+        rows.append(cells + _numbers(line.usage))
     totals = ("Total", *([""] * (text_columns - 1)), *_numbers(report.totals))
     numeric = tuple(i >= text_columns for i in range(len(headers)))
     return Table(headers=tuple(headers), numeric=numeric, rows=rows, totals=totals)
 
 
-def _numbers(u: Usage) -> list[str]:
-    return [f"{u.turns:,}", f"{u.input_tokens:,}", f"{u.cache_read_tokens:,}",
+def _numbers(u: Usage) -> tuple[str, ...]:
+    return (f"{u.turns:,}", f"{u.input_tokens:,}", f"{u.cache_read_tokens:,}",
             f"{u.cache_write_tokens:,}", f"{u.output_tokens:,}", f"{u.reasoning_tokens:,}",
-            f"{u.total_tokens:,}", format_usd(u.cost_cents)]
+            f"{u.total_tokens:,}", format_usd(u.cost_cents))
 
 
 def format_usd(cents: float) -> str:

@@ -486,7 +486,8 @@ USAGE_GROUPS = {"hour": "hour", "session": "session_id"}
 
 def read_usage(path: Path, *, group: str, lo: str | None = None,
                hi: str | None = None) -> list[tuple[Any, ...]]:
-    """Rollup sums per (group, model) for hours in [lo, hi); the rows of collector.report.
+    """Rollup sums per (group, model) for hours in [lo, hi), ordered by (group, model); the
+    rows of collector.report.
 
     `group` is "hour" or "session". Opens its own read-only connection; never writes.
     """
@@ -504,7 +505,9 @@ def read_usage(path: Path, *, group: str, lo: str | None = None,
            f"sum(cache_write_tokens), sum(cost_cents) FROM {HOURLY_TABLE}")
     if where:
         sql += " WHERE " + " AND ".join(where)
-    sql += f" GROUP BY {column}, model"
+    # The order is the grouping's (free in SQLite) and is promised: a session report folds
+    # each session's rows as they come, adding its models' costs in the same order each time.
+    sql += f" GROUP BY {column}, model ORDER BY {column}, model"
     uri = f"{path.resolve().as_uri()}?mode=ro"
     conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import random
 import sqlite3
 import subprocess
 import sys
@@ -20,10 +21,12 @@ from collector.report import (
     build_report,
     format_usd,
     hour_bounds,
+    json_report,
     json_text,
     to_json,
     to_table,
 )
+from collector.store import read_usage
 from tests.conftest import MS, T0, Daemon, make_span
 from tests.test_daemon import NO_SWEEP, PRICES
 from tests.test_receivers import new_trace
@@ -127,6 +130,77 @@ def test_table_and_json_show_the_same_numbers() -> None:
     assert json.loads(json_text(empty)) == empty and empty["totals"]["turns"] == 0
 
 
+def reference_lines(kind: str, rows: list[RollupRow], breakdown: bool) -> list[Any]:
+    """What a report's lines are, the slow and obvious way: sum each line's rows, then order."""
+    keys: dict[tuple[str, str | None], list[RollupRow]] = {}
+    for r in rows:
+        keys.setdefault((r.group, r.model if breakdown else None), []).append(r)
+    last = {group: max(r.last_hour for r in rows if r.group == group) for group, _ in keys}
+    lines = []
+    for (group, model), mine in keys.items():
+        cents = 0.0
+        for r in mine:
+            cents += r.cost_cents
+        lines.append((group, model, sorted({r.model for r in mine}),
+                      max(r.last_hour for r in mine), sum(r.turns for r in mine),
+                      sum(r.prompt_tokens - r.cache_read_tokens - r.cache_write_tokens
+                          for r in mine), cents))
+    if kind == "session":
+        lines.sort(key=lambda line: (line[0], -line[6], line[1] or ""))
+        lines.sort(key=lambda line: last[line[0]], reverse=True)
+    return lines
+
+
+def random_rows(seed: int, count: int) -> list[RollupRow]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        hour = f"2026-01-{rng.randint(1, 9):02d}T{rng.randint(0, 23):02d}:00:00.000Z"
+        rows.append(row(f"s-{rng.randint(0, 30)}", rng.choice(["a", "b", "c", "d", ""]),
+                        turns=rng.randint(1, 5), prompt=rng.randint(100, 1000),
+                        cache_read=rng.randint(0, 50), cache_write=rng.randint(0, 50),
+                        cents=rng.random() * 10, last=hour))
+    return rows
+
+
+@pytest.mark.parametrize("breakdown", [False, True])
+@pytest.mark.parametrize("seed", range(5))
+def test_session_lines_equal_a_plain_fold_in_any_row_order(seed: int, breakdown: bool) -> None:
+    rows = random_rows(seed, 300)  # repeated (session, model) pairs, unordered, tied hours
+    report = build_report("session", rows, tz=UTC, timezone="UTC", breakdown=breakdown)
+    assert [(line.key, line.model, sorted(line.models), line.last_hour, line.usage.turns,
+             line.usage.input_tokens, line.usage.cost_cents) for line in report.lines] == (
+        reference_lines("session", rows, breakdown))
+    cents = 0.0
+    for r in rows:
+        cents += r.cost_cents
+    assert report.totals.cost_cents == cents  # the same float: rows are added in turn
+    assert report.totals.turns == sum(r.turns for r in rows)
+
+
+@pytest.mark.parametrize("kind", ["daily", "monthly", "session", "model"])
+@pytest.mark.parametrize("breakdown", [False, True])
+def test_json_report_is_json_text_of_to_json(kind: str, breakdown: bool) -> None:
+    rows = [*random_rows(1, 50), row('say "hi"\\ \u00e9\u2603 \U0001f600\x1f', "\u00e9",
+                                          last="2026-01-01T00:00:00.000Z"),
+            *(row(name, "x", cents=cents, last="2026-01-02T03:00:00.000Z")
+              for name, cents in (("nan", float("nan")), ("inf", float("-inf")), ("zero", -0.0)))]
+    if kind != "session":
+        rows = [RollupRow(r.last_hour, *r[1:]) for r in rows]
+    for zone in (UTC, KOLKATA):
+        report = build_report(kind, rows, tz=zone, timezone=str(zone), breakdown=breakdown,
+                              since=dt.date(2026, 1, 1))
+        assert json_report(report, zone) == json_text(to_json(report, zone))
+        empty = build_report(kind, [], tz=zone, timezone=str(zone), breakdown=breakdown)
+        assert json_report(empty, zone) == json_text(to_json(empty, zone))
+
+
+def test_plain_columns_align_numbers_right_and_text_left() -> None:
+    assert cli._aligned(("key", "n"), (False, True), [("a", "1,234"), ("{x}", ""),
+                                                       ("Total", "5")]) == [
+        "key        n", "a      1,234", "{x}", "Total      5"]
+
+
 def test_small_costs_stay_visible() -> None:
     assert (format_usd(0), format_usd(0.34), format_usd(12345.6)) == ("$0.00", "$0.0034",
                                                                       "$123.46")
@@ -221,6 +295,11 @@ def test_report_lines_follow_the_time_zone(fleet: Any, capsys: pytest.CaptureFix
                                            kind: str, zone: str, keys: list[str]) -> None:
     data = report(fleet[0], capsys, kind, "--timezone", zone)
     assert [line[KEYS[kind]] for line in data["lines"]] == keys
+
+
+def test_session_rows_come_ordered_by_session_and_model(fleet: Any) -> None:
+    usage = read_usage(fleet[0].db_path, group="session")
+    assert len(usage) == 5 and usage == sorted(usage, key=lambda r: (r[0], r[1]))
 
 
 def test_model_report_and_breakdown(fleet: Any, capsys: pytest.CaptureFixture[str]) -> None:

@@ -118,10 +118,17 @@ def _run(coro: Any) -> int:
     return int(uvloop.run(coro))
 
 
+def _no_database(path: Path) -> bool:
+    """True (after saying so) when the daemon has not created the database yet."""
+    if path.exists():
+        return False
+    print(f"collector: no database at {path} (has the daemon run?)", file=sys.stderr)
+    return True
+
+
 def _sessions(config: Config, args: argparse.Namespace) -> int:
     path = config.sqlite_path
-    if not path.exists():
-        print(f"collector: no database at {path} (has the daemon run?)", file=sys.stderr)
+    if _no_database(path):
         return EXIT_FAILURE
     try:
         rows = read_sessions(path, status=args.status, limit=args.limit)
@@ -132,7 +139,9 @@ def _sessions(config: Config, args: argparse.Namespace) -> int:
         json.dump(rows, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        _print_table(rows, path)
+        cells = [[_cell(name, row[name]) for name in SHOWN_COLUMNS] for row in rows]
+        _print_table(f"agent sessions ({len(rows)}) in {path}", SHOWN_COLUMNS,
+                     [name in NUMERIC for name in SHOWN_COLUMNS], cells)
     return EXIT_OK
 
 
@@ -152,31 +161,24 @@ def _cell(name: str, value: Any) -> str:
     return str(value)
 
 
-def _print_table(rows: list[dict[str, Any]], path: Path) -> None:
+def _print_table(title: str, headers: Sequence[str], numeric: Sequence[bool],
+                 rows: Sequence[Sequence[str]], totals: Sequence[str] | None = None) -> None:
     """A rich table on a terminal; plain aligned text when piped (for grep and friends)."""
-    cells = [[_cell(name, row[name]) for name in SHOWN_COLUMNS] for row in rows]
     if sys.stdout.isatty():
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(title=f"agent sessions ({len(rows)}) in {path}")
-        for name in SHOWN_COLUMNS:
-            table.add_column(name, justify="right" if name in NUMERIC else "left")
-        for line in cells:
-            table.add_row(*line)
+        table = Table(title=title)
+        for header, num in zip(headers, numeric, strict=True):
+            table.add_column(header, justify="right" if num else "left")
+        for i, cells in enumerate(rows):
+            table.add_row(*cells, end_section=totals is not None and i == len(rows) - 1)
+        if totals is not None:
+            table.add_row(*totals, style="bold")
         Console().print(table)
         return
-    widths = [max([len(name)] + [len(line[i]) for line in cells])
-              for i, name in enumerate(SHOWN_COLUMNS)]
-
-    def fmt(values: Sequence[str]) -> str:
-        parts = [v.rjust(w) if name in NUMERIC else v.ljust(w)
-                 for v, w, name in zip(values, widths, SHOWN_COLUMNS, strict=True)]
-        return "  ".join(parts).rstrip()
-
-    print(fmt(SHOWN_COLUMNS))
-    for line in cells:
-        print(fmt(line))
+    lines = _aligned(headers, numeric, [*rows, totals] if totals is not None else rows)
+    sys.stdout.write("\n".join(lines) + "\n")  # one write: a session report has 50,000 lines
 
 
 def _check_config(config: Config, args: argparse.Namespace) -> int:
@@ -211,8 +213,7 @@ def _report(config: Config, args: argparse.Namespace) -> int:
 
 def _print_report(config: Config, args: argparse.Namespace) -> int:
     path = config.sqlite_path
-    if not path.exists():
-        print(f"collector: no database at {path} (has the daemon run?)", file=sys.stderr)
+    if _no_database(path):
         return EXIT_FAILURE
     if args.since and args.until and args.since > args.until:
         print(f"collector: --since {args.since} is after --until {args.until}", file=sys.stderr)
@@ -233,21 +234,8 @@ def _print_report(config: Config, args: argparse.Namespace) -> int:
         sys.stdout.write(report.json_report(result, tz))
         return EXIT_OK
     table = report.to_table(result, tz)
-    title = f"{args.kind} usage ({args.timezone})"
-    if sys.stdout.isatty():
-        from rich.console import Console
-        from rich.table import Table
-
-        rich_table = Table(title=title, show_footer=False)
-        for header, numeric in zip(table.headers, table.numeric, strict=True):
-            rich_table.add_column(header, justify="right" if numeric else "left")
-        for i, cells in enumerate(table.rows):
-            rich_table.add_row(*cells, end_section=i == len(table.rows) - 1)
-        rich_table.add_row(*table.totals, style="bold")
-        Console().print(rich_table)
-        return EXIT_OK
-    lines = _aligned(table.headers, table.numeric, [*table.rows, table.totals])
-    sys.stdout.write("\n".join(lines) + "\n")  # one write: a session report has 50,000 lines
+    _print_table(f"{args.kind} usage ({args.timezone})", table.headers, table.numeric,
+                 table.rows, table.totals)
     return EXIT_OK
 
 

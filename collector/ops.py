@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from collector import __version__
 from collector.config import Endpoint
 from collector.mapping import STATUSES
 from collector.pipeline import Pipeline, Stats
+from collector.receivers import start_app
 from collector.store import SQLiteStore, count_sessions_by_status
 
 log = logging.getLogger(__name__)
@@ -220,18 +220,11 @@ class OpsServer:
         app.router.add_get("/metrics", self._scrape)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                               shutdown_timeout=STOP_GRACE_S)
-        await runner.setup()
         try:
-            site = web.TCPSite(runner, self.endpoint.host, self.endpoint.port,
-                               reuse_address=True)
-            await site.start()
-        except (OSError, ssl.SSLError) as exc:
-            await runner.cleanup()
+            self._runner = await start_app(app, self.endpoint, shutdown_timeout=STOP_GRACE_S)
+        except OSError as exc:
             raise OpsError(f"cannot listen for operations on {self.endpoint}: "
-                           f"{getattr(exc, 'strerror', None) or exc}") from None
-        self._runner = runner
+                           f"{exc.strerror or exc}") from None
         log.info("operations endpoint (/metrics, /healthz, /readyz) on %s", self.endpoint)
 
     async def stop(self) -> None:

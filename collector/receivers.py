@@ -55,6 +55,22 @@ def _outcome(outcome: ExportOutcome) -> str:
     return "partial" if outcome.rejected else "ok"
 
 
+async def start_app(app: web.Application, endpoint: Endpoint, *,
+                    ssl_context: ssl.SSLContext | None = None, **server: Any) -> web.AppRunner:
+    """Serve an aiohttp app on an endpoint, without access logs or signal handling (the
+    daemon owns both). If it cannot listen, nothing is left running and the error is raised."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, **server)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, endpoint.host, endpoint.port, reuse_address=True,
+                           ssl_context=ssl_context)
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
+
+
 class ReceiverError(Exception):
     """A receiver could not start (address in use, bad address)."""
 
@@ -73,20 +89,15 @@ class HttpReceiver:
         app = web.Application(client_max_size=self._limit, middlewares=[self._count])
         app.router.add_route("*", TRACES_PATH, self._handle)
         app.router.add_route("*", "/{tail:.*}", self._not_found)
-        # auto_decompress off: decompression is ours, bounded by the limit (gzip bombs).
-        runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                               shutdown_timeout=STOP_GRACE_S, auto_decompress=False)
-        await runner.setup()
         try:
             ssl_context = self._security.server_ssl_context()
-            site = web.TCPSite(runner, self.endpoint.host, self.endpoint.port,
-                               reuse_address=True, ssl_context=ssl_context)
-            await site.start()
+            # auto_decompress off: decompression is ours, bounded by the limit (gzip bombs).
+            self._runner = await start_app(app, self.endpoint, ssl_context=ssl_context,
+                                           shutdown_timeout=STOP_GRACE_S,
+                                           auto_decompress=False)
         except (OSError, ssl.SSLError) as exc:
-            await runner.cleanup()
             raise ReceiverError(f"cannot listen for OTLP/HTTP on {self.endpoint}: "
                                 f"{exc.strerror or exc}") from None
-        self._runner = runner
         log.info("OTLP/HTTP%s listening on %s", "S" if ssl_context else "", self.endpoint)
 
     async def stop(self) -> None:

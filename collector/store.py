@@ -140,8 +140,6 @@ INSERT INTO collector_meta (name, value) SELECT ?1, (SELECT count(*) FROM {table
 WHERE NOT EXISTS (SELECT 1 FROM collector_meta WHERE name = ?1)
 """
 
-# A span id is new when it is in neither generation; the insert is skipped otherwise, so the
-# summed rowcount of one executemany says whether the whole batch was new.
 # All of a batch's span ids go in as one packed blob, split inside SQLite: a single statement
 # step, so the whole insert runs without the GIL and without a Python call per span. An id is
 # new when it is in neither generation; the changes() count says whether all were new.
@@ -312,7 +310,10 @@ class SQLiteStore:
                     backfilled = (await db.execute(BACKFILL_HOURLY)).rowcount
                     if backfilled > 0:
                         log.info("hourly rollup created from %d existing sessions", backfilled)
-                await self._read_seen_counts(db)
+                for name, table in ((SEEN_CURRENT_COUNT, "collector_seen_current"),
+                                    (SEEN_PREVIOUS_COUNT, "collector_seen_previous")):
+                    await db.execute(INIT_SEEN_COUNT.format(table=table), (name,))
+                self.seen_current, self.seen_previous = await self._read_seen_counts(db)
                 await db.execute("COMMIT")
             except BaseException:
                 await db.execute("ROLLBACK")
@@ -413,16 +414,10 @@ class SQLiteStore:
         return rest
 
     async def _read_seen_counts(self, db: aiosqlite.Connection) -> tuple[int, int]:
-        for name, table in ((SEEN_CURRENT_COUNT, "collector_seen_current"),
-                            (SEEN_PREVIOUS_COUNT, "collector_seen_previous")):
-            await db.execute(INIT_SEEN_COUNT.format(table=table), (name,))
         rows: dict[str, int] = {str(r[0]): int(r[1]) for r in await (await db.execute(
             "SELECT name, value FROM collector_meta WHERE name IN (?, ?)",
             (SEEN_CURRENT_COUNT, SEEN_PREVIOUS_COUNT))).fetchall()}
-        counts = int(rows[SEEN_CURRENT_COUNT]), int(rows[SEEN_PREVIOUS_COUNT])
-        if self._db is None:  # open(): nothing to roll back
-            self.seen_current, self.seen_previous = counts
-        return counts
+        return int(rows[SEEN_CURRENT_COUNT]), int(rows[SEEN_PREVIOUS_COUNT])
 
     async def _rotate_if_due(self, db: aiosqlite.Connection,
                              now_ns: int) -> tuple[int, int] | None:

@@ -111,7 +111,8 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
             await stop.wait()
             log.info("shutting down: refusing new exports, committing what was accepted")
         stats = pipeline.stats
-        refused = ", ".join(f"{k}={v}" for k, v in sorted(stats.refusals.items())) or "none"
+        refused = ", ".join(f"{k}={v}" for k, v in sorted(stats.refused_requests().items()))
+        refused = refused or "none"
         log.info("stopped: %d spans accepted, %d duplicates ignored, %d rejected; requests "
                  "refused: %s", stats.spans_accepted, stats.spans_duplicate,
                  stats.spans_rejected, refused)

@@ -62,7 +62,6 @@ class Stats:
     flushes: int = 0
     flush_failures: int = 0
     sessions_swept: int = 0
-    refusals: dict[str, int] = field(default_factory=dict)
     # spans in requests refused as a whole (not counted as received), by refusal reason
     spans_refused: dict[str, int] = field(default_factory=dict)
     # answers given, by (transport, outcome); outcome is "ok", "partial" or a refusal reason
@@ -71,6 +70,14 @@ class Stats:
     def count_answer(self, transport: str, outcome: str) -> None:
         key = (transport, outcome)
         self.answers[key] = self.answers.get(key, 0) + 1
+
+    def refused_requests(self) -> dict[str, int]:
+        """Requests answered with a refusal, by reason, over both transports."""
+        refused: dict[str, int] = {}
+        for (_, outcome), count in self.answers.items():
+            if outcome not in ("ok", "partial"):
+                refused[outcome] = refused.get(outcome, 0) + count
+        return refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,11 +224,10 @@ class Pipeline:
         return outcome
 
     def _refuse(self, refusal: Refusal, message: str, spans: int = 0) -> ExportError:
-        reason = refusal.answer.reason
-        stats = self.stats
-        stats.refusals[reason] = stats.refusals.get(reason, 0) + 1
         if spans:
-            stats.spans_refused[reason] = stats.spans_refused.get(reason, 0) + spans
+            reason = refusal.answer.reason
+            refused = self.stats.spans_refused
+            refused[reason] = refused.get(reason, 0) + spans
         return ExportError(refusal, message)
 
     def _current_ticket(self) -> asyncio.Future[CommitResult]:

@@ -224,12 +224,20 @@ def start_daemon(tmp_path: Path) -> Iterator[Any]:
         daemon.kill()
 
 
+def module_daemon(tmp_path_factory: pytest.TempPathFactory, name: str,
+                  extra_config: str) -> Iterator[Daemon]:
+    """Body of a module-scoped daemon fixture: started once, killed whatever happened."""
+    daemon = Daemon(tmp_path_factory.mktemp(name), extra_config)
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        daemon.kill()
+
+
 @pytest.fixture(scope="module")
 def shared_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     """One daemon for tests that only need distinct session ids (saves start-up time)."""
-    daemon = Daemon(tmp_path_factory.mktemp("shared"),
-                    '[pricing."test-model"]\ninput = 1.0\noutput = 2.0\n'
-                    'cache_read = 0.5\ncache_write = 4.0\n')
-    daemon.start()
-    yield daemon
-    daemon.kill()
+    yield from module_daemon(tmp_path_factory, "shared",
+                             '[pricing."test-model"]\ninput = 1.0\noutput = 2.0\n'
+                             'cache_read = 0.5\ncache_write = 4.0\n')

@@ -17,7 +17,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from tests.conftest import MS, T0, Daemon, make_span
+from tests.conftest import MS, T0, Daemon, make_span, module_daemon
 
 METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 
@@ -261,11 +261,8 @@ LIMIT = 64 * 1024
 
 @pytest.fixture(scope="module")
 def small_limit_daemon(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    daemon = Daemon(tmp_path_factory.mktemp("limits"),
-                    f"[receivers.otlp]\nmax_request_bytes = {LIMIT}\n")
-    daemon.start()
-    yield daemon
-    daemon.kill()
+    yield from module_daemon(tmp_path_factory, "limits",
+                             f"[receivers.otlp]\nmax_request_bytes = {LIMIT}\n")
 
 
 def big_request(session: str, n: int = 400) -> bytes:
@@ -322,12 +319,9 @@ def test_requests_without_usage_are_answered_at_once(shared_daemon: Daemon) -> N
 
 @pytest.fixture(scope="module")
 def bounded_daemon(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    daemon = Daemon(tmp_path_factory.mktemp("bounded"),
-                    "[limits]\nmax_spans_per_request = 10\nmax_attributes_per_span = 12\n"
-                    "max_attribute_value_bytes = 64\nmax_value_depth = 2\n")
-    daemon.start()
-    yield daemon
-    daemon.kill()
+    yield from module_daemon(tmp_path_factory, "bounded",
+                             "[limits]\nmax_spans_per_request = 10\nmax_attributes_per_span = 12\n"
+                             "max_attribute_value_bytes = 64\nmax_value_depth = 2\n")
 
 
 def test_limits_answer_413_or_reject_spans_with_a_message(bounded_daemon: Daemon) -> None:

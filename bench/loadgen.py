@@ -123,6 +123,15 @@ class Tally:
     failures: Counter[str] = field(default_factory=Counter)
     late_starts: int = 0  # open loop: requests that could not start on schedule
 
+    def ack(self, number: int, started: float, done: float,
+            window: tuple[float, float]) -> None:
+        """Record a success; its latency counts only if it started inside the window."""
+        self.acked.append(number)
+        if window[0] <= done <= window[1]:
+            self.window_acks += 1
+        if started >= window[0]:
+            self.latencies_s.append(done - started)
+
 
 class RssSampler:
     """Samples VmRSS of a process; VmHWM (its lifetime peak) is read at the end."""
@@ -206,12 +215,7 @@ async def _closed_loop(send: Send, factory: RequestFactory, plan: Plan, tally: T
                 # A refusing or dead server must not turn this into a busy loop.
                 await asyncio.sleep(FAILURE_PAUSE_S)
                 continue
-            done = time.perf_counter()
-            tally.acked.append(number)
-            if window[0] <= done <= window[1]:
-                tally.window_acks += 1
-            if started >= window[0]:
-                tally.latencies_s.append(done - started)
+            tally.ack(number, started, time.perf_counter(), window)
 
     await asyncio.gather(*(worker() for _ in range(plan.concurrency)))
 
@@ -235,12 +239,7 @@ async def _open_loop(send: Send, factory: RequestFactory, plan: Plan, tally: Tal
             except (SendFailed, aiohttp.ClientError, TimeoutError) as exc:
                 tally.failures[str(exc) or type(exc).__name__] += 1
                 return
-        done = time.perf_counter()
-        tally.acked.append(number)
-        if window[0] <= done <= window[1]:
-            tally.window_acks += 1
-        if scheduled >= window[0]:
-            tally.latencies_s.append(done - scheduled)
+        tally.ack(number, scheduled, time.perf_counter(), window)
 
     tasks: list[asyncio.Task[None]] = []
     for i in range(total):

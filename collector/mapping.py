@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from collector.pricing import Pricer
+from collector.scan import Scanner, SpanScan
 
 KINDS = ("interactive", "autonomous", "acp")
 STATUSES = ("active", "completed", "failed", "cancelled", "unknown")
@@ -142,6 +143,15 @@ class MappingOptions:
     max_value_depth: int = 8
     # Extra attribute name -> slot of the known attribute it stands for (from config aliases).
     alias_slots: Mapping[str, int] = field(default_factory=dict)
+    # False: read attributes with the Python scanner even when the compiled one is installed
+    # (the tests run both).
+    compiled_scanner: bool = True
+    scanner: Scanner = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scanner", Scanner(
+            ATTRIBUTE_SLOTS, self.alias_slots, N_SLOTS, self.max_value_depth,
+            compiled=self.compiled_scanner))
 
     @staticmethod
     def slots_for(aliases: Mapping[str, str]) -> dict[str, int]:
@@ -181,90 +191,55 @@ def count_spans(request: Any) -> int:
     return sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
 
 
-def map_request(request: Any, options: MappingOptions, now_ns: int) -> MappingResult:
-    """Map an ExportTraceServiceRequest (or anything shaped like it) to usage records."""
+def map_request(request: Any, options: MappingOptions, now_ns: int,
+                wire: bytes | None = None) -> MappingResult:
+    """Map an ExportTraceServiceRequest to usage records. `wire` is its protobuf encoding
+    when the caller has it (the bytes it was decoded from)."""
     result = MappingResult()
     records = result.records
-    for resource_spans in request.resource_spans:
-        try:
-            resource_values = collect(resource_spans.resource.attributes, options)
-        except InvalidSpan as exc:
-            for scope_spans in resource_spans.scope_spans:
-                for _ in scope_spans.spans:
-                    result.spans += 1
-                    result.reject(f"resource: {exc}")
+    for (resource_values, count, deep_key), spans in options.scanner.scan(request, wire):
+        problem = _attribute_problem(count, deep_key, options)
+        if problem:
+            for _ in spans:
+                result.spans += 1
+                result.reject(f"resource: {problem}")
             continue
         # Only the groups the resource actually sets need a fallback per span (usually none).
         fallbacks = [(group, [resource_values[s] for s in group]) for group in FIELD_GROUPS
                      if any(resource_values[s] is not None for s in group)]
-        for scope_spans in resource_spans.scope_spans:
-            for span in scope_spans.spans:
-                result.spans += 1
-                try:
-                    record = map_span(span, fallbacks, options, now_ns, result)
-                except InvalidSpan as exc:
-                    result.reject(str(exc))
-                    continue
-                if record is None:
-                    result.ignored += 1
-                else:
-                    records.append(record)
-                    if not record.priced:
-                        result.unpriced += 1
+        for span in spans:
+            result.spans += 1
+            try:
+                record = map_span(span, fallbacks, options, now_ns, result)
+            except InvalidSpan as exc:
+                result.reject(str(exc))
+                continue
+            if record is None:
+                result.ignored += 1
+            else:
+                records.append(record)
+                if not record.priced:
+                    result.unpriced += 1
     return result
 
 
-def collect(attributes: Sequence[Any], options: MappingOptions) -> list[Any]:
-    """One pass over KeyValues; the KeyValue of each attribute the mapping knows, by slot.
-
-    KeyValues, not their AnyValues: reading `.value` builds a wrapper object, and only the
-    values a span's kind needs are ever read.
-
-    Also enforces the bounds on attribute count and on array/kvlist nesting, which only the
-    attributes the mapping does not read can carry, so only those pay for the check.
-    """
-    if len(attributes) > options.max_attributes_per_span:
-        raise InvalidSpan(f"{len(attributes)} attributes exceed the limit of "
-                          f"{options.max_attributes_per_span}")
-    values: list[Any] = [None] * N_SLOTS
-    slot_of = ATTRIBUTE_SLOTS.get
-    aliases = options.alias_slots
-    for kv in attributes:
-        slot = slot_of(kv.key)
-        if slot is not None:
-            values[slot] = kv
-        elif aliases and (slot := aliases.get(kv.key)) is not None:
-            # An alias fills a slot only when the known attribute has not: known names win.
-            if values[slot] is None:
-                values[slot] = kv
-        elif (kv.value.WhichOneof("value") in NESTED_KINDS
-              and _depth(kv.value, options.max_value_depth) > options.max_value_depth):
-            raise InvalidSpan(f"attribute {kv.key[:MAX_VALUE_IN_MESSAGE]!r} nests "
-                              f"deeper than {options.max_value_depth} levels")
-    return values
+def _attribute_problem(count: int, deep_key: str | None, options: MappingOptions) -> str:
+    """The bounds on attribute count and on array/kvlist nesting (which only attributes the
+    mapping does not read can break: the scanner checks only those)."""
+    if count > options.max_attributes_per_span:
+        return f"{count} attributes exceed the limit of {options.max_attributes_per_span}"
+    if deep_key is not None:
+        return (f"attribute {deep_key[:MAX_VALUE_IN_MESSAGE]!r} nests deeper than "
+                f"{options.max_value_depth} levels")
+    return ""
 
 
-NESTED_KINDS = frozenset({"array_value", "kvlist_value"})
 # Each field a value is looked up for; a span setting any slot of a group hides the resource's
 # values for that whole group (span first, then resource, per field).
 FIELD_GROUPS: tuple[tuple[int, ...], ...] = (
     SESSION_SLOTS, MODEL_SLOTS, IN_SLOTS, OUT_SLOTS, REASONING_SLOTS, CACHE_READ_SLOTS,
     CACHE_WRITE_SLOTS, COST_SLOTS, (S_KIND,), (S_STATUS,), (S_CHANNEL,), (S_GOAL,),
     (S_OPERATION,), (S_OI_SPAN_KIND,))
-
-
-def _depth(value: Any, limit: int) -> int:
-    """Nesting depth of an AnyValue (a scalar is 0), exploring at most limit + 1 levels."""
-    which = value.WhichOneof("value")
-    if which == "array_value":
-        children = value.array_value.values
-    elif which == "kvlist_value":
-        children = [kv.value for kv in value.kvlist_value.values]
-    else:
-        return 0
-    if limit < 0:
-        return 1
-    return 1 + max((_depth(child, limit - 1) for child in children), default=0)
 
 
 _new_usage = tuple.__new__
@@ -275,47 +250,49 @@ _pack_time = struct.Struct(">Q").pack
 KEY_BYTES = 8 + TRACE_ID_BYTES + SPAN_ID_BYTES
 
 
-def map_span(span: Any, fallbacks: list[tuple[tuple[int, ...], list[Any]]],
+def map_span(span: SpanScan, fallbacks: list[tuple[tuple[int, ...], list[Any]]],
              options: MappingOptions, now_ns: int, result: MappingResult) -> SpanUsage | None:
-    """Map one span; None when it is not usage. Raises InvalidSpan for broken values.
+    """Map one scanned span; None when it is not usage. Raises InvalidSpan for broken values.
 
-    Written for speed (it runs once per span): KeyValue messages are always truthy, so
-    `a or b or c` picks the first attribute present in precedence order.
+    Written for speed (it runs once per span). `v[slot]` is an attribute's value, None when
+    absent; a group's first present slot wins (`_first`, inlined where it is hot).
     """
-    try:
-        v = collect(span.attributes, options)
-    except InvalidSpan as exc:
-        raise InvalidSpan(f"span {_ref(span)}: {exc}") from None
+    v, trace_id, span_id, has_parent, start_ns, end_ns, count, deep_key = span
+    if count > options.max_attributes_per_span or deep_key is not None:
+        raise InvalidSpan(f"span {_ref(span_id)}: "
+                          f"{_attribute_problem(count, deep_key, options)}")
     for group, resource_values in fallbacks:
         if all(v[s] is None for s in group):
             for slot, value in zip(group, resource_values, strict=True):
                 v[slot] = value
 
-    session_value = v[S_CONVERSATION_ID] or v[S_SESSION_ID]
+    session_value = v[S_CONVERSATION_ID]
     if session_value is None:
-        return None
-    session_id = session_value.value.string_value or _text(session_value.value)
+        session_value = v[S_SESSION_ID]
+        if session_value is None:
+            return None
+    session_id = session_value if session_value.__class__ is str else _text(session_value)
     if not session_id:
         return None
     if len(session_id) > options.max_session_id_length or not session_id.isprintable():
-        _check_session_id(session_id, span, options.max_session_id_length)
-    trace_id = span.trace_id
-    span_id = span.span_id
+        _check_session_id(session_id, span_id, options.max_session_id_length)
     if len(trace_id) != TRACE_ID_BYTES or len(span_id) != SPAN_ID_BYTES:
-        raise InvalidSpan(f"span {_ref(span)}: trace id must be 16 bytes and span id 8 bytes")
+        raise InvalidSpan(f"span {_ref(span_id)}: trace id must be 16 bytes and span id 8 "
+                          f"bytes")
 
     operation = v[S_OPERATION]
-    operation = operation.value.string_value if operation is not None else ""
+    if operation.__class__ is not str:
+        operation = ""
     # The GenAI operation name, when present, decides; otherwise the OpenInference span kind.
     if operation:
         oi_kind = ""
     else:
         oi_kind = v[S_OI_SPAN_KIND]
-        oi_kind = oi_kind.value.string_value.upper() if oi_kind is not None else ""
+        oi_kind = oi_kind.upper() if oi_kind.__class__ is str else ""
     if operation == "invoke_agent" or oi_kind == "AGENT":
         turns, counts_tokens = 1, options.agent_span_tokens
     elif operation in MODEL_CALL_OPERATIONS or oi_kind == "LLM":
-        turns, counts_tokens = (0 if span.parent_span_id else 1), True
+        turns, counts_tokens = (0 if has_parent else 1), True
     elif any(v[s] is not None for s in TOKEN_SLOTS):
         turns, counts_tokens = 1, True
     elif any(v[s] is not None for s in SESSION_ATTRIBUTE_SLOTS):
@@ -324,43 +301,44 @@ def map_span(span: Any, fallbacks: list[tuple[tuple[int, ...], list[Any]]],
         return None
 
     limit = options.max_attribute_value_bytes
-    model_value = v[S_RESPONSE_MODEL] or v[S_REQUEST_MODEL] or v[S_OI_MODEL]
-    if model_value is not None:
-        model = model_value.value.string_value or _text(model_value.value)
-    else:
-        model = ""
+    model_slot = _first(v, MODEL_SLOTS)
+    model = v[model_slot]
+    model = model if model.__class__ is str else _text(model)
     if len(model) * 4 > limit:
-        _bounded(model, _slot_of(v, MODEL_SLOTS, model_value), span, limit)
+        _bounded(model, model_slot, span_id, limit)
 
     prompt = completion = reasoning = cache_read = cache_write = 0
     cost = 0.0
     priced = True
     if counts_tokens:
-        x = v[S_IN] or v[S_IN_DEPRECATED] or v[S_OI_IN]
+        # A plain count is an int in (0, MAX_TOKEN_COUNT]; anything else goes to _count.
+        s = (S_IN if v[S_IN] is not None else
+             S_IN_DEPRECATED if v[S_IN_DEPRECATED] is not None else S_OI_IN)
+        x = v[s]
         if x is not None:
-            prompt = x.value.int_value
-            if not 0 < prompt <= MAX_TOKEN_COUNT:  # not a plain count: _count decides
-                prompt = _count(x, v, IN_SLOTS, span)
-        x = v[S_OUT] or v[S_OUT_DEPRECATED] or v[S_OI_OUT]
+            prompt = (x if x.__class__ is int and 0 < x <= MAX_TOKEN_COUNT
+                      else _count(x, s, span_id))
+        s = (S_OUT if v[S_OUT] is not None else
+             S_OUT_DEPRECATED if v[S_OUT_DEPRECATED] is not None else S_OI_OUT)
+        x = v[s]
         if x is not None:
-            completion = x.value.int_value
-            if not 0 < completion <= MAX_TOKEN_COUNT:  # not a plain count: _count decides
-                completion = _count(x, v, OUT_SLOTS, span)
-        x = v[S_REASONING] or v[S_OI_REASONING]
+            completion = (x if x.__class__ is int and 0 < x <= MAX_TOKEN_COUNT
+                          else _count(x, s, span_id))
+        s = S_REASONING if v[S_REASONING] is not None else S_OI_REASONING
+        x = v[s]
         if x is not None:
-            reasoning = x.value.int_value
-            if not 0 < reasoning <= MAX_TOKEN_COUNT:  # not a plain count: _count decides
-                reasoning = _count(x, v, REASONING_SLOTS, span)
-        x = v[S_CACHE_READ] or v[S_OI_CACHE_READ]
+            reasoning = (x if x.__class__ is int and 0 < x <= MAX_TOKEN_COUNT
+                         else _count(x, s, span_id))
+        s = S_CACHE_READ if v[S_CACHE_READ] is not None else S_OI_CACHE_READ
+        x = v[s]
         if x is not None:
-            cache_read = x.value.int_value
-            if not 0 < cache_read <= MAX_TOKEN_COUNT:  # not a plain count: _count decides
-                cache_read = _count(x, v, CACHE_READ_SLOTS, span)
-        x = v[S_CACHE_WRITE] or v[S_OI_CACHE_WRITE]
+            cache_read = (x if x.__class__ is int and 0 < x <= MAX_TOKEN_COUNT
+                          else _count(x, s, span_id))
+        s = S_CACHE_WRITE if v[S_CACHE_WRITE] is not None else S_OI_CACHE_WRITE
+        x = v[s]
         if x is not None:
-            cache_write = x.value.int_value
-            if not 0 < cache_write <= MAX_TOKEN_COUNT:  # not a plain count: _count decides
-                cache_write = _count(x, v, CACHE_WRITE_SLOTS, span)
+            cache_write = (x if x.__class__ is int and 0 < x <= MAX_TOKEN_COUNT
+                           else _count(x, s, span_id))
         # GenAI convention: input includes cache reads and writes. Some emitters report cache
         # tokens beside input instead; when cache exceeds input that must be the case.
         cached = cache_read + cache_write
@@ -373,13 +351,12 @@ def map_span(span: Any, fallbacks: list[tuple[tuple[int, ...], list[Any]]],
         # it beside output, so it is added once to make output whole.
         if reasoning > completion:
             completion += reasoning
-        x = v[S_COST_GENAI] or v[S_COST_OI] or v[S_COST_OP]
-        if x is not None:
-            cost = _cost(x, v, span) * 100.0
+        s = _first(v, COST_SLOTS)
+        if v[s] is not None:
+            cost = _cost(v[s], s, span_id) * 100.0
         elif prompt or completion:
-            request_value = v[S_REQUEST_MODEL]
-            request_model = _text(request_value.value) if request_value is not None else ""
-            response_model = model if model_value is not request_value else ""
+            request_model = _text(v[S_REQUEST_MODEL])
+            response_model = model if model_slot != S_REQUEST_MODEL else ""
             priced_cost = options.pricer.cost_cents(
                 response_model, request_model, uncached, cache_read, cache_write, completion)
             if priced_cost is None:
@@ -387,10 +364,9 @@ def map_span(span: Any, fallbacks: list[tuple[tuple[int, ...], list[Any]]],
             else:
                 cost = priced_cost
 
-    start_ns = span.start_time_unix_nano
-    end_ns = key_time = span.end_time_unix_nano  # the key uses what the span says, never now
+    key_time = end_ns  # the key uses what the span says, never now
     if start_ns > MAX_TIME_NS or end_ns > MAX_TIME_NS:
-        raise InvalidSpan(f"span {_ref(span)}: timestamp after the year 2262")
+        raise InvalidSpan(f"span {_ref(span_id)}: timestamp after the year 2262")
     if not start_ns:
         start_ns = end_ns or now_ns
     if not end_ns:
@@ -399,15 +375,14 @@ def map_span(span: Any, fallbacks: list[tuple[tuple[int, ...], list[Any]]],
         start_ns, end_ns = end_ns, start_ns
 
     x = v[S_KIND]
-    kind = _choice(x.value, KINDS, DEFAULT_KIND, S_KIND, result) if x is not None else None
+    kind = _choice(x, KINDS, DEFAULT_KIND, S_KIND, result) if x is not None else None
     x = v[S_STATUS]
-    status = (_choice(x.value, STATUSES, DEFAULT_STATUS, S_STATUS, result)
-              if x is not None else None)
+    status = _choice(x, STATUSES, DEFAULT_STATUS, S_STATUS, result) if x is not None else None
     x = v[S_CHANNEL]
-    channel = (_choice(x.value, CHANNELS, DEFAULT_CHANNEL, S_CHANNEL, result)
+    channel = (_choice(x, CHANNELS, DEFAULT_CHANNEL, S_CHANNEL, result)
                if x is not None else None)
     x = v[S_GOAL]
-    goal = _bounded(_text(x.value), S_GOAL, span, limit) or None if x is not None else None
+    goal = _bounded(_text(x), S_GOAL, span_id, limit) or None if x is not None else None
 
     return _new_usage(SpanUsage, (
         _pack_time(key_time) + trace_id + span_id, session_id, start_ns, end_ns, turns, prompt,
@@ -416,107 +391,91 @@ def map_span(span: Any, fallbacks: list[tuple[tuple[int, ...], list[Any]]],
     ))
 
 
-def _slot_of(values: list[Any], group: tuple[int, ...], value: Any) -> int:
-    """Which attribute of a group a picked value came from (for error messages)."""
+def _first(values: list[Any], group: tuple[int, ...]) -> int:
+    """The slot of a group's first present value; the group's last slot when none is."""
     for slot in group:
-        if values[slot] is value:
+        if values[slot] is not None:
             return slot
-    return group[0]
+    return group[-1]
 
 
-def _ref(span: Any) -> str:
+def _ref(span_id: bytes) -> str:
     """How error messages name a span; computed only when there is an error."""
-    return span.span_id.hex() or "(no span id)"
+    return span_id.hex() or "(no span id)"
 
 
-def _bounded(text: str, slot: int, span: Any, limit: int) -> str:
+def _bounded(text: str, slot: int, span_id: bytes, limit: int) -> str:
     """A stored text value within the byte limit, else the span is rejected."""
     if len(text) > limit or (not text.isascii() and len(text.encode()) > limit):
-        raise InvalidSpan(f"span {_ref(span)}: {SLOT_NAMES[slot]} is longer than {limit} bytes")
+        raise InvalidSpan(f"span {_ref(span_id)}: {SLOT_NAMES[slot]} is longer than {limit} "
+                          f"bytes")
     return text
 
 
 def _text(value: Any) -> str:
     """A string attribute as text; integers are accepted for ids. Anything else is ''."""
-    if value is None:
-        return ""
-    text: str = value.string_value
-    if text:  # non-empty string_value: the oneof holds a string
+    if value.__class__ is str:
+        text: str = value
         return text
-    which = value.WhichOneof("value")
-    if which == "string_value":
-        return str(value.string_value)
-    if which == "int_value":
-        return str(value.int_value)
+    if value.__class__ is int:  # not bool: bool is a subclass of int, not int itself
+        return str(value)
     return ""
 
 
-def _check_session_id(session_id: str, span: Any, max_length: int) -> None:
+def _check_session_id(session_id: str, span_id: bytes, max_length: int) -> None:
     if len(session_id) > max_length:
-        raise InvalidSpan(f"span {_ref(span)}: session id longer than {max_length} characters")
+        raise InvalidSpan(f"span {_ref(span_id)}: session id longer than {max_length} "
+                          f"characters")
     if not session_id.isprintable():
-        raise InvalidSpan(f"span {_ref(span)}: session id contains control characters")
+        raise InvalidSpan(f"span {_ref(span_id)}: session id contains control characters")
 
 
 def _show(value: Any) -> str:
-    which = value.WhichOneof("value")
-    shown = repr(getattr(value, which)) if which else "empty value"
+    shown = repr(value)
     return shown if len(shown) <= MAX_VALUE_IN_MESSAGE else shown[:MAX_VALUE_IN_MESSAGE] + "..."
 
 
-def _count(kv: Any, values: list[Any], group: tuple[int, ...], span: Any) -> int:
+def _count(value: Any, slot: int, span_id: bytes) -> int:
     """A token count: an integer up to MAX_TOKEN_COUNT (integral doubles and digit strings
-    accepted). `kv` is the attribute's KeyValue; `values` and `group` name it in errors."""
-    value = kv.value
-    number: int | None = value.int_value
-    if number:  # a non-zero int_value means the oneof holds an int
-        if 0 < number <= MAX_TOKEN_COUNT:
-            return number
-    else:
-        number = None
-        which = value.WhichOneof("value")
-        if which == "int_value":
-            number = 0
-        elif which == "double_value":
-            d = value.double_value
-            if math.isfinite(d) and d.is_integer():
-                number = int(d)
-        elif which == "string_value":
-            text = value.string_value.strip()
-            if text.isascii() and text.isdigit():
-                number = int(text)
-        if number is not None and 0 <= number <= MAX_TOKEN_COUNT:
-            return number
+    accepted); `slot` names the attribute in errors."""
+    number: int | None = None
+    if value.__class__ is int:
+        number = value
+    elif value.__class__ is float:
+        if math.isfinite(value) and value.is_integer():
+            number = int(value)
+    elif value.__class__ is str:
+        text = value.strip()
+        if text.isascii() and text.isdigit():
+            number = int(text)
+    if number is not None and 0 <= number <= MAX_TOKEN_COUNT:
+        return number
     raise InvalidSpan(
-        f"span {_ref(span)}: {SLOT_NAMES[_slot_of(values, group, kv)]} must be an "
-        f"integer from 0 to {MAX_TOKEN_COUNT}, got {_show(value)}")
+        f"span {_ref(span_id)}: {SLOT_NAMES[slot]} must be an integer from 0 to "
+        f"{MAX_TOKEN_COUNT}, got {_show(value)}")
 
 
-def _cost(kv: Any, values: list[Any], span: Any) -> float:
-    value = kv.value
-    which = value.WhichOneof("value")
+def _cost(value: Any, slot: int, span_id: bytes) -> float:
     number: float | None = None
-    if which == "double_value":
-        number = value.double_value
-    elif which == "int_value":
-        number = float(value.int_value)
-    elif which == "string_value":
+    if value.__class__ is float:
+        number = value
+    elif value.__class__ is int:
+        number = float(value)
+    elif value.__class__ is str:
         try:
-            number = float(value.string_value)
+            number = float(value)
         except ValueError:
             number = None
     if number is None or not 0 <= number <= MAX_COST_USD:  # also rejects NaN
         raise InvalidSpan(
-            f"span {_ref(span)}: {SLOT_NAMES[_slot_of(values, COST_SLOTS, kv)]} must be a "
-            f"number of USD from 0 to {MAX_COST_USD:g}, got {_show(value)}")
+            f"span {_ref(span_id)}: {SLOT_NAMES[slot]} must be a number of USD from 0 to "
+            f"{MAX_COST_USD:g}, got {_show(value)}")
     return number
 
 
 def _choice(value: Any, allowed: tuple[str, ...], default: str, slot: int,
-            result: MappingResult) -> str | None:
+            result: MappingResult) -> str:
     """An enumerated session attribute; outside its set it becomes the column default."""
-    if value is None:
-        return None
     text = _text(value).strip().lower()
     if text in allowed:
         return text

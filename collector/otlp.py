@@ -38,6 +38,13 @@ def decode_protobuf(body: bytes) -> ExportTraceServiceRequest:
     return request
 
 
+def decode(body: bytes, content_type: str) -> tuple[ExportTraceServiceRequest, bytes | None]:
+    """The request, and its protobuf encoding when the body is one (the mapping reads it)."""
+    if content_type == JSON:
+        return decode_json(body), None
+    return decode_protobuf(body), body
+
+
 def decode_json(body: bytes) -> ExportTraceServiceRequest:
     try:
         doc = json.loads(body)
@@ -153,5 +160,5 @@ def encode_status(code: int, message: str, content_type: str) -> bytes:
     return data
 
 
-__all__ = ["JSON", "PROTOBUF", "BoundedGunzip", "decode_json", "decode_protobuf",
+__all__ = ["JSON", "PROTOBUF", "BoundedGunzip", "decode", "decode_json", "decode_protobuf",
            "encode_response", "encode_status", "export_response", "gunzip_bounded"]

@@ -185,7 +185,8 @@ class Pipeline:
 
     # -- the export handler ----------------------------------------------------------------
 
-    async def export(self, request: Any) -> ExportOutcome:
+    async def export(self, request: Any, wire: bytes | None = None) -> ExportOutcome:
+        """`wire`: the protobuf bytes `request` was decoded from, when there are any."""
         stats = self.stats
         stats.requests += 1
         spans = count_spans(request)
@@ -200,8 +201,8 @@ class Pipeline:
             raise self._refuse(Refusal.TOO_LARGE,
                                f"request carries {spans} spans; the limit is "
                                f"{self._max_spans_per_request} (send smaller batches)", spans)
-        result = map_request(request, self._options, self._clock())
-        del request  # the decoded request is large; do not hold it while waiting for commit
+        result = map_request(request, self._options, self._clock(), wire)
+        del request, wire  # both are large; do not hold them while waiting for the commit
         stats.spans_received += result.spans
         stats.spans_rejected += result.rejected
         stats.spans_ignored += result.ignored

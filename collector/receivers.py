@@ -23,7 +23,7 @@ from collector.otlp import (
     JSON,
     PROTOBUF,
     BoundedGunzip,
-    decode_json,
+    decode,
     decode_protobuf,
     encode_response,
     encode_status,
@@ -34,7 +34,7 @@ from collector.security import Security
 
 log = logging.getLogger(__name__)
 
-ExportFn = Callable[[Any], Awaitable[ExportOutcome]]
+ExportFn = Callable[[Any, bytes | None], Awaitable[ExportOutcome]]
 # Called once per answer with its outcome: "ok", "partial" or the refusal's reason (metrics).
 AnswerFn = Callable[[str], None]
 
@@ -141,8 +141,7 @@ class HttpReceiver:
         try:
             # No local keeps the body or the decoded request: both are large and the export
             # waits for a commit, so holding them would multiply memory by requests in flight.
-            decode = decode_json if content_type == JSON else decode_protobuf
-            outcome = await self._export(decode(await self._read_body(request)))
+            outcome = await self._export(*decode(await self._read_body(request), content_type))
         except ExportError as exc:
             return _refusal(exc, content_type)
         payload = encode_response(export_response(outcome.rejected, outcome.message),
@@ -255,7 +254,7 @@ class GrpcReceiver:
         try:
             self._security.check(_metadata_value(context, "authorization"))
             # Inline, so no local holds the decoded request while the export awaits its commit.
-            outcome = await self._export(decode_protobuf(body))
+            outcome = await self._export(decode_protobuf(body), body)
         except ExportError as exc:
             answer = exc.answer
             self._on_answer(answer.reason)

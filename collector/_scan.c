@@ -52,8 +52,28 @@ static int read_varint(const uint8_t **pp, const uint8_t *end, uint64_t *out) {
 
 static int skip_group(const uint8_t **pp, const uint8_t *end, uint32_t number, int depth);
 
-/* The next field of a message: 1, or 0 at its end, or -1 (with ValueError set) if broken. */
-static int next_field(const uint8_t **pp, const uint8_t *end, Field *f) {
+static int next_field_slow(const uint8_t **pp, const uint8_t *end, Field *f);
+
+/* The next field of a message: 1, or 0 at its end, or -1 (with ValueError set) if broken.
+ * Inline fast path for what nearly every field here is: a one-byte tag of a length-delimited
+ * field shorter than 128 bytes. */
+static inline int next_field(const uint8_t **pp, const uint8_t *end, Field *f) {
+    const uint8_t *p = *pp;
+    if (p >= end) return 0;
+    if (end - p >= 2 && (p[0] & 0x87) == WT_LEN && p[0] >= 8 && p[1] < 0x80 &&
+        (size_t)p[1] <= (size_t)(end - p - 2)) {
+        f->number = p[0] >> 3;
+        f->wire_type = WT_LEN;
+        f->varint = 0;
+        f->data = p + 2;
+        f->len = p[1];
+        *pp = p + 2 + p[1];
+        return 1;
+    }
+    return next_field_slow(pp, end, f);
+}
+
+static int next_field_slow(const uint8_t **pp, const uint8_t *end, Field *f) {
     f->varint = 0;
     f->data = NULL;
     f->len = 0;
@@ -104,7 +124,8 @@ static int skip_group(const uint8_t **pp, const uint8_t *end, uint32_t number, i
     if (depth > MAX_GROUP_DEPTH) goto broken;
     while (*pp < end) {
         uint64_t tag;
-        if (read_varint(pp, end, &tag) < 0 || tag > UINT32_MAX || (tag >> 3) == 0) goto broken;
+        /* upb checks field numbers inside an unknown group only for its end tag */
+        if (read_varint(pp, end, &tag) < 0 || tag > UINT32_MAX) goto broken;
         uint32_t inner = (uint32_t)(tag >> 3);
         uint64_t len;
         switch ((int)(tag & 7)) {
@@ -147,13 +168,28 @@ typedef struct {
     int alias; /* an alias fills its slot only while the slot is empty */
 } Entry;
 
+static uint64_t load_le(const uint8_t *data, size_t n) { /* n <= 8 */
+    uint64_t v = 0;
+    for (size_t i = n; i > 0; i--) v = (v << 8) | data[i - 1];
+    return v;
+}
+
+/* Cheap, not strong: attribute names share long prefixes (gen_ai.usage.), so the length, the
+ * first, middle and last 8 bytes are mixed; a collision costs one more probe and memcmp. A
+ * byte-at-a-time hash cost ~40 ns a name, as much as the rest of the walk. */
 static uint64_t hash_bytes(const uint8_t *data, size_t len) {
-    uint64_t h = 1469598103934665603ULL; /* FNV-1a */
-    for (size_t i = 0; i < len; i++) {
-        h ^= data[i];
-        h *= 1099511628211ULL;
+    uint64_t h = (uint64_t)len * 0x9E3779B97F4A7C15ULL;
+    if (len <= 8) {
+        h ^= load_le(data, len);
+    } else {
+        h ^= load_le(data, 8);
+        h = (h ^ (h >> 29)) * 0xBF58476D1CE4E5B9ULL;
+        h ^= load_le(data + (len - 8) / 2, 8);
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EBULL;
+        h ^= load_le(data + len - 8, 8);
     }
-    return h;
+    h = (h ^ (h >> 29)) * 0xBF58476D1CE4E5B9ULL;
+    return h ^ (h >> 32);
 }
 
 /* ---- AnyValue ------------------------------------------------------------------------------ */
@@ -286,38 +322,47 @@ static PyObject *value_object(const Scanner *s, const AnyValue *v) {
 /* One encoded KeyValue into the attribute list. */
 static int scan_key_value(const Scanner *s, Attrs *a, const uint8_t *data, size_t len) {
     const uint8_t *p = data, *end = data + len;
-    const uint8_t *key = NULL;
+    const uint8_t *key = (const uint8_t *)"";
     size_t key_len = 0;
-    int has_value = 0;
+    const uint8_t *value = NULL;
+    size_t value_len = 0;
+    int values = 0;
     Field f;
     int got;
     while ((got = next_field(&p, end, &f)) > 0) {
-        if (f.number == 1 && f.wire_type == WT_LEN) {
+        if (f.wire_type != WT_LEN) continue;
+        if (f.number == 1) {
             key = f.data;
             key_len = f.len;
-        } else if (f.number == 2 && f.wire_type == WT_LEN) {
-            has_value = 1;
+        } else if (f.number == 2) {
+            value = f.data;
+            value_len = f.len;
+            values++;
         }
     }
     if (got < 0) return -1;
     a->count++;
-    const Entry *e = lookup(s, key ? key : (const uint8_t *)"", key_len);
+    const Entry *e = lookup(s, key, key_len);
     if (e != NULL && e->alias && a->slots[e->slot] != NULL) return 0;
-    if (e == NULL && (!has_value || a->deep_key != NULL)) return 0;
-    /* The value: every occurrence of field 2 merged, in order. */
+    if (e == NULL && (values == 0 || a->deep_key != NULL)) return 0;
+    /* The value: every occurrence of field 2 merged, in order (nearly always just one). */
     AnyValue v = {0};
     int remaining = e == NULL ? s->max_depth : -1;
-    p = data;
-    while ((got = next_field(&p, end, &f)) > 0) {
-        if (f.number == 2 && f.wire_type == WT_LEN &&
-            feed_any_value(&v, f.data, f.data + f.len, remaining) < 0)
-            return -1;
+    if (values == 1) {
+        if (feed_any_value(&v, value, value + value_len, remaining) < 0) return -1;
+    } else {
+        p = data;
+        while ((got = next_field(&p, end, &f)) > 0) {
+            if (f.number == 2 && f.wire_type == WT_LEN &&
+                feed_any_value(&v, f.data, f.data + f.len, remaining) < 0)
+                return -1;
+        }
+        if (got < 0) return -1;
     }
-    if (got < 0) return -1;
     if (e == NULL) {
         if ((v.kind == K_ARRAY || v.kind == K_KVLIST) && v.too_deep) {
-            a->deep_key = PyUnicode_DecodeUTF8((const char *)(key ? key : (const uint8_t *)""),
-                                               (Py_ssize_t)key_len, "replace");
+            a->deep_key = PyUnicode_DecodeUTF8((const char *)key, (Py_ssize_t)key_len,
+                                               "replace");
             if (a->deep_key == NULL) return -1;
         }
         return 0;
@@ -391,12 +436,31 @@ static PyObject *scan_span(const Scanner *s, Attrs *a, const uint8_t *data, size
     if (got < 0) return NULL;
     PyObject *slots = slots_list(s, a);
     if (slots == NULL) return NULL;
-    PyObject *deep = a->deep_key ? a->deep_key : Py_None;
-    PyObject *span = Py_BuildValue(
-        "(Ny#y#OKKnO)", slots, (const char *)(trace_id ? trace_id : (const uint8_t *)""),
-        (Py_ssize_t)trace_len, (const char *)(span_id ? span_id : (const uint8_t *)""),
-        (Py_ssize_t)span_len, has_parent ? Py_True : Py_False, (unsigned long long)start,
-        (unsigned long long)finish, a->count, deep);
+    PyObject *span = PyTuple_New(8);
+    if (span == NULL) {
+        Py_DECREF(slots);
+        return NULL;
+    }
+    PyObject *items[8] = {
+        slots,
+        PyBytes_FromStringAndSize((const char *)trace_id, (Py_ssize_t)trace_len),
+        PyBytes_FromStringAndSize((const char *)span_id, (Py_ssize_t)span_len),
+        PyBool_FromLong(has_parent),
+        PyLong_FromUnsignedLongLong((unsigned long long)start),
+        PyLong_FromUnsignedLongLong((unsigned long long)finish),
+        PyLong_FromSsize_t(a->count),
+        a->deep_key ? a->deep_key : Py_None,
+    };
+    Py_INCREF(items[7]);
+    int failed = 0;
+    for (int i = 0; i < 8; i++) {
+        if (items[i] == NULL) failed = 1;
+        PyTuple_SET_ITEM(span, i, items[i]); /* NULL items are fine for the DECREF below */
+    }
+    if (failed) {
+        Py_DECREF(span);
+        return NULL;
+    }
     return span;
 }
 

@@ -23,6 +23,7 @@ from typing import Any
 from collector.aggregate import Batch
 from collector.errors import ExportError, Refusal
 from collector.mapping import MappingOptions, count_spans, map_request
+from collector.scan import UnreadableRequest
 from collector.store import CommitResult, SQLiteStore, StorageError
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ MAX_SWEEP_INTERVAL_S = 60.0
 # commit costs the same per session either way, and memory stays bounded by this, not by
 # how many sessions one interval happens to touch (about 1 KB each while pending).
 EARLY_FLUSH_SESSIONS = 8192
+EARLY_FLUSH_SPANS = 16384
 # Distinct invalid attribute values remembered so each is logged once.
 MAX_LOGGED_INVALID_VALUES = 1000
 
@@ -201,7 +203,11 @@ class Pipeline:
             raise self._refuse(Refusal.TOO_LARGE,
                                f"request carries {spans} spans; the limit is "
                                f"{self._max_spans_per_request} (send smaller batches)", spans)
-        result = map_request(request, self._options, self._clock(), wire)
+        try:
+            result = map_request(request, self._options, self._clock(), wire)
+        except UnreadableRequest as exc:
+            log.error("%s (please report this request)", exc)
+            raise self._refuse(Refusal.INVALID, str(exc), spans) from None
         del request, wire  # both are large; do not hold them while waiting for the commit
         stats.spans_received += result.spans
         stats.spans_rejected += result.rejected
@@ -213,7 +219,8 @@ class Pipeline:
         if result.records:
             pending = self._pending
             pending.add(result.records)
-            if len(pending.sessions) >= EARLY_FLUSH_SESSIONS:
+            if (len(pending.sessions) >= EARLY_FLUSH_SESSIONS
+                    or len(pending) >= EARLY_FLUSH_SPANS):
                 self._wake.set()
             ticket = self._current_ticket()
             log.debug("request with %d usage spans waiting for commit", len(result.records))

@@ -32,6 +32,12 @@ COMPILED_AVAILABLE = _CompiledScanner is not None
 NESTED_KINDS = frozenset({"array_value", "kvlist_value"})
 
 
+class UnreadableRequest(ValueError):
+    """The compiled reader could not follow bytes the protobuf library accepted (a disagreement
+    between the two readers: a bug). The request is refused as invalid, not answered with a
+    server error."""
+
+
 class _Marker:
     """A value kind the mapping never reads as a value, only reports."""
 
@@ -75,7 +81,10 @@ class Scanner:
         if self._compiled is not None:
             if wire is None:
                 wire = request.SerializeToString()
-            result: list[tuple[ResourceScan, list[SpanScan]]] = self._compiled.scan(wire)
+            try:
+                result: list[tuple[ResourceScan, list[SpanScan]]] = self._compiled.scan(wire)
+            except ValueError as exc:
+                raise UnreadableRequest(f"cannot read the request's attributes: {exc}") from None
             return result
         return [(self._attributes(rs.resource.attributes),
                  [self._span(span) for ss in rs.scope_spans for span in ss.spans])

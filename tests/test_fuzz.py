@@ -479,6 +479,30 @@ def test_json_lone_surrogates_are_400_not_500(fuzzer: Fuzzer, body: bytes) -> No
     assert json.loads(payload)["code"] == 3
 
 
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+def test_field_zero_inside_an_unknown_group_is_accepted(fuzzer: Fuzzer, transport: str) -> None:
+    """Found by tests/test_scan.py's differential fuzzing: upb accepts field number 0 inside an
+    unknown group, the compiled reader refused it, and the request was answered 500 / UNKNOWN.
+    Fixed in collector/_scan.c (skip_group); any such disagreement is now 400, not 500."""
+    body = b"\x8b\x01\x00\x05\x8c\x01"  # group 17 { field 0 = 5 }: an empty request to upb
+    if transport == "http":
+        conn = http.client.HTTPConnection("127.0.0.1", fuzzer.daemon.http_port,
+                                          timeout=TIMEOUT_S)
+        try:
+            conn.request("POST", "/v1/traces", body=body,
+                         headers={"Content-Type": "application/x-protobuf"})
+            response = conn.getresponse()
+            status, payload = response.status, response.read()
+        finally:
+            conn.close()
+        assert status == 200, payload
+    else:
+        with grpc.insecure_channel(f"127.0.0.1:{fuzzer.daemon.grpc_port}") as channel:
+            export = channel.unary_unary(
+                "/opentelemetry.proto.collector.trace.v1.TraceService/Export")
+            assert export(body, timeout=TIMEOUT_S) == b""
+
+
 def _usage_span(session: str, span_id: int, **attrs: Any) -> Any:
     return make_span(trace_id=0xB0 << 120, span_id=span_id,
                      attrs={"session.id": session, **attrs})

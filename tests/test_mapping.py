@@ -1,4 +1,8 @@
-"""The mapping is the specification of what a span means; these tests read like it."""
+"""The mapping is the specification of what a span means; these tests read like it.
+
+Every test runs twice, once with each attribute reader (collector/scan.py): the compiled one,
+which reads the request's wire bytes, and its Python twin. The mapping must not tell them apart.
+"""
 
 from __future__ import annotations
 
@@ -10,17 +14,35 @@ from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from collector.config import ModelPrice
 from collector.mapping import MappingOptions, MappingResult, SpanUsage, map_request
 from collector.pricing import Pricer
+from collector.scan import COMPILED_AVAILABLE
 from tests.conftest import MS, T0, make_span
 
 PRICES = {"test-model": ModelPrice(input=1.0, output=2.0, cache_read=0.5, cache_write=4.0)}
-OPTIONS = MappingOptions(pricer=Pricer(PRICES, use_library=False))
+PRICER = Pricer(PRICES, use_library=False)
+_compiled_scanner = True  # set for each test by the `reader` fixture
 
 
-def run(*spans: Any, options: MappingOptions = OPTIONS) -> MappingResult:
-    return map_request(encode_spans(list(spans)), options, now_ns=T0)
+@pytest.fixture(autouse=True, params=[
+    pytest.param(True, id="compiled", marks=pytest.mark.skipif(
+        not COMPILED_AVAILABLE, reason="collector._scan is not built: only the Python reader")),
+    pytest.param(False, id="python"),
+])
+def reader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs every test with the compiled reader and with the Python one."""
+    monkeypatch.setattr(f"{__name__}._compiled_scanner", request.param)
+    assert mapping_options().scanner.compiled is request.param
 
 
-def one(*spans: Any, options: MappingOptions = OPTIONS) -> SpanUsage:
+def mapping_options(**settings: Any) -> MappingOptions:
+    """The test prices and this run's attribute reader, with `settings` on top."""
+    return MappingOptions(pricer=PRICER, compiled_scanner=_compiled_scanner, **settings)
+
+
+def run(*spans: Any, options: MappingOptions | None = None) -> MappingResult:
+    return map_request(encode_spans(list(spans)), options or mapping_options(), now_ns=T0)
+
+
+def one(*spans: Any, options: MappingOptions | None = None) -> SpanUsage:
     result = run(*spans, options=options)
     assert result.rejected == 0, result.errors
     assert len(result.records) == 1, result
@@ -59,7 +81,7 @@ def test_agent_span_is_one_turn_and_its_rolled_up_tokens_are_not_added() -> None
 
 
 def test_agent_span_tokens_switch_counts_agent_tokens() -> None:
-    options = MappingOptions(pricer=OPTIONS.pricer, agent_span_tokens=True)
+    options = mapping_options(agent_span_tokens=True)
     attrs = {"session.id": "s", "openinference.span.kind": "AGENT",
              "llm.token_count.prompt": 30, "llm.token_count.completion": 3,
              "llm.model_name": "test-model"}
@@ -228,7 +250,7 @@ def test_values_outside_the_sets_become_defaults_and_are_reported() -> None:
 
 
 def test_session_id_too_long_or_with_control_characters_is_rejected() -> None:
-    options = MappingOptions(pricer=OPTIONS.pricer, max_session_id_length=8)
+    options = mapping_options(max_session_id_length=8)
     result = run(make_span(span_id=1, attrs={"session.id": "x" * 9,
                                              "gen_ai.usage.input_tokens": 1}),
                  make_span(span_id=2, attrs={"session.id": "a\nb",
@@ -253,7 +275,7 @@ def test_missing_times_fall_back_and_reversed_times_are_ordered() -> None:
 
 
 def bounded(**limits: int) -> MappingOptions:
-    return MappingOptions(pricer=OPTIONS.pricer, **limits)  # type: ignore[arg-type]
+    return mapping_options(**limits)
 
 
 def test_too_many_attributes_rejects_the_span() -> None:
@@ -308,7 +330,7 @@ def test_nesting_deeper_than_the_limit_rejects_the_span() -> None:
 
 
 def test_aliases_read_other_attribute_names_and_known_names_win() -> None:
-    options = MappingOptions(pricer=OPTIONS.pricer, alias_slots=MappingOptions.slots_for({
+    options = mapping_options(alias_slots=MappingOptions.slots_for({
         "app.thread_id": "session.id", "app.tokens_in": "gen_ai.usage.input_tokens"}))
     aliased = one(make_span(attrs={"app.thread_id": "t-1", "app.tokens_in": 12}),
                   options=options)
@@ -331,8 +353,9 @@ def test_values_beyond_the_storable_bounds_reject_the_span() -> None:
 
 def test_a_span_without_timestamps_keeps_the_same_key_on_retry() -> None:
     span = make_span(attrs=chat(**{"gen_ai.usage.input_tokens": 1}), start=0, end=0)
-    first = map_request(encode_spans([span]), OPTIONS, now_ns=T0).records[0]
-    retry = map_request(encode_spans([span]), OPTIONS, now_ns=T0 + 60 * 10**9).records[0]
+    first = map_request(encode_spans([span]), mapping_options(), now_ns=T0).records[0]
+    retry = map_request(encode_spans([span]), mapping_options(),
+                        now_ns=T0 + 60 * 10**9).records[0]
     assert first.key == retry.key
     assert (first.start_ns, retry.start_ns) == (T0, T0 + 60 * 10**9)
 

@@ -13,6 +13,7 @@ from collector.errors import ExportError, Refusal
 from collector.mapping import MappingOptions
 from collector.pipeline import Pipeline
 from collector.pricing import Pricer
+from collector.scan import COMPILED_AVAILABLE
 from collector.store import SQLiteStore
 from tests.conftest import make_span, read_rows
 
@@ -40,6 +41,25 @@ async def test_export_returns_after_commit_and_shutdown_drains(tmp_path: Path) -
     with pytest.raises(ExportError) as info:
         await pipeline.export(request("a", 2))
     assert info.value.refusal is Refusal.SHUTTING_DOWN
+    await store.close()
+
+
+async def test_wire_bytes_the_reader_cannot_follow_are_refused_as_invalid(
+        tmp_path: Path) -> None:
+    """Should the compiled reader and the protobuf library ever disagree on a request, the
+    request is refused (400 / INVALID_ARGUMENT), not answered with a server error."""
+    store, pipeline = await make(tmp_path)
+    if not COMPILED_AVAILABLE:
+        pytest.skip("the compiled reader is not installed")
+    await pipeline.start()
+    with pytest.raises(ExportError) as info:
+        await pipeline.export(request("a"), b"\x0a\xff")  # a length past the end
+    assert info.value.refusal is Refusal.INVALID
+    assert "cannot read" in info.value.message
+    assert pipeline.pending_spans == 0
+    assert (await pipeline.export(request("a", 2))).rejected == 0  # and it still works
+    await pipeline.shutdown()
+    assert read_rows(store.path)["a"]["turns"] == 1
     await store.close()
 
 

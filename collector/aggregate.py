@@ -25,19 +25,15 @@ NO_MODEL = ""  # the rollup's model for usage without one (a key column cannot b
 
 @dataclass(slots=True)
 class SessionDelta:
-    """What a batch adds to one session; `*_ns` is the end time of the span that set a value."""
+    """What a batch sets on one session; `*_ns` is the end time of the span that set a value.
+
+    Its sums are not here: they are the sum of the session's hour deltas (`Batch.totals`),
+    so each span is added once, to one hour delta, on the export path.
+    """
 
     session_id: str
     created_ns: int
     last_ns: int
-    turns: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    reasoning_tokens: int = 0
-    cache_read_tokens: int = 0
-    cache_write_tokens: int = 0
-    cost_cents: float = 0.0
-    spans: int = 0
     model: str | None = None
     model_ns: int = NO_TIME
     kind: str | None = None
@@ -67,6 +63,15 @@ class HourDelta:
         return not (self.turns or self.prompt_tokens or self.completion_tokens
                     or self.reasoning_tokens or self.cost_cents)
 
+    def add(self, other: HourDelta) -> None:
+        self.turns += other.turns
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.reasoning_tokens += other.reasoning_tokens
+        self.cache_read_tokens += other.cache_read_tokens
+        self.cache_write_tokens += other.cache_write_tokens
+        self.cost_cents += other.cost_cents
+
 
 # (session id, model or NO_MODEL, hour number since the epoch: end_ns // HOUR_NS)
 HourKey = tuple[str, str, int]
@@ -86,33 +91,53 @@ class Batch:
         return len(self.records)
 
     def add(self, records: Iterable[SpanUsage]) -> None:
+        """Fold records in. One loop, everything inline: it runs once per span on the export
+        path. Latest values go by span end time; ties go to the later arrival."""
         keys = self.keys
         sessions = self.sessions
         hours = self.hours
+        append = self.records.append
         for record in records:
-            key = record.key
+            (key, session_id, start, end, turns, prompt, completion, reasoning, cache_read,
+             cache_write, cost, _, model, kind, status, channel, goal) = record
             if key in keys:
                 self.duplicates += 1
                 continue
             keys.add(key)
-            self.records.append(record)
-            delta = sessions.get(record.session_id)
+            append(record)
+            delta = sessions.get(session_id)
             if delta is None:
-                delta = sessions[record.session_id] = SessionDelta(
-                    record.session_id, record.start_ns, record.end_ns)
-            fold(delta, record)
-            # Inline, not a function call: this runs once per span on the export path.
-            hour_key = (record.session_id, record.model or NO_MODEL, record.end_ns // HOUR_NS)
+                delta = sessions[session_id] = SessionDelta(session_id, start, end)
+            else:
+                if start < delta.created_ns:
+                    delta.created_ns = start
+                if end > delta.last_ns:
+                    delta.last_ns = end
+            if model is not None and end >= delta.model_ns:
+                delta.model, delta.model_ns = model, end
+            if kind is not None or status is not None or channel is not None or goal is not None:
+                _latest_session_values(delta, end, kind, status, channel, goal)
+            hour_key = (session_id, model or NO_MODEL, end // HOUR_NS)
             hour = hours.get(hour_key)
             if hour is None:
                 hour = hours[hour_key] = HourDelta()
-            hour.turns += record.turns
-            hour.prompt_tokens += record.prompt_tokens
-            hour.completion_tokens += record.completion_tokens
-            hour.reasoning_tokens += record.reasoning_tokens
-            hour.cache_read_tokens += record.cache_read_tokens
-            hour.cache_write_tokens += record.cache_write_tokens
-            hour.cost_cents += record.cost_cents
+            hour.turns += turns
+            hour.prompt_tokens += prompt
+            hour.completion_tokens += completion
+            hour.reasoning_tokens += reasoning
+            hour.cache_read_tokens += cache_read
+            hour.cache_write_tokens += cache_write
+            hour.cost_cents += cost
+
+    def totals(self) -> dict[str, HourDelta]:
+        """Each session's sums over the batch: the sum of its hour deltas (once per flush)."""
+        totals: dict[str, HourDelta] = {}
+        for (session_id, _, _), hour in self.hours.items():
+            total = totals.get(session_id)
+            if total is None:
+                total = totals[session_id] = HourDelta()
+            total.add(hour)
+        return totals
 
     def without(self, accounted: Set[bytes]) -> Batch:
         """The same batch minus spans already accounted in storage."""
@@ -127,28 +152,14 @@ class Batch:
         self.add(later.records)
 
 
-def fold(delta: SessionDelta, r: SpanUsage) -> None:
-    """Add one record to a session delta. Latest values are by span end time, ties to the later."""
-    if r.start_ns < delta.created_ns:
-        delta.created_ns = r.start_ns
-    end = r.end_ns
-    if end > delta.last_ns:
-        delta.last_ns = end
-    delta.spans += 1
-    delta.turns += r.turns
-    delta.prompt_tokens += r.prompt_tokens
-    delta.completion_tokens += r.completion_tokens
-    delta.reasoning_tokens += r.reasoning_tokens
-    delta.cache_read_tokens += r.cache_read_tokens
-    delta.cache_write_tokens += r.cache_write_tokens
-    delta.cost_cents += r.cost_cents
-    if r.model is not None and end >= delta.model_ns:
-        delta.model, delta.model_ns = r.model, end
-    if r.kind is not None and end >= delta.kind_ns:
-        delta.kind, delta.kind_ns = r.kind, end
-    if r.status is not None and end >= delta.status_ns:
-        delta.status, delta.status_ns = r.status, end
-    if r.channel is not None and end >= delta.channel_ns:
-        delta.channel, delta.channel_ns = r.channel, end
-    if r.goal is not None and end >= delta.goal_ns:
-        delta.goal, delta.goal_ns = r.goal, end
+def _latest_session_values(delta: SessionDelta, end: int, kind: str | None, status: str | None,
+                           channel: str | None, goal: str | None) -> None:
+    """The session attributes a span sets, where it is the latest to set them (rare spans)."""
+    if kind is not None and end >= delta.kind_ns:
+        delta.kind, delta.kind_ns = kind, end
+    if status is not None and end >= delta.status_ns:
+        delta.status, delta.status_ns = status, end
+    if channel is not None and end >= delta.channel_ns:
+        delta.channel, delta.channel_ns = channel, end
+    if goal is not None and end >= delta.goal_ns:
+        delta.goal, delta.goal_ns = goal, end

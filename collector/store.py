@@ -22,6 +22,7 @@ Tables besides ``agent_sessions`` (whose columns are fixed by its readers):
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sqlite3
@@ -106,10 +107,23 @@ HOURLY_TABLE = "collector_usage_hourly"
 # `hour` is the start of the UTC hour in agent_sessions' time format. The key is (hour, model,
 # session): a report over a date range reads one contiguous slice of the table, and summing per
 # (hour, model) streams in key order without sorting (a million rows in about 0.2 s).
-UPSERT_HOURLY = """
+def _json_rows(columns: str) -> str:
+    """A batch's rows arrive as one JSON array of arrays, bound as one parameter and split
+    inside SQLite: the statement is one step, so the writer thread takes the GIL once per
+    statement instead of once per row. With the export path holding the GIL most of the time,
+    per-row hand-offs made a flush of 1,000 sessions take 4x longer under load than idle.
+    JSON carries integers and doubles exactly (17 significant digits round-trip)."""
+    names = [name.strip() for name in columns.split(",")]
+    return ", ".join(f"json_extract(value, '$[{i}]') AS {name}" for i, name in enumerate(names))
+
+
+UPSERT_HOURLY = f"""
 INSERT INTO collector_usage_hourly (hour, session_id, model, turns, prompt_tokens,
     completion_tokens, reasoning_tokens, cache_read_tokens, cache_write_tokens, cost_cents)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+SELECT * FROM (SELECT {_json_rows("hour, session_id, model, turns, prompt_tokens, "
+                                  "completion_tokens, reasoning_tokens, cache_read_tokens, "
+                                  "cache_write_tokens, cost_cents")} FROM json_each(?1))
+WHERE true
 ON CONFLICT (hour, model, session_id) DO UPDATE SET
     turns = turns + excluded.turns,
     prompt_tokens = prompt_tokens + excluded.prompt_tokens,
@@ -157,39 +171,59 @@ WHERE key IN (SELECT key FROM collector_seen_current)
 """
 
 
-def _latest(column: str, value: str, at: str, mark: str) -> str:
-    """SQL for "take the new value if it was set by a span at least as late as the stored one"."""
-    return (f"CASE WHEN {value} IS NOT NULL AND {at} >= coalesce((SELECT {mark} FROM "
-            f"collector_session_marks WHERE id = ?1), -1) THEN {value} ELSE {column} END")
+def _latest(column: str, default: str) -> str:
+    """The new value if a span at least as late as the stored one's set it, else the stored
+    value (or the column default for a new session)."""
+    return (f"CASE WHEN s.id IS NULL THEN coalesce(b.{column}, {default}) "
+            f"WHEN b.{column} IS NOT NULL AND b.{column}_ns >= coalesce(m.{column}_ns, -1) "
+            f"THEN b.{column} ELSE s.{column} END")
 
 
+# The whole new row is computed from the batch (b), the stored row (s) and the session's marks
+# (m) read before this flush updates them; the conflict clause then takes it as it is.
 UPSERT_SESSION = f"""
 INSERT INTO agent_sessions (id, kind, status, channel, model, created_at, last_active_at, turns,
     prompt_tokens, completion_tokens, reasoning_tokens, cost_cents, goal_text)
-VALUES (?1, coalesce(?2, 'interactive'), coalesce(?4, 'active'), coalesce(?6, 'cli'),
-    coalesce(?8, ''), ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)
+SELECT b.id,
+    {_latest("kind", "'interactive'")},
+    CASE WHEN s.id IS NULL THEN coalesce(b.status, 'active')
+        WHEN b.status IS NOT NULL AND b.status_ns >= coalesce(m.status_ns, -1) THEN b.status
+        WHEN s.status = 'unknown' AND b.last_active_at > s.last_active_at THEN 'active'
+        ELSE s.status END,
+    {_latest("channel", "'cli'")},
+    {_latest("model", "''")},
+    CASE WHEN s.id IS NULL THEN b.created_at ELSE min(s.created_at, b.created_at) END,
+    CASE WHEN s.id IS NULL THEN b.last_active_at
+        ELSE max(s.last_active_at, b.last_active_at) END,
+    coalesce(s.turns, 0) + b.turns,
+    coalesce(s.prompt_tokens, 0) + b.prompt_tokens,
+    coalesce(s.completion_tokens, 0) + b.completion_tokens,
+    coalesce(s.reasoning_tokens, 0) + b.reasoning_tokens,
+    coalesce(s.cost_cents, 0.0) + b.cost_cents,
+    CASE WHEN s.id IS NULL THEN b.goal_text
+        WHEN b.goal_text IS NOT NULL AND b.goal_text_ns >= coalesce(m.goal_ns, -1)
+        THEN b.goal_text ELSE s.goal_text END
+FROM (SELECT {_json_rows("id, kind, kind_ns, status, status_ns, channel, channel_ns, model, "
+                         "model_ns, created_at, last_active_at, turns, prompt_tokens, "
+                         "completion_tokens, reasoning_tokens, cost_cents, goal_text, "
+                         "goal_text_ns")} FROM json_each(?1)) AS b
+LEFT JOIN agent_sessions AS s ON s.id = b.id
+LEFT JOIN collector_session_marks AS m ON m.id = b.id
+WHERE true
 ON CONFLICT (id) DO UPDATE SET
-    kind = {_latest("kind", "?2", "?3", "kind_ns")},
-    status = CASE
-        WHEN ?4 IS NOT NULL AND ?5 >= coalesce((SELECT status_ns FROM collector_session_marks
-                                                WHERE id = ?1), -1) THEN ?4
-        WHEN status = 'unknown' AND ?11 > last_active_at THEN 'active'
-        ELSE status END,
-    channel = {_latest("channel", "?6", "?7", "channel_ns")},
-    model = {_latest("model", "?8", "?9", "model_ns")},
-    created_at = min(created_at, ?10),
-    last_active_at = max(last_active_at, ?11),
-    turns = turns + ?12,
-    prompt_tokens = prompt_tokens + ?13,
-    completion_tokens = completion_tokens + ?14,
-    reasoning_tokens = reasoning_tokens + ?15,
-    cost_cents = cost_cents + ?16,
-    goal_text = {_latest("goal_text", "?17", "?18", "goal_ns")}
+    kind = excluded.kind, status = excluded.status, channel = excluded.channel,
+    model = excluded.model, created_at = excluded.created_at,
+    last_active_at = excluded.last_active_at, turns = excluded.turns,
+    prompt_tokens = excluded.prompt_tokens, completion_tokens = excluded.completion_tokens,
+    reasoning_tokens = excluded.reasoning_tokens, cost_cents = excluded.cost_cents,
+    goal_text = excluded.goal_text
 """
 
-UPSERT_MARKS = """
+UPSERT_MARKS = f"""
 INSERT INTO collector_session_marks (id, model_ns, kind_ns, status_ns, channel_ns, goal_ns)
-VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+SELECT * FROM (SELECT {_json_rows("id, model_ns, kind_ns, status_ns, channel_ns, goal_ns")}
+               FROM json_each(?1))
+WHERE true
 ON CONFLICT (id) DO UPDATE SET
     model_ns = max(model_ns, excluded.model_ns),
     kind_ns = max(kind_ns, excluded.kind_ns),
@@ -229,10 +263,16 @@ def iso_utc(ns: int) -> str:
             f"{tm.tm_min:02d}:{tm.tm_sec:02d}.{rest // 1_000_000:03d}Z")
 
 
-def session_params(d: SessionDelta) -> tuple[Any, ...]:
+# Compact, and non-ASCII text as UTF-8 rather than \u escapes (SQLite reads both).
+_json_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"),
+                               allow_nan=False).encode
+
+
+def session_params(d: SessionDelta, t: HourDelta) -> tuple[Any, ...]:
+    """`t`: the session's sums over the batch (Batch.totals)."""
     return (d.session_id, d.kind, d.kind_ns, d.status, d.status_ns, d.channel, d.channel_ns,
-            d.model, d.model_ns, iso_utc(d.created_ns), iso_utc(d.last_ns), d.turns,
-            d.prompt_tokens, d.completion_tokens, d.reasoning_tokens, d.cost_cents, d.goal,
+            d.model, d.model_ns, iso_utc(d.created_ns), iso_utc(d.last_ns), t.turns,
+            t.prompt_tokens, t.completion_tokens, t.reasoning_tokens, t.cost_cents, d.goal,
             d.goal_ns)
 
 
@@ -352,16 +392,16 @@ class SQLiteStore:
                 seen_current = None if row is None else int(row[0])
             deltas = list(applied.sessions.values())
             if deltas:
-                await db.executemany(UPSERT_SESSION, map(session_params, deltas))
-                # Generators, not lists: the parameters are built row by row in the writer
-                # thread, so a flush touching many sessions holds no second copy of them.
-                await db.executemany(
-                    UPSERT_MARKS,
-                    (mark_params(d) for d in deltas
-                     if max(d.model_ns, d.kind_ns, d.status_ns, d.channel_ns, d.goal_ns) >= 0))
-                await db.executemany(
-                    UPSERT_HOURLY,
-                    (hour_params(k, h) for k, h in applied.hours.items() if not h.is_empty()))
+                totals = applied.totals()
+                await db.execute(UPSERT_SESSION, (_json_dumps(
+                    [session_params(d, totals[d.session_id]) for d in deltas]),))
+                marks = [mark_params(d) for d in deltas
+                         if max(d.model_ns, d.kind_ns, d.status_ns, d.channel_ns, d.goal_ns) >= 0]
+                if marks:
+                    await db.execute(UPSERT_MARKS, (_json_dumps(marks),))
+                hours = [hour_params(k, h) for k, h in applied.hours.items() if not h.is_empty()]
+                if hours:
+                    await db.execute(UPSERT_HOURLY, (_json_dumps(hours),))
             swept = 0
             if sweep_before_ns is not None:
                 cursor = await db.execute(SWEEP_STALE, (iso_utc(sweep_before_ns),))

@@ -17,10 +17,11 @@ def rec(key: int, session: str = "s", *, start: int = T0, end: int | None = None
 def test_sums_and_time_bounds() -> None:
     b = Batch()
     b.add([rec(1, start=T0 + 5 * MS), rec(2, start=T0, end=T0 + 9 * MS), rec(3, "t")])
-    d = b.sessions["s"]
-    assert (d.turns, d.prompt_tokens, d.completion_tokens, d.reasoning_tokens) == (2, 2, 4, 2)
-    assert (d.cache_read_tokens, d.cache_write_tokens, d.cost_cents, d.spans) == (6, 8, 0.5, 2)
+    d, t = b.sessions["s"], b.totals()["s"]
+    assert (t.turns, t.prompt_tokens, t.completion_tokens, t.reasoning_tokens) == (2, 2, 4, 2)
+    assert (t.cache_read_tokens, t.cache_write_tokens, t.cost_cents) == (6, 8, 0.5)
     assert (d.created_ns, d.last_ns) == (T0, T0 + 9 * MS)
+    assert b.totals()["t"].turns == 1
     assert len(b) == 3 and set(b.sessions) == {"s", "t"}
 
 
@@ -39,7 +40,7 @@ def test_a_key_is_counted_once_per_batch() -> None:
     b = Batch()
     b.add([rec(1), rec(1), rec(2)])
     b.add([rec(2)])
-    assert (len(b), b.duplicates, b.sessions["s"].turns) == (2, 2, 2)
+    assert (len(b), b.duplicates, b.totals()["s"].turns) == (2, 2, 2)
 
 
 def test_without_refolds_exactly() -> None:
@@ -48,8 +49,8 @@ def test_without_refolds_exactly() -> None:
            rec(3, "other")])
     rest = b.without({(1).to_bytes(32, "big"), (3).to_bytes(32, "big")})
     assert set(rest.sessions) == {"s"}
-    d = rest.sessions["s"]
-    assert (d.prompt_tokens, d.turns, d.model) == (20, 1, "b")
+    d, t = rest.sessions["s"], rest.totals()["s"]
+    assert (t.prompt_tokens, t.turns, d.model) == (20, 1, "b")
     assert rest.duplicates == 2
 
 
@@ -61,7 +62,7 @@ def test_absorb_keeps_failed_batch_first_and_dedupes() -> None:
     failed.absorb(later)
     assert len(failed) == 3
     assert failed.duplicates == 2  # one inside `later`, one across the two
-    assert failed.sessions["s"].turns == 3
+    assert failed.totals()["s"].turns == 3
 
 
 HOUR = 3600 * 1_000_000_000
@@ -78,11 +79,11 @@ def test_hours_fold_per_session_model_and_hour_of_the_end() -> None:
     h = b.hours[("s", "a", hour0)]
     assert (h.turns, h.prompt_tokens, h.completion_tokens, h.reasoning_tokens) == (2, 2, 4, 2)
     assert (h.cache_read_tokens, h.cache_write_tokens, h.cost_cents) == (6, 8, 0.5)
-    # The hours add up to the sessions, whatever the split.
-    for name in ("turns", "prompt_tokens", "completion_tokens", "reasoning_tokens",
-                 "cache_read_tokens", "cache_write_tokens", "cost_cents"):
-        assert sum(getattr(h, name) for h in b.hours.values()) == sum(
-            getattr(d, name) for d in b.sessions.values()), name
+    # A session's totals are its hours added up, whatever the split.
+    t = b.totals()
+    assert set(t) == {"s", "t"}
+    assert (t["s"].turns, t["s"].prompt_tokens, t["s"].cost_cents) == (4, 4, 1.0)
+    assert (t["t"].turns, t["t"].completion_tokens, t["t"].cache_write_tokens) == (1, 2, 4)
 
 
 def test_without_refolds_hours_exactly_and_empty_hours_are_marked() -> None:

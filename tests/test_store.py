@@ -112,14 +112,18 @@ async def test_disk_full_midway_rolls_back_the_whole_batch(store: SQLiteStore) -
     await store.commit(batch(rec(1)), now_ns=T0)
     db = store._db
     assert db is not None
-    pages = (await (await db.execute("PRAGMA page_count")).fetchone())[0]  # type: ignore[index]
-    await db.execute(f"PRAGMA max_page_count = {pages}")
+
+    async def pragma(sql: str) -> Any:  # on the writer's own thread, which owns the connection
+        return await store._in_writer(lambda: db.execute(sql).fetchone()[0])
+
+    pages = await pragma("PRAGMA page_count")
+    await pragma(f"PRAGMA max_page_count = {pages}")
     big = batch(*(rec(i, f"session-{i}") for i in range(2, 3000)))
     with pytest.raises(StorageError, match="full"):
         await store.commit(big, now_ns=T0)
     rows = read_rows(store.path)
     assert set(rows) == {"s"} and rows["s"]["turns"] == 1
-    await db.execute("PRAGMA max_page_count = 1073741823")
+    await pragma("PRAGMA max_page_count = 1073741823")
     result, _ = await store.commit(big, now_ns=T0)
     assert result.spans == 2998 and len(read_rows(store.path)) == 2999
 

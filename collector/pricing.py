@@ -44,6 +44,9 @@ def rates_from_config(price: ModelPrice) -> Rates:
     )
 
 
+PRELOAD_MODEL = "gpt-4o"  # any model the library knows: resolving it loads the tables
+
+
 class Pricer:
     """Maps (model, token counts) to cents; None means the model is unknown (unpriced)."""
 
@@ -65,6 +68,13 @@ class Pricer:
         if len(self._library) < MAX_CACHED_MODELS:
             self._library[model] = rates
         return rates
+
+    def preload(self) -> None:
+        """Load the price library's tables now, at start-up, not on the first request: the
+        first exporter is not kept waiting, and the tables are frozen out of garbage
+        collection with the rest of start-up (collector.daemon.tune_garbage_collector)."""
+        if self._use_library:
+            self.rates_for(PRELOAD_MODEL)
 
     def cost_cents(self, response_model: str, request_model: str, uncached_input: int,
                    cache_read: int, cache_write: int, output: int) -> float | None:

@@ -280,3 +280,20 @@ def test_database_with_other_columns_is_refused(tmp_path: Any) -> None:
     with pytest.raises(RuntimeError, match="agent_sessions has columns"):
         daemon.start()
     assert daemon.proc is not None and daemon.proc.wait(10) == 1
+
+
+def test_garbage_collector_is_tuned_for_the_export_path() -> None:
+    """Start-up objects are frozen out of collections and young collections are rarer."""
+    import gc
+
+    from collector.daemon import GC_THRESHOLDS, tune_garbage_collector
+
+    saved = gc.get_threshold()
+    try:
+        tune_garbage_collector()
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert GC_THRESHOLDS[0] > saved[0]
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*saved)

@@ -51,3 +51,14 @@ def test_unknown_model_is_none_and_request_model_is_tried() -> None:
 
 def test_library_can_be_switched_off() -> None:
     assert cost(Pricer({}, use_library=False), "gpt-4o", uncached=10) is None
+
+
+def test_preload_resolves_the_library_at_start_up_only_when_it_is_used() -> None:
+    from collector.pricing import PRELOAD_MODEL
+
+    used = Pricer({})
+    used.preload()
+    assert used._library.get(PRELOAD_MODEL) is not None  # resolved and cached, not on demand
+    unused = Pricer({}, use_library=False)
+    unused.preload()
+    assert unused._library == {}

@@ -23,6 +23,10 @@
 #include <stdint.h>
 #include <string.h>
 
+/* Recently decoded strings kept for reuse: slots (a power of two) and longest length. */
+#define STRING_CACHE 256
+#define STRING_CACHE_MAX_LEN 128
+
 enum { WT_VARINT = 0, WT_I64 = 1, WT_LEN = 2, WT_SGROUP = 3, WT_EGROUP = 4, WT_I32 = 5 };
 /* upb's default nesting limit; groups deeper than this are not skipped but refused. */
 #define MAX_GROUP_DEPTH 100
@@ -273,6 +277,7 @@ typedef struct {
     int max_depth;
     PyObject *empty;  /* stands for a KeyValue without a value */
     PyObject *nested; /* stands for an array or kvlist value */
+    PyObject **strings; /* STRING_CACHE recently decoded short ASCII strings, by hash */
 } Scanner;
 
 /* What one attribute list (a span's or a resource's) has gathered. */
@@ -292,10 +297,33 @@ static const Entry *lookup(const Scanner *s, const uint8_t *key, size_t len) {
     }
 }
 
+/* A string value. Session ids, model names and operation names repeat from span to span (and
+ * within a span, across conventions): a short ASCII string equal to one decoded recently is
+ * that same object, which saves the decode, and the str's hash, computed once, is reused by
+ * every dict lookup the mapping and aggregation do with it. */
+static PyObject *string_object(const Scanner *s, const uint8_t *data, size_t len) {
+    if (len > STRING_CACHE_MAX_LEN) {
+        return PyUnicode_DecodeUTF8((const char *)data, (Py_ssize_t)len, "strict");
+    }
+    PyObject **slot = &s->strings[hash_bytes(data, len) & (STRING_CACHE - 1)];
+    PyObject *cached = *slot;
+    if (cached != NULL && (size_t)PyUnicode_GET_LENGTH(cached) == len &&
+        memcmp(PyUnicode_DATA(cached), data, len) == 0) {
+        Py_INCREF(cached);
+        return cached;
+    }
+    PyObject *text = PyUnicode_DecodeUTF8((const char *)data, (Py_ssize_t)len, "strict");
+    if (text != NULL && PyUnicode_IS_COMPACT_ASCII(text)) {
+        Py_INCREF(text);
+        Py_XSETREF(*slot, text);
+    }
+    return text;
+}
+
 static PyObject *value_object(const Scanner *s, const AnyValue *v) {
     switch (v->kind) {
     case K_STRING:
-        return PyUnicode_DecodeUTF8((const char *)v->data, (Py_ssize_t)v->len, "strict");
+        return string_object(s, v->data, v->len);
     case K_BYTES:
         return PyBytes_FromStringAndSize((const char *)v->data, (Py_ssize_t)v->len);
     case K_BOOL:
@@ -595,6 +623,10 @@ static void Scanner_dealloc(Scanner *self) {
     }
     Py_XDECREF(self->empty);
     Py_XDECREF(self->nested);
+    if (self->strings != NULL) {
+        for (size_t i = 0; i < STRING_CACHE; i++) Py_XDECREF(self->strings[i]);
+        PyMem_Free(self->strings);
+    }
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -623,6 +655,11 @@ static PyObject *Scanner_new(PyTypeObject *type, PyObject *args, PyObject *kwarg
     self->empty = empty;
     Py_INCREF(nested);
     self->nested = nested;
+    self->strings = PyMem_Calloc(STRING_CACHE, sizeof(PyObject *));
+    if (self->strings == NULL) {
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
     if (self->table == NULL) {
         self->mask = 0;
         Py_DECREF(self);

@@ -88,20 +88,27 @@ async def test_a_dead_flush_loop_fails_waiters_and_stops_the_daemon(
     await store.close()
 
 
-async def test_a_batch_touching_many_sessions_is_flushed_before_the_tick(
-        tmp_path: Path) -> None:
-    from collector.pipeline import EARLY_FLUSH_SESSIONS
+@pytest.mark.parametrize("sessions", ["many", "one"])
+async def test_a_large_batch_is_flushed_before_the_tick(tmp_path: Path, sessions: str) -> None:
+    """A batch touching EARLY_FLUSH_SESSIONS sessions, or holding EARLY_FLUSH_SPANS spans, is
+    committed at once rather than at the next tick."""
+    from collector.pipeline import EARLY_FLUSH_SESSIONS, EARLY_FLUSH_SPANS
 
     store = SQLiteStore(tmp_path / "p.db", retention_s=3600)
     await store.open()
     pipeline = Pipeline(store, MappingOptions(pricer=Pricer({}, use_library=False)),
-                        flush_interval_s=3600, max_pending_spans=100_000, stale_after_s=3600)
+                        flush_interval_s=3600, max_pending_spans=100_000,
+                        max_spans_per_request=100_000, stale_after_s=3600)
     await pipeline.start()
-    many = encode_spans([make_span(span_id=i + 1, attrs={
-        "session.id": f"s-{i}", "gen_ai.usage.input_tokens": 1})
-        for i in range(EARLY_FLUSH_SESSIONS)])
+    count = EARLY_FLUSH_SESSIONS if sessions == "many" else EARLY_FLUSH_SPANS
+    assert count < EARLY_FLUSH_SPANS or sessions == "one"  # each case tests one trigger
+    large = encode_spans([make_span(span_id=i + 1, attrs={
+        "session.id": f"s-{i}" if sessions == "many" else "s",
+        "gen_ai.usage.input_tokens": 1}) for i in range(count)])
     # With an hour-long interval only the early flush can answer this request.
-    await asyncio.wait_for(pipeline.export(many), 60)
-    assert len(read_rows(store.path)) == EARLY_FLUSH_SESSIONS
+    await asyncio.wait_for(pipeline.export(large), 60)
+    rows = read_rows(store.path)
+    assert len(rows) == (count if sessions == "many" else 1)
+    assert sum(row["prompt_tokens"] for row in rows.values()) == count
     await pipeline.shutdown()
     await store.close()

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,9 +266,19 @@ def iso_utc(ns: int) -> str:
             f"{tm.tm_min:02d}:{tm.tm_sec:02d}.{rest // 1_000_000:03d}Z")
 
 
+ROWS_PER_STATEMENT = 1000
 # Compact, and non-ASCII text as UTF-8 rather than \u escapes (SQLite reads both).
 _json_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"),
                                allow_nan=False).encode
+
+
+def _execute_rows(db: sqlite3.Connection, sql: str, rows: Iterable[tuple[Any, ...]]) -> None:
+    """Run a statement reading JSON rows over `rows`, ROWS_PER_STATEMENT at a time: one step
+    (one GIL hand-off) per chunk, and a flush touching many sessions never holds more than one
+    chunk's parameters (a whole flush's, built at once, raised peak RSS by ~30 MB)."""
+    rows = iter(rows)
+    while chunk := list(itertools.islice(rows, ROWS_PER_STATEMENT)):
+        db.execute(sql, (_json_dumps(chunk),))
 
 
 def session_params(d: SessionDelta, t: HourDelta) -> tuple[Any, ...]:
@@ -422,15 +433,13 @@ class SQLiteStore:
             deltas = list(applied.sessions.values())
             if deltas:
                 totals = applied.totals()
-                db.execute(UPSERT_SESSION, (_json_dumps(
-                    [session_params(d, totals[d.session_id]) for d in deltas]),))
-                marks = [mark_params(d) for d in deltas
-                         if max(d.model_ns, d.kind_ns, d.status_ns, d.channel_ns, d.goal_ns) >= 0]
-                if marks:
-                    db.execute(UPSERT_MARKS, (_json_dumps(marks),))
-                hours = [hour_params(k, h) for k, h in applied.hours.items() if not h.is_empty()]
-                if hours:
-                    db.execute(UPSERT_HOURLY, (_json_dumps(hours),))
+                _execute_rows(db, UPSERT_SESSION,
+                              (session_params(d, totals[d.session_id]) for d in deltas))
+                _execute_rows(db, UPSERT_MARKS, (
+                    mark_params(d) for d in deltas
+                    if max(d.model_ns, d.kind_ns, d.status_ns, d.channel_ns, d.goal_ns) >= 0))
+                _execute_rows(db, UPSERT_HOURLY, (
+                    hour_params(k, h) for k, h in applied.hours.items() if not h.is_empty()))
             swept = 0
             if sweep_before_ns is not None:
                 swept = max(db.execute(SWEEP_STALE, (iso_utc(sweep_before_ns),)).rowcount, 0)

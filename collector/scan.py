@@ -103,7 +103,15 @@ class Scanner:
             key = kv.key
             slot = known.get(key)
             if slot is not None:
-                slots[slot] = _value(kv.value)
+                # Inline for the two common kinds: a non-empty string_value or a non-zero
+                # int_value can only mean the oneof holds that member.
+                value = kv.value
+                text = value.string_value
+                if text:
+                    slots[slot] = text
+                else:
+                    number = value.int_value
+                    slots[slot] = number if number else _value(value)
             elif (slot := aliases.get(key)) is not None:
                 if slots[slot] is None:
                     slots[slot] = _value(kv.value)

@@ -65,7 +65,7 @@ def build_pipeline(config: Config, store: SQLiteStore, *,
 
 # Allocations between young-generation collections, then collections between the older ones
 # (Python's defaults: 700, 10, 10). See tune_garbage_collector.
-GC_THRESHOLDS = (50_000, 20, 100)
+GC_THRESHOLDS = (50_000, 20, 10)
 
 
 async def serve(config: Config, stop: asyncio.Event | None = None) -> int:

@@ -46,6 +46,7 @@ from collector.pricing import Pricer
 from tests import fuzzing
 from tests.conftest import T0, Daemon, make_span
 from tests.fuzzing import INT64_MAX, Expected, Ledger
+from tests.test_receivers import grpc_call, post
 
 METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 LIMIT = 8192  # small, so duplications and concatenations reach 413 too
@@ -468,13 +469,7 @@ def test_mapping_values_fit_storage(request: ExportTraceServiceRequest) -> None:
 ])                                       # echoing the lone surrogate failed to encode
 def test_json_lone_surrogates_are_400_not_500(fuzzer: Fuzzer, body: bytes) -> None:
     """Found by test_http_json_mutants; fixed in collector/otlp.py (decode_json, encode_status)."""
-    conn = http.client.HTTPConnection("127.0.0.1", fuzzer.daemon.http_port, timeout=TIMEOUT_S)
-    try:
-        conn.request("POST", "/v1/traces", body=body, headers={"Content-Type": fuzzing.JSON})
-        response = conn.getresponse()
-        status, payload = response.status, response.read()
-    finally:
-        conn.close()
+    status, _, payload = post(fuzzer.daemon, body, content_type=fuzzing.JSON)
     assert status == 400, payload
     assert json.loads(payload)["code"] == 3
 
@@ -486,21 +481,10 @@ def test_field_zero_inside_an_unknown_group_is_accepted(fuzzer: Fuzzer, transpor
     Fixed in collector/_scan.c (skip_group); any such disagreement is now 400, not 500."""
     body = b"\x8b\x01\x00\x05\x8c\x01"  # group 17 { field 0 = 5 }: an empty request to upb
     if transport == "http":
-        conn = http.client.HTTPConnection("127.0.0.1", fuzzer.daemon.http_port,
-                                          timeout=TIMEOUT_S)
-        try:
-            conn.request("POST", "/v1/traces", body=body,
-                         headers={"Content-Type": "application/x-protobuf"})
-            response = conn.getresponse()
-            status, payload = response.status, response.read()
-        finally:
-            conn.close()
+        status, _, payload = post(fuzzer.daemon, body)
         assert status == 200, payload
     else:
-        with grpc.insecure_channel(f"127.0.0.1:{fuzzer.daemon.grpc_port}") as channel:
-            export = channel.unary_unary(
-                "/opentelemetry.proto.collector.trace.v1.TraceService/Export")
-            assert export(body, timeout=TIMEOUT_S) == b""
+        assert grpc_call(fuzzer.daemon, body) == b""
 
 
 def _usage_span(session: str, span_id: int, **attrs: Any) -> Any:

@@ -200,22 +200,34 @@ def test_stale_sweep_spares_terminal_sessions_and_a_new_turn_revives(
     assert (row["status"], row["turns"]) == ("active", 2)
 
 
+def post_in_flight(daemon: Daemon, bodies: dict[str, bytes]
+                   ) -> tuple[dict[str, int], list[threading.Thread]]:
+    """POST each body on its own thread and return once the daemon holds every one waiting for
+    its commit (it must log at debug level). Each thread records its answer's status under its
+    key, -1 for no answer."""
+    results: dict[str, int] = {}
+
+    def send(key: str, body: bytes) -> None:
+        try:
+            results[key] = post(daemon, body)[0]
+        except (OSError, http.client.HTTPException):
+            results[key] = -1
+
+    threads = [threading.Thread(target=send, args=item) for item in bodies.items()]
+    for t in threads:
+        t.start()
+    wait_for(lambda: daemon.log.count("waiting for commit") >= len(bodies),
+             "requests to be in flight")
+    return results, threads
+
+
 def test_sigterm_answers_in_flight_requests_after_commit(start_daemon: StartDaemon) -> None:
     # A long flush interval holds accepted requests waiting for their commit.
     daemon = start_daemon("[flush]\ninterval_ms = 60000\n[log]\nlevel = \"debug\"\n")
-    results: dict[str, int] = {}
-
-    def send(session: str) -> None:
-        body = request_bytes(make_span(trace_id=new_trace(), attrs=usage(session)))
-        try:
-            results[session] = post(daemon, body)[0]
-        except (OSError, http.client.HTTPException):
-            results[session] = -1
-
-    threads = [threading.Thread(target=send, args=(f"inflight-{i}",)) for i in range(8)]
-    for t in threads:
-        t.start()
-    wait_for(lambda: daemon.log.count("waiting for commit") >= 8, "requests to be in flight")
+    results, threads = post_in_flight(daemon, {
+        f"inflight-{i}": request_bytes(make_span(trace_id=new_trace(),
+                                                 attrs=usage(f"inflight-{i}")))
+        for i in range(8)})
     assert daemon.stop(signal.SIGTERM) == 0
     for t in threads:
         t.join(20)

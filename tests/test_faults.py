@@ -19,7 +19,7 @@ import pytest
 from opentelemetry.sdk.trace.export import SpanExportResult
 
 from tests.conftest import Daemon, make_span, read_rows
-from tests.test_daemon import wait_for
+from tests.test_daemon import post_in_flight, wait_for
 from tests.test_receivers import new_trace, post, request_bytes
 
 StartDaemon = Callable[..., Daemon]
@@ -237,18 +237,8 @@ def test_read_only_filesystem_is_a_clear_start_error(small_fs: Path) -> None:
 def test_shutdown_on_a_slow_disk_answers_success_only_after_commit(
         start_daemon: StartDaemon) -> None:
     daemon = start_daemon("[flush]\ninterval_ms = 60000\n[log]\nlevel = \"debug\"\n")
-    results: dict[str, int] = {}
-
-    def send(session: str) -> None:
-        try:
-            results[session] = post(daemon, request_bytes(turn(new_trace(), 1, session, 5)))[0]
-        except (OSError, http.client.HTTPException):
-            results[session] = -1
-
-    threads = [threading.Thread(target=send, args=(f"slow-{i}",)) for i in range(6)]
-    for t in threads:
-        t.start()
-    wait_for(lambda: daemon.log.count("waiting for commit") >= 6, "requests in flight")
+    results, threads = post_in_flight(daemon, {
+        f"slow-{i}": request_bytes(turn(new_trace(), 1, f"slow-{i}", 5)) for i in range(6)})
     blocker = sqlite3.connect(daemon.db_path, timeout=0)
     blocker.execute("BEGIN IMMEDIATE")  # the disk is slow: the final commit must wait
     assert daemon.proc is not None

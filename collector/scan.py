@@ -72,7 +72,11 @@ class Scanner:
         if compiled and _CompiledScanner is not None:
             self._compiled = _CompiledScanner(self._known, self._aliases, n_slots, max_depth,
                                               EMPTY, NESTED)
-        self.compiled = self._compiled is not None
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the compiled reader reads for this scanner."""
+        return self._compiled is not None
 
     def scan(self, request: Any, wire: bytes | None = None
              ) -> list[tuple[ResourceScan, list[SpanScan]]]:

@@ -107,9 +107,7 @@ CREATE TABLE IF NOT EXISTS collector_usage_hourly (
 """
 HOURLY_TABLE = "collector_usage_hourly"
 
-# `hour` is the start of the UTC hour in agent_sessions' time format. The key is (hour, model,
-# session): a report over a date range reads one contiguous slice of the table, and summing per
-# (hour, model) streams in key order without sorting (a million rows in about 0.2 s).
+
 def _json_rows(columns: str) -> str:
     """A batch's rows arrive as one JSON array of arrays, bound as one parameter and split
     inside SQLite: the statement is one step, so the writer thread takes the GIL once per
@@ -120,6 +118,9 @@ def _json_rows(columns: str) -> str:
     return ", ".join(f"json_extract(value, '$[{i}]') AS {name}" for i, name in enumerate(names))
 
 
+# `hour` is the start of the UTC hour in agent_sessions' time format. The key is (hour, model,
+# session): a report over a date range reads one contiguous slice of the table, and summing per
+# (hour, model) streams in key order without sorting (a million rows in about 0.2 s).
 UPSERT_HOURLY = f"""
 INSERT INTO collector_usage_hourly (hour, session_id, model, turns, prompt_tokens,
     completion_tokens, reasoning_tokens, cache_read_tokens, cache_write_tokens, cost_cents)
@@ -174,11 +175,13 @@ WHERE key IN (SELECT key FROM collector_seen_current)
 """
 
 
-def _latest(column: str, default: str) -> str:
+def _latest(column: str, default: str, mark: str | None = None) -> str:
     """The new value if a span at least as late as the stored one's set it, else the stored
-    value (or the column default for a new session)."""
+    value (or the column default for a new session). `mark`: the marks column, if not
+    `{column}_ns`."""
     return (f"CASE WHEN s.id IS NULL THEN coalesce(b.{column}, {default}) "
-            f"WHEN b.{column} IS NOT NULL AND b.{column}_ns >= coalesce(m.{column}_ns, -1) "
+            f"WHEN b.{column} IS NOT NULL "
+            f"AND b.{column}_ns >= coalesce(m.{mark or column + '_ns'}, -1) "
             f"THEN b.{column} ELSE s.{column} END")
 
 
@@ -203,9 +206,7 @@ SELECT b.id,
     coalesce(s.completion_tokens, 0) + b.completion_tokens,
     coalesce(s.reasoning_tokens, 0) + b.reasoning_tokens,
     coalesce(s.cost_cents, 0.0) + b.cost_cents,
-    CASE WHEN s.id IS NULL THEN b.goal_text
-        WHEN b.goal_text IS NOT NULL AND b.goal_text_ns >= coalesce(m.goal_ns, -1)
-        THEN b.goal_text ELSE s.goal_text END
+    {_latest("goal_text", "NULL", mark="goal_ns")}
 FROM (SELECT {_json_rows("id, kind, kind_ns, status, status_ns, channel, channel_ns, model, "
                          "model_ns, created_at, last_active_at, turns, prompt_tokens, "
                          "completion_tokens, reasoning_tokens, cost_cents, goal_text, "

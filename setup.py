@@ -7,6 +7,6 @@ reader (collector/scan.py), which gives the same results more slowly.
 from setuptools import Extension, setup
 
 setup(ext_modules=[Extension(
-    "collector._scan", ["collector/_scan.c"], optional=True,
+    "collector.signals._scan", ["collector/signals/_scan.c"], optional=True,
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
 )])

@@ -16,11 +16,11 @@ from collections.abc import Callable
 
 from bench.baseline import Counter
 from bench.payload import SPANS_PER_REQUEST, RequestFactory
-from collector.aggregate import Batch
-from collector.mapping import MappingOptions, map_request
-from collector.otlp import decode_protobuf
-from collector.pricing import Pricer
-from collector.scan import COMPILED_AVAILABLE, Scanner
+from collector.accounting.aggregate import Batch
+from collector.accounting.pricing import Pricer
+from collector.receivers.otlp import decode_protobuf
+from collector.signals.scan import COMPILED_AVAILABLE, Scanner
+from collector.signals.traces import MappingOptions, map_request
 
 
 def per_span_us(bodies: list[bytes], work: Callable[[bytes], object], repeat: int) -> float:

@@ -37,7 +37,7 @@ from zoneinfo import ZoneInfo
 
 from collector import report
 from collector.cli import REPORT_GROUPS
-from collector.store import SCHEMA, iso_utc, read_usage
+from collector.store.sqlite import SCHEMA, iso_utc, read_usage
 
 HOUR_NS = 3600 * 1_000_000_000
 START_NS = 1_767_225_600_000_000_000  # 2026-01-01T00:00:00Z

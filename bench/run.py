@@ -322,12 +322,12 @@ def batch_memory(spans: int = 100_000) -> dict[str, float]:
     """Bytes a pending batch holds per span and per session (tracemalloc, in this process).
 
     The collector keeps per-session state only for sessions touched since the last flush
-    (collector.aggregate.Batch); a session's row lives in SQLite. So "memory per session" is
-    the cost of one SessionDelta in a batch, measured here by folding the same records into
-    100 and into `spans` sessions.
+    (collector.accounting.aggregate.Batch); a session's row lives in SQLite. So "memory per
+    session" is the cost of one SessionDelta in a batch, measured here by folding the same
+    records into 100 and into `spans` sessions.
     """
-    from collector.aggregate import Batch
-    from collector.mapping import SpanUsage
+    from collector.accounting.aggregate import Batch
+    from collector.signals.traces import SpanUsage
 
     def records(n_sessions: int) -> list[SpanUsage]:
         return [SpanUsage(os.urandom(24), f"bench-session-{i % n_sessions:07d}", 1, 2, 1, 300,

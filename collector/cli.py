@@ -18,8 +18,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from collector import report
 from collector.config import Config, ConfigError, load_config
-from collector.mapping import STATUSES
-from collector.store import SchemaError, StorageError, read_sessions, read_usage
+from collector.signals.traces import STATUSES
+from collector.store.sqlite import SchemaError, StorageError, read_sessions, read_usage
 
 log = logging.getLogger("collector")
 
@@ -100,8 +100,8 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
     # Imported here: the network stack (grpc, aiohttp) is slow to import and only serve needs
     # it, so `collector report` and `collector sessions` start in a fraction of the time.
     from collector.daemon import serve
-    from collector.ops import OpsError
-    from collector.receivers import ReceiverError
+    from collector.receivers.common import ReceiverError
+    from collector.web.ops import OpsError
 
     try:
         return _run(serve(config))
@@ -192,7 +192,7 @@ def _check_config(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# The rollup grouping each report reads (see collector.store.read_usage). The model report
+# The rollup grouping each report reads (see collector.store.sqlite.read_usage). The model report
 # folds (hour, model) sums too: they stream in the table's key order, while a bare GROUP BY
 # model would sort every row.
 REPORT_GROUPS = {"daily": "hour", "monthly": "hour", "session": "session", "model": "hour"}

@@ -228,7 +228,7 @@ def parse_config(doc: Mapping[str, Any], *, source: str, base_dir: Path) -> Conf
 
 def _parse_aliases(source: str, table: Mapping[str, Any]) -> dict[str, str]:
     """Aliases let agents with their own attribute names be read without code changes."""
-    from collector.mapping import ATTRIBUTE_SLOTS  # mapping imports config indirectly
+    from collector.signals.traces import ATTRIBUTE_SLOTS  # mapping imports config indirectly
 
     aliases: dict[str, str] = {}
     for alias, target in table.items():

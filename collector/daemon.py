@@ -18,14 +18,15 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import Protocol
 
+from collector.accounting.pricing import Pricer
 from collector.config import Config
-from collector.mapping import MappingOptions
-from collector.ops import Metrics, OpsServer, readiness_problem
 from collector.pipeline import Pipeline
-from collector.pricing import Pricer
-from collector.receivers import GrpcReceiver, HttpReceiver
+from collector.receivers.grpc import GrpcReceiver
+from collector.receivers.http import HttpReceiver
 from collector.security import Security
-from collector.store import SQLiteStore
+from collector.signals.traces import MappingOptions
+from collector.store.sqlite import SQLiteStore
+from collector.web.ops import Metrics, OpsServer, readiness_problem
 
 log = logging.getLogger(__name__)
 

@@ -20,11 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from collector.aggregate import Batch
-from collector.errors import ExportError, Refusal
-from collector.mapping import MappingOptions, count_spans, map_request
-from collector.scan import UnreadableRequest
-from collector.store import CommitResult, SQLiteStore, StorageError
+from collector.accounting.aggregate import Batch
+from collector.receivers.errors import ExportError, Refusal
+from collector.signals.scan import UnreadableRequest
+from collector.signals.traces import MappingOptions, count_spans, map_request
+from collector.store.sqlite import CommitResult, SQLiteStore, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ MAX_LOGGED_INVALID_VALUES = 1000
 
 @dataclass(slots=True)
 class Stats:
-    """Counters since start; read by logs and, at scrape time, by the metrics (collector.ops).
+    """Counters since start; read by logs and, at scrape time, by the metrics (collector.web.ops).
 
     Plain ints and dicts bumped on the hot path: exposing them costs nothing until a scrape.
     """

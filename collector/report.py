@@ -227,7 +227,7 @@ def _session_lines(rows: Iterable[RollupRow], breakdown: bool) -> tuple[list[Lin
                 last[line.key] = line.last_hour
         ordered.sort(key=lambda line: last[line.key], reverse=True)
     else:
-        # Most recently active first, then by session id. Rows from collector.store come
+        # Most recently active first, then by session id. Rows from collector.store.sqlite come
         # ordered by session, so the first sort finds them sorted.
         ordered.sort(key=_KEY)
         ordered.sort(key=_LAST_HOUR, reverse=True)

@@ -7,7 +7,7 @@ import ssl
 from dataclasses import dataclass, field
 
 from collector.config import TlsConfig
-from collector.errors import ExportError, Refusal
+from collector.receivers.errors import ExportError, Refusal
 
 BEARER = "bearer"
 

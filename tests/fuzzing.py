@@ -32,15 +32,8 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 
 from collector.config import load_config
-from collector.errors import ExportError
-from collector.mapping import (
-    ATTRIBUTE_SLOTS,
-    MappingOptions,
-    MappingResult,
-    count_spans,
-    map_request,
-)
-from collector.otlp import (
+from collector.receivers.errors import ExportError
+from collector.receivers.otlp import (
     DEFLATE_WBITS,
     GZIP_WBITS,
     JSON,
@@ -48,6 +41,13 @@ from collector.otlp import (
     BoundedGunzip,
     decode_json,
     decode_protobuf,
+)
+from collector.signals.traces import (
+    ATTRIBUTE_SLOTS,
+    MappingOptions,
+    MappingResult,
+    count_spans,
+    map_request,
 )
 from tests.conftest import MS, SECOND, T0, make_span
 

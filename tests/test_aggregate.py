@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collector.aggregate import NO_TIME, Batch
-from collector.mapping import SpanUsage
+from collector.accounting.aggregate import NO_TIME, Batch
+from collector.signals.traces import SpanUsage
 from tests.conftest import MS, T0
 
 

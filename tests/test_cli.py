@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from collector.store import COLUMN_NAMES
+from collector.store.sqlite import COLUMN_NAMES
 from tests.conftest import SECOND, T0, Daemon, make_span
 from tests.test_receivers import new_trace
 

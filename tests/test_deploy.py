@@ -7,9 +7,9 @@ import shlex
 from pathlib import Path
 
 from collector.cli import _parser
-from collector.ops import STOP_GRACE_S as OPS_STOP_GRACE_S
 from collector.pipeline import SHUTDOWN_FLUSH_DEADLINE_S
-from collector.receivers import STOP_GRACE_S
+from collector.receivers.common import STOP_GRACE_S
+from collector.web.ops import STOP_GRACE_S as OPS_STOP_GRACE_S
 
 UNIT = Path(__file__).resolve().parent.parent / "deploy" / "collector.service"
 

@@ -34,15 +34,15 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
+from collector.accounting.pricing import Pricer
 from collector.config import ModelPrice
-from collector.mapping import (
+from collector.signals.traces import (
     KEY_BYTES,
     MappingOptions,
     MappingResult,
     count_spans,
     map_request,
 )
-from collector.pricing import Pricer
 from tests import fuzzing
 from tests.conftest import T0, Daemon, make_span
 from tests.fuzzing import INT64_MAX, Expected, Ledger

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 
+from collector.accounting.pricing import Pricer
 from collector.config import ModelPrice
-from collector.mapping import MappingOptions, MappingResult, SpanUsage, map_request
-from collector.pricing import Pricer
-from collector.scan import COMPILED_AVAILABLE
+from collector.signals.scan import COMPILED_AVAILABLE
+from collector.signals.traces import MappingOptions, MappingResult, SpanUsage, map_request
 from tests.conftest import MS, T0, make_span
 
 PRICES = {"test-model": ModelPrice(input=1.0, output=2.0, cache_read=0.5, cache_write=4.0)}
@@ -24,7 +24,8 @@ _compiled_scanner = True  # set for each test by the `reader` fixture
 
 @pytest.fixture(autouse=True, params=[
     pytest.param(True, id="compiled", marks=pytest.mark.skipif(
-        not COMPILED_AVAILABLE, reason="collector._scan is not built: only the Python reader")),
+        not COMPILED_AVAILABLE,
+        reason="collector.signals._scan is not built: only the Python reader")),
     pytest.param(False, id="python"),
 ])
 def reader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,8 +13,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from collector.ops import Gauges, metric_families, readiness_problem
 from collector.pipeline import Stats
+from collector.web.ops import Gauges, metric_families, readiness_problem
 from tests.conftest import T0, Daemon, make_span
 from tests.test_daemon import NO_SWEEP, PRICES, conversation, wait_for
 from tests.test_receivers import grpc_call, new_trace, post, request_bytes, usage

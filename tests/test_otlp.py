@@ -8,8 +8,8 @@ import zlib
 
 import pytest
 
-from collector.errors import ExportError, Refusal
-from collector.otlp import (
+from collector.receivers.errors import ExportError, Refusal
+from collector.receivers.otlp import (
     DEFLATE_WBITS,
     JSON,
     PROTOBUF,

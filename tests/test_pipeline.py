@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 
-from collector.errors import ExportError, Refusal
-from collector.mapping import MappingOptions
+from collector.accounting.pricing import Pricer
 from collector.pipeline import Pipeline
-from collector.pricing import Pricer
-from collector.scan import COMPILED_AVAILABLE
-from collector.store import SQLiteStore
+from collector.receivers.errors import ExportError, Refusal
+from collector.signals.scan import COMPILED_AVAILABLE
+from collector.signals.traces import MappingOptions
+from collector.store.sqlite import SQLiteStore
 from tests.conftest import make_span, read_rows
 
 

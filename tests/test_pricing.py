@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from genai_prices import Usage, calc_price
 
+from collector.accounting.pricing import Pricer
 from collector.config import ModelPrice
-from collector.pricing import Pricer
 
 
 def cost(pricer: Pricer, model: str, *, uncached: int = 0, read: int = 0, write: int = 0,
@@ -54,7 +54,7 @@ def test_library_can_be_switched_off() -> None:
 
 
 def test_preload_resolves_the_library_at_start_up_only_when_it_is_used() -> None:
-    from collector.pricing import PRELOAD_MODEL
+    from collector.accounting.pricing import PRELOAD_MODEL
 
     used = Pricer({})
     used.preload()

@@ -26,7 +26,7 @@ from collector.report import (
     to_json,
     to_table,
 )
-from collector.store import read_usage
+from collector.store.sqlite import read_usage
 from tests.conftest import MS, T0, Daemon, make_span
 from tests.test_daemon import NO_SWEEP, PRICES
 from tests.test_receivers import new_trace

@@ -27,8 +27,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyVa
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 
-from collector.mapping import ATTRIBUTE_SLOTS, N_SLOTS
-from collector.scan import (
+from collector.signals.scan import (
     COMPILED_AVAILABLE,
     EMPTY,
     NESTED,
@@ -36,12 +35,14 @@ from collector.scan import (
     Scanner,
     SpanScan,
 )
+from collector.signals.traces import ATTRIBUTE_SLOTS, N_SLOTS
 from tests import fuzzing
 from tests.conftest import MS, T0
 
 ScanResult = list[tuple[ResourceScan, list[SpanScan]]]
 
-NO_COMPILED = "collector._scan is not built (no C compiler at install): only the Python reader runs"
+NO_COMPILED = ("collector.signals._scan is not built (no C compiler at install): only the "
+               "Python reader runs")
 needs_compiled = pytest.mark.skipif(not COMPILED_AVAILABLE, reason=NO_COMPILED)
 
 # A small slot table. Slot 3's name holds a NUL byte (the compiled reader compares lengths, not
@@ -414,7 +415,8 @@ def test_names_alike_but_for_one_inner_byte_each_find_their_slot(compiled: bool)
 
 
 def test_the_mapping_slot_table_reads_every_known_name(compiled: bool) -> None:
-    """The 26 names collector.mapping knows, each to its own slot, in a table of that size."""
+    """The 26 names collector.signals.traces knows, each to its own slot, in a table of that
+    size."""
     reader = Scanner(ATTRIBUTE_SLOTS, {}, N_SLOTS, 8, compiled=compiled)
     names = sorted(ATTRIBUTE_SLOTS)
     got = reader.scan(single(*[attr(name, integer(i)) for i, name in enumerate(names)],

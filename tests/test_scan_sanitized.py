@@ -1,7 +1,7 @@
 """The compiled reader under AddressSanitizer and UndefinedBehaviorSanitizer.
 
-It parses untrusted bytes in C. This builds collector/_scan.c with both sanitizers into a copy
-of the package and runs tests/test_scan.py (hand-built and hand-encoded cases, thousands of
+It parses untrusted bytes in C. This builds collector/signals/_scan.c with both sanitizers into a
+copy of the package and runs tests/test_scan.py (hand-built and hand-encoded cases, thousands of
 fuzzed requests) against that build in a child process: an out-of-bounds read, a leak of a
 reference count into freed memory or undefined arithmetic aborts the child. Skipped where
 there is no C compiler with the sanitizer runtimes.
@@ -45,8 +45,8 @@ def test_compiled_reader_is_clean_under_sanitizers(tmp_path: Path) -> None:
     build = subprocess.run(
         [compiler, "-shared", "-fPIC", "-O1", "-g", "-fno-omit-frame-pointer",
          "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
-         f"-I{sysconfig.get_paths()['include']}", str(package / "_scan.c"),
-         "-o", str(package / f"_scan{suffix}")],
+         f"-I{sysconfig.get_paths()['include']}", str(package / "signals" / "_scan.c"),
+         "-o", str(package / "signals" / f"_scan{suffix}")],
         capture_output=True, text=True, check=False, timeout=TIMEOUT_S)
     if build.returncode != 0:
         pytest.skip(f"cannot build with sanitizers: {build.stderr[-500:]}")
@@ -60,7 +60,7 @@ def test_compiled_reader_is_clean_under_sanitizers(tmp_path: Path) -> None:
            "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"}
     child = subprocess.run(
         [sys.executable, "-c",
-         "import collector._scan as m, collector.scan as s; "
+         "import collector.signals._scan as m, collector.signals.scan as s; "
          "assert s.COMPILED_AVAILABLE; print(m.__file__)"],
         capture_output=True, text=True, check=False, env=env, cwd=tmp_path, timeout=TIMEOUT_S)
     assert child.returncode == 0, child.stderr[-2000:]

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from collector.aggregate import Batch
-from collector.mapping import SpanUsage
-from collector.store import SchemaError, SQLiteStore, StorageError, iso_utc, read_usage
+from collector.accounting.aggregate import Batch
+from collector.signals.traces import SpanUsage
+from collector.store.sqlite import SchemaError, SQLiteStore, StorageError, iso_utc, read_usage
 from tests.conftest import MS, SECOND, T0, read_rows
 
 

@@ -26,10 +26,10 @@ from prometheus_client.exposition import choose_encoder
 
 from collector import __version__
 from collector.config import Endpoint
-from collector.mapping import STATUSES
 from collector.pipeline import Pipeline, Stats
-from collector.receivers import start_app
-from collector.store import SQLiteStore, count_sessions_by_status
+from collector.receivers.common import start_app
+from collector.signals.traces import STATUSES
+from collector.store.sqlite import SQLiteStore, count_sessions_by_status
 
 log = logging.getLogger(__name__)
 

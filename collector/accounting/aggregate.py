@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Set
 from dataclasses import dataclass, field
 
-from collector.mapping import SpanUsage
+from collector.signals.traces import SpanUsage
 
 NO_TIME = -1
 HOUR_NS = 3600 * 1_000_000_000

@@ -32,8 +32,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from collector.pricing import Pricer
-from collector.scan import Scanner, SpanScan
+from collector.accounting.pricing import Pricer
+from collector.signals.scan import Scanner, SpanScan
 
 KINDS = ("interactive", "autonomous", "acp")
 STATUSES = ("active", "completed", "failed", "cancelled", "unknown")

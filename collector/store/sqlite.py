@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from collector.aggregate import HOUR_NS, Batch, HourDelta, HourKey, SessionDelta
-from collector.mapping import KEY_BYTES
+from collector.accounting.aggregate import HOUR_NS, Batch, HourDelta, HourKey, SessionDelta
+from collector.signals.traces import KEY_BYTES
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")

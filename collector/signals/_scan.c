@@ -1,13 +1,13 @@
 /*
- * collector._scan: reads, from the wire bytes of an OTLP ExportTraceServiceRequest, only what
- * collector.mapping needs: per resource and per span, the values of the attributes it knows
+ * collector.signals._scan: reads, from the wire bytes of an OTLP ExportTraceServiceRequest, only what
+ * collector.signals.traces needs: per resource and per span, the values of the attributes it knows
  * (by slot), the ids, the parent flag, the times, the attribute count and the first unknown
  * attribute nested deeper than allowed.
  *
  * Why hand-written C: walking upb message objects from Python costs ~4 us a span (one wrapper
  * object per KeyValue, per key string and per AnyValue); this walk creates Python objects
  * only for the values a slot takes. No maintained library decodes protobuf faster than upb
- * for Python 3.11 (see README). The pure-Python twin in collector/scan.py is the reference:
+ * for Python 3.11 (see README). The pure-Python twin in collector/signals/scan.py is the reference:
  * tests compare the two on every case and on fuzzed requests.
  *
  * The bytes have already been accepted by upb (ParseFromString), so they are well-formed;
@@ -682,10 +682,10 @@ static PyMethodDef Scanner_methods[] = {
 
 static PyTypeObject ScannerType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "collector._scan.Scanner",
+    .tp_name = "collector.signals._scan.Scanner",
     .tp_basicsize = sizeof(Scanner),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Reads the attributes collector.mapping knows from OTLP trace request bytes.",
+    .tp_doc = "Reads the attributes collector.signals.traces knows from OTLP trace request bytes.",
     .tp_new = Scanner_new,
     .tp_dealloc = (destructor)Scanner_dealloc,
     .tp_methods = Scanner_methods,
@@ -693,8 +693,8 @@ static PyTypeObject ScannerType = {
 
 static struct PyModuleDef scan_module = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "collector._scan",
-    .m_doc = "Compiled reader of OTLP trace requests for collector.mapping (see collector/scan.py).",
+    .m_name = "collector.signals._scan",
+    .m_doc = "Compiled reader of OTLP trace requests for collector.signals.traces (see collector/signals/scan.py).",
     .m_size = -1,
 };
 

@@ -1,4 +1,5 @@
-# Type stub for the compiled reader (collector/_scan.c); collector/scan.py documents the tuples.
+# Type stub for the compiled reader (collector/signals/_scan.c);
+# collector/signals/scan.py documents the tuples.
 from typing import Any
 
 class Scanner:

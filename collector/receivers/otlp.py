@@ -20,7 +20,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from collector.errors import ExportError, Refusal
+from collector.receivers.errors import ExportError, Refusal
 
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"

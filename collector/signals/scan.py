@@ -11,7 +11,7 @@ array or key-value list, or None when absent. A known name repeated keeps its la
 alias fills its slot only while no value is there. `deep_key` names the first attribute the
 mapping does not read that nests deeper than the limit (None if none).
 
-Two implementations produce the same tuples. The compiled one (collector/_scan.c, built at
+Two implementations produce the same tuples. The compiled one (collector/signals/_scan.c, built at
 install when a C compiler is present) reads the request's wire bytes and creates Python objects
 only for values a slot takes; the Python one walks the decoded protobuf objects and is the
 reference the tests compare the compiled one against.
@@ -24,7 +24,7 @@ from typing import Any
 
 _CompiledScanner: type[Any] | None
 try:
-    from collector._scan import Scanner as _CompiledScanner
+    from collector.signals._scan import Scanner as _CompiledScanner
 except ImportError:  # no C compiler at install time: the Python reader does the same, slower
     _CompiledScanner = None
 

@@ -1,0 +1,1 @@
+"""Usage events -> session deltas: turns, once-only keys, pricing, aggregation. Pure."""

@@ -1,0 +1,1 @@
+"""What each agent's telemetry names mean, as data."""

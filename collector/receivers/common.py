@@ -1,0 +1,50 @@
+"""What both OTLP transports share: the export callable they feed, answer counting, the
+aiohttp serving helper and the start error. Network and status codes only."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from collector.config import Endpoint
+from collector.pipeline import ExportOutcome
+
+ExportFn = Callable[[Any, bytes | None], Awaitable[ExportOutcome]]
+# Called once per answer with its outcome: "ok", "partial" or the refusal's reason (metrics).
+AnswerFn = Callable[[str], None]
+
+# Receivers wait this long for requests in flight when stopping; each of them needs at most
+# a flush interval plus a commit, so this is generous.
+STOP_GRACE_S = 15.0
+# Where an HTTP handler leaves its answer's outcome on the response, for the counting middleware.
+OUTCOME_KEY = "collector.outcome"
+
+def no_count(outcome: str) -> None:
+    pass
+
+
+def outcome_label(outcome: ExportOutcome) -> str:
+    return "partial" if outcome.rejected else "ok"
+
+
+async def start_app(app: web.Application, endpoint: Endpoint, *,
+                    ssl_context: ssl.SSLContext | None = None, **server: Any) -> web.AppRunner:
+    """Serve an aiohttp app on an endpoint, without access logs or signal handling (the
+    daemon owns both). If it cannot listen, nothing is left running and the error is raised."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, **server)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, endpoint.host, endpoint.port, reuse_address=True,
+                           ssl_context=ssl_context)
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
+
+
+class ReceiverError(Exception):
+    """A receiver could not start (address in use, bad address)."""

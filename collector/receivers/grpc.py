@@ -1,0 +1,98 @@
+"""OTLP/gRPC (grpc.aio): raw bytes in and out, decoded here and handed to the export callable;
+every refusal is an ExportError translated through collector.receivers.errors."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import grpc
+from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2
+
+from collector.config import Endpoint
+from collector.receivers.common import (
+    STOP_GRACE_S,
+    AnswerFn,
+    ExportFn,
+    ReceiverError,
+    no_count,
+    outcome_label,
+)
+from collector.receivers.errors import RETRY_AFTER_S, ExportError
+from collector.receivers.otlp import PROTOBUF, decode_protobuf, encode_response, export_response
+from collector.security import Security
+
+log = logging.getLogger(__name__)
+
+GRPC_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
+
+
+class GrpcReceiver:
+    def __init__(self, endpoint: Endpoint, export: ExportFn, *, max_request_bytes: int,
+                 security: Security | None = None, on_answer: AnswerFn = no_count) -> None:
+        self.endpoint = endpoint
+        self._export = export
+        self._limit = max_request_bytes
+        self._security = security or Security()
+        self._on_answer = on_answer
+        self._server: grpc.aio.Server | None = None
+
+    async def start(self) -> None:
+        server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", self._limit),
+            ("grpc.so_reuseport", 0),
+        ])
+        handler = grpc.method_handlers_generic_handler(GRPC_SERVICE, {
+            # Raw bytes in and out: decoding is ours, so a bad body is INVALID_ARGUMENT with
+            # the same message the HTTP receiver gives.
+            "Export": grpc.unary_unary_rpc_method_handler(self._handle),
+        })
+        server.add_generic_rpc_handlers((handler,))
+        material = self._security.grpc_material()
+        try:
+            if material is None:
+                port = server.add_insecure_port(str(self.endpoint))
+            else:
+                key, chain, client_ca = material
+                credentials = grpc.ssl_server_credentials(
+                    [(key, chain)], root_certificates=client_ca,
+                    require_client_auth=client_ca is not None)
+                port = server.add_secure_port(str(self.endpoint), credentials)
+        except RuntimeError as exc:
+            raise ReceiverError(f"cannot listen for OTLP/gRPC on {self.endpoint}: {exc}") from None
+        if port == 0:
+            raise ReceiverError(f"cannot listen for OTLP/gRPC on {self.endpoint}")
+        await server.start()
+        self._server = server
+        log.info("OTLP/gRPC%s listening on %s", " (TLS)" if material else "", self.endpoint)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            server, self._server = self._server, None
+            await server.stop(STOP_GRACE_S)
+
+    async def _handle(self, body: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        try:
+            self._security.check(_metadata_value(context, "authorization"))
+            # Inline, so no local holds the decoded request while the export awaits its commit.
+            outcome = await self._export(decode_protobuf(body), body)
+        except ExportError as exc:
+            answer = exc.answer
+            self._on_answer(answer.reason)
+            if answer.retryable:
+                info = error_details_pb2.RetryInfo(
+                    retry_delay=duration_pb2.Duration(seconds=RETRY_AFTER_S))
+                context.set_trailing_metadata(
+                    (("google.rpc.retryinfo-bin", info.SerializeToString()),))
+            await context.abort(answer.grpc_code, exc.message)
+        self._on_answer(outcome_label(outcome))
+        return encode_response(export_response(outcome.rejected, outcome.message), PROTOBUF)
+
+
+def _metadata_value(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str | None:
+    for item in context.invocation_metadata() or ():
+        if item[0] == key:
+            value = item[1]
+            return value.decode("latin-1") if isinstance(value, bytes) else str(value)
+    return None

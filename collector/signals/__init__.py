@@ -1,0 +1,1 @@
+"""Decoding each OTLP signal into usage events. Pure: values in, values out."""

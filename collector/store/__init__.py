@@ -1,0 +1,1 @@
+"""Storage: the store owns its connection, schema and transaction."""

@@ -1,0 +1,1 @@
+"""HTTP endpoints for people and monitoring: operations (metrics, health)."""

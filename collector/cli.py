@@ -8,18 +8,17 @@ import datetime as dt
 import gc
 import json
 import logging
-import sqlite3
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from collector import report
 from collector.config import Config, ConfigError, load_config
 from collector.signals.traces import STATUSES
-from collector.store.sqlite import SchemaError, StorageError, read_sessions, read_usage
+from collector.store import open_reader
+from collector.store.base import Reader, SchemaError, StorageError
 
 log = logging.getLogger("collector")
 
@@ -105,7 +104,7 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
 
     try:
         return _run(serve(config))
-    except (StorageError, SchemaError, ReceiverError, OpsError, sqlite3.Error, OSError) as exc:
+    except (StorageError, SchemaError, ReceiverError, OpsError, OSError) as exc:
         log.error("cannot start: %s", exc)
         return EXIT_FAILURE
 
@@ -118,29 +117,33 @@ def _run(coro: Any) -> int:
     return int(uvloop.run(coro))
 
 
-def _no_database(path: Path) -> bool:
-    """True (after saying so) when the daemon has not created the database yet."""
-    if path.exists():
-        return False
-    print(f"collector: no database at {path} (has the daemon run?)", file=sys.stderr)
-    return True
+def _reader(config: Config) -> Reader | None:
+    """The configured database's reader, or None (after saying why) when there is none yet."""
+    reader = open_reader(config)
+    problem = reader.missing()
+    if problem is None:
+        return reader
+    print(f"collector: {problem}", file=sys.stderr)
+    return None
 
 
 def _sessions(config: Config, args: argparse.Namespace) -> int:
-    path = config.sqlite_path
-    if _no_database(path):
+    reader = _reader(config)
+    if reader is None:
         return EXIT_FAILURE
     try:
-        rows = read_sessions(path, status=args.status, limit=args.limit)
-    except sqlite3.Error as exc:
-        print(f"collector: cannot read {path}: {exc}", file=sys.stderr)
+        rows = reader.read_sessions(status=args.status, limit=args.limit)
+    except StorageError as exc:
+        print(f"collector: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    finally:
+        reader.close()
     if args.json:
         json.dump(rows, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         cells = [[_cell(name, row[name]) for name in SHOWN_COLUMNS] for row in rows]
-        _print_table(f"agent sessions ({len(rows)}) in {path}", SHOWN_COLUMNS,
+        _print_table(f"agent sessions ({len(rows)}) in {reader.description}", SHOWN_COLUMNS,
                      [name in NUMERIC for name in SHOWN_COLUMNS], cells)
     return EXIT_OK
 
@@ -212,21 +215,21 @@ def _report(config: Config, args: argparse.Namespace) -> int:
 
 
 def _print_report(config: Config, args: argparse.Namespace) -> int:
-    path = config.sqlite_path
-    if _no_database(path):
-        return EXIT_FAILURE
     if args.since and args.until and args.since > args.until:
         print(f"collector: --since {args.since} is after --until {args.until}", file=sys.stderr)
         return EXIT_USAGE
+    reader = _reader(config)
+    if reader is None:
+        return EXIT_FAILURE
     tz = ZoneInfo(args.timezone)
     lo, hi = report.hour_bounds(args.since, args.until, tz)
     try:
-        rows = read_usage(path, group=REPORT_GROUPS[args.kind], lo=lo, hi=hi)
-    except sqlite3.Error as exc:
-        hint = (" (start this version of the daemon once to create the hourly rollup)"
-                if "no such table" in str(exc) else "")
-        print(f"collector: cannot read {path}: {exc}{hint}", file=sys.stderr)
+        rows = reader.read_usage(group=REPORT_GROUPS[args.kind], lo=lo, hi=hi)
+    except StorageError as exc:
+        print(f"collector: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    finally:
+        reader.close()
     result = report.build_report(args.kind, (report.RollupRow(*r) for r in rows), tz=tz,
                                  timezone=args.timezone, breakdown=args.breakdown,
                                  since=args.since, until=args.until)

@@ -15,6 +15,17 @@ from typing import Any
 
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 DEFAULT_SQLITE_PATH = "data/agent_sessions.db"
+STORAGE_BACKENDS = ("sqlite", "postgres")
+DEFAULT_STORAGE_BACKEND = "sqlite"
+# libpq waits at least 2 s for a connection whatever it is told (a smaller value means 2).
+DEFAULT_POSTGRES_CONNECT_TIMEOUT_S = 2
+MIN_POSTGRES_CONNECT_TIMEOUT_S = 2
+# A flush that has no answer from PostgreSQL within this is abandoned (its connection cut) and
+# answered retryably. With the connect timeout after it and the pipeline's first retry, an
+# export waiting on a hung or unreachable server is answered 503 in about 7 s at most: inside
+# an OTLP exporter's 10 s timeout, so it hears "retry" rather than timing out.
+DEFAULT_POSTGRES_COMMIT_TIMEOUT_S = 4
+MAX_PASSWORD_FILE_BYTES = 4096
 DEFAULT_FLUSH_INTERVAL_MS = 200
 DEFAULT_MAX_PENDING_SPANS = 200_000
 DEFAULT_STALE_AFTER_S = 3600
@@ -90,10 +101,23 @@ class TlsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PostgresConfig:
+    """Where and how the postgres backend connects. `url` never holds a password: it comes
+    from `password` (postgres_password_file), else libpq's PGPASSWORD or .pgpass."""
+
+    url: str
+    password: str | None = field(default=None, repr=False)
+    connect_timeout_s: int = DEFAULT_POSTGRES_CONNECT_TIMEOUT_S
+    commit_timeout_s: int = DEFAULT_POSTGRES_COMMIT_TIMEOUT_S
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     source: str = "<defaults>"
     receivers: ReceiverConfig = field(default_factory=ReceiverConfig)
+    storage_backend: str = DEFAULT_STORAGE_BACKEND
     sqlite_path: Path = Path(DEFAULT_SQLITE_PATH)
+    postgres: PostgresConfig | None = None  # set when storage_backend is "postgres"
     flush_interval_ms: int = DEFAULT_FLUSH_INTERVAL_MS
     max_pending_spans: int = DEFAULT_MAX_PENDING_SPANS
     stale_after_s: int = DEFAULT_STALE_AFTER_S
@@ -114,7 +138,9 @@ class Config:
 # are handled separately.
 _SCHEMA: dict[str, dict[str, type]] = {
     "receivers.otlp": {"grpc_endpoint": str, "http_endpoint": str, "max_request_bytes": int},
-    "storage": {"sqlite_path": str},
+    "storage": {"backend": str, "sqlite_path": str, "postgres_url": str,
+                "postgres_password_file": str, "postgres_connect_timeout_s": int,
+                "postgres_commit_timeout_s": int},
     "flush": {"interval_ms": int, "max_pending_spans": int},
     "sessions": {"stale_after_s": int, "max_id_length": int},
     "dedupe": {"retention_s": int},
@@ -180,6 +206,12 @@ def parse_config(doc: Mapping[str, Any], *, source: str, base_dir: Path) -> Conf
     if not path.is_absolute():
         path = base_dir / path
 
+    backend = get("storage.backend", DEFAULT_STORAGE_BACKEND)
+    if backend not in STORAGE_BACKENDS:
+        raise ConfigError(source, "storage.backend",
+                          f"must be one of {', '.join(STORAGE_BACKENDS)}; got {backend!r}")
+    postgres = _parse_postgres(source, base_dir, values, backend)
+
     level = get("log.level", DEFAULT_LOG_LEVEL).lower()
     if level not in LOG_LEVELS:
         raise ConfigError(source, "log.level",
@@ -194,7 +226,9 @@ def parse_config(doc: Mapping[str, Any], *, source: str, base_dir: Path) -> Conf
                                         get("receivers.otlp.max_request_bytes",
                                             DEFAULT_MAX_REQUEST_BYTES)),
         ),
+        storage_backend=backend,
         sqlite_path=path,
+        postgres=postgres,
         flush_interval_ms=_positive(source, "flush.interval_ms",
                                     get("flush.interval_ms", DEFAULT_FLUSH_INTERVAL_MS)),
         max_pending_spans=_positive(source, "flush.max_pending_spans",
@@ -271,6 +305,57 @@ def _read_token(source: str, base_dir: Path, value: str) -> str | None:
         raise ConfigError(source, "auth.token_file",
                           f"{path}: must hold one token without spaces")
     return token
+
+
+def _parse_postgres(source: str, base_dir: Path, values: Mapping[str, Any],
+                    backend: str) -> PostgresConfig | None:
+    keys = [k for k in values if k.startswith("storage.postgres_")]
+    if backend != "postgres":
+        if keys:
+            raise ConfigError(source, keys[0], 'only used with storage.backend = "postgres"')
+        return None
+    url = values.get("storage.postgres_url", "").strip()
+    if not url:
+        raise ConfigError(source, "storage.postgres_url",
+                          'required with storage.backend = "postgres" '
+                          '(e.g. "postgresql://user@host:5432/dbname")')
+    # libpq's own parser (no connection is made), so what is accepted here is what connects.
+    from psycopg import conninfo
+
+    try:
+        parts = conninfo.conninfo_to_dict(url)
+    except Exception as exc:  # psycopg.ProgrammingError; its text never echoes a password
+        raise ConfigError(source, "storage.postgres_url",
+                          f"not a PostgreSQL connection URL: {str(exc).strip()}") from None
+    if parts.get("password"):
+        raise ConfigError(source, "storage.postgres_url",
+                          "must not contain a password; use storage.postgres_password_file, "
+                          "PGPASSWORD or ~/.pgpass")
+    password = None
+    file_value = values.get("storage.postgres_password_file", "")
+    if file_value.strip():
+        path = _resolve(base_dir, file_value)
+        raw = _readable(source, "storage.postgres_password_file", path)
+        if len(raw) > MAX_PASSWORD_FILE_BYTES:
+            raise ConfigError(source, "storage.postgres_password_file",
+                              f"{path} is too large for a password")
+        try:
+            password = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            raise ConfigError(source, "storage.postgres_password_file",
+                              f"{path}: not UTF-8 text") from None
+        if not password or "\n" in password:
+            raise ConfigError(source, "storage.postgres_password_file",
+                              f"{path}: must hold the password on one line")
+    return PostgresConfig(
+        url=url,
+        password=password,
+        connect_timeout_s=_at_least(source, "storage.postgres_connect_timeout_s", values.get(
+            "storage.postgres_connect_timeout_s", DEFAULT_POSTGRES_CONNECT_TIMEOUT_S),
+            MIN_POSTGRES_CONNECT_TIMEOUT_S),
+        commit_timeout_s=_positive(source, "storage.postgres_commit_timeout_s", values.get(
+            "storage.postgres_commit_timeout_s", DEFAULT_POSTGRES_COMMIT_TIMEOUT_S)),
+    )
 
 
 def _parse_tls(source: str, base_dir: Path, values: Mapping[str, Any]) -> TlsConfig | None:

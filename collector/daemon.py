@@ -25,7 +25,8 @@ from collector.receivers.grpc import GrpcReceiver
 from collector.receivers.http import HttpReceiver
 from collector.security import Security
 from collector.signals.traces import MappingOptions
-from collector.store.sqlite import SQLiteStore
+from collector.store import open_reader, open_store
+from collector.store.base import Store
 from collector.web.ops import Metrics, OpsServer, readiness_problem
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def mapping_options(config: Config) -> MappingOptions:
     )
 
 
-def build_pipeline(config: Config, store: SQLiteStore, *,
+def build_pipeline(config: Config, store: Store, *,
                    on_flush: Callable[[float, int], None] | None = None) -> Pipeline:
     options = mapping_options(config)
     options.pricer.preload()
@@ -77,17 +78,17 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
         loop.add_signal_handler(signum, stop.set)
     try:
         async with AsyncExitStack() as stack:
-            store = SQLiteStore(config.sqlite_path, retention_s=config.dedupe_retention_s)
-            await store.open()
+            store = open_store(config)
             stack.push_async_callback(store.close)
-            log.info("storage: %s", config.sqlite_path)
+            await store.open()
+            log.info("storage: %s", store.description)
 
             metrics = Metrics() if config.ops_endpoint is not None else None
             pipeline = build_pipeline(config, store,
                                       on_flush=metrics.observe_flush if metrics else None)
             listening = asyncio.Event()  # set once every receiver listens
             if metrics is not None and config.ops_endpoint is not None:
-                metrics.watch(pipeline, store)
+                metrics.watch(pipeline, store, open_reader(config))
                 ops = OpsServer(config.ops_endpoint, metrics, lambda: readiness_problem(
                     receivers_listening=listening.is_set(), closing=pipeline.closing,
                     storage_problem=pipeline.storage_problem), before_scrape=metrics.refresh)

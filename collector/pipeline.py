@@ -24,7 +24,7 @@ from collector.accounting.aggregate import Batch
 from collector.receivers.errors import ExportError, Refusal
 from collector.signals.scan import UnreadableRequest
 from collector.signals.traces import MappingOptions, count_spans, map_request
-from collector.store.sqlite import CommitResult, SQLiteStore, StorageError
+from collector.store.base import CommitResult, StorageError, Store
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class ExportOutcome:
 class Pipeline:
     def __init__(
         self,
-        store: SQLiteStore,
+        store: Store,
         options: MappingOptions,
         *,
         flush_interval_s: float,

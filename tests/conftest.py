@@ -69,8 +69,11 @@ class Daemon:
     """`collector serve` in a subprocess with its own ports and database."""
 
     def __init__(self, workdir: Path, extra_config: str = "", *, db_path: Path | None = None,
-                 grpc: bool = True, http: bool = True, ops: bool = True) -> None:
-        """`ops=False` leaves [ops] to `extra_config` (else it is on a free port)."""
+                 grpc: bool = True, http: bool = True, ops: bool = True,
+                 postgres_url: str | None = None) -> None:
+        """`ops=False` leaves [ops] to `extra_config` (else it is on a free port).
+        `postgres_url`: store in that PostgreSQL database instead of the SQLite file."""
+        self.postgres_url = postgres_url
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.grpc_port = free_port()
@@ -82,6 +85,8 @@ class Daemon:
         self.config_path = workdir / "collector.toml"
         base = (f'[receivers.otlp]\ngrpc_endpoint = "{grpc_ep}"\nhttp_endpoint = "{http_ep}"\n'
                 f'[storage]\nsqlite_path = "{self.db_path}"\n')
+        if postgres_url is not None:
+            base += f'backend = "postgres"\npostgres_url = "{postgres_url}"\n'
         if ops:
             base += f'[ops]\nendpoint = "127.0.0.1:{self.ops_port}"\n'
         self.config_path.write_text(merge_toml(base, extra_config))
@@ -167,6 +172,8 @@ class Daemon:
             exporter.shutdown()
 
     def rows(self) -> dict[str, dict[str, Any]]:
+        if self.postgres_url is not None:
+            return read_pg_rows(self.postgres_url)
         return read_rows(self.db_path)
 
     def row(self, session_id: str) -> dict[str, Any]:
@@ -180,6 +187,34 @@ def read_rows(db_path: Path) -> dict[str, dict[str, Any]]:
         return {r["id"]: dict(r) for r in conn.execute("SELECT * FROM agent_sessions")}
     finally:
         conn.close()
+
+
+def read_pg_rows(url: str) -> dict[str, dict[str, Any]]:
+    import psycopg
+    from psycopg.rows import dict_row
+
+    with psycopg.connect(url, row_factory=dict_row) as conn:
+        return {r["id"]: dict(r) for r in conn.execute("SELECT * FROM agent_sessions")}
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Any]:
+    """One real PostgreSQL server for the whole run (tests take a fresh database each).
+    If it cannot start, every test using it fails with the reason: it is never skipped."""
+    from tests.pg import PgServer
+
+    server = PgServer()
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+def pg_url(pg_server: Any) -> str:
+    """A fresh, empty database on the shared server."""
+    url: str = pg_server.new_database()
+    return url
 
 
 def merge_toml(base: str, extra: str) -> str:

@@ -1,1 +1,47 @@
-"""Storage: the store owns its connection, schema and transaction."""
+"""Storage: the interface the pipeline and readers see (base) and its backends.
+
+`open_store` and `open_reader` choose the backend from the config; nothing above this package
+names one. The postgres backend is imported only when configured.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from collector.store.base import Reader, Store
+
+if TYPE_CHECKING:
+    from collector.config import Config, PostgresConfig
+    from collector.store.postgres import ConnectOptions
+
+
+def open_store(config: Config) -> Store:
+    """The configured writer, not yet opened (`await store.open()`)."""
+    if config.storage_backend == "postgres":
+        from collector.store.postgres import PostgresStore
+
+        assert config.postgres is not None
+        return PostgresStore(connect_options(config.postgres),
+                             retention_s=config.dedupe_retention_s,
+                             commit_timeout_s=config.postgres.commit_timeout_s)
+    from collector.store.sqlite import SQLiteStore
+
+    return SQLiteStore(config.sqlite_path, retention_s=config.dedupe_retention_s)
+
+
+def open_reader(config: Config) -> Reader:
+    if config.storage_backend == "postgres":
+        from collector.store.postgres import PostgresReader
+
+        assert config.postgres is not None
+        return PostgresReader(connect_options(config.postgres))
+    from collector.store.sqlite import SQLiteReader
+
+    return SQLiteReader(config.sqlite_path)
+
+
+def connect_options(pg: PostgresConfig) -> ConnectOptions:
+    from collector.store.postgres import ConnectOptions
+
+    return ConnectOptions(url=pg.url, password=pg.password,
+                          connect_timeout_s=pg.connect_timeout_s)

@@ -28,15 +28,31 @@ import json
 import logging
 import os
 import sqlite3
-import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from collector.accounting.aggregate import HOUR_NS, Batch, HourDelta, HourKey, SessionDelta
+from collector.accounting.aggregate import Batch
 from collector.signals.traces import KEY_BYTES
+from collector.store.base import (
+    BATCH_WRITES,
+    COLUMN_NAMES,
+    COLUMNS,
+    GENERATION_STARTED,
+    HOURLY_TABLE,
+    SEEN_CURRENT_COUNT,
+    SEEN_PREVIOUS_COUNT,
+    USAGE_GROUPS,
+    CommitResult,
+    SchemaError,
+    StorageError,
+    iso_utc,
+)
+from collector.store.base import schema_problem as _schema_problem
+
+__all__ = ["COLUMNS", "COLUMN_NAMES", "CommitResult", "SQLiteReader", "SQLiteStore",
+           "SchemaError", "StorageError", "iso_utc"]
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -44,23 +60,6 @@ _T = TypeVar("_T")
 BUSY_TIMEOUT_MS = 2000
 FILE_MODE = 0o600
 DIR_MODE = 0o700
-
-COLUMNS: tuple[tuple[str, str], ...] = (
-    ("id", "TEXT"),
-    ("kind", "TEXT"),
-    ("status", "TEXT"),
-    ("channel", "TEXT"),
-    ("model", "TEXT"),
-    ("created_at", "TEXT"),
-    ("last_active_at", "TEXT"),
-    ("turns", "INTEGER"),
-    ("prompt_tokens", "INTEGER"),
-    ("completion_tokens", "INTEGER"),
-    ("reasoning_tokens", "INTEGER"),
-    ("cost_cents", "REAL"),
-    ("goal_text", "TEXT"),
-)
-COLUMN_NAMES = tuple(name for name, _ in COLUMNS)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS agent_sessions (
@@ -105,7 +104,6 @@ CREATE TABLE IF NOT EXISTS collector_usage_hourly (
     PRIMARY KEY (hour, model, session_id)
 ) WITHOUT ROWID;
 """
-HOURLY_TABLE = "collector_usage_hourly"
 
 
 def _json_rows(columns: str) -> str:
@@ -150,8 +148,6 @@ WHERE turns != 0 OR prompt_tokens != 0 OR completion_tokens != 0 OR reasoning_to
     OR cost_cents != 0
 """
 
-SEEN_CURRENT_COUNT = "seen_current_count"
-SEEN_PREVIOUS_COUNT = "seen_previous_count"
 # Counted once, for databases written before the counts were kept.
 INIT_SEEN_COUNT = """
 INSERT INTO collector_meta (name, value) SELECT ?1, (SELECT count(*) FROM {table})
@@ -236,36 +232,16 @@ ON CONFLICT (id) DO UPDATE SET
     goal_ns = max(goal_ns, excluded.goal_ns)
 """
 
+# One statement per entry of collector.store.base.BATCH_WRITES, run in that order.
+BATCH_STATEMENTS = {
+    "agent_sessions": UPSERT_SESSION,
+    "collector_session_marks": UPSERT_MARKS,
+    HOURLY_TABLE: UPSERT_HOURLY,
+}
+
 SWEEP_STALE = """
 UPDATE agent_sessions SET status = 'unknown' WHERE status = 'active' AND last_active_at < ?
 """
-
-GENERATION_STARTED = "seen_generation_started_ns"
-
-
-class StorageError(Exception):
-    """The batch was not committed; nothing of it was applied. Retrying is safe."""
-
-
-class SchemaError(Exception):
-    """The database holds an agent_sessions table this collector cannot write safely."""
-
-
-@dataclass(frozen=True, slots=True)
-class CommitResult:
-    spans: int  # spans newly accounted
-    duplicates: int  # spans already accounted (in this batch or before)
-    sessions: int  # session rows upserted
-    swept: int  # sessions marked 'unknown' by the stale sweep
-
-
-def iso_utc(ns: int) -> str:
-    """YYYY-MM-DDTHH:MM:SS.mmmZ; fixed width, so text order is time order."""
-    seconds, rest = divmod(max(ns, 0), 1_000_000_000)
-    tm = time.gmtime(min(seconds, 253402300799))  # clamp to year 9999
-    return (f"{tm.tm_year:04d}-{tm.tm_mon:02d}-{tm.tm_mday:02d}T{tm.tm_hour:02d}:"
-            f"{tm.tm_min:02d}:{tm.tm_sec:02d}.{rest // 1_000_000:03d}Z")
-
 
 ROWS_PER_STATEMENT = 1000
 # Compact, and non-ASCII text as UTF-8 rather than \u escapes (SQLite reads both).
@@ -282,25 +258,6 @@ def _execute_rows(db: sqlite3.Connection, sql: str, rows: Iterable[tuple[Any, ..
         db.execute(sql, (_json_dumps(chunk),))
 
 
-def session_params(d: SessionDelta, t: HourDelta) -> tuple[Any, ...]:
-    """`t`: the session's sums over the batch (Batch.totals)."""
-    return (d.session_id, d.kind, d.kind_ns, d.status, d.status_ns, d.channel, d.channel_ns,
-            d.model, d.model_ns, iso_utc(d.created_ns), iso_utc(d.last_ns), t.turns,
-            t.prompt_tokens, t.completion_tokens, t.reasoning_tokens, t.cost_cents, d.goal,
-            d.goal_ns)
-
-
-def mark_params(d: SessionDelta) -> tuple[Any, ...]:
-    return (d.session_id, d.model_ns, d.kind_ns, d.status_ns, d.channel_ns, d.goal_ns)
-
-
-def hour_params(key: HourKey, h: HourDelta) -> tuple[Any, ...]:
-    session_id, model, hour = key
-    return (iso_utc(hour * HOUR_NS), session_id, model, h.turns, h.prompt_tokens,
-            h.completion_tokens, h.reasoning_tokens, h.cache_read_tokens, h.cache_write_tokens,
-            h.cost_cents)
-
-
 def prepare_file(path: Path) -> None:
     """Create the directory and an owner-only database file before SQLite opens it."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
@@ -311,14 +268,7 @@ def prepare_file(path: Path) -> None:
 
 def schema_problem(table_info: list[Any]) -> str | None:
     """What is wrong with an existing agent_sessions, from PRAGMA table_info rows; None if fine."""
-    if not table_info:
-        return None
-    found = [(r[1], (r[2] or "").upper()) for r in table_info]
-    if found == list(COLUMNS):
-        return None
-    expected = ", ".join(f"{n} {t}" for n, t in COLUMNS)
-    actual = ", ".join(f"{n} {t}" for n, t in found)
-    return f"table agent_sessions has columns ({actual}); expected exactly ({expected})"
+    return _schema_problem([(r[1], (r[2] or "").upper()) for r in table_info], list(COLUMNS))
 
 
 class SQLiteStore:
@@ -340,6 +290,10 @@ class SQLiteStore:
         # Span ids remembered, per generation, as of this daemon's last commit.
         self.seen_current = 0
         self.seen_previous = 0
+
+    @property
+    def description(self) -> str:
+        return f"sqlite {self.path}"
 
     @property
     def dedupe_window(self) -> int:
@@ -431,16 +385,9 @@ class SQLiteStore:
                     "UPDATE collector_meta SET value = value + ? WHERE name = ? RETURNING value",
                     (len(applied.keys), SEEN_CURRENT_COUNT)).fetchone()
                 seen_current = None if row is None else int(row[0])
-            deltas = list(applied.sessions.values())
-            if deltas:
-                totals = applied.totals()
-                _execute_rows(db, UPSERT_SESSION,
-                              (session_params(d, totals[d.session_id]) for d in deltas))
-                _execute_rows(db, UPSERT_MARKS, (
-                    mark_params(d) for d in deltas
-                    if max(d.model_ns, d.kind_ns, d.status_ns, d.channel_ns, d.goal_ns) >= 0))
-                _execute_rows(db, UPSERT_HOURLY, (
-                    hour_params(k, h) for k, h in applied.hours.items() if not h.is_empty()))
+            if applied.sessions:
+                for write in BATCH_WRITES:
+                    _execute_rows(db, BATCH_STATEMENTS[write.table], write.rows(applied))
             swept = 0
             if sweep_before_ns is not None:
                 swept = max(db.execute(SWEEP_STALE, (iso_utc(sweep_before_ns),)).rowcount, 0)
@@ -465,7 +412,7 @@ class SQLiteStore:
                 raise StorageError(f"value not storable: {exc!r}") from exc
             raise
         return CommitResult(spans=len(applied), duplicates=applied.duplicates,
-                            sessions=len(deltas), swept=swept), applied
+                            sessions=len(applied.sessions), swept=swept), applied
 
     def _rotate_if_due(self, db: sqlite3.Connection, now_ns: int) -> tuple[int, int] | None:
         """Rotate the span-id generations when due; the new (current, previous) counts if read."""
@@ -553,10 +500,6 @@ def read_sessions(path: Path, *, status: str | None = None,
         conn.close()
 
 
-# What a report groups the rollup by (the model is always a second group).
-USAGE_GROUPS = {"hour": "hour", "session": "session_id"}
-
-
 def read_usage(path: Path, *, group: str, lo: str | None = None,
                hi: str | None = None) -> list[tuple[Any, ...]]:
     """Rollup sums per (group, model) for hours in [lo, hi), ordered by (group, model); the
@@ -598,3 +541,43 @@ def count_sessions_by_status(path: Path) -> dict[str, int]:
         return {str(status): int(count) for status, count in rows}
     finally:
         conn.close()
+
+
+class SQLiteReader:
+    """collector.store.base.Reader over a SQLite file: a read-only connection per call, so a
+    reader never holds the file open between calls or blocks the writer (WAL)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @property
+    def description(self) -> str:
+        return f"sqlite {self.path}"
+
+    def missing(self) -> str | None:
+        if self.path.exists():
+            return None
+        return f"no database at {self.path} (has the daemon run?)"
+
+    def read_sessions(self, *, status: str | None = None,
+                      limit: int | None = None) -> list[dict[str, Any]]:
+        return _reading(self.path, read_sessions, self.path, status=status, limit=limit)
+
+    def read_usage(self, *, group: str, lo: str | None = None,
+                   hi: str | None = None) -> list[tuple[Any, ...]]:
+        return _reading(self.path, read_usage, self.path, group=group, lo=lo, hi=hi)
+
+    def count_sessions_by_status(self) -> dict[str, int]:
+        return _reading(self.path, count_sessions_by_status, self.path)
+
+    def close(self) -> None:
+        """Nothing is held between calls."""
+
+
+def _reading(path: Path, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    try:
+        return fn(*args, **kwargs)
+    except sqlite3.Error as exc:
+        hint = (" (start this version of the daemon once to create the hourly rollup)"
+                if "no such table" in str(exc) else "")
+        raise StorageError(f"cannot read {path}: {exc}{hint}") from exc

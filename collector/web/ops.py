@@ -17,7 +17,6 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Histogram, ProcessCollector
@@ -29,7 +28,7 @@ from collector.config import Endpoint
 from collector.pipeline import Pipeline, Stats
 from collector.receivers.common import start_app
 from collector.signals.traces import STATUSES
-from collector.store.sqlite import SQLiteStore, count_sessions_by_status
+from collector.store.base import Reader, Store
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +133,7 @@ def metric_families(stats: Stats, gauges: Gauges) -> list[Metric]:
 class PipelineCollector:
     """Reads the pipeline and store when scraped; nothing is copied in between."""
 
-    def __init__(self, pipeline: Pipeline, store: SQLiteStore,
+    def __init__(self, pipeline: Pipeline, store: Store,
                  statuses: Callable[[], Mapping[str, int]]) -> None:
         self._pipeline = pipeline
         self._store = store
@@ -163,7 +162,7 @@ class Metrics:
             "collector_flush_rows", "Session rows upserted by one flush",
             buckets=FLUSH_ROWS_BUCKETS, registry=self.registry)
         self._statuses: dict[str, int] = {}
-        self._db_path: Path | None = None
+        self._reader: Reader | None = None
         self._refresh_lock = asyncio.Lock()
 
     def observe_flush(self, seconds: float, rows: int) -> None:
@@ -171,18 +170,18 @@ class Metrics:
         self._flush_seconds.observe(seconds)
         self._flush_rows.observe(rows)
 
-    def watch(self, pipeline: Pipeline, store: SQLiteStore) -> None:
-        self._db_path = store.path
+    def watch(self, pipeline: Pipeline, store: Store, reader: Reader) -> None:
+        self._reader = reader
         self.registry.register(PipelineCollector(pipeline, store, lambda: self._statuses))
 
     async def refresh(self) -> None:
         """Read what only the database knows, off the event loop, before a scrape."""
-        if self._db_path is None:
+        reader = self._reader
+        if reader is None:
             return
         async with self._refresh_lock:
             try:
-                self._statuses = await asyncio.to_thread(count_sessions_by_status,
-                                                         self._db_path)
+                self._statuses = await asyncio.to_thread(reader.count_sessions_by_status)
             except Exception as exc:  # a scrape must not fail because a count did
                 log.debug("cannot count sessions by status: %s", exc)
 

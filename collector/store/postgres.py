@@ -1,0 +1,625 @@
+"""PostgreSQL storage: several collectors on one database, each one transaction per flush.
+
+Driver: psycopg 3 (synchronous, its binary build), on one writer thread per collector, like
+the SQLite store. A flush is then one hand-off between the event loop and that thread, and the
+wire protocol is parsed in C while the thread waits on the network without the GIL. asyncpg
+would run its protocol on the event loop, which is the collector's bottleneck (mapping spans),
+and would split a flush into one await per statement, the shape that made the SQLite flush
+4x slower under load before the store got its own thread. psycopg also parses the connection
+URL with libpq itself, so `postgres_url`, PGPASSWORD and .pgpass mean what they mean to psql.
+
+What keeps the guarantees with several collectors on one database:
+
+* **Exactly once.** Span ids go into ``collector_seen_current`` with ``ON CONFLICT DO
+  NOTHING RETURNING``: of two collectors inserting one id, the second waits for the first's
+  transaction and then finds the id, so exactly one accounts the span (the other's batch is
+  re-folded without it, as after a retry).
+* **No lost update.** A flush first inserts its new sessions and locks its existing ones in
+  one statement, in id order (``ON CONFLICT DO UPDATE ... WHERE false`` locks without
+  writing); then it computes the merged rows from the stored row and marks, which nobody else
+  can change while it holds the lock. Marks and rollup rows of a session are written only by
+  the holder of its session row.
+* **No deadlock.** Every flush takes its rows in one order: span ids ascending, sessions by
+  id, marks by id, rollup by key, then the one counter row. The stale sweep runs as its own
+  transaction, locking by id. Deadlocks and serialization failures are retried all the same.
+* **Cheap expiry.** Two generations of span ids, rotated by ``DROP TABLE``/``RENAME``. Flushes
+  hold a shared advisory lock (in memory, no row writes) that rotation takes exclusively, so a
+  rotation never runs beside a flush that read the old generation.
+* **Bounded answers.** A flush without an answer within `commit_timeout_s` is abandoned: its
+  socket is shut down, which ends the blocked call, and the pipeline answers retryably. If the
+  server committed it after all, the retry finds its span ids and counts nothing twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import conninfo, errors
+
+from collector.accounting.aggregate import Batch
+from collector.signals.traces import KEY_BYTES
+from collector.store.base import (
+    BATCH_WRITES,
+    COLUMN_NAMES,
+    GENERATION_STARTED,
+    HOURLY_TABLE,
+    SEEN_CURRENT_COUNT,
+    SEEN_PREVIOUS_COUNT,
+    USAGE_GROUPS,
+    CommitResult,
+    SchemaError,
+    StorageError,
+    iso_utc,
+    schema_problem,
+)
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+APPLICATION_NAME = "agent-usage-collector"
+# Advisory lock keys (per database): creating the schema, and the span-id generation (flushes
+# share it, a rotation takes it alone).
+SCHEMA_LOCK = 0x636F_6C6C_0001
+GENERATION_LOCK = 0x636F_6C6C_0002
+# A deadlock or serialization failure rolls the flush back whole; it is tried again at once
+# this many times in all before the pipeline hears of it (and retries after its backoff).
+TRANSACTION_ATTEMPTS = 3
+
+PG_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("id", "TEXT"),
+    ("kind", "TEXT"),
+    ("status", "TEXT"),
+    ("channel", "TEXT"),
+    ("model", "TEXT"),
+    ("created_at", "TEXT"),
+    ("last_active_at", "TEXT"),
+    ("turns", "BIGINT"),
+    ("prompt_tokens", "BIGINT"),
+    ("completion_tokens", "BIGINT"),
+    ("reasoning_tokens", "BIGINT"),
+    ("cost_cents", "DOUBLE PRECISION"),
+    ("goal_text", "TEXT"),
+)
+assert tuple(n for n, _ in PG_COLUMNS) == COLUMN_NAMES
+
+# Text keys and times are COLLATE "C": byte order, as in SQLite, so reports list sessions in
+# the same order on both backends and lock order does not depend on the server's locale.
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS agent_sessions (
+    id TEXT COLLATE "C" PRIMARY KEY,
+    kind TEXT NOT NULL DEFAULT 'interactive',
+    status TEXT NOT NULL DEFAULT 'active',
+    channel TEXT NOT NULL DEFAULT 'cli',
+    model TEXT NOT NULL DEFAULT '',
+    created_at TEXT COLLATE "C" NOT NULL,
+    last_active_at TEXT COLLATE "C" NOT NULL,
+    turns BIGINT NOT NULL DEFAULT 0,
+    prompt_tokens BIGINT NOT NULL DEFAULT 0,
+    completion_tokens BIGINT NOT NULL DEFAULT 0,
+    reasoning_tokens BIGINT NOT NULL DEFAULT 0,
+    cost_cents DOUBLE PRECISION NOT NULL DEFAULT 0.0,
+    goal_text TEXT
+);
+CREATE INDEX IF NOT EXISTS agent_sessions_status ON agent_sessions (status);
+CREATE INDEX IF NOT EXISTS agent_sessions_last_active_at ON agent_sessions (last_active_at);
+CREATE TABLE IF NOT EXISTS collector_session_marks (
+    id TEXT COLLATE "C" PRIMARY KEY,
+    model_ns BIGINT NOT NULL DEFAULT -1,
+    kind_ns BIGINT NOT NULL DEFAULT -1,
+    status_ns BIGINT NOT NULL DEFAULT -1,
+    channel_ns BIGINT NOT NULL DEFAULT -1,
+    goal_ns BIGINT NOT NULL DEFAULT -1
+);
+CREATE TABLE IF NOT EXISTS collector_seen_current (key BYTEA PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS collector_seen_previous (key BYTEA PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS collector_meta (name TEXT PRIMARY KEY, value BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS collector_usage_hourly (
+    hour TEXT COLLATE "C" NOT NULL,
+    session_id TEXT COLLATE "C" NOT NULL,
+    model TEXT COLLATE "C" NOT NULL,
+    turns BIGINT NOT NULL DEFAULT 0,
+    prompt_tokens BIGINT NOT NULL DEFAULT 0,
+    completion_tokens BIGINT NOT NULL DEFAULT 0,
+    reasoning_tokens BIGINT NOT NULL DEFAULT 0,
+    cache_read_tokens BIGINT NOT NULL DEFAULT 0,
+    cache_write_tokens BIGINT NOT NULL DEFAULT 0,
+    cost_cents DOUBLE PRECISION NOT NULL DEFAULT 0.0,
+    PRIMARY KEY (hour, model, session_id)
+);
+INSERT INTO collector_meta (name, value) VALUES ('seen_current_count', 0),
+    ('seen_previous_count', 0) ON CONFLICT (name) DO NOTHING
+"""
+
+TABLE_COLUMNS = """
+SELECT column_name, upper(data_type) FROM information_schema.columns
+WHERE table_schema = current_schema() AND table_name = 'agent_sessions'
+ORDER BY ordinal_position
+"""
+
+
+def _unnest(columns: Sequence[tuple[str, str]]) -> str:
+    """Rows arrive as one array per column (sent in binary), zipped back by unnest: one
+    statement per table and flush, whatever the number of rows."""
+    arrays = ", ".join(f"%s::{kind}[]" for _, kind in columns)
+    names = ", ".join(name for name, _ in columns)
+    return f"unnest({arrays}) AS b({names})"
+
+
+SESSION_ARGS = (("id", "text"), ("kind", "text"), ("kind_ns", "bigint"), ("status", "text"),
+                ("status_ns", "bigint"), ("channel", "text"), ("channel_ns", "bigint"),
+                ("model", "text"), ("model_ns", "bigint"), ("created_at", "text"),
+                ("last_active_at", "text"), ("turns", "bigint"), ("prompt_tokens", "bigint"),
+                ("completion_tokens", "bigint"), ("reasoning_tokens", "bigint"),
+                ("cost_cents", "float8"), ("goal_text", "text"), ("goal_text_ns", "bigint"))
+MARK_ARGS = (("id", "text"), ("model_ns", "bigint"), ("kind_ns", "bigint"),
+             ("status_ns", "bigint"), ("channel_ns", "bigint"), ("goal_ns", "bigint"))
+HOUR_ARGS = (("hour", "text"), ("session_id", "text"), ("model", "text"), ("turns", "bigint"),
+             ("prompt_tokens", "bigint"), ("completion_tokens", "bigint"),
+             ("reasoning_tokens", "bigint"), ("cache_read_tokens", "bigint"),
+             ("cache_write_tokens", "bigint"), ("cost_cents", "float8"))
+
+# Step 1: new sessions go in as they are; existing ones are only locked (the WHERE false
+# update locks the conflicting row without writing it). Rows in id order: no deadlock.
+# RETURNING lists the inserted ids only.
+INSERT_NEW_SESSIONS = f"""
+INSERT INTO agent_sessions AS s (id, kind, status, channel, model, created_at, last_active_at,
+    turns, prompt_tokens, completion_tokens, reasoning_tokens, cost_cents, goal_text)
+SELECT b.id, coalesce(b.kind, 'interactive'), coalesce(b.status, 'active'),
+    coalesce(b.channel, 'cli'), coalesce(b.model, ''), b.created_at, b.last_active_at, b.turns,
+    b.prompt_tokens, b.completion_tokens, b.reasoning_tokens, b.cost_cents, b.goal_text
+FROM {_unnest(SESSION_ARGS)}
+ORDER BY b.id COLLATE "C"
+ON CONFLICT (id) DO UPDATE SET id = excluded.id WHERE false
+RETURNING s.id
+"""
+
+
+def _latest(column: str, mark: str | None = None) -> str:
+    """The new value if a span at least as late as the stored one's set it, else the stored."""
+    return (f"CASE WHEN b.{column} IS NOT NULL AND b.{column}_ns >= "
+            f"coalesce(m.{mark or column + '_ns'}, -1) THEN b.{column} ELSE s.{column} END")
+
+
+# Step 2: the sessions that existed, merged with the stored row and marks. Both are read after
+# step 1 locked the rows, so they are the latest committed (READ COMMITTED: a fresh snapshot
+# per statement) and cannot change before this transaction ends.
+UPDATE_SESSIONS = f"""
+UPDATE agent_sessions AS s SET
+    kind = {_latest("kind")},
+    status = CASE WHEN b.status IS NOT NULL AND b.status_ns >= coalesce(m.status_ns, -1)
+            THEN b.status
+        WHEN s.status = 'unknown' AND b.last_active_at > s.last_active_at THEN 'active'
+        ELSE s.status END,
+    channel = {_latest("channel")},
+    model = {_latest("model")},
+    created_at = least(s.created_at, b.created_at),
+    last_active_at = greatest(s.last_active_at, b.last_active_at),
+    turns = s.turns + b.turns,
+    prompt_tokens = s.prompt_tokens + b.prompt_tokens,
+    completion_tokens = s.completion_tokens + b.completion_tokens,
+    reasoning_tokens = s.reasoning_tokens + b.reasoning_tokens,
+    cost_cents = s.cost_cents + b.cost_cents,
+    goal_text = {_latest("goal_text", mark="goal_ns")}
+FROM {_unnest(SESSION_ARGS)}
+LEFT JOIN collector_session_marks AS m ON m.id = b.id
+WHERE s.id = b.id
+"""
+
+UPSERT_MARKS = f"""
+INSERT INTO collector_session_marks AS m (id, model_ns, kind_ns, status_ns, channel_ns, goal_ns)
+SELECT * FROM {_unnest(MARK_ARGS)} ORDER BY id COLLATE "C"
+ON CONFLICT (id) DO UPDATE SET
+    model_ns = greatest(m.model_ns, excluded.model_ns),
+    kind_ns = greatest(m.kind_ns, excluded.kind_ns),
+    status_ns = greatest(m.status_ns, excluded.status_ns),
+    channel_ns = greatest(m.channel_ns, excluded.channel_ns),
+    goal_ns = greatest(m.goal_ns, excluded.goal_ns)
+"""
+
+# Adds to the stored row as it is when the insert meets it (ON CONFLICT reads the latest
+# version), so two collectors adding to one hour both count.
+UPSERT_HOURLY = f"""
+INSERT INTO collector_usage_hourly AS h (hour, session_id, model, turns, prompt_tokens,
+    completion_tokens, reasoning_tokens, cache_read_tokens, cache_write_tokens, cost_cents)
+SELECT * FROM {_unnest(HOUR_ARGS)}
+ORDER BY hour COLLATE "C", model COLLATE "C", session_id COLLATE "C"
+ON CONFLICT (hour, model, session_id) DO UPDATE SET
+    turns = h.turns + excluded.turns,
+    prompt_tokens = h.prompt_tokens + excluded.prompt_tokens,
+    completion_tokens = h.completion_tokens + excluded.completion_tokens,
+    reasoning_tokens = h.reasoning_tokens + excluded.reasoning_tokens,
+    cache_read_tokens = h.cache_read_tokens + excluded.cache_read_tokens,
+    cache_write_tokens = h.cache_write_tokens + excluded.cache_write_tokens,
+    cost_cents = h.cost_cents + excluded.cost_cents
+"""
+
+# One statement per entry of collector.store.base.BATCH_WRITES, run in that order; a tuple is
+# run statement by statement (agent_sessions: insert-and-lock, then merge the others).
+BATCH_STATEMENTS: dict[str, tuple[str, ...]] = {
+    "agent_sessions": (INSERT_NEW_SESSIONS, UPDATE_SESSIONS),
+    "collector_session_marks": (UPSERT_MARKS,),
+    HOURLY_TABLE: (UPSERT_HOURLY,),
+}
+# What each statement's rows look like (for the column arrays).
+BATCH_ARGS: dict[str, tuple[tuple[str, str], ...]] = {
+    "agent_sessions": SESSION_ARGS,
+    "collector_session_marks": MARK_ARGS,
+    HOURLY_TABLE: HOUR_ARGS,
+}
+
+INSERT_SEEN = """
+INSERT INTO collector_seen_current (key)
+SELECT k FROM unnest(%s::bytea[]) AS k
+WHERE NOT EXISTS (SELECT 1 FROM collector_seen_previous AS p WHERE p.key = k)
+ORDER BY k
+ON CONFLICT (key) DO NOTHING
+RETURNING key
+"""
+
+# Its own transaction, locking in id order, so it cannot deadlock with flushes (which lock
+# their sessions in id order too and hold nothing the sweep waits for afterwards).
+SWEEP_STALE = """
+UPDATE agent_sessions SET status = 'unknown'
+WHERE id IN (SELECT id FROM agent_sessions WHERE status = 'active' AND last_active_at < %s
+             ORDER BY id FOR UPDATE)
+"""
+
+ADD_SEEN_COUNT = "UPDATE collector_meta SET value = value + %s WHERE name = %s RETURNING value"
+READ_SEEN_COUNTS = "SELECT name, value FROM collector_meta WHERE name IN (%s, %s)"
+
+
+def _columns(rows: Iterable[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows -> one list per column (empty lists when there are no rows)."""
+    columns: list[list[Any]] = [[] for _ in range(width)]
+    appends = [c.append for c in columns]
+    for row in rows:
+        for append, value in zip(appends, row, strict=True):
+            append(value)
+    return columns
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectOptions:
+    """How to reach the server; `password` None leaves it to PGPASSWORD / .pgpass (libpq)."""
+
+    url: str
+    password: str | None = None
+    connect_timeout_s: int = 2
+
+    def connect(self, *, autocommit: bool = True) -> psycopg.Connection[Any]:
+        kwargs: dict[str, Any] = {"connect_timeout": self.connect_timeout_s,
+                                  "application_name": APPLICATION_NAME}
+        if self.password is not None:
+            kwargs["password"] = self.password
+        try:
+            return psycopg.connect(self.url, autocommit=autocommit, **kwargs)
+        except psycopg.Error as exc:
+            raise StorageError(f"cannot connect to PostgreSQL at {self.where}: "
+                               f"{_message(exc)}") from exc
+
+    @property
+    def where(self) -> str:
+        """host:port/dbname as libpq reads the URL (no password: the URL never holds one)."""
+        try:
+            parts = conninfo.conninfo_to_dict(self.url)
+        except psycopg.Error:
+            return "<unparsable url>"
+        host = parts.get("host") or "localhost"
+        port = parts.get("port") or "5432"
+        return f"{host}:{port}/{parts.get('dbname') or parts.get('user') or ''}"
+
+
+def _message(exc: BaseException) -> str:
+    """One line: libpq's messages run over several."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+class PostgresStore:
+    """The writer of one collector. Not safe for concurrent commits (the pipeline flushes one
+    batch at a time); any number of PostgresStores on one database are."""
+
+    def __init__(self, options: ConnectOptions, *, retention_s: int,
+                 commit_timeout_s: float) -> None:
+        self._options = options
+        self._retention_ns = retention_s * 1_000_000_000
+        self._commit_timeout_s = commit_timeout_s
+        self._conn: psycopg.Connection[Any] | None = None
+        self._fd = -1
+        self._conn_lock = threading.Lock()  # the connection's fd vs. an abort from the loop
+        self._thread: ThreadPoolExecutor | None = None
+        self._busy: asyncio.Future[Any] | None = None
+        self._generation_started_ns: int | None = None
+        self._lost_connection = False
+        self.seen_current = 0
+        self.seen_previous = 0
+
+    @property
+    def description(self) -> str:
+        return f"postgres {self._options.where}"
+
+    @property
+    def dedupe_window(self) -> int:
+        return self.seen_current + self.seen_previous
+
+    async def open(self) -> None:
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collector-pg")
+        try:
+            await self._in_writer(self._open)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _in_writer(self, fn: Callable[..., _T], *args: Any) -> _T:
+        assert self._thread is not None
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    def _open(self) -> None:
+        conn = self._connection()
+        try:
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+                found = [(str(r[0]), str(r[1])) for r in conn.execute(TABLE_COLUMNS)]
+                problem = schema_problem(found, list(PG_COLUMNS))
+                if problem:
+                    raise SchemaError(f"{self._options.where}: {problem}")
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                self.seen_current, self.seen_previous = _read_seen_counts(conn)
+        except psycopg.Error as exc:
+            self._drop_connection()
+            raise StorageError(f"PostgreSQL at {self._options.where}: {_message(exc)}") from exc
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._conn is not None and not self._conn.closed:
+            return self._conn
+        conn = self._options.connect()
+        with self._conn_lock:
+            self._conn, self._fd = conn, conn.pgconn.socket
+        if self._lost_connection:
+            log.warning("reconnected to PostgreSQL at %s", self._options.where)
+            self._lost_connection = False
+        return conn
+
+    def _drop_connection(self) -> None:
+        with self._conn_lock:
+            conn, self._conn, self._fd = self._conn, None, -1
+        if conn is not None:
+            self._lost_connection = True
+            conn.close()
+
+    def _abort_in_flight(self) -> None:
+        """Cut the connection under a call that has no answer, so the writer thread's blocked
+        read fails now instead of after TCP gives up (minutes). Called from the event loop."""
+        with self._conn_lock:
+            if self._conn is None or self._fd < 0:
+                return
+            try:
+                with socket.socket(fileno=os.dup(self._fd)) as sock:
+                    sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed by the server
+
+    async def close(self) -> None:
+        busy = self._busy
+        if busy is not None and not busy.done():
+            self._abort_in_flight()
+            await asyncio.wait([busy])
+        if self._thread is not None:
+            thread, self._thread = self._thread, None
+            await asyncio.get_running_loop().run_in_executor(thread, self._drop_connection)
+            self._lost_connection = False
+            thread.shutdown(wait=True)
+
+    async def commit(self, batch: Batch, *, now_ns: int,
+                     sweep_before_ns: int | None = None) -> tuple[CommitResult, Batch]:
+        if self._thread is None:
+            raise StorageError("store is not open")
+        busy = self._busy
+        if busy is not None and not busy.done():
+            raise StorageError("the previous flush is still waiting for PostgreSQL")
+        future = asyncio.get_running_loop().run_in_executor(
+            self._thread, self._commit, batch, now_ns, sweep_before_ns)
+        self._busy = future
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self._commit_timeout_s)
+        except TimeoutError:
+            self._abort_in_flight()
+            # Its outcome is no longer anyone's: retrieve it so it is not reported unhandled.
+            future.add_done_callback(lambda f: f.cancelled() or f.exception())
+            raise StorageError(f"no answer from PostgreSQL at {self._options.where} within "
+                               f"{self._commit_timeout_s:g} s; connection reset") from None
+
+    def _commit(self, batch: Batch, now_ns: int,
+                sweep_before_ns: int | None) -> tuple[CommitResult, Batch]:
+        for attempt in range(1, TRANSACTION_ATTEMPTS + 1):
+            conn = self._connection()
+            try:
+                swept = 0
+                if sweep_before_ns is not None:
+                    with conn.transaction():
+                        swept = max(conn.execute(
+                            SWEEP_STALE, (iso_utc(sweep_before_ns),)).rowcount, 0)
+                self._rotate_if_due(conn, now_ns)
+                with conn.transaction():
+                    applied, seen_current = self._write(conn, batch)
+                if seen_current is not None:
+                    self.seen_current = seen_current
+                return CommitResult(spans=len(applied), duplicates=applied.duplicates,
+                                    sessions=len(applied.sessions), swept=swept), applied
+            except (errors.DeadlockDetected, errors.SerializationFailure) as exc:
+                if attempt == TRANSACTION_ATTEMPTS:
+                    raise StorageError(f"PostgreSQL: {_message(exc)}") from exc
+                log.info("flush rolled back (%s); trying again", type(exc).__name__)
+            except psycopg.Error as exc:
+                if conn.closed or isinstance(exc, psycopg.OperationalError):
+                    self._drop_connection()
+                raise StorageError(f"PostgreSQL at {self._options.where}: "
+                                   f"{_message(exc)}") from exc
+            except (OverflowError, ValueError, TypeError) as exc:
+                # A value PostgreSQL cannot take: the mapping's bounds should make this
+                # impossible; if it happens it is a bug, reported as a failed commit.
+                raise StorageError(f"value not storable: {exc!r}") from exc
+        raise AssertionError("unreachable")
+
+    def _write(self, conn: psycopg.Connection[Any], batch: Batch) -> tuple[Batch, int | None]:
+        """The flush transaction's statements; returns the batch applied and the new count."""
+        conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (GENERATION_LOCK,))
+        applied = batch
+        seen_current = None
+        if batch.keys:
+            keys = sorted(batch.keys)
+            if any(len(k) != KEY_BYTES for k in keys):  # the mapping makes every key this wide
+                raise ValueError(f"span keys must be {KEY_BYTES} bytes")
+            new = {bytes(r[0]) for r in conn.execute(INSERT_SEEN, (keys,), binary=True)}
+            if len(new) != len(keys):
+                applied = batch.without(batch.keys - new)
+            if new:
+                row = conn.execute(ADD_SEEN_COUNT, (len(new), SEEN_CURRENT_COUNT)).fetchone()
+                seen_current = None if row is None else int(row[0])
+        if applied.sessions:
+            for write in BATCH_WRITES:
+                self._run_write(conn, write.table, write.rows(applied))
+        return applied, seen_current
+
+    @staticmethod
+    def _run_write(conn: psycopg.Connection[Any], table: str,
+                   rows: Iterable[tuple[Any, ...]]) -> None:
+        args = BATCH_ARGS[table]
+        columns = _columns(rows, len(args))
+        if not columns[0]:
+            return
+        statements = BATCH_STATEMENTS[table]
+        if table == "agent_sessions":
+            inserted = {str(r[0]) for r in conn.execute(statements[0], columns, binary=True)}
+            if len(inserted) == len(columns[0]):
+                return
+            keep = [i for i, sid in enumerate(columns[0]) if sid not in inserted]
+            conn.execute(statements[1], [[c[i] for i in keep] for c in columns], binary=True)
+            return
+        for statement in statements:
+            conn.execute(statement, columns, binary=True)
+
+    def _rotate_if_due(self, conn: psycopg.Connection[Any], now_ns: int) -> None:
+        """Start a new span-id generation when due, in its own short transaction."""
+        started = self._generation_started_ns
+        if started is not None and now_ns - started < self._retention_ns:
+            return
+        with conn.transaction():
+            # Alone: waits for flushes that read the current generation to commit.
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (GENERATION_LOCK,))
+            row = conn.execute("SELECT value FROM collector_meta WHERE name = %s",
+                               (GENERATION_STARTED,)).fetchone()
+            if row is None:
+                conn.execute("INSERT INTO collector_meta (name, value) VALUES (%s, %s)",
+                             (GENERATION_STARTED, now_ns))
+                started = now_ns
+            else:
+                started = int(row[0])
+                if now_ns - started >= self._retention_ns:
+                    conn.execute("DROP TABLE collector_seen_previous")
+                    conn.execute(
+                        "ALTER TABLE collector_seen_current RENAME TO collector_seen_previous")
+                    conn.execute("ALTER INDEX collector_seen_current_pkey "
+                                 "RENAME TO collector_seen_previous_pkey")
+                    conn.execute("CREATE TABLE collector_seen_current (key BYTEA PRIMARY KEY)")
+                    conn.execute("UPDATE collector_meta SET value = %s WHERE name = %s",
+                                 (now_ns, GENERATION_STARTED))
+                    conn.execute(
+                        "UPDATE collector_meta SET value = (SELECT value FROM collector_meta "
+                        "WHERE name = %s) WHERE name = %s",
+                        (SEEN_CURRENT_COUNT, SEEN_PREVIOUS_COUNT))
+                    conn.execute("UPDATE collector_meta SET value = 0 WHERE name = %s",
+                                 (SEEN_CURRENT_COUNT,))
+                    log.info("dedupe window rotated; span ids older than %d s forgotten",
+                             self._retention_ns // 1_000_000_000)
+                    started = now_ns
+            counts = _read_seen_counts(conn)
+        # Only after the commit: a rolled-back rotation must not move the counts.
+        self._generation_started_ns = started
+        self.seen_current, self.seen_previous = counts
+
+
+def _read_seen_counts(conn: psycopg.Connection[Any]) -> tuple[int, int]:
+    rows = {str(r[0]): int(r[1]) for r in conn.execute(
+        READ_SEEN_COUNTS, (SEEN_CURRENT_COUNT, SEEN_PREVIOUS_COUNT))}
+    return rows[SEEN_CURRENT_COUNT], rows[SEEN_PREVIOUS_COUNT]
+
+
+class PostgresReader:
+    """collector.store.base.Reader over PostgreSQL: a connection per call, read-only."""
+
+    def __init__(self, options: ConnectOptions) -> None:
+        self._options = options
+
+    @property
+    def description(self) -> str:
+        return f"postgres {self._options.where}"
+
+    def missing(self) -> str | None:
+        return None  # a server that cannot be reached says so on the first read
+
+    def _query(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        conn = self._options.connect()
+        try:
+            conn.read_only = True
+            return conn.execute(sql, params).fetchall()
+        except errors.UndefinedTable as exc:
+            raise StorageError(f"PostgreSQL at {self._options.where}: {_message(exc)} (start "
+                               "a collector on this database once to create its tables)"
+                               ) from exc
+        except psycopg.Error as exc:
+            raise StorageError(f"PostgreSQL at {self._options.where}: {_message(exc)}") from exc
+        finally:
+            conn.close()
+
+    def read_sessions(self, *, status: str | None = None,
+                      limit: int | None = None) -> list[dict[str, Any]]:
+        sql = f"SELECT {', '.join(COLUMN_NAMES)} FROM agent_sessions"
+        params: list[Any] = []
+        if status is not None:
+            sql += " WHERE status = %s"
+            params.append(status)
+        sql += ' ORDER BY last_active_at COLLATE "C" DESC, id COLLATE "C"'
+        if limit is not None:
+            sql += " LIMIT %s"
+            params.append(limit)
+        return [dict(zip(COLUMN_NAMES, row, strict=True)) for row in self._query(sql, params)]
+
+    def read_usage(self, *, group: str, lo: str | None = None,
+                   hi: str | None = None) -> list[tuple[Any, ...]]:
+        column = USAGE_GROUPS[group]
+        where: list[str] = []
+        params: list[Any] = []
+        if lo is not None:
+            where.append("hour >= %s")
+            params.append(lo)
+        if hi is not None:
+            where.append("hour < %s")
+            params.append(hi)
+        # sum(bigint) is numeric in PostgreSQL: cast back, so both backends return ints.
+        sql = (f"SELECT {column}, model, max(hour), sum(turns)::bigint, "
+               "sum(prompt_tokens)::bigint, sum(completion_tokens)::bigint, "
+               "sum(reasoning_tokens)::bigint, sum(cache_read_tokens)::bigint, "
+               f"sum(cache_write_tokens)::bigint, sum(cost_cents) FROM {HOURLY_TABLE}")
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += (f' GROUP BY {column}, model ORDER BY {column} COLLATE "C", '
+                'model COLLATE "C"')
+        return self._query(sql, params)
+
+    def count_sessions_by_status(self) -> dict[str, int]:
+        rows = self._query("SELECT status, count(*) FROM agent_sessions GROUP BY status", ())
+        return {str(status): int(count) for status, count in rows}
+
+    def close(self) -> None:
+        """Nothing is held between calls."""

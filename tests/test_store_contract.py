@@ -1,0 +1,295 @@
+"""The storage contract, run against every backend on a real database: SQLite on a file in
+tmp_path, PostgreSQL on the throwaway server (tests/pg.py), a fresh database per test."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from collector.accounting.aggregate import Batch
+from collector.signals.traces import SpanUsage
+from collector.store import postgres, sqlite
+from collector.store.base import BATCH_WRITES, Reader, SchemaError, Store
+from collector.store.postgres import ConnectOptions, PostgresReader, PostgresStore
+from collector.store.sqlite import SQLiteReader, SQLiteStore
+from tests.conftest import MS, SECOND, T0
+
+HOUR = 3600 * SECOND
+
+
+def rec(key: int, session: str = "s", *, t: int = T0, turns: int = 1, prompt: int = 10,
+        model: str | None = "m", status: str | None = None, kind: str | None = None,
+        goal: str | None = None, cost: float = 0.5) -> SpanUsage:
+    return SpanUsage(key.to_bytes(32, "big"), session, t, t + MS, turns, prompt, 2, 1, 0, 0,
+                     cost, True, model, kind, status, None, goal)
+
+
+def batch(*records: SpanUsage) -> Batch:
+    b = Batch()
+    b.add(records)
+    return b
+
+
+@dataclass
+class Backend:
+    """How a test makes stores and readers on one database, and reads it raw."""
+
+    name: str
+    make_store: Callable[..., Store]
+    reader: Reader
+    query: Callable[[str], list[tuple[Any, ...]]]
+    drop_rollup: Callable[[], None]
+    make_other_columns: Callable[[], None]
+
+    def store(self, retention_s: int = 100) -> Store:
+        return self.make_store(retention_s)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    if request.param == "sqlite":
+        path = tmp_path / "db.sqlite"
+
+        def query(sql: str) -> list[tuple[Any, ...]]:
+            conn = sqlite3.connect(path)
+            try:
+                return conn.execute(sql).fetchall()
+            finally:
+                conn.close()
+
+        def exec_sqlite(sql: str) -> None:
+            conn = sqlite3.connect(path)
+            conn.execute(sql)
+            conn.commit()
+            conn.close()
+
+        return Backend("sqlite", lambda r: SQLiteStore(path, retention_s=r), SQLiteReader(path),
+                       query, lambda: exec_sqlite("DROP TABLE collector_usage_hourly"),
+                       lambda: exec_sqlite("CREATE TABLE agent_sessions (id TEXT PRIMARY KEY, "
+                                           "cost REAL)"))
+    server = request.getfixturevalue("pg_server")
+    url = server.new_database()
+    options = ConnectOptions(url)
+
+    def pg_query(sql: str) -> list[tuple[Any, ...]]:
+        return server.query(url, sql)  # type: ignore[no-any-return]
+
+    def pg_exec(sql: str) -> None:
+        server.execute(url, sql)
+
+    return Backend("postgres",
+                   lambda r: PostgresStore(options, retention_s=r, commit_timeout_s=30),
+                   PostgresReader(options), pg_query,
+                   lambda: pg_exec("DROP TABLE collector_usage_hourly"),
+                   lambda: pg_exec("CREATE TABLE agent_sessions (id TEXT PRIMARY KEY, "
+                                   "cost DOUBLE PRECISION)"))
+
+
+@pytest.fixture
+async def store(backend: Backend) -> AsyncIterator[Store]:
+    s = backend.store()
+    await s.open()
+    yield s
+    await s.close()
+
+
+def rows(backend: Backend) -> dict[str, dict[str, Any]]:
+    return {r["id"]: r for r in backend.reader.read_sessions()}
+
+
+def test_every_batch_write_has_a_statement_in_every_backend() -> None:
+    tables = {w.table for w in BATCH_WRITES}
+    assert set(sqlite.BATCH_STATEMENTS) == tables
+    assert set(postgres.BATCH_STATEMENTS) == tables == set(postgres.BATCH_ARGS)
+
+
+async def test_commit_adds_to_what_is_stored(store: Store, backend: Backend) -> None:
+    result, _ = await store.commit(batch(rec(1), rec(2, "other")), now_ns=T0)
+    assert (result.spans, result.sessions, result.duplicates) == (2, 2, 0)
+    await store.commit(batch(rec(3, t=T0 + SECOND)), now_ns=T0)
+    row = rows(backend)["s"]
+    assert (row["turns"], row["prompt_tokens"], row["completion_tokens"]) == (2, 20, 4)
+    assert (row["reasoning_tokens"], row["cost_cents"]) == (2, 1.0)
+    assert row["created_at"] == "2026-01-01T00:00:00.000Z"
+    assert row["last_active_at"] == "2026-01-01T00:00:01.001Z"
+    assert (row["kind"], row["status"], row["channel"], row["model"]) == (
+        "interactive", "active", "cli", "m")
+    assert list(row) == [
+        "id", "kind", "status", "channel", "model", "created_at", "last_active_at", "turns",
+        "prompt_tokens", "completion_tokens", "reasoning_tokens", "cost_cents", "goal_text"]
+
+
+async def test_ids_already_accounted_are_skipped_exactly(store: Store, backend: Backend) -> None:
+    await store.commit(batch(rec(1), rec(2)), now_ns=T0)
+    result, applied = await store.commit(batch(rec(2), rec(3), rec(1), rec(4)), now_ns=T0)
+    assert (result.spans, result.duplicates) == (2, 2)
+    assert {r.key for r in applied.records} == {(3).to_bytes(32, "big"), (4).to_bytes(32, "big")}
+    assert rows(backend)["s"]["turns"] == 4
+
+
+async def test_a_second_store_on_the_same_database_shares_the_dedupe(
+        store: Store, backend: Backend) -> None:
+    await store.commit(batch(rec(1)), now_ns=T0)
+    other = backend.store()
+    await other.open()
+    try:
+        result, _ = await other.commit(batch(rec(1), rec(2)), now_ns=T0)
+    finally:
+        await other.close()
+    assert (result.spans, result.duplicates) == (1, 1)
+    assert rows(backend)["s"]["turns"] == 2
+
+
+async def test_dedupe_window_rotates_after_the_retention(store: Store) -> None:
+    await store.commit(batch(rec(1)), now_ns=T0)
+    await store.commit(batch(rec(2)), now_ns=T0 + 100 * SECOND)
+    result, _ = await store.commit(batch(rec(1)), now_ns=T0 + 150 * SECOND)
+    assert result.duplicates == 1
+    await store.commit(batch(), now_ns=T0 + 200 * SECOND)
+    result, _ = await store.commit(batch(rec(1)), now_ns=T0 + 201 * SECOND)
+    assert (result.spans, result.duplicates) == (1, 0)
+
+
+async def test_dedupe_window_counts_follow_commits_rotation_and_reopen(
+        store: Store, backend: Backend) -> None:
+    await store.commit(batch(rec(1), rec(2)), now_ns=T0)
+    await store.commit(batch(rec(2), rec(3)), now_ns=T0)
+    assert store.dedupe_window == 3
+    await store.commit(batch(rec(4)), now_ns=T0 + 100 * SECOND)  # rotates first
+    assert store.dedupe_window == 4
+    assert backend.query("SELECT count(*) FROM collector_seen_previous") == [(3,)]
+    again = backend.store()
+    await again.open()
+    await again.close()
+    assert again.dedupe_window == 4
+
+
+async def test_latest_values_go_by_span_time_not_arrival(store: Store, backend: Backend) -> None:
+    await store.commit(batch(rec(1, t=T0 + 10 * SECOND, model="new", status="completed",
+                                 kind="autonomous", goal="late goal")), now_ns=T0)
+    # An older span arriving later sets nothing it carries, but adds its usage.
+    await store.commit(batch(rec(2, t=T0, model="old", status="failed", kind="acp",
+                                 goal="early goal")), now_ns=T0)
+    row = rows(backend)["s"]
+    assert (row["model"], row["status"], row["kind"], row["goal_text"]) == (
+        "new", "completed", "autonomous", "late goal")
+    assert (row["turns"], row["created_at"]) == (2, "2026-01-01T00:00:00.000Z")
+    # A newer one does.
+    await store.commit(batch(rec(3, t=T0 + 20 * SECOND, model="newer", status="failed")),
+                       now_ns=T0)
+    row = rows(backend)["s"]
+    assert (row["model"], row["status"], row["goal_text"]) == ("newer", "failed", "late goal")
+    marks = backend.query("SELECT model_ns, status_ns, kind_ns, goal_ns "
+                          "FROM collector_session_marks")
+    assert marks == [(T0 + 20 * SECOND + MS, T0 + 20 * SECOND + MS, T0 + 10 * SECOND + MS,
+                      T0 + 10 * SECOND + MS)]
+
+
+async def test_sweep_marks_only_active_sessions_unknown_and_activity_revives(
+        store: Store, backend: Backend) -> None:
+    await store.commit(batch(rec(1, "a"), rec(2, "done", status="completed"),
+                             rec(3, "fresh", t=T0 + 10 * SECOND)), now_ns=T0)
+    result, _ = await store.commit(batch(), now_ns=T0, sweep_before_ns=T0 + 5 * SECOND)
+    assert result.swept == 1
+    assert {k: v["status"] for k, v in rows(backend).items()} == {
+        "a": "unknown", "done": "completed", "fresh": "active"}
+    assert backend.reader.count_sessions_by_status() == {"unknown": 1, "completed": 1,
+                                                         "active": 1}
+    await store.commit(batch(rec(4, "a", t=T0 + 60 * SECOND)), now_ns=T0)
+    assert rows(backend)["a"]["status"] == "active"
+
+
+def rollup(backend: Backend) -> dict[tuple[str, str, str], tuple[Any, ...]]:
+    return {(r[0], r[1], r[2]): tuple(r[3:]) for r in backend.query(
+        "SELECT hour, session_id, model, turns, prompt_tokens, completion_tokens, "
+        "reasoning_tokens, cache_read_tokens, cache_write_tokens, cost_cents "
+        "FROM collector_usage_hourly")}
+
+
+async def test_hourly_rollup_commits_with_the_sessions_and_only_once(
+        store: Store, backend: Backend) -> None:
+    await store.commit(batch(rec(1), rec(2, model=None), rec(3, t=T0 + HOUR + 5 * SECOND)),
+                       now_ns=T0)
+    update = SpanUsage((4).to_bytes(32, "big"), "s", T0, T0, 0, 0, 0, 0, 0, 0, 0.0, True, None,
+                       None, "completed", None, None)
+    await store.commit(batch(rec(3, t=T0 + HOUR + 5 * SECOND), update), now_ns=T0)
+    assert rollup(backend) == {
+        ("2026-01-01T00:00:00.000Z", "s", "m"): (1, 10, 2, 1, 0, 0, 0.5),
+        ("2026-01-01T00:00:00.000Z", "s", ""): (1, 10, 2, 1, 0, 0, 0.5),
+        ("2026-01-01T01:00:00.000Z", "s", "m"): (1, 10, 2, 1, 0, 0, 0.5),
+    }
+    usage = backend.reader.read_usage(group="session")
+    assert [tuple(u) for u in usage] == [
+        ("s", "", "2026-01-01T00:00:00.000Z", 1, 10, 2, 1, 0, 0, 0.5),
+        ("s", "m", "2026-01-01T01:00:00.000Z", 2, 20, 4, 2, 0, 0, 1.0)]
+    assert rows(backend)["s"]["status"] == "completed"
+    assert [tuple(u) for u in backend.reader.read_usage(
+        group="hour", lo="2026-01-01T00:30:00.000Z")] == [
+        ("2026-01-01T01:00:00.000Z", "m", "2026-01-01T01:00:00.000Z", 1, 10, 2, 1, 0, 0, 0.5)]
+
+
+async def test_readers_order_filter_and_limit(store: Store, backend: Backend) -> None:
+    # Byte order for ids on both backends ("B" < "a"), newest activity first.
+    await store.commit(batch(rec(1, "a", t=T0), rec(2, "B", t=T0), rec(3, "z", t=T0 + SECOND),
+                             rec(4, "done", status="completed")), now_ns=T0)
+    assert [r["id"] for r in backend.reader.read_sessions()] == ["z", "B", "a", "done"]
+    assert [r["id"] for r in backend.reader.read_sessions(limit=2)] == ["z", "B"]
+    assert [r["id"] for r in backend.reader.read_sessions(status="completed")] == ["done"]
+    assert [u[0] for u in backend.reader.read_usage(group="session")] == ["B", "a", "done", "z"]
+    assert isinstance(backend.reader.read_usage(group="hour")[0][3], int)
+
+
+async def test_two_stores_committing_the_same_sessions_at_once_lose_nothing(
+        backend: Backend) -> None:
+    stores = [backend.store() for _ in range(3)]
+    for s in stores:
+        await s.open()
+    try:
+        # Each round: every store commits the same span ids (only one may count each) and
+        # its own, over the same sessions in different orders.
+        for round_ in range(6):
+            base = round_ * 1000
+            await asyncio.gather(*(
+                s.commit(batch(*(rec(base + k, f"s{(k * (i + 1)) % 7}", cost=0.25)
+                                 for k in range(40)),
+                               *(rec(base + 100 * (i + 1) + k, f"s{k % 7}", cost=0.25)
+                                 for k in range(20))), now_ns=T0)
+                for i, s in enumerate(stores)))
+    finally:
+        for s in stores:
+            await s.close()
+    total = sum(r["turns"] for r in rows(backend).values())
+    assert total == 6 * (40 + 3 * 20)
+    cost = sum(r["cost_cents"] for r in rows(backend).values())
+    assert cost == total * 0.25
+    assert sum(u[3] for u in backend.reader.read_usage(group="session")) == total
+
+
+async def test_other_columns_are_a_schema_error(backend: Backend) -> None:
+    backend.make_other_columns()
+    with pytest.raises(SchemaError, match=r"agent_sessions has columns \(id TEXT, cost "):
+        s = backend.store()
+        try:
+            await s.open()
+        finally:
+            await s.close()
+
+
+def test_a_missing_rollup_is_a_storage_error_with_a_hint(backend: Backend) -> None:
+    async def create() -> None:
+        s = backend.store()
+        await s.open()
+        await s.close()
+
+    asyncio.run(create())
+    backend.drop_rollup()
+    from collector.store.base import StorageError
+
+    with pytest.raises(StorageError, match="collector_usage_hourly"):
+        backend.reader.read_usage(group="hour")

@@ -187,6 +187,8 @@ def _print_table(title: str, headers: Sequence[str], numeric: Sequence[bool],
 def _check_config(config: Config, args: argparse.Namespace) -> int:
     effective = json.loads(json.dumps(asdict(config), default=str))
     effective["auth_token"] = "<set>" if config.auth_token else None
+    if config.postgres is not None:
+        effective["postgres"]["password"] = "<set>" if config.postgres.password else None
     for key in ("grpc_endpoint", "http_endpoint"):
         endpoint = getattr(config.receivers, key)
         effective["receivers"][key] = "" if endpoint is None else str(endpoint)

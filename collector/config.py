@@ -324,9 +324,11 @@ def _parse_postgres(source: str, base_dir: Path, values: Mapping[str, Any],
 
     try:
         parts = conninfo.conninfo_to_dict(url)
-    except Exception as exc:  # psycopg.ProgrammingError; its text never echoes a password
+    except Exception as exc:  # psycopg.ProgrammingError
+        # libpq quotes the URL, which may hold a password: the message names the key instead.
+        problem = " ".join(str(exc).replace(url, "<postgres_url>").split())
         raise ConfigError(source, "storage.postgres_url",
-                          f"not a PostgreSQL connection URL: {str(exc).strip()}") from None
+                          f"not a PostgreSQL connection URL: {problem}") from None
     if parts.get("password"):
         raise ConfigError(source, "storage.postgres_url",
                           "must not contain a password; use storage.postgres_password_file, "

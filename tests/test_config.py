@@ -102,6 +102,14 @@ def test_shipped_config_toml_is_valid_and_matches_the_defaults() -> None:
     ("bad_limit_zero.toml", "limits.max_value_depth", "must be >= 1"),
     ("bad_alias_target.toml", 'mapping.aliases."app.thread_id"', "not an attribute"),
     ("bad_retention_short.toml", "dedupe.retention_s", "must be >= 86400"),
+    ("bad_backend.toml", "storage.backend", "must be one of sqlite, postgres"),
+    ("bad_pg_url_missing.toml", "storage.postgres_url", "required with"),
+    ("bad_pg_url_password.toml", "storage.postgres_url", "must not contain a password"),
+    ("bad_pg_url_syntax.toml", "storage.postgres_url", "not a PostgreSQL connection URL"),
+    ("bad_pg_key_with_sqlite.toml", "storage.postgres_url", 'only used with storage.backend'),
+    ("bad_pg_connect_timeout.toml", "storage.postgres_connect_timeout_s", "must be >= 2"),
+    ("bad_pg_commit_timeout.toml", "storage.postgres_commit_timeout_s", "must be >= 1"),
+    ("bad_pg_password_file.toml", "storage.postgres_password_file", "cannot read"),
 ])
 def test_bad_config_names_key_and_file(name: str, key: str, words: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -109,6 +117,37 @@ def test_bad_config_names_key_and_file(name: str, key: str, words: str) -> None:
     assert info.value.key == key
     assert words in info.value.problem
     assert name in str(info.value) and key in str(info.value)
+
+
+def test_postgres_backend_reads_every_storage_key() -> None:
+    config = load_config(CONFIGS / "good_postgres.toml")
+    assert config.storage_backend == "postgres"
+    pg = config.postgres
+    assert pg is not None
+    assert pg.url == "postgresql://collector@db.internal:6432/usage"
+    assert pg.password == "hunter2-pg"  # the file's line, without its newline
+    assert (pg.connect_timeout_s, pg.commit_timeout_s) == (5, 7)
+    assert "hunter2" not in repr(config)
+    defaults = load_config(CONFIGS / "good_empty.toml")
+    assert (defaults.storage_backend, defaults.postgres) == ("sqlite", None)
+
+
+def test_check_config_never_prints_the_postgres_password() -> None:
+    result = run_cli("check-config", "--config", str(CONFIGS / "good_postgres.toml"))
+    assert result.returncode == 0, result.stderr
+    effective = json.loads(result.stdout)
+    assert effective["postgres"]["password"] == "<set>"
+    assert effective["postgres"]["commit_timeout_s"] == 7
+    assert "hunter2" not in result.stdout + result.stderr
+
+
+def test_a_bad_url_error_does_not_echo_a_password(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[storage]\nbackend = "postgres"\n'
+                    'postgres_url = "postgresql://u:topsecret@[::1/db"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.key == "storage.postgres_url" and "topsecret" not in str(info.value)
 
 
 def test_invalid_toml_names_the_file() -> None:

@@ -90,7 +90,7 @@ class PgServer:
         self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
 
     def restart(self, mode: str = "fast") -> None:
-        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w",
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-m", mode, "-w",
                   "-t", str(START_TIMEOUT_S), "restart")
 
     def postmaster_pid(self) -> int:

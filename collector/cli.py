@@ -8,9 +8,11 @@ import datetime as dt
 import gc
 import json
 import logging
+import sqlite3
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -37,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"collector: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     handler: Any = {"serve": _serve, "sessions": _sessions, "check-config": _check_config,
-                    "report": _report}
+                    "report": _report, "migrate-sqlite": _migrate_sqlite}
     code: int = handler[args.command](config, args)
     return code
 
@@ -66,7 +68,42 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--breakdown", action="store_true", help="split each line by model")
     rep.add_argument("--timezone", type=_zone, default="UTC",
                      help="IANA time zone for days and months, e.g. Europe/Berlin (default UTC)")
+    migrate = sub.add_parser(
+        "migrate-sqlite", help="move a SQLite database's data into the configured PostgreSQL",
+        description="Adds the sessions, rollup and remembered span ids of a SQLite database "
+        "to the PostgreSQL database of the config (storage.backend = \"postgres\"), in one "
+        "transaction. Safe to run again: a database already moved is not added twice. Stop "
+        "the collector that writes the SQLite file first.")
+    migrate.add_argument("--config", required=True, help="TOML config file")
+    migrate.add_argument("--from", dest="source", type=Path,
+                         help="the SQLite file (default: storage.sqlite_path)")
     return parser
+
+
+def _migrate_sqlite(config: Config, args: argparse.Namespace) -> int:
+    if config.postgres is None:
+        print(f"collector: {config.source}: storage.backend must be \"postgres\" to move a "
+              "SQLite database into PostgreSQL", file=sys.stderr)
+        return EXIT_USAGE
+    source: Path = args.source or config.sqlite_path
+    if not source.is_file():
+        print(f"collector: no SQLite database at {source}", file=sys.stderr)
+        return EXIT_FAILURE
+    from collector.store import connect_options
+    from collector.store.postgres import migrate_sqlite
+
+    options = connect_options(config.postgres)
+    try:
+        result = migrate_sqlite(source, options, retention_s=config.dedupe_retention_s)
+    except (StorageError, SchemaError, sqlite3.Error) as exc:
+        print(f"collector: nothing moved: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    if result.already:
+        print(f"{source} was moved into {options.where} before; nothing to do")
+    else:
+        print(f"moved {source} into {options.where}: {result.sessions} sessions, "
+              f"{result.hours} rollup rows, {result.span_ids} span ids")
+    return EXIT_OK
 
 
 def _date(text: str) -> dt.date:

@@ -19,10 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from collector.store.postgres import ConnectOptions, PostgresStore
-from tests.conftest import ROOT, Daemon, make_span
+from tests.conftest import ROOT, SECOND, T0, Daemon, make_span
 from tests.pg import PASSWORD, PASSWORD_USER, PgServer
 from tests.test_daemon import wait_for
 from tests.test_ops import get
@@ -111,7 +109,9 @@ def pg_rows(server: PgServer, url: str) -> dict[str, tuple[int, int]]:
         url, "SELECT id, prompt_tokens, turns FROM agent_sessions")}
 
 
-def assert_exact(server: PgServer, url: str, tokens: Counter[str], turns: Counter[str]) -> None:
+def assert_exact(server: PgServer, url: str, tokens: Counter[str], turns: Counter[str], *,
+                 updates: int = 0) -> None:
+    """`updates`: session-update spans (remembered, but no turn)."""
     rows = pg_rows(server, url)
     assert {s: rows[s][0] for s in tokens} == dict(tokens)
     assert {s: rows[s][1] for s in turns} == dict(turns)
@@ -120,7 +120,7 @@ def assert_exact(server: PgServer, url: str, tokens: Counter[str], turns: Counte
                                   "FROM collector_usage_hourly")
     assert (int(rollup[0]), int(rollup[1])) == (sum(tokens.values()), sum(turns.values()))
     assert server.query(url, "SELECT count(*) FROM collector_seen_current") == [
-        (sum(turns.values()),)]
+        (sum(turns.values()) + updates,)]
 
 
 def test_three_collectors_through_kill_9_and_a_server_restart_count_everything_once(
@@ -309,3 +309,41 @@ def test_collectors_started_together_create_the_schema_once(
                                    "table_name = 'agent_sessions'") == [(13,)]
     for daemon in started:
         assert post(daemon, workload("x", 1, 3)[0][0])[0] == 200
+
+
+def test_a_sqlite_database_moves_into_postgres_once_and_merges_with_what_is_there(
+        start_daemon: StartDaemon, pg_server: PgServer, pg_url: str) -> None:
+    # A SQLite collector's history, and a PostgreSQL collector already running on shared
+    # sessions ("move-1" is in both).
+    old = start_daemon(FAST_FLUSH)
+    old_bodies, tokens, turns = workload("move", 4, 10)
+    for body in old_bodies:
+        assert post(old, body)[0] == 200
+    assert post(old, request_bytes(make_span(trace_id=77, span_id=1, end=T0 + 99 * SECOND,
+                                             attrs={"session.id": "move-1",
+                                                    "agent.session.status": "completed"})))[0] \
+        == 200
+    assert old.stop() == 0
+    new = start_daemon(FAST_FLUSH, postgres_url=pg_url)
+    new_bodies, more_tokens, more_turns = workload("move", 2, 10)
+    for body in new_bodies:
+        assert post(new, body)[0] == 200
+    tokens.update(more_tokens)
+    turns.update(more_turns)
+    config = new.workdir / "migrate.toml"
+    config.write_text(new.config_path.read_text())
+
+    moved = run_cli(config, "migrate-sqlite", "--from", str(old.db_path))
+    assert moved.returncode == 0, moved.stderr
+    assert "moved" in moved.stdout and f"{4 * 10 + 1} span ids" in moved.stdout
+    again = run_cli(config, "migrate-sqlite", "--from", str(old.db_path))
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+    assert_exact(pg_server, pg_url, tokens, turns, updates=1)
+    # The latest status set in SQLite (by span time) survived the merge.
+    assert pg_server.query(pg_url, "SELECT status FROM agent_sessions WHERE id = 'move-1'") == [
+        ("completed",)]
+    # A span the SQLite collector accounted, retried into PostgreSQL, counts nothing.
+    assert post(new, old_bodies[0])[0] == 200
+    assert_exact(pg_server, pg_url, tokens, turns, updates=1)
+    wrong = run_cli(old.config_path, "migrate-sqlite")
+    assert wrong.returncode == 2 and 'storage.backend must be "postgres"' in wrong.stderr

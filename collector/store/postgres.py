@@ -40,6 +40,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import psycopg
@@ -623,3 +624,111 @@ class PostgresReader:
 
     def close(self) -> None:
         """Nothing is held between calls."""
+
+
+# -- moving a SQLite database in ------------------------------------------------------------
+
+MIGRATION_ID = "migration_id"  # in the SQLite file's collector_meta: which file this is
+MIGRATED_PREFIX = "migrated_sqlite_"  # in PostgreSQL's collector_meta: files already moved
+# A stored value without a mark was never set by a span (a default, or the sweep): it is taken
+# for a session PostgreSQL does not have, and loses to any value PostgreSQL has (-2 < -1).
+UNMARKED = -2
+MIGRATION_CHUNK = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    sessions: int
+    hours: int
+    span_ids: int
+    already: bool  # moved before: nothing was done
+
+
+def migrate_sqlite(path: Path, options: ConnectOptions, *, retention_s: int) -> Migration:
+    """Add a SQLite database's sessions, marks, rollup and remembered span ids to PostgreSQL,
+    in one transaction, merged as if its spans had arrived there (sums added, latest values by
+    span time). Idempotent: the file is stamped with an id and PostgreSQL remembers the ids it
+    has taken in, so a re-run (after a failure, or by mistake) does nothing twice. Stop the
+    collector writing the file first: rows written after the move are not moved."""
+    import sqlite3
+
+    from collector.store.sqlite import SQLiteStore
+
+    async def prepare() -> None:
+        # Brings an older file up to date (rollup backfill) and creates the tables here.
+        source = SQLiteStore(path, retention_s=retention_s)
+        await source.open()
+        await source.close()
+        target = PostgresStore(options, retention_s=retention_s, commit_timeout_s=60)
+        await target.open()
+        await target.close()
+
+    asyncio.run(prepare())
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")  # nobody writes the file while it is read
+        row = db.execute("SELECT value FROM collector_meta WHERE name = ?",
+                         (MIGRATION_ID,)).fetchone()
+        if row is None:
+            file_id = int.from_bytes(os.urandom(7), "big")
+            db.execute("INSERT INTO collector_meta (name, value) VALUES (?, ?)",
+                       (MIGRATION_ID, file_id))
+        else:
+            file_id = int(row[0])
+        conn = options.connect(autocommit=False)
+        try:
+            with conn.transaction():
+                result = _migrate(db, conn, f"{MIGRATED_PREFIX}{file_id}")
+        except psycopg.Error as exc:
+            raise StorageError(f"PostgreSQL at {options.where}: {_message(exc)}") from exc
+        finally:
+            conn.close()
+        db.execute("COMMIT")  # the stamp, only once PostgreSQL has committed
+        return result
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    finally:
+        db.close()
+
+
+def _migrate(db: Any, conn: psycopg.Connection[Any], marker: str) -> Migration:
+    # Alone against rotations; flushes of running collectors go on beside it.
+    conn.execute("SELECT pg_advisory_xact_lock(%s)", (GENERATION_LOCK,))
+    if conn.execute("SELECT 1 FROM collector_meta WHERE name = %s", (marker,)).fetchone():
+        return Migration(0, 0, 0, already=True)
+    sessions = hours = 0
+    cursor = db.execute(
+        "SELECT s.id, s.kind, coalesce(m.kind_ns, ?1), s.status, coalesce(m.status_ns, ?1), "
+        "s.channel, coalesce(m.channel_ns, ?1), s.model, coalesce(m.model_ns, ?1), "
+        "s.created_at, s.last_active_at, s.turns, s.prompt_tokens, s.completion_tokens, "
+        "s.reasoning_tokens, s.cost_cents, s.goal_text, coalesce(m.goal_ns, ?1) "
+        "FROM agent_sessions AS s LEFT JOIN collector_session_marks AS m ON m.id = s.id "
+        "ORDER BY s.id", (UNMARKED,))
+    while chunk := cursor.fetchmany(MIGRATION_CHUNK):
+        sessions += len(chunk)
+        PostgresStore._run_write(conn, "agent_sessions", chunk)
+    cursor = db.execute("SELECT id, model_ns, kind_ns, status_ns, channel_ns, goal_ns "
+                        "FROM collector_session_marks ORDER BY id")
+    while chunk := cursor.fetchmany(MIGRATION_CHUNK):
+        PostgresStore._run_write(conn, "collector_session_marks", chunk)
+    cursor = db.execute(f"SELECT hour, session_id, model, turns, prompt_tokens, "
+                        "completion_tokens, reasoning_tokens, cache_read_tokens, "
+                        f"cache_write_tokens, cost_cents FROM {HOURLY_TABLE}")
+    while chunk := cursor.fetchmany(MIGRATION_CHUNK):
+        hours += len(chunk)
+        PostgresStore._run_write(conn, HOURLY_TABLE, chunk)
+    # Span ids stay remembered: an exporter retrying into PostgreSQL a span the SQLite
+    # collector accounted is still a duplicate.
+    span_ids = 0
+    for table in ("collector_seen_previous", "collector_seen_current"):
+        cursor = db.execute(f"SELECT key FROM {table}")
+        while chunk := cursor.fetchmany(MIGRATION_CHUNK):
+            keys = sorted(bytes(r[0]) for r in chunk)
+            new = len(conn.execute(INSERT_SEEN, (keys,), binary=True).fetchall())
+            if new:
+                conn.execute(ADD_SEEN_COUNT, (new, SEEN_CURRENT_COUNT))
+            span_ids += new
+    conn.execute("INSERT INTO collector_meta (name, value) VALUES (%s, %s)", (marker, sessions))
+    return Migration(sessions, hours, span_ids, already=False)

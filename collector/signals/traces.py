@@ -26,14 +26,21 @@ Which spans count as what:
 
 from __future__ import annotations
 
-import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from collector.accounting.pricing import Pricer
+from collector.signals import values
 from collector.signals.scan import Scanner, SpanScan
+from collector.signals.values import (
+    MAX_ERROR_MESSAGES,
+    MAX_TIME_NS,
+    MAX_TOKEN_COUNT,
+    MAX_VALUE_IN_MESSAGE,
+    InvalidRecord,
+)
 
 KINDS = ("interactive", "autonomous", "acp")
 STATUSES = ("active", "completed", "failed", "cancelled", "unknown")
@@ -44,17 +51,6 @@ DEFAULT_CHANNEL = "cli"
 MODEL_CALL_OPERATIONS = frozenset({"chat", "text_completion", "generate_content"})
 TRACE_ID_BYTES = 16
 SPAN_ID_BYTES = 8
-# Bounds that keep every stored number exact: SQLite integers are signed 64-bit, and a sum that
-# passes 2**63 silently becomes a float. No call uses a trillion tokens or costs a billion USD;
-# with these caps a session needs millions of absurd spans before its sums could overflow.
-MAX_TOKEN_COUNT = 10**12
-MAX_COST_USD = 1e9
-MAX_TIME_NS = 2**63 - 1  # year 2262, the end of signed 64-bit nanoseconds
-# Error messages returned to the exporter are capped so one bad request cannot make a huge
-# answer; the count of rejected spans is always exact.
-MAX_ERROR_MESSAGES = 5
-MAX_VALUE_IN_MESSAGE = 64
-
 # Attribute slots: every attribute the mapping reads gets an index into a flat list, so one pass
 # over a span's attributes with one dict lookup each finds everything.
 (
@@ -183,8 +179,8 @@ class MappingResult:
         return "; ".join(self.errors) + tail
 
 
-class InvalidSpan(Exception):
-    """A span whose values break the conventions; it is rejected, its request is not."""
+# A span whose values break the conventions; it is rejected, its request is not.
+InvalidSpan = InvalidRecord
 
 
 def count_spans(request: Any) -> int:
@@ -406,71 +402,24 @@ def _ref(span_id: bytes) -> str:
 
 def _bounded(text: str, slot: int, span_id: bytes, limit: int) -> str:
     """A stored text value within the byte limit, else the span is rejected."""
-    if len(text) > limit or (not text.isascii() and len(text.encode()) > limit):
-        raise InvalidSpan(f"span {_ref(span_id)}: {SLOT_NAMES[slot]} is longer than {limit} "
-                          f"bytes")
-    return text
+    return values.bounded(text, SLOT_NAMES[slot], f"span {_ref(span_id)}", limit)
 
 
-def _text(value: Any) -> str:
-    """A string attribute as text; integers are accepted for ids. Anything else is ''."""
-    if value.__class__ is str:
-        text: str = value
-        return text
-    if value.__class__ is int:  # not bool: bool is a subclass of int, not int itself
-        return str(value)
-    return ""
+_text = values.text
 
 
 def _check_session_id(session_id: str, span_id: bytes, max_length: int) -> None:
-    if len(session_id) > max_length:
-        raise InvalidSpan(f"span {_ref(span_id)}: session id longer than {max_length} "
-                          f"characters")
-    if not session_id.isprintable():
-        raise InvalidSpan(f"span {_ref(span_id)}: session id contains control characters")
-
-
-def _show(value: Any) -> str:
-    shown = repr(value)
-    return shown if len(shown) <= MAX_VALUE_IN_MESSAGE else shown[:MAX_VALUE_IN_MESSAGE] + "..."
+    values.session_id(session_id, f"span {_ref(span_id)}", max_length)
 
 
 def _count(value: Any, slot: int, span_id: bytes) -> int:
-    """A token count: an integer up to MAX_TOKEN_COUNT (integral doubles and digit strings
-    accepted); `slot` names the attribute in errors."""
-    number: int | None = None
-    if value.__class__ is int:
-        number = value
-    elif value.__class__ is float:
-        if math.isfinite(value) and value.is_integer():
-            number = int(value)
-    elif value.__class__ is str:
-        text = value.strip()
-        if text.isascii() and text.isdigit():
-            number = int(text)
-    if number is not None and 0 <= number <= MAX_TOKEN_COUNT:
-        return number
-    raise InvalidSpan(
-        f"span {_ref(span_id)}: {SLOT_NAMES[slot]} must be an integer from 0 to "
-        f"{MAX_TOKEN_COUNT}, got {_show(value)}")
+    """A token count; `slot` names the attribute in errors (off the hot path: plain ints are
+    read inline by map_span)."""
+    return values.count(value, SLOT_NAMES[slot], f"span {_ref(span_id)}")
 
 
 def _cost(value: Any, slot: int, span_id: bytes) -> float:
-    number: float | None = None
-    if value.__class__ is float:
-        number = value
-    elif value.__class__ is int:
-        number = float(value)
-    elif value.__class__ is str:
-        try:
-            number = float(value)
-        except ValueError:
-            number = None
-    if number is None or not 0 <= number <= MAX_COST_USD:  # also rejects NaN
-        raise InvalidSpan(
-            f"span {_ref(span_id)}: {SLOT_NAMES[slot]} must be a number of USD from 0 to "
-            f"{MAX_COST_USD:g}, got {_show(value)}")
-    return number
+    return values.cost_usd(value, SLOT_NAMES[slot], f"span {_ref(span_id)}")
 
 
 def _choice(value: Any, allowed: tuple[str, ...], default: str, slot: int,

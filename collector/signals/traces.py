@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from collector.accounting.pricing import Pricer
+from collector.dialects import DialectSet, effective_dialects
 from collector.signals import values
 from collector.signals.scan import Scanner, SpanScan
 from collector.signals.values import (
@@ -142,6 +143,9 @@ class MappingOptions:
     # False: read attributes with the Python scanner even when the compiled one is installed
     # (the tests run both).
     compiled_scanner: bool = True
+    # The agents' dialects (built-ins plus config); resources and scopes they recognise are
+    # read by their rules instead of the generic conventions.
+    dialects: DialectSet = field(default_factory=lambda: DialectSet(effective_dialects()))
     scanner: Scanner = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -164,6 +168,8 @@ class MappingResult:
     errors: list[str] = field(default_factory=list)
     # (attribute, value) pairs outside the allowed sets, replaced by the column default.
     invalid_values: list[tuple[str, str]] = field(default_factory=list)
+    # Cumulative metric points, made usage by the store (collector.signals.metrics).
+    cumulative: list[Any] = field(default_factory=list)
 
     def reject(self, message: str) -> None:
         self.rejected += 1
@@ -190,19 +196,29 @@ def count_spans(request: Any) -> int:
 def map_request(request: Any, options: MappingOptions, now_ns: int,
                 wire: bytes | None = None) -> MappingResult:
     """Map an ExportTraceServiceRequest to usage records. `wire` is its protobuf encoding
-    when the caller has it (the bytes it was decoded from)."""
+    when the caller has it (the bytes it was decoded from).
+
+    Spans of a scope an agent's dialect recognises are read by the dialect's rules
+    (collector.signals.records); all others by the generic conventions below."""
     result = MappingResult()
     records = result.records
-    for (resource_values, count, deep_key), spans in options.scanner.scan(request, wire):
+    dialects = options.dialects
+    for index, ((resource_values, count, deep_key), spans) in enumerate(
+            options.scanner.scan(request, wire)):
         problem = _attribute_problem(count, deep_key, options)
         if problem:
             for _ in spans:
                 result.spans += 1
                 result.reject(f"resource: {problem}")
             continue
+        scopes = _dialect_scopes(request.resource_spans[index], dialects) if dialects else None
         # Only the groups the resource actually sets need a fallback per span (usually none).
         fallbacks = [(group, [resource_values[s] for s in group]) for group in FIELD_GROUPS
                      if any(resource_values[s] is not None for s in group)]
+        if scopes is not None:
+            _map_dialect_scopes(request.resource_spans[index], scopes, spans, fallbacks,
+                                options, now_ns, result)
+            continue
         for span in spans:
             result.spans += 1
             try:
@@ -217,6 +233,57 @@ def map_request(request: Any, options: MappingOptions, now_ns: int,
                 if not record.priced:
                     result.unpriced += 1
     return result
+
+
+def _dialect_scopes(resource_spans: Any, dialects: DialectSet) -> list[Any] | None:
+    """Per scope of the resource, the dialect that reads it; None when none does (the common
+    case, decided from the service name and scope names alone)."""
+    service = ""
+    for kv in resource_spans.resource.attributes:
+        if kv.key == "service.name":
+            service = kv.value.string_value
+            break
+    found = [dialects.find(service, ss.scope.name) for ss in resource_spans.scope_spans]
+    return found if any(d is not None for d in found) else None
+
+
+def _map_dialect_scopes(resource_spans: Any, scopes: list[Any], spans: list[SpanScan],
+                        fallbacks: list[tuple[tuple[int, ...], list[Any]]],
+                        options: MappingOptions, now_ns: int, result: MappingResult) -> None:
+    """A resource with a dialect's scopes: those scopes' spans go through the dialect, the
+    others (same resource, other instrumentation) through the generic mapping."""
+    from collector.signals import records as dialect_records  # it builds on this module
+
+    resource: dict[str, Any] | None = None
+    offset = 0
+    for dialect, ss in zip(scopes, resource_spans.scope_spans, strict=True):
+        scanned = spans[offset:offset + len(ss.spans)]
+        offset += len(ss.spans)
+        for span, scan in zip(ss.spans, scanned, strict=True):
+            result.spans += 1
+            try:
+                if dialect is None:
+                    record = map_span(scan, fallbacks, options, now_ns, result)
+                else:
+                    if resource is None:
+                        resource = dialect_records.attributes_of(
+                            resource_spans.resource.attributes, options, "resource")
+                    ref = f"span {_ref(span.span_id)}"
+                    record = dialect_records.map_record(dialect, dialect_records.Record(
+                        "traces", (span.name,),
+                        dialect_records.attributes_of(span.attributes, options, ref),
+                        resource, span.trace_id, span.span_id, span.start_time_unix_nano,
+                        span.end_time_unix_nano, span.trace_id + span.span_id, ref),
+                        options, now_ns, result)
+            except InvalidSpan as exc:
+                result.reject(str(exc))
+                continue
+            if record is None:
+                result.ignored += 1
+            else:
+                result.records.append(record)
+                if not record.priced:
+                    result.unpriced += 1
 
 
 def _attribute_problem(count: int, deep_key: str | None, options: MappingOptions) -> str:

@@ -60,7 +60,7 @@ def build_pipeline(config: Config, store: SQLiteStore, *,
         options,
         flush_interval_s=config.flush_interval_ms / 1000,
         max_pending_spans=config.max_pending_spans,
-        max_spans_per_request=config.limits.max_spans_per_request,
+        max_items_per_request=config.limits.max_spans_per_request,
         stale_after_s=config.stale_after_s,
         on_flush=on_flush,
     )
@@ -125,9 +125,10 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
         stats = pipeline.stats
         refused = ", ".join(f"{k}={v}" for k, v in sorted(stats.refused_requests().items()))
         refused = refused or "none"
-        log.info("stopped: %d spans accepted, %d duplicates ignored, %d rejected; requests "
-                 "refused: %s", stats.spans_accepted, stats.spans_duplicate,
-                 stats.spans_rejected, refused)
+        rejected = sum(counts.rejected for counts in stats.items.values())
+        log.info("stopped: %d usage records accepted, %d duplicates ignored, %d items "
+                 "rejected; requests refused: %s", stats.spans_accepted, stats.spans_duplicate,
+                 rejected, refused)
         return 1 if pipeline.lost_on_shutdown or pipeline.fatal else 0
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):

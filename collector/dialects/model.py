@@ -8,7 +8,8 @@ same call arrives as a log record, a span and a metric point without an id they 
 
 The built-in dialects (builtin.toml) and a config's ``[dialects.NAME]`` tables go through the
 same `parse_dialects`, so a renamed attribute in an agent's next release is a config change.
-This module imports nothing of the collector: config and the mapping both build on it.
+This module imports only the signal names of the collector: config and the mapping both build
+on it.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from dataclasses import dataclass
 from dataclasses import field as dc_field
 from typing import Any
 
-TRACES = "traces"
-LOGS = "logs"
-METRICS = "metrics"
+from collector.signals import Signal
+
+TRACES = Signal.TRACES.value
+LOGS = Signal.LOGS.value
+METRICS = Signal.METRICS.value
 SIGNALS = (TRACES, LOGS, METRICS)
 
 # Token counts a dialect can name; the usage event's fields.

@@ -20,10 +20,6 @@ SERVICE_NAME = "service.name"
 EVENT_NAME = "event.name"
 
 
-def count_log_records(request: Any) -> int:
-    return sum(len(sl.log_records) for rl in request.resource_logs for sl in rl.scope_logs)
-
-
 def service_name(attributes: Any) -> str:
     """The resource's service.name without decoding its other attributes."""
     for kv in attributes:

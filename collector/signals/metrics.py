@@ -65,17 +65,6 @@ class CumulativePoint(NamedTuple):
     key: bytes  # the usage event's key once resolved
 
 
-def count_data_points(request: Any) -> int:
-    total = 0
-    for rm in request.resource_metrics:
-        for sm in rm.scope_metrics:
-            for metric in sm.metrics:
-                kind = metric.WhichOneof("data")
-                if kind is not None:
-                    total += len(getattr(metric, kind).data_points)
-    return total
-
-
 def map_metrics_request(request: Any, options: MappingOptions, now_ns: int) -> MappingResult:
     """Map an ExportMetricsServiceRequest; `result.spans` counts the data points received."""
     result = MappingResult()

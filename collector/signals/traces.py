@@ -160,6 +160,9 @@ class MappingOptions:
 
 @dataclass(slots=True)
 class MappingResult:
+    """What mapping one request of any signal gave. `spans` counts the request's items: spans,
+    log records or data points (the name predates logs and metrics)."""
+
     records: list[SpanUsage] = field(default_factory=list)
     spans: int = 0
     rejected: int = 0

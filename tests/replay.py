@@ -11,26 +11,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from collector.receivers.otlp import decode_json_as
-from collector.signals import LOGS, METRICS, TRACES
+from collector.receivers.otlp import decode_json
+from collector.signals import Signal
 
 CAPTURES = Path(__file__).resolve().parent / "captures"
-PATH_SIGNALS = {"/v1/traces": TRACES, "/v1/logs": LOGS, "/v1/metrics": METRICS}
-TOP_SIGNALS = {"resourceSpans": TRACES, "resourceLogs": LOGS, "resourceMetrics": METRICS}
+PATH_SIGNALS = {"/v1/traces": Signal.TRACES, "/v1/logs": Signal.LOGS,
+                "/v1/metrics": Signal.METRICS}
+TOP_SIGNALS = {"resourceSpans": Signal.TRACES, "resourceLogs": Signal.LOGS,
+               "resourceMetrics": Signal.METRICS}
 
 
 @dataclass(frozen=True)
 class Export:
     """One export as the agent sent it: its signal and its OTLP/JSON body."""
 
-    signal: str
+    signal: Signal
     body: dict[str, Any]
 
     def json_bytes(self) -> bytes:
         return json.dumps(self.body).encode()
 
     def request(self) -> Any:
-        return decode_json_as(self.signal, self.json_bytes())
+        return decode_json(self.json_bytes(), self.signal)
 
     def protobuf(self) -> bytes:
         data: bytes = self.request().SerializeToString()
@@ -42,10 +44,9 @@ def exports(*names: str) -> list[Export]:
     out: list[Export] = []
     for name in names:
         doc = json.loads((CAPTURES / name).read_text())
-        entries = doc if isinstance(doc, list) else [doc]
-        for entry in entries:
-            body = entry.get("body", entry) if isinstance(entry, dict) else entry
-            signal = PATH_SIGNALS.get(entry.get("path", "")) if "path" in entry else None
+        for entry in doc if isinstance(doc, list) else [doc]:
+            body = entry.get("body", entry)
+            signal = PATH_SIGNALS.get(entry.get("path", ""))
             if signal is None:
                 signal = next(TOP_SIGNALS[k] for k in body if k in TOP_SIGNALS)
             out.append(Export(signal, body))

@@ -25,7 +25,7 @@ import struct
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
-from collector.dialects.model import COUNTS, Dialect, Selector
+from collector.dialects.model import COUNTS, METRICS, Dialect, Selector
 from collector.signals import values
 from collector.signals.scan import EMPTY, NESTED, any_value, nesting_depth
 from collector.signals.traces import (
@@ -191,8 +191,10 @@ def _turn(dialect: Dialect, record: Record, session: str, options: MappingOption
 def _call(dialect: Dialect, record: Record, session: str, options: MappingOptions,
           now_ns: int) -> SpanUsage | None:
     request = values.text(lookup(dialect, record, "request_id"))
-    if not request and record.signal != dialect.source:
-        return None  # the source signal reports this call; this record repeats it
+    if record.signal != dialect.source and (not request or dialect.source == METRICS):
+        # The source signal reports this call and this record repeats it. A request id lets
+        # logs and spans count whichever arrives first; metric points share no id with them.
+        return None
     counts = {}
     for name in COUNTS:
         value = lookup(dialect, record, name)

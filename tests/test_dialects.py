@@ -3,6 +3,7 @@ through the mapping (pure: no daemon; tests/test_agents.py replays them over soc
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -235,3 +236,15 @@ def test_prompt_text_is_not_kept() -> None:
         for record in result.records:
             assert "REDACTED" not in repr(record)
             assert all(not isinstance(v, str) or len(v) < 64 for v in record)
+
+
+def test_the_documented_example_dialect_is_valid() -> None:
+    """config.toml's commented example of a new dialect, uncommented, is accepted as is."""
+    text = (Path(__file__).resolve().parent.parent / "config.toml").read_text()
+    block = text[text.index("# [dialects.my_agent]"):]
+    toml = "\n".join(line[2:] if line.startswith("# ") else line.lstrip("#")
+                     for line in block.splitlines())
+    config = parse_config(tomllib.loads(toml), source="config.toml", base_dir=Path("."))
+    mine = {d.name: d for d in config.dialects}["my_agent"]
+    assert mine.metrics["my_agent.cost"].fixed == "cost_usd"
+    assert mine.names_for("user") == ("user.email", "user.id")

@@ -293,3 +293,45 @@ def test_a_missing_rollup_is_a_storage_error_with_a_hint(backend: Backend) -> No
 
     with pytest.raises(StorageError, match="collector_usage_hourly"):
         backend.reader.read_usage(group="hour")
+
+
+def point(series: int, value: float, *, start: int = T0, t: int = T0 + SECOND,
+          session: str = "m") -> Any:
+    """A cumulative input-token point (one prompt token per unit, unpriced)."""
+    from collector.signals.metrics import CumulativePoint, Unit
+
+    return CumulativePoint(series.to_bytes(32, "big"), start, t, value, False,
+                           Unit(1, 0, 0, 0, 0, 0.0, True), session, "model",
+                           (10_000 + series * 1000 + t // SECOND % 1000).to_bytes(32, "big"))
+
+
+def cumulative(*points: Any) -> Batch:
+    b = Batch()
+    b.cumulative.extend(points)
+    return b
+
+
+async def test_cumulative_points_count_their_increase_once_across_stores(
+        store: Store, backend: Backend) -> None:
+    await store.commit(cumulative(point(1, 100)), now_ns=T0)
+    # The same point again (a retry), then an increase, then a reset (new start time).
+    await store.commit(cumulative(point(1, 100)), now_ns=T0)
+    await store.commit(cumulative(point(1, 130, t=T0 + 2 * SECOND)), now_ns=T0)
+    await store.commit(cumulative(point(1, 5, start=T0 + 3 * SECOND, t=T0 + 4 * SECOND)),
+                       now_ns=T0)
+    assert rows(backend)["m"]["prompt_tokens"] == 135
+    # Two stores resolving points of one series at once: each increase counts once.
+    other = backend.store()
+    await other.open()
+    try:
+        for step in range(1, 6):
+            t = T0 + (4 + step) * SECOND
+            await asyncio.gather(
+                store.commit(cumulative(point(1, 5 + 10 * step, start=T0 + 3 * SECOND, t=t)),
+                             now_ns=T0),
+                other.commit(cumulative(point(1, 5 + 10 * step, start=T0 + 3 * SECOND, t=t)),
+                             now_ns=T0))
+    finally:
+        await other.close()
+    assert rows(backend)["m"]["prompt_tokens"] == 135 + 50
+    assert backend.query("SELECT value FROM collector_metric_series") == [(55.0,)]

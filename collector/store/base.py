@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from collector.accounting.aggregate import HOUR_NS, Batch, HourDelta, HourKey, SessionDelta
+from collector.signals.metrics import CumulativePoint, scaled
 
 # agent_sessions' columns, fixed by its readers, with each backend's column types.
 COLUMNS: tuple[tuple[str, str], ...] = (
@@ -193,6 +194,47 @@ BATCH_WRITES: tuple[BatchWrite, ...] = (
     BatchWrite("collector_session_marks", mark_rows),
     BatchWrite(HOURLY_TABLE, hour_rows),
 )
+
+
+# A series' stored state: (start_ns, time_ns, value) of the last point counted.
+SeriesState = tuple[int, int, float]
+
+
+def resolve_cumulative(applied: Batch, points: list[CumulativePoint],
+                       stored: dict[bytes, SeriesState]) -> tuple[Batch, dict[bytes, SeriesState]]:
+    """The batch plus the usage of its cumulative metric points, and the series states to
+    store. Pure: each backend reads `stored` (and locks those series) in the flush
+    transaction, and writes the states back in it.
+
+    Per series, in time order: a point at or before the stored time adds nothing (a retry or
+    a late export); a later point with the same start adds its increase; a new start time (or
+    a value that went down) is a reset and adds its whole value; a first point adds its whole
+    value (the series was never counted). A series stored with start -1 counts as absent."""
+    stored = dict(stored)
+    updated: dict[bytes, SeriesState] = {}
+    resolved = []
+    for point in sorted(points, key=lambda p: (p.series, p.time_ns)):
+        last = stored.get(point.series)
+        if last is None or point.start_ns > last[0]:
+            delta = point.value
+        elif point.start_ns < last[0] or point.time_ns <= last[1]:
+            continue
+        elif point.value < last[2]:
+            delta = point.value
+        else:
+            delta = point.value - last[2]
+        stored[point.series] = updated[point.series] = (point.start_ns, point.time_ns,
+                                                        point.value)
+        if delta:
+            resolved.append(scaled(point.unit, delta, point.is_cost, point.key,
+                                   point.session_id, point.start_ns or point.time_ns,
+                                   point.time_ns, point.model))
+    if not resolved:
+        return applied, updated
+    combined = Batch(duplicates=applied.duplicates)
+    combined.add(applied.records)
+    combined.add(resolved)
+    return combined, updated
 
 
 def schema_problem(found: list[tuple[str, str]], expected: list[tuple[str, str]]) -> str | None:

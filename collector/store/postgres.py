@@ -47,6 +47,7 @@ import psycopg
 from psycopg import conninfo, errors
 
 from collector.accounting.aggregate import Batch
+from collector.signals.metrics import CumulativePoint
 from collector.signals.traces import KEY_BYTES
 from collector.store.base import (
     BATCH_WRITES,
@@ -60,6 +61,7 @@ from collector.store.base import (
     SchemaError,
     StorageError,
     iso_utc,
+    resolve_cumulative,
     schema_problem,
 )
 
@@ -135,6 +137,12 @@ CREATE TABLE IF NOT EXISTS collector_usage_hourly (
     cache_write_tokens BIGINT NOT NULL DEFAULT 0,
     cost_cents DOUBLE PRECISION NOT NULL DEFAULT 0.0,
     PRIMARY KEY (hour, model, session_id)
+);
+CREATE TABLE IF NOT EXISTS collector_metric_series (
+    series BYTEA PRIMARY KEY,
+    start_ns BIGINT NOT NULL,
+    time_ns BIGINT NOT NULL,
+    value DOUBLE PRECISION NOT NULL
 );
 INSERT INTO collector_meta (name, value) VALUES ('seen_current_count', 0),
     ('seen_previous_count', 0) ON CONFLICT (name) DO NOTHING
@@ -272,6 +280,24 @@ SWEEP_STALE = """
 UPDATE agent_sessions SET status = 'unknown'
 WHERE id IN (SELECT id FROM agent_sessions WHERE status = 'active' AND last_active_at < %s
              ORDER BY id FOR UPDATE)
+"""
+
+# Cumulative metric series: first inserted (as absent: start -1) or locked, in key order, so
+# that two collectors resolving one series take turns and the second sees the first's value.
+LOCK_SERIES = """
+INSERT INTO collector_metric_series AS m (series, start_ns, time_ns, value)
+SELECT s, -1, -1, 0 FROM unnest(%s::bytea[]) AS s ORDER BY s
+ON CONFLICT (series) DO UPDATE SET series = excluded.series WHERE false
+"""
+READ_SERIES = """
+SELECT series, start_ns, time_ns, value FROM collector_metric_series WHERE series = ANY(%s)
+"""
+UPSERT_SERIES = """
+INSERT INTO collector_metric_series AS m (series, start_ns, time_ns, value)
+SELECT * FROM unnest(%s::bytea[], %s::bigint[], %s::bigint[], %s::float8[])
+    AS b(series, start_ns, time_ns, value) ORDER BY series
+ON CONFLICT (series) DO UPDATE SET
+    start_ns = excluded.start_ns, time_ns = excluded.time_ns, value = excluded.value
 """
 
 ADD_SEEN_COUNT = "UPDATE collector_meta SET value = value + %s WHERE name = %s RETURNING value"
@@ -484,12 +510,17 @@ class PostgresStore:
             new = {bytes(r[0]) for r in conn.execute(INSERT_SEEN, (keys,), binary=True)}
             if len(new) != len(keys):
                 applied = batch.without(batch.keys - new)
-            if new:
-                row = conn.execute(ADD_SEEN_COUNT, (len(new), SEEN_CURRENT_COUNT)).fetchone()
-                seen_current = None if row is None else int(row[0])
+        if batch.cumulative:
+            applied = _with_cumulative(conn, applied, batch.cumulative)
         if applied.sessions:
             for write in BATCH_WRITES:
                 self._run_write(conn, write.table, write.rows(applied))
+        if applied.keys:
+            # Last: every flush of every collector updates this one row, and holds it from
+            # here to its commit only.
+            row = conn.execute(ADD_SEEN_COUNT, (len(applied.keys), SEEN_CURRENT_COUNT)
+                               ).fetchone()
+            seen_current = None if row is None else int(row[0])
         return applied, seen_current
 
     @staticmethod
@@ -541,6 +572,10 @@ class PostgresStore:
                         (SEEN_CURRENT_COUNT, SEEN_PREVIOUS_COUNT))
                     conn.execute("UPDATE collector_meta SET value = 0 WHERE name = %s",
                                  (SEEN_CURRENT_COUNT,))
+                    # Series silent for two periods are forgotten with the span ids of their
+                    # time: a later point of one counts from zero, as a new series would.
+                    conn.execute("DELETE FROM collector_metric_series WHERE time_ns < %s",
+                                 (now_ns - 2 * self._retention_ns,))
                     log.info("dedupe window rotated; span ids older than %d s forgotten",
                              self._retention_ns // 1_000_000_000)
                     started = now_ns
@@ -548,6 +583,23 @@ class PostgresStore:
         # Only after the commit: a rolled-back rotation must not move the counts.
         self._generation_started_ns = started
         self.seen_current, self.seen_previous = counts
+
+
+def _with_cumulative(conn: psycopg.Connection[Any], applied: Batch,
+                     points: list[CumulativePoint]) -> Batch:
+    """The batch plus the usage of its cumulative points (base.resolve_cumulative), against
+    the series as stored, read after they are locked."""
+    series = sorted({p.series for p in points})
+    conn.execute(LOCK_SERIES, (series,), binary=True)
+    stored = {bytes(k): (int(s), int(t), float(v))
+              for k, s, t, v in conn.execute(READ_SERIES, (series,), binary=True)}
+    combined, updated = resolve_cumulative(applied, points, stored)
+    if updated:
+        keys = sorted(updated)
+        conn.execute(UPSERT_SERIES, ([k for k in keys], [updated[k][0] for k in keys],
+                                     [updated[k][1] for k in keys],
+                                     [updated[k][2] for k in keys]), binary=True)
+    return combined
 
 
 def _read_seen_counts(conn: psycopg.Connection[Any]) -> tuple[int, int]:
@@ -719,6 +771,12 @@ def _migrate(db: Any, conn: psycopg.Connection[Any], marker: str) -> Migration:
     while chunk := cursor.fetchmany(MIGRATION_CHUNK):
         hours += len(chunk)
         PostgresStore._run_write(conn, HOURLY_TABLE, chunk)
+    # Cumulative series: the later state of each wins (it is what the next point is read
+    # against; both collectors counted up to their own state).
+    cursor = db.execute("SELECT series, start_ns, time_ns, value FROM collector_metric_series")
+    while chunk := cursor.fetchmany(MIGRATION_CHUNK):
+        conn.execute(UPSERT_SERIES + " WHERE m.time_ns < excluded.time_ns",
+                     _columns(sorted(chunk), 4), binary=True)
     # Span ids stay remembered: an exporter retrying into PostgreSQL a span the SQLite
     # collector accounted is still a duplicate.
     span_ids = 0

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from collector.accounting.aggregate import Batch
+from collector.signals.metrics import CumulativePoint
 from collector.signals.traces import KEY_BYTES
 from collector.store.base import (
     BATCH_WRITES,
@@ -48,6 +49,7 @@ from collector.store.base import (
     SchemaError,
     StorageError,
     iso_utc,
+    resolve_cumulative,
 )
 from collector.store.base import schema_problem as _schema_problem
 
@@ -102,6 +104,12 @@ CREATE TABLE IF NOT EXISTS collector_usage_hourly (
     cache_write_tokens INTEGER NOT NULL DEFAULT 0,
     cost_cents REAL NOT NULL DEFAULT 0.0,
     PRIMARY KEY (hour, model, session_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS collector_metric_series (
+    series BLOB PRIMARY KEY,
+    start_ns INTEGER NOT NULL,
+    time_ns INTEGER NOT NULL,
+    value REAL NOT NULL
 ) WITHOUT ROWID;
 """
 
@@ -238,6 +246,14 @@ BATCH_STATEMENTS = {
     "collector_session_marks": UPSERT_MARKS,
     HOURLY_TABLE: UPSERT_HOURLY,
 }
+
+# Series are few (one per session, model and token type) and cumulative points rare next to
+# spans, so these go row by row with their keys as blobs.
+UPSERT_SERIES = """
+INSERT INTO collector_metric_series (series, start_ns, time_ns, value) VALUES (?, ?, ?, ?)
+ON CONFLICT (series) DO UPDATE SET
+    start_ns = excluded.start_ns, time_ns = excluded.time_ns, value = excluded.value
+"""
 
 SWEEP_STALE = """
 UPDATE agent_sessions SET status = 'unknown' WHERE status = 'active' AND last_active_at < ?
@@ -385,6 +401,8 @@ class SQLiteStore:
                     "UPDATE collector_meta SET value = value + ? WHERE name = ? RETURNING value",
                     (len(applied.keys), SEEN_CURRENT_COUNT)).fetchone()
                 seen_current = None if row is None else int(row[0])
+            if batch.cumulative:
+                applied = _with_cumulative(db, applied, batch.cumulative)
             if applied.sessions:
                 for write in BATCH_WRITES:
                     _execute_rows(db, BATCH_STATEMENTS[write.table], write.rows(applied))
@@ -439,6 +457,10 @@ class SQLiteStore:
                 "name = ?1) WHERE name = ?2", (SEEN_CURRENT_COUNT, SEEN_PREVIOUS_COUNT))
             db.execute("UPDATE collector_meta SET value = 0 WHERE name = ?",
                        (SEEN_CURRENT_COUNT,))
+            # Series silent for two periods are forgotten with the span ids of their time: a
+            # point of one arriving later counts from zero, as a new series would.
+            db.execute("DELETE FROM collector_metric_series WHERE time_ns < ?",
+                       (now_ns - 2 * self._retention_ns,))
             log.info("dedupe window rotated; span ids older than %d s forgotten",
                      self._retention_ns // 1_000_000_000)
             started = now_ns
@@ -470,6 +492,28 @@ def _record_seen(db: sqlite3.Connection, batch: Batch) -> Batch:
     if rest.keys:
         db.execute(INSERT_SEEN, (b"".join(rest.keys), len(rest.keys)))
     return rest
+
+
+SERIES_CHUNK = 500
+
+
+def _with_cumulative(db: sqlite3.Connection, applied: Batch,
+                     points: list[CumulativePoint]) -> Batch:
+    """The batch plus the usage of its cumulative metric points (collector.store.base.
+    resolve_cumulative), against the series as stored, in this transaction, so a restart or
+    another collector on this file neither loses nor doubles any of it."""
+    series = sorted({p.series for p in points})
+    stored: dict[bytes, tuple[int, int, float]] = {}
+    for i in range(0, len(series), SERIES_CHUNK):
+        chunk = series[i:i + SERIES_CHUNK]
+        marks = ",".join("?" * len(chunk))
+        for key, start, time_ns, value in db.execute(
+                "SELECT series, start_ns, time_ns, value FROM collector_metric_series "
+                f"WHERE series IN ({marks})", chunk):
+            stored[bytes(key)] = (int(start), int(time_ns), float(value))
+    combined, updated = resolve_cumulative(applied, points, stored)
+    db.executemany(UPSERT_SERIES, ((k, *v) for k, v in updated.items()))
+    return combined
 
 
 def _read_seen_counts(db: sqlite3.Connection) -> tuple[int, int]:

@@ -141,7 +141,7 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
 
     try:
         return _run(serve(config))
-    except (StorageError, SchemaError, ReceiverError, OpsError, OSError) as exc:
+    except (StorageError, SchemaError, ReceiverError, OpsError, sqlite3.Error, OSError) as exc:
         log.error("cannot start: %s", exc)
         return EXIT_FAILURE
 

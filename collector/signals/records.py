@@ -22,7 +22,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Set
 from typing import Any, NamedTuple
 
 from collector.dialects.model import COUNTS, METRICS, Dialect, Selector
@@ -49,8 +49,8 @@ class Record(NamedTuple):
 
     `names`: what selectors match (a span's name; a log record's event_name field, event.name
     attribute and string body; a metric's name). `end_ns` is the span's end, the log record's
-    time (else its observed time) or the point's time. `content` is the record's own encoding:
-    what identifies it when it carries no id.
+    time (else its observed time) or the point's time. `content` is what identifies it when it
+    carries no id: bytes, or the protobuf message itself, encoded only if a key needs it.
     """
 
     signal: str
@@ -61,23 +61,35 @@ class Record(NamedTuple):
     span_id: bytes
     start_ns: int
     end_ns: int
-    content: bytes
+    content: Any
     ref: str  # how error messages name the record
 
 
-def attributes_of(kvs: Iterable[Any], options: MappingOptions, ref: str) -> dict[str, Any]:
+def attributes_of(kvs: Iterable[Any], options: MappingOptions, ref: str,
+                  wanted: Set[str] | None = None) -> dict[str, Any]:
     """KeyValues as a dict of plain values (nested values kept as a marker, never read as
-    values); the attribute-count and nesting bounds apply as they do to spans."""
+    values), only those named in `wanted` when given: agents send a dozen attributes a
+    record and a dialect reads a few. The attribute-count bound applies to all; the nesting
+    bound to the values read (it bounds the reader's walk, and unread values are not
+    walked)."""
     out: dict[str, Any] = {}
     limit = options.max_value_depth
     count = 0
     for kv in kvs:
         count += 1
-        value = any_value(kv.value)
-        if value is NESTED and nesting_depth(kv.value, limit) > limit:
-            raise values.InvalidRecord(f"{ref}: attribute {kv.key[:64]!r} nests deeper than "
+        key = kv.key
+        if wanted is not None and key not in wanted:
+            continue
+        value = kv.value
+        text = value.string_value
+        if text:
+            out[key] = text
+            continue
+        plain = any_value(value)
+        if plain is NESTED and nesting_depth(value, limit) > limit:
+            raise values.InvalidRecord(f"{ref}: attribute {key[:64]!r} nests deeper than "
                                        f"{limit} levels")
-        out[kv.key] = value
+        out[key] = plain
     if count > options.max_attributes_per_span:
         raise values.InvalidRecord(f"{ref}: {count} attributes exceed the limit of "
                                    f"{options.max_attributes_per_span}")
@@ -123,8 +135,11 @@ def digest(*parts: bytes | str) -> bytes:
 
 
 def content_key(record: Record) -> bytes:
+    content = record.content
+    if not isinstance(content, bytes):
+        content = content.SerializeToString(deterministic=True)
     return _pack_time(min(max(record.end_ns, 0), values.MAX_TIME_NS)) + digest(
-        record.signal, record.content)
+        record.signal, content)
 
 
 def session_of(dialect: Dialect, record: Record, options: MappingOptions) -> str | None:

@@ -270,11 +270,13 @@ def _map_dialect_scopes(resource_spans: Any, scopes: list[Any], spans: list[Span
                 else:
                     if resource is None:
                         resource = dialect_records.attributes_of(
-                            resource_spans.resource.attributes, options, "resource")
+                            resource_spans.resource.attributes, options, "resource",
+                            dialect.read_attributes)
                     ref = f"span {_ref(span.span_id)}"
                     record = dialect_records.map_record(dialect, dialect_records.Record(
                         "traces", (span.name,),
-                        dialect_records.attributes_of(span.attributes, options, ref),
+                        dialect_records.attributes_of(span.attributes, options, ref,
+                                                      dialect.read_attributes),
                         resource, span.trace_id, span.span_id, span.start_time_unix_nano,
                         span.end_time_unix_nano, span.trace_id + span.span_id, ref),
                         options, now_ns, result)

@@ -38,6 +38,11 @@ ATTRIBUTES = (
 METRIC_FIELDS = (*COUNTS, "cost_usd")
 # The attribute holding a log record's event name (besides its event_name field and body).
 EVENT_NAME = "event.name"
+# Who spends, besides the dialect's user attribute: the resource's agent, its version, host.
+SERVICE_NAME = "service.name"
+SERVICE_VERSION = "service.version"
+HOST_NAME = "host.name"
+LABEL_ATTRIBUTES = (EVENT_NAME, SERVICE_NAME, SERVICE_VERSION, HOST_NAME)
 
 _TOP_KEYS = ("service_names", "scope_names", "source", "input_includes_cache",
              "reasoning_in_output", "attributes", "calls", "turns", "metrics")
@@ -112,7 +117,7 @@ class Dialect:
     def __post_init__(self) -> None:
         names = {name for role in self.attributes.values() for name in role}
         names.update(k for s in self.calls + self.turns for k, _ in s.where)
-        names.add(EVENT_NAME)
+        names.update(LABEL_ATTRIBUTES)
         object.__setattr__(self, "read_attributes", frozenset(names))
 
     def names_for(self, role: str) -> tuple[str, ...]:

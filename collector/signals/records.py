@@ -25,7 +25,15 @@ import struct
 from collections.abc import Iterable, Mapping, Set
 from typing import Any, NamedTuple
 
-from collector.dialects.model import COUNTS, METRICS, Dialect, Selector
+from collector.dialects.model import (
+    COUNTS,
+    HOST_NAME,
+    METRICS,
+    SERVICE_NAME,
+    SERVICE_VERSION,
+    Dialect,
+    Selector,
+)
 from collector.signals import values
 from collector.signals.scan import EMPTY, NESTED, any_value, nesting_depth
 from collector.signals.traces import (
@@ -152,6 +160,28 @@ def session_of(dialect: Dialect, record: Record, options: MappingOptions) -> str
     return values.session_id(session, record.ref, options.max_session_id_length)
 
 
+Labels = tuple[str | None, str | None, str | None, str | None]  # agent, version, user, host
+
+
+def labels_of(dialect: Dialect, record: Record, options: MappingOptions) -> Labels:
+    """Who spends: the resource's service name, version and host (the record's own when it
+    names them), and the dialect's user attribute."""
+    limit = options.max_attribute_value_bytes
+
+    def label(value: Any, name: str) -> str | None:
+        return values.bounded(values.text(value), name, record.ref, limit) or None \
+            if value is not None else None
+
+    def attribute(name: str) -> Any:
+        value = record.attributes.get(name)
+        return value if value is not None else record.resource.get(name)
+
+    return (label(attribute(SERVICE_NAME), SERVICE_NAME),
+            label(attribute(SERVICE_VERSION), SERVICE_VERSION),
+            label(lookup(dialect, record, "user"), "user"),
+            label(attribute(HOST_NAME), HOST_NAME))
+
+
 def map_record(dialect: Dialect, record: Record, options: MappingOptions, now_ns: int,
                result: MappingResult) -> SpanUsage | None:
     """The usage event of one record, None when it is not usage. Raises InvalidRecord."""
@@ -200,7 +230,8 @@ def _turn(dialect: Dialect, record: Record, session: str, options: MappingOption
                 key = NO_TIME_PREFIX + digest("turn-prompt", dialect.name, session, prompt)
     start, end = _times(record, now_ns)
     return usage(key or content_key(record), session, start, end, turns=1,
-                 model=_model(dialect, record, options))
+                 model=_model(dialect, record, options),
+                 labels=labels_of(dialect, record, options))
 
 
 def _call(dialect: Dialect, record: Record, session: str, options: MappingOptions,
@@ -245,7 +276,8 @@ def _call(dialect: Dialect, record: Record, session: str, options: MappingOption
     start, end = _times(record, now_ns)
     return usage(key, session, start, end, turns=0 if dialect.turns else 1, prompt=prompt,
                  completion=completion, reasoning=reasoning, cache_read=cache_read,
-                 cache_write=cache_write, cost=cost, priced=priced, model=model)
+                 cache_write=cache_write, cost=cost, priced=priced, model=model,
+                 labels=labels_of(dialect, record, options))
 
 
 def tokens(dialect: Dialect, input_: int, output: int, reasoning: int, cache_read: int,
@@ -269,7 +301,9 @@ def tokens(dialect: Dialect, input_: int, output: int, reasoning: int, cache_rea
 
 def usage(key: bytes, session: str, start: int, end: int, *, turns: int = 0, prompt: int = 0,
           completion: int = 0, reasoning: int = 0, cache_read: int = 0, cache_write: int = 0,
-          cost: float = 0.0, priced: bool = True, model: str | None = None) -> SpanUsage:
+          cost: float = 0.0, priced: bool = True, model: str | None = None,
+          labels: Labels = (None, None, None, None)) -> SpanUsage:
     """The one place a dialect's record becomes the usage event every signal shares."""
     return SpanUsage(key, session, start, end, turns, prompt, completion, reasoning,
-                     cache_read, cache_write, cost, priced, model, None, None, None, None)
+                     cache_read, cache_write, cost, priced, model, None, None, None, None,
+                     *labels)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sqlite3
 from collections.abc import Iterator
 from typing import Any
 
@@ -218,4 +219,25 @@ def test_a_renamed_attribute_handled_by_a_config_dialect(start_daemon: Any) -> N
     daemon = start_daemon('[dialects.codex.attributes]\ninput = ["input_tokens_v2"]\n'
                           + NOT_STALE)
     send(daemon, renamed, "http-protobuf")
+    assert daemon.row(CASES["codex-0.169.0"][1]["id"]) == CASES["codex-0.169.0"][1]
+
+
+def test_who_spends_is_recorded_from_each_dialect(daemons: dict[str, Daemon]) -> None:
+    """The agent (service.name) and the dialect's user attribute, per session, for the fleet
+    view and `collector report agent|user`."""
+    daemon = daemons["http-protobuf"]
+    for name in ("claude-code-2.1.328", "codex-0.169.0", "gemini-cli-0.61.0"):
+        for item in exports(*CASES[name][0]):
+            send(daemon, item, "http-protobuf")  # duplicates if already sent: no new usage
+    conn = sqlite3.connect(daemon.db_path)
+    try:
+        labels = {row[0]: row[1:] for row in conn.execute(
+            "SELECT id, agent, user_name FROM collector_session_labels")}
+    finally:
+        conn.close()
+    assert labels[CASES["claude-code-2.1.328"][1]["id"]] == (
+        "claude-code", "9cbb8c88fe1a46a266a5b81e99c3cb0835e77403457b38d338c993b84ac5f470")
+    assert labels[CASES["codex-0.169.0"][1]["id"]][0] == "codex_exec"
+    assert labels[CASES["gemini-cli-0.61.0"][1]["id"]] == (
+        "gemini-cli", "84816f56-3e6d-436d-aa19-c232b0cab64f")
     assert daemon.row(CASES["codex-0.169.0"][1]["id"]) == CASES["codex-0.169.0"][1]

@@ -219,15 +219,14 @@ async def test_hourly_rollup_commits_with_the_sessions_and_only_once(
     update = SpanUsage((4).to_bytes(32, "big"), "s", T0, T0, 0, 0, 0, 0, 0, 0, 0.0, True, None,
                        None, "completed", None, None)
     await store.commit(batch(rec(3, t=T0 + HOUR + 5 * SECOND), update), now_ns=T0)
+    # The span naming no model counts under the session's model.
     assert rollup(backend) == {
-        ("2026-01-01T00:00:00.000Z", "s", "m"): (1, 10, 2, 1, 0, 0, 0.5),
-        ("2026-01-01T00:00:00.000Z", "s", ""): (1, 10, 2, 1, 0, 0, 0.5),
+        ("2026-01-01T00:00:00.000Z", "s", "m"): (2, 20, 4, 2, 0, 0, 1.0),
         ("2026-01-01T01:00:00.000Z", "s", "m"): (1, 10, 2, 1, 0, 0, 0.5),
     }
     usage = backend.reader.read_usage(group="session")
     assert [tuple(u) for u in usage] == [
-        ("s", "", "2026-01-01T00:00:00.000Z", 1, 10, 2, 1, 0, 0, 0.5),
-        ("s", "m", "2026-01-01T01:00:00.000Z", 2, 20, 4, 2, 0, 0, 1.0)]
+        ("s", "m", "2026-01-01T01:00:00.000Z", 3, 30, 6, 3, 0, 0, 1.5)]
     assert rows(backend)["s"]["status"] == "completed"
     assert [tuple(u) for u in backend.reader.read_usage(
         group="hour", lo="2026-01-01T00:30:00.000Z")] == [
@@ -335,3 +334,18 @@ async def test_cumulative_points_count_their_increase_once_across_stores(
         await other.close()
     assert rows(backend)["m"]["prompt_tokens"] == 135 + 50
     assert backend.query("SELECT value FROM collector_metric_series") == [(55.0,)]
+
+
+async def test_labels_keep_the_latest_value_given_and_a_modelless_turn_takes_the_sessions_model(
+        store: Store, backend: Backend) -> None:
+    late = rec(1, t=T0 + 10 * SECOND)._replace(agent="claude-code", user="ann", host="h2")
+    early = rec(2, t=T0, model=None)._replace(agent="old-agent", agent_version="1.0",
+                                              host="h1")
+    await store.commit(batch(late), now_ns=T0)
+    await store.commit(batch(early), now_ns=T0)
+    assert backend.query("SELECT id, agent, agent_version, user_name, host "
+                         "FROM collector_session_labels") == [
+        ("s", "claude-code", "1.0", "ann", "h2")]
+    # The turn that named no model counts under the session's model ("m"), not "".
+    assert [tuple(u[:4]) for u in backend.reader.read_usage(group="session")] == [
+        ("s", "m", "2026-01-01T00:00:00.000Z", 2)]

@@ -47,6 +47,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
 )
 COLUMN_NAMES = tuple(name for name, _ in COLUMNS)
 HOURLY_TABLE = "collector_usage_hourly"
+LABELS_TABLE = "collector_session_labels"
 # What a report groups the rollup by (the model is always a second group).
 USAGE_GROUPS = {"hour": "hour", "session": "session_id"}
 # collector_meta names, the same in every backend.
@@ -154,6 +155,11 @@ def mark_params(d: SessionDelta) -> tuple[Any, ...]:
     return (d.session_id, d.model_ns, d.kind_ns, d.status_ns, d.channel_ns, d.goal_ns)
 
 
+def label_params(d: SessionDelta) -> tuple[Any, ...]:
+    return (d.session_id, d.agent, d.agent_ns, d.agent_version, d.agent_version_ns, d.user,
+            d.user_ns, d.host, d.host_ns)
+
+
 def hour_params(key: HourKey, h: HourDelta) -> tuple[Any, ...]:
     session_id, model, hour = key
     return (iso_utc(hour * HOUR_NS), session_id, model, h.turns, h.prompt_tokens,
@@ -174,6 +180,10 @@ def mark_rows(batch: Batch) -> Iterable[tuple[Any, ...]]:
             if max(d.model_ns, d.kind_ns, d.status_ns, d.channel_ns, d.goal_ns) >= 0)
 
 
+def label_rows(batch: Batch) -> Iterable[tuple[Any, ...]]:
+    return (label_params(d) for d in batch.sessions.values() if d.has_labels())
+
+
 def hour_rows(batch: Batch) -> Iterable[tuple[Any, ...]]:
     """Session updates carry no usage and need no rollup row."""
     return (hour_params(k, h) for k, h in batch.hours.items() if not h.is_empty())
@@ -188,10 +198,12 @@ class BatchWrite:
 
 
 # In this order in every backend: agent_sessions first, because its rows are locked there and
-# the marks and rollup of a session are written only by whoever holds its row.
+# the marks, labels and rollup of a session are written only by whoever holds its row; the
+# rollup last, since it reads the session's model as just stored.
 BATCH_WRITES: tuple[BatchWrite, ...] = (
     BatchWrite("agent_sessions", session_rows),
     BatchWrite("collector_session_marks", mark_rows),
+    BatchWrite(LABELS_TABLE, label_rows),
     BatchWrite(HOURLY_TABLE, hour_rows),
 )
 
@@ -228,7 +240,7 @@ def resolve_cumulative(applied: Batch, points: list[CumulativePoint],
         if delta:
             resolved.append(scaled(point.unit, delta, point.is_cost, point.key,
                                    point.session_id, point.start_ns or point.time_ns,
-                                   point.time_ns, point.model))
+                                   point.time_ns, point.model, point.labels))
     if not resolved:
         return applied, updated
     combined = Batch(duplicates=applied.duplicates)

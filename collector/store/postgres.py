@@ -54,6 +54,7 @@ from collector.store.base import (
     COLUMN_NAMES,
     GENERATION_STARTED,
     HOURLY_TABLE,
+    LABELS_TABLE,
     SEEN_CURRENT_COUNT,
     SEEN_PREVIOUS_COUNT,
     USAGE_GROUPS,
@@ -138,6 +139,17 @@ CREATE TABLE IF NOT EXISTS collector_usage_hourly (
     cost_cents DOUBLE PRECISION NOT NULL DEFAULT 0.0,
     PRIMARY KEY (hour, model, session_id)
 );
+CREATE TABLE IF NOT EXISTS collector_session_labels (
+    id TEXT COLLATE "C" PRIMARY KEY,
+    agent TEXT,
+    agent_ns BIGINT NOT NULL DEFAULT -1,
+    agent_version TEXT,
+    agent_version_ns BIGINT NOT NULL DEFAULT -1,
+    user_name TEXT,
+    user_ns BIGINT NOT NULL DEFAULT -1,
+    host TEXT,
+    host_ns BIGINT NOT NULL DEFAULT -1
+);
 CREATE TABLE IF NOT EXISTS collector_metric_series (
     series BYTEA PRIMARY KEY,
     start_ns BIGINT NOT NULL,
@@ -171,6 +183,9 @@ SESSION_ARGS = (("id", "text"), ("kind", "text"), ("kind_ns", "bigint"), ("statu
                 ("cost_cents", "float8"), ("goal_text", "text"), ("goal_text_ns", "bigint"))
 MARK_ARGS = (("id", "text"), ("model_ns", "bigint"), ("kind_ns", "bigint"),
              ("status_ns", "bigint"), ("channel_ns", "bigint"), ("goal_ns", "bigint"))
+LABEL_ARGS = (("id", "text"), ("agent", "text"), ("agent_ns", "bigint"),
+              ("agent_version", "text"), ("agent_version_ns", "bigint"), ("user_name", "text"),
+              ("user_ns", "bigint"), ("host", "text"), ("host_ns", "bigint"))
 HOUR_ARGS = (("hour", "text"), ("session_id", "text"), ("model", "text"), ("turns", "bigint"),
              ("prompt_tokens", "bigint"), ("completion_tokens", "bigint"),
              ("reasoning_tokens", "bigint"), ("cache_read_tokens", "bigint"),
@@ -234,12 +249,37 @@ ON CONFLICT (id) DO UPDATE SET
     goal_ns = greatest(m.goal_ns, excluded.goal_ns)
 """
 
+def _label(column: str, mark: str) -> str:
+    return (f"{column} = CASE WHEN excluded.{column} IS NOT NULL AND excluded.{mark} >= l.{mark} "
+            f"THEN excluded.{column} ELSE l.{column} END, "
+            f"{mark} = greatest(l.{mark}, excluded.{mark})")
+
+
+UPSERT_LABELS = f"""
+INSERT INTO collector_session_labels AS l (id, agent, agent_ns, agent_version,
+    agent_version_ns, user_name, user_ns, host, host_ns)
+SELECT * FROM {_unnest(LABEL_ARGS)} ORDER BY id COLLATE "C"
+ON CONFLICT (id) DO UPDATE SET
+    {_label("agent", "agent_ns")}, {_label("agent_version", "agent_version_ns")},
+    {_label("user_name", "user_ns")}, {_label("host", "host_ns")}
+"""
+
 # Adds to the stored row as it is when the insert meets it (ON CONFLICT reads the latest
-# version), so two collectors adding to one hour both count.
+# version), so two collectors adding to one hour both count. Usage from spans naming no model
+# counts under the session's model as stored by this flush's session step (see the SQLite
+# store for why); this flush holds the session's row, so that model cannot move meanwhile.
 UPSERT_HOURLY = f"""
 INSERT INTO collector_usage_hourly AS h (hour, session_id, model, turns, prompt_tokens,
     completion_tokens, reasoning_tokens, cache_read_tokens, cache_write_tokens, cost_cents)
-SELECT * FROM {_unnest(HOUR_ARGS)}
+SELECT hour, session_id, model, sum(turns), sum(prompt_tokens), sum(completion_tokens),
+    sum(reasoning_tokens), sum(cache_read_tokens), sum(cache_write_tokens), sum(cost_cents)
+FROM (SELECT b.hour, b.session_id,
+        CASE WHEN b.model <> '' THEN b.model ELSE coalesce(s.model, '') END AS model,
+        b.turns, b.prompt_tokens, b.completion_tokens, b.reasoning_tokens,
+        b.cache_read_tokens, b.cache_write_tokens, b.cost_cents
+      FROM {_unnest(HOUR_ARGS)} LEFT JOIN agent_sessions AS s ON s.id = b.session_id) AS r
+-- One row per key: usage without a model may join a row of the session's model.
+GROUP BY hour, session_id, model
 ORDER BY hour COLLATE "C", model COLLATE "C", session_id COLLATE "C"
 ON CONFLICT (hour, model, session_id) DO UPDATE SET
     turns = h.turns + excluded.turns,
@@ -256,12 +296,14 @@ ON CONFLICT (hour, model, session_id) DO UPDATE SET
 BATCH_STATEMENTS: dict[str, tuple[str, ...]] = {
     "agent_sessions": (INSERT_NEW_SESSIONS, UPDATE_SESSIONS),
     "collector_session_marks": (UPSERT_MARKS,),
+    LABELS_TABLE: (UPSERT_LABELS,),
     HOURLY_TABLE: (UPSERT_HOURLY,),
 }
 # What each statement's rows look like (for the column arrays).
 BATCH_ARGS: dict[str, tuple[tuple[str, str], ...]] = {
     "agent_sessions": SESSION_ARGS,
     "collector_session_marks": MARK_ARGS,
+    LABELS_TABLE: LABEL_ARGS,
     HOURLY_TABLE: HOUR_ARGS,
 }
 
@@ -765,6 +807,10 @@ def _migrate(db: Any, conn: psycopg.Connection[Any], marker: str) -> Migration:
                         "FROM collector_session_marks ORDER BY id")
     while chunk := cursor.fetchmany(MIGRATION_CHUNK):
         PostgresStore._run_write(conn, "collector_session_marks", chunk)
+    cursor = db.execute("SELECT id, agent, agent_ns, agent_version, agent_version_ns, "
+                        f"user_name, user_ns, host, host_ns FROM {LABELS_TABLE} ORDER BY id")
+    while chunk := cursor.fetchmany(MIGRATION_CHUNK):
+        PostgresStore._run_write(conn, LABELS_TABLE, chunk)
     cursor = db.execute(f"SELECT hour, session_id, model, turns, prompt_tokens, "
                         "completion_tokens, reasoning_tokens, cache_read_tokens, "
                         f"cache_write_tokens, cost_cents FROM {HOURLY_TABLE}")

@@ -20,6 +20,7 @@ from typing import Protocol
 
 from collector.accounting.pricing import Pricer
 from collector.config import Config
+from collector.dialects import DialectSet
 from collector.pipeline import Pipeline
 from collector.receivers.grpc import GrpcReceiver
 from collector.receivers.http import HttpReceiver
@@ -46,6 +47,7 @@ def mapping_options(config: Config) -> MappingOptions:
         max_attribute_value_bytes=config.limits.max_attribute_value_bytes,
         max_value_depth=config.limits.max_value_depth,
         alias_slots=MappingOptions.slots_for(config.aliases),
+        dialects=DialectSet(config.dialects),
     )
 
 

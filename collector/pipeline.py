@@ -265,14 +265,16 @@ class Pipeline:
         if result.invalid_values:
             self._log_invalid_values(result.invalid_values)
         outcome = ExportOutcome(rejected=result.rejected, message=result.error_message)
-        if result.records:
+        if result.records or result.cumulative:
             pending = self._pending
             pending.add(result.records)
+            pending.cumulative.extend(result.cumulative)
             if (len(pending.sessions) >= EARLY_FLUSH_SESSIONS
                     or len(pending) >= EARLY_FLUSH_SPANS):
                 self._wake.set()
             ticket = self._current_ticket()
-            log.debug("request with %d usage spans waiting for commit", len(result.records))
+            log.debug("request with %d usage records waiting for commit",
+                      len(result.records) + len(result.cumulative))
             del result
             try:
                 await asyncio.shield(ticket)

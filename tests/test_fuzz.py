@@ -232,10 +232,12 @@ class Fuzzer:
         if not self.hung:
             self.canary()
         alive = self.daemon.proc is not None and self.daemon.proc.poll() is None
-        rows = self.daemon.rows()
+        rows, ledger = self.daemon.rows(), self.ledger
         if not self.rows_exact:
             rows = {sid: row for sid, row in rows.items() if sid.startswith("canary-")}
-        differences = [] if self.hung else self.ledger.differences(rows)
+            ledger = Ledger(sessions={sid: sums for sid, sums in ledger.sessions.items()
+                                      if sid.startswith("canary-")})
+        differences = [] if self.hung else ledger.differences(rows)
         report = (f"{name}: {cases} cases; answers {dict(sorted(self.counts.items()))}; "
                   f"{self.ledger.spans} usage spans accounted so far")
         print(f"\nfuzz {report}")

@@ -45,6 +45,18 @@ class SessionDelta:
     channel_ns: int = NO_TIME
     goal: str | None = None
     goal_ns: int = NO_TIME
+    # Who spends; same latest-value rule. Stored in a side table, not in agent_sessions.
+    agent: str | None = None
+    agent_ns: int = NO_TIME
+    agent_version: str | None = None
+    agent_version_ns: int = NO_TIME
+    user: str | None = None
+    user_ns: int = NO_TIME
+    host: str | None = None
+    host_ns: int = NO_TIME
+
+    def has_labels(self) -> bool:
+        return max(self.agent_ns, self.agent_version_ns, self.user_ns, self.host_ns) >= 0
 
 
 @dataclass(slots=True)
@@ -102,7 +114,8 @@ class Batch:
         append = self.records.append
         for record in records:
             (key, session_id, start, end, turns, prompt, completion, reasoning, cache_read,
-             cache_write, cost, _, model, kind, status, channel, goal) = record
+             cache_write, cost, _, model, kind, status, channel, goal, agent, agent_version,
+             user, host) = record
             if key in keys:
                 self.duplicates += 1
                 continue
@@ -120,6 +133,15 @@ class Batch:
                 delta.model, delta.model_ns = model, end
             if kind is not None or status is not None or channel is not None or goal is not None:
                 _latest_session_values(delta, end, kind, status, channel, goal)
+            # Inline: nearly every span carries its resource's agent and host.
+            if agent is not None and end >= delta.agent_ns:
+                delta.agent, delta.agent_ns = agent, end
+            if host is not None and end >= delta.host_ns:
+                delta.host, delta.host_ns = host, end
+            if user is not None and end >= delta.user_ns:
+                delta.user, delta.user_ns = user, end
+            if agent_version is not None and end >= delta.agent_version_ns:
+                delta.agent_version, delta.agent_version_ns = agent_version, end
             hour_key = (session_id, model or NO_MODEL, end // HOUR_NS)
             hour = hours.get(hour_key)
             if hour is None:

@@ -36,7 +36,13 @@ ATTRIBUTES = (
 )
 # What one metric point can add: a token count or the cost in USD.
 METRIC_FIELDS = (*COUNTS, "cost_usd")
-TEMPORALITIES = ("any", "delta", "cumulative")
+# The attribute holding a log record's event name (besides its event_name field and body).
+EVENT_NAME = "event.name"
+# Who spends, besides the dialect's user attribute: the resource's agent, its version, host.
+SERVICE_NAME = "service.name"
+SERVICE_VERSION = "service.version"
+HOST_NAME = "host.name"
+LABEL_ATTRIBUTES = (EVENT_NAME, SERVICE_NAME, SERVICE_VERSION, HOST_NAME)
 
 _TOP_KEYS = ("service_names", "scope_names", "source", "input_includes_cache",
              "reasoning_in_output", "attributes", "calls", "turns", "metrics")
@@ -103,9 +109,20 @@ class Dialect:
     calls: tuple[Selector, ...] = ()
     turns: tuple[Selector, ...] = ()
     metrics: Mapping[str, MetricRule] = dc_field(default_factory=dict)
+    # Every attribute name the dialect reads from a log record or span (its roles, its
+    # selectors' conditions, the event name): the others need not be decoded.
+    read_attributes: frozenset[str] = dc_field(init=False, compare=False, repr=False,
+                                               default=frozenset())
+
+    def __post_init__(self) -> None:
+        names = {name for role in self.attributes.values() for name in role}
+        names.update(k for s in self.calls + self.turns for k, _ in s.where)
+        names.update(LABEL_ATTRIBUTES)
+        object.__setattr__(self, "read_attributes", frozenset(names))
 
     def names_for(self, role: str) -> tuple[str, ...]:
         return self.attributes.get(role, ())
+
 
     def matches(self, service_name: str, scope_name: str) -> bool:
         """Recognised by the resource's service.name or the scope's name (glob patterns)."""

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from collector.dialects.model import LOGS
+from collector.dialects.model import EVENT_NAME, LOGS
 from collector.signals.records import Record, attributes_of, map_record
 from collector.signals.traces import MappingOptions, MappingResult
 from collector.signals.values import InvalidRecord
 
 SERVICE_NAME = "service.name"
-EVENT_NAME = "event.name"
 
 
 def service_name(attributes: Any) -> str:
@@ -46,7 +45,8 @@ def map_logs_request(request: Any, options: MappingOptions, now_ns: int) -> Mapp
                 continue
             if resource is None:
                 try:
-                    resource = attributes_of(rl.resource.attributes, options, "resource")
+                    resource = attributes_of(rl.resource.attributes, options, "resource",
+                                             dialect.read_attributes)
                 except InvalidRecord as exc:
                     for _ in range(n):
                         result.reject(str(exc))
@@ -54,7 +54,8 @@ def map_logs_request(request: Any, options: MappingOptions, now_ns: int) -> Mapp
             for index, lr in enumerate(sl.log_records):
                 ref = f"log record {index} of scope {sl.scope.name!r}"
                 try:
-                    attributes = attributes_of(lr.attributes, options, ref)
+                    attributes = attributes_of(lr.attributes, options, ref,
+                                               dialect.read_attributes)
                     body = lr.body.string_value if lr.body.WhichOneof("value") == \
                         "string_value" else ""
                     event = attributes.get(EVENT_NAME)
@@ -62,7 +63,7 @@ def map_logs_request(request: Any, options: MappingOptions, now_ns: int) -> Mapp
                         LOGS, (lr.event_name, event if isinstance(event, str) else "", body),
                         attributes, resource, lr.trace_id, lr.span_id, 0,
                         lr.time_unix_nano or lr.observed_time_unix_nano,
-                        lr.SerializeToString(deterministic=True), ref)
+                        lr, ref)
                     usage = map_record(dialect, record, options, now_ns, result)
                 except InvalidRecord as exc:
                     result.reject(str(exc))

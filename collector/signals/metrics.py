@@ -24,10 +24,12 @@ from collector.signals.logs import service_name
 from collector.signals.records import (
     CENTS_PER_USD,
     NO_TIME_PREFIX,
+    Labels,
     Record,
     attributes_of,
     content_key,
     digest,
+    labels_of,
     lookup,
     session_of,
     usage,
@@ -63,6 +65,7 @@ class CumulativePoint(NamedTuple):
     session_id: str
     model: str | None
     key: bytes  # the usage event's key once resolved
+    labels: Labels = (None, None, None, None)  # who spends
 
 
 def map_metrics_request(request: Any, options: MappingOptions, now_ns: int) -> MappingResult:
@@ -133,16 +136,18 @@ def _map_point(dialect: Dialect, rule: MetricRule, kind: str, temporality: int, 
     has_cost_metric = any(r.fixed == COST or COST in r.types.values()
                           for r in dialect.metrics.values())
     unit = unit_of(dialect, field, model or "", options, priced=not has_cost_metric)
+    labels = labels_of(dialect, record, options)
     if temporality == CUMULATIVE:
         series = NO_TIME_PREFIX + digest(
             "series", dialect.name, name, repr(sorted(attributes.items(), key=_key)),
             repr(sorted(resource.items(), key=_key)))
         result.cumulative.append(CumulativePoint(
             series, point.start_time_unix_nano, point.time_unix_nano, amount, is_cost, unit,
-            session, model, content_key(record)))
+            session, model, content_key(record), labels))
         return
     event = scaled(unit, amount, is_cost, content_key(record), session,
-                   record.start_ns or record.end_ns or now_ns, record.end_ns or now_ns, model)
+                   record.start_ns or record.end_ns or now_ns, record.end_ns or now_ns, model,
+                   labels)
     result.records.append(event)
     if not event.priced:
         result.unpriced += 1
@@ -177,13 +182,15 @@ def unit_of(dialect: Dialect, field: str, model: str, options: MappingOptions, *
 
 
 def scaled(unit: Unit, amount: float, is_cost: bool, key: bytes, session: str, start: int,
-           end: int, model: str | None) -> SpanUsage:
+           end: int, model: str | None, labels: Labels = (None, None, None, None)
+           ) -> SpanUsage:
     """The usage event of `amount` units (a delta point's value, or a cumulative point's
     difference from its series' last value)."""
     if is_cost:
-        return usage(key, session, start, end, cost=amount * CENTS_PER_USD, model=model)
+        return usage(key, session, start, end, cost=amount * CENTS_PER_USD, model=model,
+                     labels=labels)
     n = int(amount)
     return usage(key, session, start, end, prompt=unit.prompt * n,
                  completion=unit.completion * n, reasoning=unit.reasoning * n,
                  cache_read=unit.cache_read * n, cache_write=unit.cache_write * n,
-                 cost=unit.cost_cents * n, priced=unit.priced, model=model)
+                 cost=unit.cost_cents * n, priced=unit.priced, model=model, labels=labels)

@@ -22,10 +22,18 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Set
 from typing import Any, NamedTuple
 
-from collector.dialects.model import COUNTS, Dialect, Selector
+from collector.dialects.model import (
+    COUNTS,
+    HOST_NAME,
+    METRICS,
+    SERVICE_NAME,
+    SERVICE_VERSION,
+    Dialect,
+    Selector,
+)
 from collector.signals import values
 from collector.signals.scan import EMPTY, NESTED, any_value, nesting_depth
 from collector.signals.traces import (
@@ -49,8 +57,8 @@ class Record(NamedTuple):
 
     `names`: what selectors match (a span's name; a log record's event_name field, event.name
     attribute and string body; a metric's name). `end_ns` is the span's end, the log record's
-    time (else its observed time) or the point's time. `content` is the record's own encoding:
-    what identifies it when it carries no id.
+    time (else its observed time) or the point's time. `content` is what identifies it when it
+    carries no id: bytes, or the protobuf message itself, encoded only if a key needs it.
     """
 
     signal: str
@@ -61,23 +69,35 @@ class Record(NamedTuple):
     span_id: bytes
     start_ns: int
     end_ns: int
-    content: bytes
+    content: Any
     ref: str  # how error messages name the record
 
 
-def attributes_of(kvs: Iterable[Any], options: MappingOptions, ref: str) -> dict[str, Any]:
+def attributes_of(kvs: Iterable[Any], options: MappingOptions, ref: str,
+                  wanted: Set[str] | None = None) -> dict[str, Any]:
     """KeyValues as a dict of plain values (nested values kept as a marker, never read as
-    values); the attribute-count and nesting bounds apply as they do to spans."""
+    values), only those named in `wanted` when given: agents send a dozen attributes a
+    record and a dialect reads a few. The attribute-count bound applies to all; the nesting
+    bound to the values read (it bounds the reader's walk, and unread values are not
+    walked)."""
     out: dict[str, Any] = {}
     limit = options.max_value_depth
     count = 0
     for kv in kvs:
         count += 1
-        value = any_value(kv.value)
-        if value is NESTED and nesting_depth(kv.value, limit) > limit:
-            raise values.InvalidRecord(f"{ref}: attribute {kv.key[:64]!r} nests deeper than "
+        key = kv.key
+        if wanted is not None and key not in wanted:
+            continue
+        value = kv.value
+        text = value.string_value
+        if text:
+            out[key] = text
+            continue
+        plain = any_value(value)
+        if plain is NESTED and nesting_depth(value, limit) > limit:
+            raise values.InvalidRecord(f"{ref}: attribute {key[:64]!r} nests deeper than "
                                        f"{limit} levels")
-        out[kv.key] = value
+        out[key] = plain
     if count > options.max_attributes_per_span:
         raise values.InvalidRecord(f"{ref}: {count} attributes exceed the limit of "
                                    f"{options.max_attributes_per_span}")
@@ -123,8 +143,11 @@ def digest(*parts: bytes | str) -> bytes:
 
 
 def content_key(record: Record) -> bytes:
+    content = record.content
+    if not isinstance(content, bytes):
+        content = content.SerializeToString(deterministic=True)
     return _pack_time(min(max(record.end_ns, 0), values.MAX_TIME_NS)) + digest(
-        record.signal, record.content)
+        record.signal, content)
 
 
 def session_of(dialect: Dialect, record: Record, options: MappingOptions) -> str | None:
@@ -135,6 +158,28 @@ def session_of(dialect: Dialect, record: Record, options: MappingOptions) -> str
     if not session:
         return None
     return values.session_id(session, record.ref, options.max_session_id_length)
+
+
+Labels = tuple[str | None, str | None, str | None, str | None]  # agent, version, user, host
+
+
+def labels_of(dialect: Dialect, record: Record, options: MappingOptions) -> Labels:
+    """Who spends: the resource's service name, version and host (the record's own when it
+    names them), and the dialect's user attribute."""
+    limit = options.max_attribute_value_bytes
+
+    def label(value: Any, name: str) -> str | None:
+        return values.bounded(values.text(value), name, record.ref, limit) or None \
+            if value is not None else None
+
+    def attribute(name: str) -> Any:
+        value = record.attributes.get(name)
+        return value if value is not None else record.resource.get(name)
+
+    return (label(attribute(SERVICE_NAME), SERVICE_NAME),
+            label(attribute(SERVICE_VERSION), SERVICE_VERSION),
+            label(lookup(dialect, record, "user"), "user"),
+            label(attribute(HOST_NAME), HOST_NAME))
 
 
 def map_record(dialect: Dialect, record: Record, options: MappingOptions, now_ns: int,
@@ -185,14 +230,17 @@ def _turn(dialect: Dialect, record: Record, session: str, options: MappingOption
                 key = NO_TIME_PREFIX + digest("turn-prompt", dialect.name, session, prompt)
     start, end = _times(record, now_ns)
     return usage(key or content_key(record), session, start, end, turns=1,
-                 model=_model(dialect, record, options))
+                 model=_model(dialect, record, options),
+                 labels=labels_of(dialect, record, options))
 
 
 def _call(dialect: Dialect, record: Record, session: str, options: MappingOptions,
           now_ns: int) -> SpanUsage | None:
     request = values.text(lookup(dialect, record, "request_id"))
-    if not request and record.signal != dialect.source:
-        return None  # the source signal reports this call; this record repeats it
+    if record.signal != dialect.source and (not request or dialect.source == METRICS):
+        # The source signal reports this call and this record repeats it. A request id lets
+        # logs and spans count whichever arrives first; metric points share no id with them.
+        return None
     counts = {}
     for name in COUNTS:
         value = lookup(dialect, record, name)
@@ -228,7 +276,8 @@ def _call(dialect: Dialect, record: Record, session: str, options: MappingOption
     start, end = _times(record, now_ns)
     return usage(key, session, start, end, turns=0 if dialect.turns else 1, prompt=prompt,
                  completion=completion, reasoning=reasoning, cache_read=cache_read,
-                 cache_write=cache_write, cost=cost, priced=priced, model=model)
+                 cache_write=cache_write, cost=cost, priced=priced, model=model,
+                 labels=labels_of(dialect, record, options))
 
 
 def tokens(dialect: Dialect, input_: int, output: int, reasoning: int, cache_read: int,
@@ -252,7 +301,9 @@ def tokens(dialect: Dialect, input_: int, output: int, reasoning: int, cache_rea
 
 def usage(key: bytes, session: str, start: int, end: int, *, turns: int = 0, prompt: int = 0,
           completion: int = 0, reasoning: int = 0, cache_read: int = 0, cache_write: int = 0,
-          cost: float = 0.0, priced: bool = True, model: str | None = None) -> SpanUsage:
+          cost: float = 0.0, priced: bool = True, model: str | None = None,
+          labels: Labels = (None, None, None, None)) -> SpanUsage:
     """The one place a dialect's record becomes the usage event every signal shares."""
     return SpanUsage(key, session, start, end, turns, prompt, completion, reasoning,
-                     cache_read, cache_write, cost, priced, model, None, None, None, None)
+                     cache_read, cache_write, cost, priced, model, None, None, None, None,
+                     *labels)

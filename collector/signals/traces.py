@@ -7,7 +7,9 @@ This module is the specification of what a span means to the collector:
 * tokens: GenAI semantic conventions, their deprecated names, or OpenInference; the first
   convention present wins for each count, so a span carrying two conventions counts once;
 * cost given by the emitter (USD): ``gen_ai.usage.cost``, ``llm.cost.total``, ``operation.cost``;
-* session attributes: ``agent.session.kind`` / ``.channel`` / ``.status`` / ``.goal``.
+* session attributes: ``agent.session.kind`` / ``.channel`` / ``.status`` / ``.goal``;
+* who spends: agent ``service.name`` and ``service.version``, host ``host.name``, user
+  ``user.email``, else ``user.id``, else ``enduser.id`` (usually resource attributes).
 
 Each value is looked up on the span's attributes first and on its resource's second.
 
@@ -63,8 +65,9 @@ SPAN_ID_BYTES = 8
     S_COST_GENAI, S_COST_OI, S_COST_OP,
     S_KIND, S_STATUS, S_CHANNEL, S_GOAL,
     S_OPERATION, S_OI_SPAN_KIND,
-) = range(26)
-N_SLOTS = 26
+    S_AGENT, S_AGENT_VERSION, S_HOST, S_USER_EMAIL, S_USER_ID, S_ENDUSER_ID,
+) = range(32)
+N_SLOTS = 32
 
 ATTRIBUTE_SLOTS: dict[str, int] = {
     "gen_ai.conversation.id": S_CONVERSATION_ID,
@@ -93,6 +96,12 @@ ATTRIBUTE_SLOTS: dict[str, int] = {
     "agent.session.goal": S_GOAL,
     "gen_ai.operation.name": S_OPERATION,
     "openinference.span.kind": S_OI_SPAN_KIND,
+    "service.name": S_AGENT,
+    "service.version": S_AGENT_VERSION,
+    "host.name": S_HOST,
+    "user.email": S_USER_EMAIL,
+    "user.id": S_USER_ID,
+    "enduser.id": S_ENDUSER_ID,
 }
 SLOT_NAMES = {slot: name for name, slot in ATTRIBUTE_SLOTS.items()}
 
@@ -106,6 +115,7 @@ CACHE_WRITE_SLOTS = (S_CACHE_WRITE, S_OI_CACHE_WRITE)
 TOKEN_SLOTS = IN_SLOTS + OUT_SLOTS + REASONING_SLOTS + CACHE_READ_SLOTS + CACHE_WRITE_SLOTS
 COST_SLOTS = (S_COST_GENAI, S_COST_OI, S_COST_OP)
 SESSION_ATTRIBUTE_SLOTS = (S_KIND, S_STATUS, S_CHANNEL, S_GOAL)
+USER_SLOTS = (S_USER_EMAIL, S_USER_ID, S_ENDUSER_ID)
 
 
 class SpanUsage(NamedTuple):
@@ -128,6 +138,11 @@ class SpanUsage(NamedTuple):
     status: str | None
     channel: str | None
     goal: str | None
+    # Who spends (latest value per session, like model); None when the span does not say.
+    agent: str | None = None  # service.name
+    agent_version: str | None = None  # service.version
+    user: str | None = None  # user.email, else user.id, else enduser.id
+    host: str | None = None  # host.name
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,14 +233,24 @@ def map_request(request: Any, options: MappingOptions, now_ns: int,
         # Only the groups the resource actually sets need a fallback per span (usually none).
         fallbacks = [(group, [resource_values[s] for s in group]) for group in FIELD_GROUPS
                      if any(resource_values[s] is not None for s in group)]
+        # Who spends is nearly always said by the resource alone: read it once for all its
+        # spans; a span repeating none of the label attributes takes these as they are.
+        try:
+            labels = _labels(resource_values, NO_LABELS, "resource",
+                             options.max_attribute_value_bytes)
+        except InvalidSpan as exc:
+            for _ in spans:
+                result.spans += 1
+                result.reject(str(exc))
+            continue
         if scopes is not None:
             _map_dialect_scopes(request.resource_spans[index], scopes, spans, fallbacks,
-                                options, now_ns, result)
+                                labels, options, now_ns, result)
             continue
         for span in spans:
             result.spans += 1
             try:
-                record = map_span(span, fallbacks, options, now_ns, result)
+                record = map_span(span, fallbacks, labels, options, now_ns, result)
             except InvalidSpan as exc:
                 result.reject(str(exc))
                 continue
@@ -251,7 +276,7 @@ def _dialect_scopes(resource_spans: Any, dialects: DialectSet) -> list[Any] | No
 
 
 def _map_dialect_scopes(resource_spans: Any, scopes: list[Any], spans: list[SpanScan],
-                        fallbacks: list[tuple[tuple[int, ...], list[Any]]],
+                        fallbacks: list[tuple[tuple[int, ...], list[Any]]], labels: Labels,
                         options: MappingOptions, now_ns: int, result: MappingResult) -> None:
     """A resource with a dialect's scopes: those scopes' spans go through the dialect, the
     others (same resource, other instrumentation) through the generic mapping."""
@@ -266,15 +291,17 @@ def _map_dialect_scopes(resource_spans: Any, scopes: list[Any], spans: list[Span
             result.spans += 1
             try:
                 if dialect is None:
-                    record = map_span(scan, fallbacks, options, now_ns, result)
+                    record = map_span(scan, fallbacks, labels, options, now_ns, result)
                 else:
                     if resource is None:
                         resource = dialect_records.attributes_of(
-                            resource_spans.resource.attributes, options, "resource")
+                            resource_spans.resource.attributes, options, "resource",
+                            dialect.read_attributes)
                     ref = f"span {_ref(span.span_id)}"
                     record = dialect_records.map_record(dialect, dialect_records.Record(
                         "traces", (span.name,),
-                        dialect_records.attributes_of(span.attributes, options, ref),
+                        dialect_records.attributes_of(span.attributes, options, ref,
+                                                      dialect.read_attributes),
                         resource, span.trace_id, span.span_id, span.start_time_unix_nano,
                         span.end_time_unix_nano, span.trace_id + span.span_id, ref),
                         options, now_ns, result)
@@ -306,6 +333,11 @@ FIELD_GROUPS: tuple[tuple[int, ...], ...] = (
     SESSION_SLOTS, MODEL_SLOTS, IN_SLOTS, OUT_SLOTS, REASONING_SLOTS, CACHE_READ_SLOTS,
     CACHE_WRITE_SLOTS, COST_SLOTS, (S_KIND,), (S_STATUS,), (S_CHANNEL,), (S_GOAL,),
     (S_OPERATION,), (S_OI_SPAN_KIND,))
+# The who-spends slots come last, so a span's own labels are one slice of its values.
+LABEL_SLOTS = (S_AGENT, S_AGENT_VERSION, S_HOST, S_USER_EMAIL, S_USER_ID, S_ENDUSER_ID)
+_NO_LABEL_VALUES = [None] * len(LABEL_SLOTS)
+Labels = tuple[str | None, str | None, str | None, str | None]  # agent, version, user, host
+NO_LABELS: Labels = (None, None, None, None)
 
 
 _new_usage = tuple.__new__
@@ -317,7 +349,8 @@ KEY_BYTES = 8 + TRACE_ID_BYTES + SPAN_ID_BYTES
 
 
 def map_span(span: SpanScan, fallbacks: list[tuple[tuple[int, ...], list[Any]]],
-             options: MappingOptions, now_ns: int, result: MappingResult) -> SpanUsage | None:
+             resource_labels: Labels, options: MappingOptions, now_ns: int,
+             result: MappingResult) -> SpanUsage | None:
     """Map one scanned span; None when it is not usage. Raises InvalidSpan for broken values.
 
     Written for speed (it runs once per span). `v[slot]` is an attribute's value, None when
@@ -449,11 +482,16 @@ def map_span(span: SpanScan, fallbacks: list[tuple[tuple[int, ...], list[Any]]],
                if x is not None else None)
     x = v[S_GOAL]
     goal = _bounded(_text(x), S_GOAL, span_id, limit) or None if x is not None else None
+    if v[S_AGENT:] == _NO_LABEL_VALUES:
+        agent, agent_version, user, host = resource_labels
+    else:
+        agent, agent_version, user, host = _labels(v, resource_labels, f"span {_ref(span_id)}",
+                                                   limit)
 
     return _new_usage(SpanUsage, (
         _pack_time(key_time) + trace_id + span_id, session_id, start_ns, end_ns, turns, prompt,
         completion, reasoning, cache_read, cache_write, cost, priced, model or None, kind,
-        status, channel, goal,
+        status, channel, goal, agent, agent_version, user, host,
     ))
 
 
@@ -476,6 +514,34 @@ def _bounded(text: str, slot: int, span_id: bytes, limit: int) -> str:
 
 
 _text = values.text
+
+
+def _labels(v: list[Any], fallback: Labels, who: str, limit: int) -> Labels:
+    """Who spends, from values `v` (a span's or a resource's), each field falling back to
+    `fallback` when `v` does not give it. `who` names the span or resource in errors."""
+    agent, agent_version, user, host = fallback
+    if v[S_AGENT] is not None:
+        agent = _label(v[S_AGENT], S_AGENT, who, limit) or agent
+    if v[S_AGENT_VERSION] is not None:
+        agent_version = _label(v[S_AGENT_VERSION], S_AGENT_VERSION, who, limit) or agent_version
+    if v[S_HOST] is not None:
+        host = _label(v[S_HOST], S_HOST, who, limit) or host
+    slot = _first(v, USER_SLOTS)
+    if v[slot] is not None:
+        user = _label(v[slot], slot, who, limit) or user
+    return agent, agent_version, user, host
+
+
+def _label(value: Any, slot: int, who: str, limit: int) -> str | None:
+    """A who-spends value: text or an integer id; None when empty or of another type. Longer
+    than the byte limit rejects the span (all of the resource's, for a resource's value), as a
+    long model does."""
+    text = _text(value)
+    if not text:
+        return None
+    if len(text) > limit or (not text.isascii() and len(text.encode()) > limit):
+        raise InvalidSpan(f"{who}: {SLOT_NAMES[slot]} is longer than {limit} bytes")
+    return text
 
 
 def _check_session_id(session_id: str, span_id: bytes, max_length: int) -> None:

@@ -16,7 +16,10 @@ Tables besides ``agent_sessions`` (whose columns are fixed by its readers):
   generation holds (kept in the flush transaction, so the dedupe-window metric needs no scan);
 * ``collector_usage_hourly``: usage per (UTC hour, session, model), added to in the same
   transaction as ``agent_sessions``, so its sums always equal the sessions' sums and reports
-  read rows per session and hour, never spans.
+  read rows per session and hour, never spans;
+* ``collector_session_labels``: who spends, per session (agent, its version, user, host),
+  each the latest value given with the end time of the span that gave it; kept apart because
+  ``agent_sessions`` has fixed columns.
 """
 
 from __future__ import annotations
@@ -105,6 +108,17 @@ CREATE TABLE IF NOT EXISTS collector_usage_hourly (
     cost_cents REAL NOT NULL DEFAULT 0.0,
     PRIMARY KEY (hour, model, session_id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS collector_session_labels (
+    id TEXT PRIMARY KEY,
+    agent TEXT,
+    agent_ns INTEGER NOT NULL DEFAULT -1,
+    agent_version TEXT,
+    agent_version_ns INTEGER NOT NULL DEFAULT -1,
+    user_name TEXT,  -- "user" is reserved in PostgreSQL
+    user_ns INTEGER NOT NULL DEFAULT -1,
+    host TEXT,
+    host_ns INTEGER NOT NULL DEFAULT -1
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS collector_metric_series (
     series BLOB PRIMARY KEY,
     start_ns INTEGER NOT NULL,
@@ -112,6 +126,7 @@ CREATE TABLE IF NOT EXISTS collector_metric_series (
     value REAL NOT NULL
 ) WITHOUT ROWID;
 """
+LABELS_TABLE = "collector_session_labels"
 HOURLY_TABLE = "collector_usage_hourly"
 
 
@@ -128,12 +143,24 @@ def _json_rows(columns: str) -> str:
 # `hour` is the start of the UTC hour in agent_sessions' time format. The key is (hour, model,
 # session): a report over a date range reads one contiguous slice of the table, and summing per
 # (hour, model) streams in key order without sorting (a million rows in about 0.2 s).
+#
+# Usage from spans naming no model (an agent span's turn: its model calls are its children)
+# counts under the session's model as stored after this flush's session upsert, which runs
+# first: the model of the session's latest model call. Children end, and are exported, no
+# later than their agent span, so the turn lands under the model its calls used; only a
+# session with no model call yet keeps it under '' ("(none)" in reports).
 UPSERT_HOURLY = f"""
 INSERT INTO collector_usage_hourly (hour, session_id, model, turns, prompt_tokens,
     completion_tokens, reasoning_tokens, cache_read_tokens, cache_write_tokens, cost_cents)
-SELECT * FROM (SELECT {_json_rows("hour, session_id, model, turns, prompt_tokens, "
-                                  "completion_tokens, reasoning_tokens, cache_read_tokens, "
-                                  "cache_write_tokens, cost_cents")} FROM json_each(?1))
+SELECT hour, session_id,
+    CASE WHEN model != '' THEN model
+        ELSE coalesce((SELECT s.model FROM agent_sessions AS s WHERE s.id = session_id), '')
+        END,
+    turns, prompt_tokens, completion_tokens, reasoning_tokens, cache_read_tokens,
+    cache_write_tokens, cost_cents
+FROM (SELECT {_json_rows("hour, session_id, model, turns, prompt_tokens, "
+                         "completion_tokens, reasoning_tokens, cache_read_tokens, "
+                         "cache_write_tokens, cost_cents")} FROM json_each(?1))
 WHERE true
 ON CONFLICT (hour, model, session_id) DO UPDATE SET
     turns = turns + excluded.turns,
@@ -243,6 +270,28 @@ ON CONFLICT (id) DO UPDATE SET
     goal_ns = max(goal_ns, excluded.goal_ns)
 """
 
+UPSERT_LABELS = f"""
+INSERT INTO collector_session_labels (id, agent, agent_ns, agent_version, agent_version_ns,
+    user_name, user_ns, host, host_ns)
+SELECT * FROM (SELECT {_json_rows("id, agent, agent_ns, agent_version, agent_version_ns, "
+                                  "user_name, user_ns, host, host_ns")} FROM json_each(?1))
+WHERE true
+ON CONFLICT (id) DO UPDATE SET
+    agent = CASE WHEN excluded.agent IS NOT NULL AND excluded.agent_ns >= agent_ns
+        THEN excluded.agent ELSE agent END,
+    agent_ns = max(agent_ns, excluded.agent_ns),
+    agent_version = CASE WHEN excluded.agent_version IS NOT NULL
+        AND excluded.agent_version_ns >= agent_version_ns
+        THEN excluded.agent_version ELSE agent_version END,
+    agent_version_ns = max(agent_version_ns, excluded.agent_version_ns),
+    user_name = CASE WHEN excluded.user_name IS NOT NULL AND excluded.user_ns >= user_ns
+        THEN excluded.user_name ELSE user_name END,
+    user_ns = max(user_ns, excluded.user_ns),
+    host = CASE WHEN excluded.host IS NOT NULL AND excluded.host_ns >= host_ns
+        THEN excluded.host ELSE host END,
+    host_ns = max(host_ns, excluded.host_ns)
+"""
+
 # Series are few (one per session, model and token type) and cumulative points rare next to
 # spans, so these go row by row with their keys as blobs.
 UPSERT_SERIES = """
@@ -307,6 +356,11 @@ def session_params(d: SessionDelta, t: HourDelta) -> tuple[Any, ...]:
 
 def mark_params(d: SessionDelta) -> tuple[Any, ...]:
     return (d.session_id, d.model_ns, d.kind_ns, d.status_ns, d.channel_ns, d.goal_ns)
+
+
+def label_params(d: SessionDelta) -> tuple[Any, ...]:
+    return (d.session_id, d.agent, d.agent_ns, d.agent_version, d.agent_version_ns, d.user,
+            d.user_ns, d.host, d.host_ns)
 
 
 def hour_params(key: HourKey, h: HourDelta) -> tuple[Any, ...]:
@@ -456,6 +510,8 @@ class SQLiteStore:
                 _execute_rows(db, UPSERT_MARKS, (
                     mark_params(d) for d in deltas
                     if max(d.model_ns, d.kind_ns, d.status_ns, d.channel_ns, d.goal_ns) >= 0))
+                _execute_rows(db, UPSERT_LABELS,
+                              (label_params(d) for d in deltas if d.has_labels()))
                 _execute_rows(db, UPSERT_HOURLY, (
                     hour_params(k, h) for k, h in applied.hours.items() if not h.is_empty()))
             swept = 0
@@ -583,7 +639,7 @@ def _with_cumulative(db: sqlite3.Connection, applied: Batch,
         if delta:
             resolved.append(scaled(point.unit, delta, point.is_cost, point.key,
                                    point.session_id, point.start_ns or point.time_ns,
-                                   point.time_ns, point.model))
+                                   point.time_ns, point.model, point.labels))
     db.executemany(UPSERT_SERIES, ((k, *v) for k, v in stored.items()))
     if not resolved:
         return applied

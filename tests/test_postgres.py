@@ -294,21 +294,24 @@ def test_the_password_comes_from_a_file_pgpassword_or_pgpass_and_is_never_shown(
 
 
 def test_collectors_started_together_create_the_schema_once(
-        start_daemon: StartDaemon, pg_server: PgServer, pg_url: str) -> None:
-    # Several daemons creating tables at once serialize on an advisory lock; the second finds
-    # the tables and checks them.
-    started: list[Daemon] = []
-    threads = [threading.Thread(target=lambda: started.append(
-        start_daemon(postgres_url=pg_url))) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert len(started) == 3
-    assert pg_server.query(pg_url, "SELECT count(*) FROM information_schema.columns WHERE "
-                                   "table_name = 'agent_sessions'") == [(13,)]
-    for daemon in started:
-        assert post(daemon, workload("x", 1, 3)[0][0])[0] == 200
+        tmp_path: Path, pg_server: PgServer, pg_url: str) -> None:
+    # Several daemons creating tables at once serialize on an advisory lock; the others find
+    # the tables and check them. Built one after another (ports), started at once.
+    daemons = [Daemon(tmp_path / f"d{i}", postgres_url=pg_url) for i in range(3)]
+    threads = [threading.Thread(target=d.start) for d in daemons]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert all(d.proc is not None and d.proc.poll() is None for d in daemons)
+        assert pg_server.query(pg_url, "SELECT count(*) FROM information_schema.columns "
+                                       "WHERE table_name = 'agent_sessions'") == [(13,)]
+        for daemon in daemons:
+            assert post(daemon, workload("x", 1, 3)[0][0])[0] == 200
+    finally:
+        for daemon in daemons:
+            daemon.kill()
 
 
 def test_a_sqlite_database_moves_into_postgres_once_and_merges_with_what_is_there(

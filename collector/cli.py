@@ -188,6 +188,7 @@ def _check_config(config: Config, args: argparse.Namespace) -> int:
         endpoint = getattr(config.receivers, key)
         effective["receivers"][key] = "" if endpoint is None else str(endpoint)
     effective["ops_endpoint"] = "" if config.ops_endpoint is None else str(config.ops_endpoint)
+    effective["dialects"] = {d.name: d.summary() for d in config.dialects}
     print(json.dumps(effective, indent=2, sort_keys=True))
     return EXIT_OK
 

@@ -98,3 +98,23 @@ def test_without_refolds_hours_exactly_and_empty_hours_are_marked() -> None:
                           None, None, "completed", None, None)])
     assert all(h.is_empty() for h in update.hours.values())
     assert not rest.hours[("s", "a", hour0)].is_empty()
+
+
+def labelled(key: int, end: int, **labels: str | None) -> SpanUsage:
+    return rec(key, end=end)._replace(**labels)
+
+
+def test_who_spends_follows_the_latest_span_per_label() -> None:
+    b = Batch()
+    b.add([labelled(1, T0 + 9 * MS, agent="late", user="u-late"),
+           labelled(2, T0 + 5 * MS, agent="early", agent_version="1.0", host="h-early"),
+           labelled(3, T0 + 7 * MS, host="h-mid")])
+    d = b.sessions["s"]
+    assert (d.agent, d.agent_version, d.user, d.host) == ("late", "1.0", "u-late", "h-mid")
+    assert (d.agent_ns, d.agent_version_ns, d.user_ns, d.host_ns) == (
+        T0 + 9 * MS, T0 + 5 * MS, T0 + 9 * MS, T0 + 7 * MS)
+    assert d.has_labels()
+    unlabelled = Batch()
+    unlabelled.add([rec(4)])
+    assert not unlabelled.sessions["s"].has_labels()
+    assert unlabelled.sessions["s"].agent_ns == NO_TIME

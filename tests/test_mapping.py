@@ -14,7 +14,14 @@ from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from collector.accounting.pricing import Pricer
 from collector.config import ModelPrice
 from collector.signals.scan import COMPILED_AVAILABLE
-from collector.signals.traces import MappingOptions, MappingResult, SpanUsage, map_request
+from collector.signals.traces import (
+    LABEL_SLOTS,
+    N_SLOTS,
+    MappingOptions,
+    MappingResult,
+    SpanUsage,
+    map_request,
+)
 from tests.conftest import MS, T0, make_span
 
 PRICES = {"test-model": ModelPrice(input=1.0, output=2.0, cache_read=0.5, cache_write=4.0)}
@@ -369,3 +376,50 @@ def test_the_genai_operation_decides_over_the_openinference_kind() -> None:
                                                 "openinference.span.kind": "AGENT",
                                                 "gen_ai.usage.input_tokens": 7}))
     assert (oi_only.turns, oi_only.prompt_tokens) == (1, 0)
+
+
+def test_who_spends_comes_from_the_resource_and_the_span_overrides_it() -> None:
+    resource = {"service.name": "support-bot", "service.version": "2.1.0",
+                "host.name": "build-7", "user.id": "u-1"}
+    r = one(make_span(attrs=chat(), resource=resource))
+    assert (r.agent, r.agent_version, r.user, r.host) == ("support-bot", "2.1.0", "u-1", "build-7")
+    # A span's own value wins over its resource's, per field.
+    r = one(make_span(attrs=chat(**{"host.name": "laptop", "enduser.id": "e-9"}),
+                      resource=resource))
+    assert (r.agent, r.user, r.host) == ("support-bot", "e-9", "laptop")
+
+
+def test_user_is_email_then_user_id_then_enduser_id() -> None:
+    every = {"user.email": "a@example.com", "user.id": "u-1", "enduser.id": "e-1"}
+    assert one(make_span(attrs=chat(**every))).user == "a@example.com"
+    assert one(make_span(attrs=chat(**{"user.id": 42, "enduser.id": "e-1"}))).user == "42"
+    assert one(make_span(attrs=chat(), resource={"enduser.id": "e-1"})).user == "e-1"
+
+
+def test_who_spends_is_none_when_not_said_or_not_text() -> None:
+    r = one(make_span(attrs=chat(**{"service.name": "", "host.name": 1.5,
+                                    "service.version": True})))
+    assert (r.agent, r.agent_version, r.user, r.host) == (None, None, None, None)
+    # An empty or unusable value on the span leaves the resource's standing.
+    r = one(make_span(attrs=chat(**{"service.name": "", "user.email": b"x"}),
+                      resource={"service.name": "agent", "user.id": "u-1"}))
+    assert (r.agent, r.user) == ("agent", "u-1")
+
+
+def test_labels_alone_do_not_make_a_span_usage() -> None:
+    result = run(make_span(attrs={"session.id": "s", "service.name": "a", "user.id": "u"}))
+    assert (result.records, result.ignored) == ([], 1)
+
+
+def test_a_label_longer_than_the_value_limit_rejects_the_span() -> None:
+    options = mapping_options(max_attribute_value_bytes=16)
+    result = run(make_span(attrs=chat(), resource={"service.name": "x" * 17}), options=options)
+    assert result.error_message == "resource: service.name is longer than 16 bytes"
+    result = run(make_span(attrs=chat(**{"user.email": "é" * 9})), options=options)
+    assert result.rejected == 1 and "user.email" in result.error_message
+    assert one(make_span(attrs=chat(**{"host.name": "h" * 16})), options=options).host == "h" * 16
+
+
+def test_the_label_slots_are_the_last_ones() -> None:
+    """map_span compares the tail of a span's values to tell whether it names any label."""
+    assert tuple(range(N_SLOTS - len(LABEL_SLOTS), N_SLOTS)) == LABEL_SLOTS

@@ -10,13 +10,26 @@ from typing import Any
 
 import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+)
+from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord, ResourceLogs, ScopeLogs
+from opentelemetry.proto.metrics.v1.metrics_pb2 import (
+    Metric,
+    NumberDataPoint,
+    ResourceMetrics,
+    ScopeMetrics,
+    Sum,
+)
 
 from collector.accounting.aggregate import Batch
 from collector.accounting.pricing import Pricer
 from collector.pipeline import MAX_SWEEP_INTERVAL_S, Pipeline
 from collector.receivers.errors import ExportError, Refusal
+from collector.signals import Signal, count_items
 from collector.signals.scan import COMPILED_AVAILABLE
-from collector.signals.traces import MappingOptions
+from collector.signals.traces import MappingOptions, MappingResult, map_request
 from collector.store.sqlite import SQLiteStore
 from tests.conftest import make_span, read_rows
 
@@ -66,11 +79,11 @@ def flush_event(pipeline_kwargs: dict[str, Any]) -> asyncio.Event:
 async def test_export_returns_after_commit_and_shutdown_drains(tmp_path: Path) -> None:
     store, pipeline = await make(tmp_path)
     await pipeline.start()
-    outcome = await pipeline.export(request("a"))
+    outcome = await pipeline.export(Signal.TRACES, request("a"))
     assert (outcome.rejected, read_rows(store.path)["a"]["turns"]) == (0, 1)
     await pipeline.shutdown()
     with pytest.raises(ExportError) as info:
-        await pipeline.export(request("a", 2))
+        await pipeline.export(Signal.TRACES, request("a", 2))
     assert info.value.refusal is Refusal.SHUTTING_DOWN
     await store.close()
 
@@ -84,11 +97,11 @@ async def test_wire_bytes_the_reader_cannot_follow_are_refused_as_invalid(
         pytest.skip("the compiled reader is not installed")
     await pipeline.start()
     with pytest.raises(ExportError) as info:
-        await pipeline.export(request("a"), b"\x0a\xff")  # a length past the end
+        await pipeline.export(Signal.TRACES, request("a"), b"\x0a\xff")  # a length past the end
     assert info.value.refusal is Refusal.INVALID
     assert "cannot read" in info.value.message
     assert pipeline.pending_spans == 0
-    assert (await pipeline.export(request("a", 2))).rejected == 0  # and it still works
+    assert (await pipeline.export(Signal.TRACES, request("a", 2))).rejected == 0  # still works
     await pipeline.shutdown()
     assert read_rows(store.path)["a"]["turns"] == 1
     await store.close()
@@ -111,7 +124,7 @@ async def test_a_dead_flush_loop_fails_waiters_and_stops_the_daemon(
     monkeypatch.setattr(store, "commit", broken_commit)
     await pipeline.start(on_fatal=stopped.set)
     with pytest.raises(ExportError) as info:
-        await asyncio.wait_for(pipeline.export(request("b")), 10)
+        await asyncio.wait_for(pipeline.export(Signal.TRACES, request("b")), 10)
     assert info.value.refusal.answer.retryable
     await asyncio.wait_for(stopped.wait(), 10)
     assert pipeline.fatal
@@ -130,7 +143,7 @@ async def test_a_large_batch_does_not_wait_out_the_interval(
     await store.open()
     pipeline = Pipeline(store, MappingOptions(pricer=Pricer({}, use_library=False)),
                         flush_interval_s=3600, max_pending_spans=100_000,
-                        max_spans_per_request=100_000, stale_after_s=3600)
+                        max_items_per_request=100_000, stale_after_s=3600)
     await pipeline.start()
     count = EARLY_FLUSH_SESSIONS if sessions == "many" else EARLY_FLUSH_SPANS
     assert count < EARLY_FLUSH_SPANS or sessions == "one"  # each case tests one trigger
@@ -138,7 +151,7 @@ async def test_a_large_batch_does_not_wait_out_the_interval(
         "session.id": f"s-{i}" if sessions == "many" else "s",
         "gen_ai.usage.input_tokens": 1}) for i in range(count)])
     # With an hour-long gathering only the early flush can answer this request.
-    await asyncio.wait_for(pipeline.export(large), 60)
+    await asyncio.wait_for(pipeline.export(Signal.TRACES, large), 60)
     rows = read_rows(store.path)
     assert len(rows) == (count if sessions == "many" else 1)
     assert sum(row["prompt_tokens"] for row in rows.values()) == count
@@ -163,7 +176,7 @@ async def test_an_idle_collector_answers_after_one_commit_and_sleeps_until_the_s
     assert pipeline.next_commit_in(time.monotonic(), now) == MAX_SWEEP_INTERVAL_S
     assert pipeline.next_commit_in(time.monotonic() + 1000, now) == MAX_SWEEP_INTERVAL_S
     wakeups = pipeline.wakeups
-    await asyncio.wait_for(pipeline.export(request("idle")), 60)
+    await asyncio.wait_for(pipeline.export(Signal.TRACES, request("idle")), 60)
     assert commits.batches == [(1, frozenset({"idle"}))]
     assert (pipeline.stats.flushes, pipeline.wakeups) == (2, wakeups + 1)
     assert read_rows(store.path)["idle"]["turns"] == 1
@@ -180,9 +193,9 @@ async def test_requests_arriving_during_a_commit_are_committed_together_next(
     await pipeline.start()
     await asyncio.wait_for(flushed.wait(), 60)  # the first sweep, at start
     commits.hold.clear()
-    first = asyncio.create_task(pipeline.export(request("a")))
+    first = asyncio.create_task(pipeline.export(Signal.TRACES, request("a")))
     await asyncio.wait_for(commits.started.wait(), 60)  # a's commit has begun, and is held
-    later = [asyncio.create_task(pipeline.export(request(name, span_id)))
+    later = [asyncio.create_task(pipeline.export(Signal.TRACES, request(name, span_id)))
              for span_id, name in enumerate(("b", "c", "d"), start=2)]
     for _ in range(100):
         if pipeline.pending_sessions == 3:
@@ -212,7 +225,7 @@ async def test_a_batch_gathers_for_at_most_the_interval_and_shutdown_does_not_wa
     await pipeline.start()
     await asyncio.wait_for(flushed.wait(), 60)
     before = time.monotonic()
-    waiting = [asyncio.create_task(pipeline.export(request(name, span_id)))
+    waiting = [asyncio.create_task(pipeline.export(Signal.TRACES, request(name, span_id)))
                for span_id, name in enumerate(("x", "y"), start=1)]
     for _ in range(100):
         if pipeline.pending_sessions == 2:
@@ -235,7 +248,7 @@ async def test_the_stale_sweep_runs_on_its_own_timer_while_idle(tmp_path: Path) 
     flushed = flush_event(kwargs)
     store, pipeline = await make(tmp_path, **kwargs)
     await pipeline.start()
-    await pipeline.export(request("old"))  # its span ended long ago (conftest's T0)
+    await pipeline.export(Signal.TRACES, request("old"))  # its span ended at conftest T0
     flushed.clear()
     flushes = pipeline.stats.flushes
     # Nothing else is sent: only the sweep's timer can start the next commit.
@@ -244,4 +257,83 @@ async def test_the_stale_sweep_runs_on_its_own_timer_while_idle(tmp_path: Path) 
     assert pipeline.stats.sessions_swept == 1
     assert read_rows(store.path)["old"]["status"] == "unknown"
     await pipeline.shutdown()
+    await store.close()
+
+
+# -- every signal through the one handler --------------------------------------------------------
+
+def logs_request(records: int) -> ExportLogsServiceRequest:
+    return ExportLogsServiceRequest(resource_logs=[ResourceLogs(scope_logs=[ScopeLogs(
+        log_records=[LogRecord(time_unix_nano=i + 1) for i in range(records)])])])
+
+
+def metrics_request(points: int) -> ExportMetricsServiceRequest:
+    return ExportMetricsServiceRequest(resource_metrics=[ResourceMetrics(scope_metrics=[
+        ScopeMetrics(metrics=[Metric(name="m", sum=Sum(data_points=[
+            NumberDataPoint(as_int=i) for i in range(points)]))])])])
+
+
+def signal_request(signal: Signal, items: int) -> Any:
+    if signal is Signal.LOGS:
+        return logs_request(items)
+    if signal is Signal.METRICS:
+        return metrics_request(items)
+    return encode_spans([make_span(span_id=i + 1, attrs={"http.route": "/"})
+                         for i in range(items)])
+
+
+@pytest.mark.parametrize("signal", list(Signal))
+async def test_every_signal_has_the_same_refusals(tmp_path: Path, signal: Signal) -> None:
+    store, pipeline = await make(tmp_path, max_items_per_request=3)
+    await pipeline.start()
+    with pytest.raises(ExportError) as info:
+        await pipeline.export(signal, signal_request(signal, 4))
+    assert info.value.refusal is Refusal.TOO_LARGE
+    assert f"request carries 4 {signal.items}; the limit is 3" in info.value.message
+    outcome = await pipeline.export(signal, signal_request(signal, 3))
+    assert (outcome.rejected, outcome.message) == (0, "")
+    counts = pipeline.stats.items[signal]
+    assert (counts.received, counts.ignored, counts.refused) == (3, 3, {"too_large": 4})
+    await pipeline.shutdown()
+    with pytest.raises(ExportError) as info:
+        await pipeline.export(signal, signal_request(signal, 2))
+    assert info.value.refusal is Refusal.SHUTTING_DOWN
+    assert counts.refused == {"too_large": 4, "shutting_down": 2}
+    others = [pipeline.stats.items[s] for s in Signal if s is not signal]
+    assert all(c.received == 0 and not c.refused for c in others)
+    await store.close()
+
+
+@pytest.mark.parametrize("signal", [Signal.LOGS, Signal.METRICS])
+async def test_logs_and_metrics_usage_waits_for_its_commit_and_overload_refuses_them(
+        tmp_path: Path, signal: Signal, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dispatch hands a logs or metrics request to its own mapping and treats what that
+    returns as it treats spans: answered after the commit, counted against overload. (The
+    mapping here stands in for the dialects, which are tested with captured payloads.)"""
+    traces = map_request(request("from-" + signal.value), MappingOptions(
+        pricer=Pricer({}, use_library=False)), 0)
+
+    def mapped(request: Any, options: MappingOptions, now_ns: int) -> MappingResult:
+        assert count_items(signal, request) == 2
+        return MappingResult(records=traces.records, spans=2, ignored=1)
+
+    monkeypatch.setattr(f"collector.pipeline.map_{signal.value}_request", mapped)
+    store = SQLiteStore(tmp_path / "p.db", retention_s=3600)
+    await store.open()
+    pipeline = Pipeline(store, MappingOptions(pricer=Pricer({}, use_library=False)),
+                        flush_interval_s=3600, max_pending_spans=1, stale_after_s=3600)
+    await pipeline.start()
+    waiting = asyncio.create_task(pipeline.export(signal, signal_request(signal, 2)))
+    while not pipeline.pending_spans:
+        await asyncio.sleep(0)
+    assert not waiting.done() and read_rows(store.path) == {}
+    with pytest.raises(ExportError) as info:
+        await pipeline.export(signal, signal_request(signal, 2))
+    assert info.value.refusal is Refusal.OVERLOADED
+    assert "1 usage records waiting for storage" in info.value.message
+    await pipeline.shutdown()  # commits what was accepted, then answers it
+    assert (await waiting).rejected == 0
+    assert read_rows(store.path)[f"from-{signal.value}"]["turns"] == 1
+    counts = pipeline.stats.items[signal]
+    assert (counts.received, counts.ignored, counts.refused) == (2, 1, {"overloaded": 2})
     await store.close()

@@ -230,7 +230,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Any:
         turn("s-a", T0 + 23 * HOUR + 30 * MINUTE, model="other-model",
              **{"gen_ai.usage.cost": 0.25}),
         turn("s-b", T0 + 26 * HOUR),  # 2026-01-02T02:00Z
-        turn("s-b", T0 + 26 * HOUR + 10 * MINUTE, model=None),  # usage without a model
+        # A session whose spans never name a model: its usage shows as "(none)". (A turn
+        # without a model in a session with model calls counts under their model: test_store.)
+        turn("s-d", T0 + 27 * HOUR, model=None),
         turn("s-c", jan31 + 23 * HOUR),  # 2026-01-31T23:00Z
         turn("s-c", jan31 + 25 * HOUR),  # 2026-02-01T01:00Z
         make_span(trace_id=new_trace(), start=T0 + 2 * HOUR,  # a session update: no usage
@@ -289,7 +291,7 @@ def test_every_report_sums_to_agent_sessions(fleet: Any, capsys: pytest.CaptureF
     ("daily", "Asia/Kolkata", ["2026-01-01", "2026-01-02", "2026-02-01"]),
     ("monthly", "UTC", ["2026-01", "2026-02"]),
     ("monthly", "America/New_York", ["2025-12", "2026-01"]),
-    ("session", "UTC", ["s-c", "s-b", "s-a"]),
+    ("session", "UTC", ["s-c", "s-d", "s-b", "s-a"]),
 ])
 def test_report_lines_follow_the_time_zone(fleet: Any, capsys: pytest.CaptureFixture[str],
                                            kind: str, zone: str, keys: list[str]) -> None:
@@ -322,7 +324,7 @@ def test_since_and_until_select_local_days(fleet: Any,
         "2026-01-02", "2026-01-31")
     january = report(daemon, capsys, "session", "--since", "2026-01-01", "--until", "2026-01-31")
     assert {line["session"]: line["turns"] for line in january["lines"]} == {
-        "s-a": 2, "s-b": 2, "s-c": 1}
+        "s-a": 2, "s-b": 1, "s-c": 1, "s-d": 1}
     everything = report(daemon, capsys, "session", "--since", "2025-01-01")
     assert_equal_to_sessions(everything["totals"], list(rows.values()))
 

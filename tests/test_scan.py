@@ -415,7 +415,7 @@ def test_names_alike_but_for_one_inner_byte_each_find_their_slot(compiled: bool)
 
 
 def test_the_mapping_slot_table_reads_every_known_name(compiled: bool) -> None:
-    """The 26 names collector.signals.traces knows, each to its own slot, in a table of that
+    """The names collector.signals.traces knows, each to its own slot, in a table of that
     size."""
     reader = Scanner(ATTRIBUTE_SLOTS, {}, N_SLOTS, 8, compiled=compiled)
     names = sorted(ATTRIBUTE_SLOTS)

@@ -166,14 +166,13 @@ async def test_hourly_rollup_commits_with_the_sessions_and_only_once(store: SQLi
     update = SpanUsage((4).to_bytes(32, "big"), "s", T0, T0, 0, 0, 0, 0, 0, 0, 0.0, True, None,
                        None, "completed", None, None)
     await store.commit(batch(rec(3, t=T0 + hour + 5 * SECOND), update), now_ns=T0)
+    # The span naming no model counts under the session's model (see the next test).
     assert rollup(store.path) == {
-        ("2026-01-01T00:00:00.000Z", "s", "m"): (1, 10, 2, 1, 0, 0, 0.5),
-        ("2026-01-01T00:00:00.000Z", "s", ""): (1, 10, 2, 1, 0, 0, 0.5),
+        ("2026-01-01T00:00:00.000Z", "s", "m"): (2, 20, 4, 2, 0, 0, 1.0),
         ("2026-01-01T01:00:00.000Z", "s", "m"): (1, 10, 2, 1, 0, 0, 0.5),
     }
     usage = read_usage(store.path, group="session")
-    assert sorted(usage) == [("s", "", "2026-01-01T00:00:00.000Z", 1, 10, 2, 1, 0, 0, 0.5),
-                             ("s", "m", "2026-01-01T01:00:00.000Z", 2, 20, 4, 2, 0, 0, 1.0)]
+    assert usage == [("s", "m", "2026-01-01T01:00:00.000Z", 3, 30, 6, 3, 0, 0, 1.5)]
     assert read_rows(store.path)["s"]["status"] == "completed"
     assert read_usage(store.path, group="hour", lo="2026-01-01T00:30:00.000Z") == [
         ("2026-01-01T01:00:00.000Z", "m", "2026-01-01T01:00:00.000Z", 1, 10, 2, 1, 0, 0, 0.5)]
@@ -183,7 +182,7 @@ async def test_hourly_rollup_commits_with_the_sessions_and_only_once(store: SQLi
         await store.commit(batch(rec(5)), now_ns=T0)
     blocker.rollback()
     blocker.close()
-    assert len(rollup(store.path)) == 3  # a failed flush adds no rollup either
+    assert len(rollup(store.path)) == 2  # a failed flush adds no rollup either
 
 
 async def test_dedupe_window_counts_follow_commits_rotation_and_reopen(
@@ -214,3 +213,43 @@ async def test_a_database_from_before_the_rollup_is_backfilled(tmp_path: Path) -
     await reopened.close()
     # All of the session's sums, at the hour of its last activity.
     assert rollup(path) == {("2026-01-01T02:00:00.000Z", "old", "m"): (2, 20, 4, 2, 0, 0, 1.0)}
+
+
+async def test_a_turn_counts_under_the_model_of_its_model_calls(store: SQLiteStore) -> None:
+    """Agent spans name no model; their turn goes to the session's latest model call's model
+    as of the commit, whether the calls came in an earlier flush or in the same one (in any
+    order). Only a session without any model call keeps it under ''."""
+    hour = "2026-01-01T00:00:00.000Z"
+    # Same flush, the agent span first: its children still decide.
+    await store.commit(batch(rec(1, "a", turns=1, prompt=0, model=None),
+                             rec(2, "a", turns=0, model="m1")), now_ns=T0)
+    # The model calls in one flush, the agent span that parents them in the next.
+    await store.commit(batch(rec(3, "b", turns=0, model="m1"),
+                             rec(4, "b", t=T0 + SECOND, turns=0, model="m2")), now_ns=T0)
+    await store.commit(batch(rec(5, "b", t=T0 + 2 * SECOND, turns=1, prompt=0, model=None)),
+                       now_ns=T0)
+    # No model call at all.
+    await store.commit(batch(rec(6, "c", turns=1, prompt=0, model=None)), now_ns=T0)
+    got = {(k[1], k[2]): v[0] for k, v in rollup(store.path).items() if k[0] == hour}
+    assert got == {("a", "m1"): 1, ("b", "m1"): 0, ("b", "m2"): 1, ("c", ""): 1}
+
+
+async def test_who_spends_is_stored_beside_the_session_latest_value_wins(
+        store: SQLiteStore) -> None:
+    def labelled(key: int, t: int, **labels: str) -> SpanUsage:
+        return rec(key, t=t)._replace(**labels)
+
+    await store.commit(batch(labelled(1, T0 + 5 * SECOND, agent="a-new", user="u1"),
+                             labelled(2, T0, agent="a-old", host="h1", agent_version="1")),
+                       now_ns=T0)
+    # A later flush: an older span never overwrites; an absent label never resets.
+    await store.commit(batch(labelled(3, T0 + SECOND, agent="a-older", user="u-older"),
+                             labelled(4, T0 + 9 * SECOND, host="h2")), now_ns=T0)
+    await store.commit(batch(rec(5, "unlabelled")), now_ns=T0)
+    conn = sqlite3.connect(store.path)
+    rows = conn.execute("SELECT id, agent, agent_version, user_name, host FROM "
+                        "collector_session_labels").fetchall()
+    columns = [r[1] for r in conn.execute("PRAGMA table_info(agent_sessions)")]
+    conn.close()
+    assert rows == [("s", "a-new", "1", "u1", "h2")]
+    assert len(columns) == 13

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Set
 from dataclasses import dataclass, field
+from typing import Any
 
 from collector.signals.traces import SpanUsage
 
@@ -44,6 +45,18 @@ class SessionDelta:
     channel_ns: int = NO_TIME
     goal: str | None = None
     goal_ns: int = NO_TIME
+    # Who spends; same latest-value rule. Stored in a side table, not in agent_sessions.
+    agent: str | None = None
+    agent_ns: int = NO_TIME
+    agent_version: str | None = None
+    agent_version_ns: int = NO_TIME
+    user: str | None = None
+    user_ns: int = NO_TIME
+    host: str | None = None
+    host_ns: int = NO_TIME
+
+    def has_labels(self) -> bool:
+        return max(self.agent_ns, self.agent_version_ns, self.user_ns, self.host_ns) >= 0
 
 
 @dataclass(slots=True)
@@ -86,9 +99,11 @@ class Batch:
     sessions: dict[str, SessionDelta] = field(default_factory=dict)
     hours: dict[HourKey, HourDelta] = field(default_factory=dict)
     duplicates: int = 0  # spans seen twice within this batch (a retry racing its original)
+    # Cumulative metric points; the store makes them usage against their series' last value.
+    cumulative: list[Any] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.records) + len(self.cumulative)
 
     def add(self, records: Iterable[SpanUsage]) -> None:
         """Fold records in. One loop, everything inline: it runs once per span on the export
@@ -99,7 +114,8 @@ class Batch:
         append = self.records.append
         for record in records:
             (key, session_id, start, end, turns, prompt, completion, reasoning, cache_read,
-             cache_write, cost, _, model, kind, status, channel, goal) = record
+             cache_write, cost, _, model, kind, status, channel, goal, agent, agent_version,
+             user, host) = record
             if key in keys:
                 self.duplicates += 1
                 continue
@@ -117,6 +133,15 @@ class Batch:
                 delta.model, delta.model_ns = model, end
             if kind is not None or status is not None or channel is not None or goal is not None:
                 _latest_session_values(delta, end, kind, status, channel, goal)
+            # Inline: nearly every span carries its resource's agent and host.
+            if agent is not None and end >= delta.agent_ns:
+                delta.agent, delta.agent_ns = agent, end
+            if host is not None and end >= delta.host_ns:
+                delta.host, delta.host_ns = host, end
+            if user is not None and end >= delta.user_ns:
+                delta.user, delta.user_ns = user, end
+            if agent_version is not None and end >= delta.agent_version_ns:
+                delta.agent_version, delta.agent_version_ns = agent_version, end
             hour_key = (session_id, model or NO_MODEL, end // HOUR_NS)
             hour = hours.get(hour_key)
             if hour is None:
@@ -141,7 +166,7 @@ class Batch:
 
     def without(self, accounted: Set[bytes]) -> Batch:
         """The same batch minus spans already accounted in storage."""
-        rest = Batch()
+        rest = Batch(cumulative=self.cumulative)
         rest.add(r for r in self.records if r.key not in accounted)
         rest.duplicates = self.duplicates + len(self.records) - len(rest.records)
         return rest
@@ -150,6 +175,7 @@ class Batch:
         """Fold a later batch into this one (used when this one failed to commit)."""
         self.duplicates += later.duplicates
         self.add(later.records)
+        self.cumulative.extend(later.cumulative)
 
 
 def _latest_session_values(delta: SessionDelta, end: int, kind: str | None, status: str | None,

@@ -16,7 +16,10 @@ Tables besides ``agent_sessions`` (whose columns are fixed by its readers):
   generation holds (kept in the flush transaction, so the dedupe-window metric needs no scan);
 * ``collector_usage_hourly``: usage per (UTC hour, session, model), added to in the same
   transaction as ``agent_sessions``, so its sums always equal the sessions' sums and reports
-  read rows per session and hour, never spans.
+  read rows per session and hour, never spans;
+* ``collector_session_labels``: who spends, per session (agent, its version, user, host),
+  each the latest value given with the end time of the span that gave it; kept apart because
+  ``agent_sessions`` has fixed columns.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from collector.accounting.aggregate import HOUR_NS, Batch, HourDelta, HourKey, SessionDelta
+from collector.signals.metrics import CumulativePoint, scaled
 from collector.signals.traces import KEY_BYTES
 
 log = logging.getLogger(__name__)
@@ -105,7 +109,25 @@ CREATE TABLE IF NOT EXISTS collector_usage_hourly (
     cost_cents REAL NOT NULL DEFAULT 0.0,
     PRIMARY KEY (hour, model, session_id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS collector_session_labels (
+    id TEXT PRIMARY KEY,
+    agent TEXT,
+    agent_ns INTEGER NOT NULL DEFAULT -1,
+    agent_version TEXT,
+    agent_version_ns INTEGER NOT NULL DEFAULT -1,
+    user_name TEXT,  -- "user" is reserved in PostgreSQL
+    user_ns INTEGER NOT NULL DEFAULT -1,
+    host TEXT,
+    host_ns INTEGER NOT NULL DEFAULT -1
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS collector_metric_series (
+    series BLOB PRIMARY KEY,
+    start_ns INTEGER NOT NULL,
+    time_ns INTEGER NOT NULL,
+    value REAL NOT NULL
+) WITHOUT ROWID;
 """
+LABELS_TABLE = "collector_session_labels"
 HOURLY_TABLE = "collector_usage_hourly"
 
 
@@ -122,12 +144,24 @@ def _json_rows(columns: str) -> str:
 # `hour` is the start of the UTC hour in agent_sessions' time format. The key is (hour, model,
 # session): a report over a date range reads one contiguous slice of the table, and summing per
 # (hour, model) streams in key order without sorting (a million rows in about 0.2 s).
+#
+# Usage from spans naming no model (an agent span's turn: its model calls are its children)
+# counts under the session's model as stored after this flush's session upsert, which runs
+# first: the model of the session's latest model call. Children end, and are exported, no
+# later than their agent span, so the turn lands under the model its calls used; only a
+# session with no model call yet keeps it under '' ("(none)" in reports).
 UPSERT_HOURLY = f"""
 INSERT INTO collector_usage_hourly (hour, session_id, model, turns, prompt_tokens,
     completion_tokens, reasoning_tokens, cache_read_tokens, cache_write_tokens, cost_cents)
-SELECT * FROM (SELECT {_json_rows("hour, session_id, model, turns, prompt_tokens, "
-                                  "completion_tokens, reasoning_tokens, cache_read_tokens, "
-                                  "cache_write_tokens, cost_cents")} FROM json_each(?1))
+SELECT hour, session_id,
+    CASE WHEN model != '' THEN model
+        ELSE coalesce((SELECT s.model FROM agent_sessions AS s WHERE s.id = session_id), '')
+        END,
+    turns, prompt_tokens, completion_tokens, reasoning_tokens, cache_read_tokens,
+    cache_write_tokens, cost_cents
+FROM (SELECT {_json_rows("hour, session_id, model, turns, prompt_tokens, "
+                         "completion_tokens, reasoning_tokens, cache_read_tokens, "
+                         "cache_write_tokens, cost_cents")} FROM json_each(?1))
 WHERE true
 ON CONFLICT (hour, model, session_id) DO UPDATE SET
     turns = turns + excluded.turns,
@@ -237,6 +271,36 @@ ON CONFLICT (id) DO UPDATE SET
     goal_ns = max(goal_ns, excluded.goal_ns)
 """
 
+UPSERT_LABELS = f"""
+INSERT INTO collector_session_labels (id, agent, agent_ns, agent_version, agent_version_ns,
+    user_name, user_ns, host, host_ns)
+SELECT * FROM (SELECT {_json_rows("id, agent, agent_ns, agent_version, agent_version_ns, "
+                                  "user_name, user_ns, host, host_ns")} FROM json_each(?1))
+WHERE true
+ON CONFLICT (id) DO UPDATE SET
+    agent = CASE WHEN excluded.agent IS NOT NULL AND excluded.agent_ns >= agent_ns
+        THEN excluded.agent ELSE agent END,
+    agent_ns = max(agent_ns, excluded.agent_ns),
+    agent_version = CASE WHEN excluded.agent_version IS NOT NULL
+        AND excluded.agent_version_ns >= agent_version_ns
+        THEN excluded.agent_version ELSE agent_version END,
+    agent_version_ns = max(agent_version_ns, excluded.agent_version_ns),
+    user_name = CASE WHEN excluded.user_name IS NOT NULL AND excluded.user_ns >= user_ns
+        THEN excluded.user_name ELSE user_name END,
+    user_ns = max(user_ns, excluded.user_ns),
+    host = CASE WHEN excluded.host IS NOT NULL AND excluded.host_ns >= host_ns
+        THEN excluded.host ELSE host END,
+    host_ns = max(host_ns, excluded.host_ns)
+"""
+
+# Series are few (one per session, model and token type) and cumulative points rare next to
+# spans, so these go row by row with their keys as blobs.
+UPSERT_SERIES = """
+INSERT INTO collector_metric_series (series, start_ns, time_ns, value) VALUES (?, ?, ?, ?)
+ON CONFLICT (series) DO UPDATE SET
+    start_ns = excluded.start_ns, time_ns = excluded.time_ns, value = excluded.value
+"""
+
 SWEEP_STALE = """
 UPDATE agent_sessions SET status = 'unknown' WHERE status = 'active' AND last_active_at < ?
 """
@@ -304,6 +368,11 @@ def session_params(d: SessionDelta, t: HourDelta) -> tuple[Any, ...]:
 
 def mark_params(d: SessionDelta) -> tuple[Any, ...]:
     return (d.session_id, d.model_ns, d.kind_ns, d.status_ns, d.channel_ns, d.goal_ns)
+
+
+def label_params(d: SessionDelta) -> tuple[Any, ...]:
+    return (d.session_id, d.agent, d.agent_ns, d.agent_version, d.agent_version_ns, d.user,
+            d.user_ns, d.host, d.host_ns)
 
 
 def hour_params(key: HourKey, h: HourDelta) -> tuple[Any, ...]:
@@ -443,6 +512,8 @@ class SQLiteStore:
                     "UPDATE collector_meta SET value = value + ? WHERE name = ? RETURNING value",
                     (len(applied.keys), SEEN_CURRENT_COUNT)).fetchone()
                 seen_current = None if row is None else int(row[0])
+            if batch.cumulative:
+                applied = _with_cumulative(db, applied, batch.cumulative)
             deltas = list(applied.sessions.values())
             if deltas:
                 totals = applied.totals()
@@ -451,6 +522,8 @@ class SQLiteStore:
                 _execute_rows(db, UPSERT_MARKS, (
                     mark_params(d) for d in deltas
                     if max(d.model_ns, d.kind_ns, d.status_ns, d.channel_ns, d.goal_ns) >= 0))
+                _execute_rows(db, UPSERT_LABELS,
+                              (label_params(d) for d in deltas if d.has_labels()))
                 _execute_rows(db, UPSERT_HOURLY, (
                     hour_params(k, h) for k, h in applied.hours.items() if not h.is_empty()))
             swept = 0
@@ -504,6 +577,10 @@ class SQLiteStore:
                 "name = ?1) WHERE name = ?2", (SEEN_CURRENT_COUNT, SEEN_PREVIOUS_COUNT))
             db.execute("UPDATE collector_meta SET value = 0 WHERE name = ?",
                        (SEEN_CURRENT_COUNT,))
+            # Series silent for two periods are forgotten with the span ids of their time: a
+            # point of one arriving later counts from zero, as a new series would.
+            db.execute("DELETE FROM collector_metric_series WHERE time_ns < ?",
+                       (now_ns - 2 * self._retention_ns,))
             log.info("dedupe window rotated; span ids older than %d s forgotten",
                      self._retention_ns // 1_000_000_000)
             started = now_ns
@@ -535,6 +612,53 @@ def _record_seen(db: sqlite3.Connection, batch: Batch) -> Batch:
     if rest.keys:
         db.execute(INSERT_SEEN, (b"".join(rest.keys), len(rest.keys)))
     return rest
+
+
+SERIES_CHUNK = 500
+
+
+def _with_cumulative(db: sqlite3.Connection, applied: Batch,
+                     points: list[CumulativePoint]) -> Batch:
+    """The batch plus the usage of its cumulative metric points: each point's difference from
+    the last value stored for its series, in this transaction, so a restart or another
+    collector on this file neither loses nor doubles any of it.
+
+    Per series, in time order: a point at or before the stored time adds nothing (a retry or
+    a late export); a later point with the same start adds its increase; a new start time (or
+    a value that went down) is a reset and adds its whole value; a first point adds its whole
+    value (the series was never counted)."""
+    series = sorted({p.series for p in points})
+    stored: dict[bytes, tuple[int, int, float]] = {}
+    for i in range(0, len(series), SERIES_CHUNK):
+        chunk = series[i:i + SERIES_CHUNK]
+        marks = ",".join("?" * len(chunk))
+        for key, start, time_ns, value in db.execute(
+                "SELECT series, start_ns, time_ns, value FROM collector_metric_series "
+                f"WHERE series IN ({marks})", chunk):
+            stored[bytes(key)] = (int(start), int(time_ns), float(value))
+    resolved = []
+    for point in sorted(points, key=lambda p: (p.series, p.time_ns)):
+        last = stored.get(point.series)
+        if last is None or point.start_ns > last[0]:
+            delta = point.value
+        elif point.start_ns < last[0] or point.time_ns <= last[1]:
+            continue
+        elif point.value < last[2]:
+            delta = point.value
+        else:
+            delta = point.value - last[2]
+        stored[point.series] = (point.start_ns, point.time_ns, point.value)
+        if delta:
+            resolved.append(scaled(point.unit, delta, point.is_cost, point.key,
+                                   point.session_id, point.start_ns or point.time_ns,
+                                   point.time_ns, point.model, point.labels))
+    db.executemany(UPSERT_SERIES, ((k, *v) for k, v in stored.items()))
+    if not resolved:
+        return applied
+    combined = Batch(duplicates=applied.duplicates)
+    combined.add(applied.records)
+    combined.add(resolved)
+    return combined
 
 
 def _read_seen_counts(db: sqlite3.Connection) -> tuple[int, int]:

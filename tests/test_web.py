@@ -51,6 +51,8 @@ def turn(session: str, agent: int, at: int, *, cost: float, cache_read: int = 0,
         agent_attrs["agent.session.status"] = status
     call = {"gen_ai.operation.name": "chat", "gen_ai.conversation.id": session,
             "gen_ai.request.model": MODELS[agent], "gen_ai.usage.input_tokens": 1200,
+            "gen_ai.usage.output_tokens": 300 + 10 * cache_read // 100,
+            "gen_ai.usage.reasoning.output_tokens": 50,
             "gen_ai.usage.cache_read.input_tokens": cache_read, "gen_ai.usage.cost": cost}
     return [make_span(trace_id=trace, span_id=2, parent_id=1, attrs=call, resource=resource,
                       start=at, end=at + 1_000_000),
@@ -120,7 +122,8 @@ def test_overview_equals_the_database(fleet: Daemon) -> None:
         fleet, "SELECT sum(prompt_tokens), sum(completion_tokens), sum(cache_read_tokens) "
                "FROM collector_usage_hourly")[0]
     assert tokens["input_tokens"] + tokens["cache_read_tokens"] == prompt
-    assert tokens["output_tokens"] == completion and tokens["cache_read_tokens"] == cache_read
+    assert tokens["output_tokens"] == completion > 0 and tokens["cache_read_tokens"] == cache_read
+    assert tokens["reasoning_tokens"] > 0
     assert tokens["cache_hit_rate"] == pytest.approx(cache_read / prompt)
     # Stacked by model and by agent: each stack sums to the same spend.
     for key in ("by_model", "by_agent"):

@@ -19,8 +19,13 @@ from bench.payload import SPANS_PER_REQUEST, RequestFactory
 from collector.accounting.aggregate import Batch
 from collector.accounting.pricing import Pricer
 from collector.receivers.otlp import decode_protobuf
+from collector.signals import Signal
 from collector.signals.scan import COMPILED_AVAILABLE, Scanner
 from collector.signals.traces import MappingOptions, map_request
+
+
+def decode_traces(body: bytes) -> object:
+    return decode_protobuf(body, Signal.TRACES)
 
 
 def per_span_us(bodies: list[bytes], work: Callable[[bytes], object], repeat: int) -> float:
@@ -50,20 +55,20 @@ def main() -> int:
     rows: list[tuple[str, float]] = [
         ("baseline: decode + Python attribute loop + dict sum",
          per_span_us(bodies, Counter().consume, args.repeat)),
-        ("upb decode (ParseFromString)", per_span_us(bodies, decode_protobuf, args.repeat)),
+        ("upb decode (ParseFromString)", per_span_us(bodies, decode_traces, args.repeat)),
     ]
-    decoded = {id(body): decode_protobuf(body) for body in bodies}
+    decoded = {id(body): decode_protobuf(body, Signal.TRACES) for body in bodies}
     for name, options in readers.items():
 
         def scan(body: bytes, scanner: Scanner = options.scanner) -> object:
             return scanner.scan(decoded[id(body)], body)
 
         def decode_map(body: bytes, options: MappingOptions = options) -> object:
-            return map_request(decode_protobuf(body), options, 0, body)
+            return map_request(decode_protobuf(body, Signal.TRACES), options, 0, body)
 
         def decode_map_fold(body: bytes, options: MappingOptions = options) -> object:
             batch = Batch()
-            batch.add(map_request(decode_protobuf(body), options, 0, body).records)
+            batch.add(map_request(decode_protobuf(body, Signal.TRACES), options, 0, body).records)
             return batch
 
         rows += [(f"{name} reader: read attributes", per_span_us(bodies, scan, args.repeat)),

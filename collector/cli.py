@@ -191,6 +191,7 @@ def _check_config(config: Config, args: argparse.Namespace) -> int:
         effective["receivers"][key] = "" if endpoint is None else str(endpoint)
     effective["ops_endpoint"] = "" if config.ops_endpoint is None else str(config.ops_endpoint)
     effective["web_endpoint"] = "" if config.web_endpoint is None else str(config.web_endpoint)
+    effective["dialects"] = {d.name: d.summary() for d in config.dialects}
     print(json.dumps(effective, indent=2, sort_keys=True))
     return EXIT_OK
 

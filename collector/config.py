@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from collector.dialects import effective_dialects
+from collector.dialects.model import Dialect, DialectError
+
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 DEFAULT_SQLITE_PATH = "data/agent_sessions.db"
 DEFAULT_FLUSH_INTERVAL_MS = 200
@@ -112,6 +115,8 @@ class Config:
     tls: TlsConfig | None = None
     ops_endpoint: Endpoint | None = Endpoint("127.0.0.1", 8888)
     web_endpoint: Endpoint | None = Endpoint("127.0.0.1", 8889)
+    # The agents' dialects in effect: the built-ins with the file's [dialects.NAME] over them.
+    dialects: tuple[Dialect, ...] = field(default_factory=effective_dialects)
 
 
 # The schema of the file: section -> key -> expected kind. Tables of arbitrary names (pricing)
@@ -158,6 +163,10 @@ def parse_config(doc: Mapping[str, Any], *, source: str, base_dir: Path) -> Conf
     """Validate a parsed document. Relative paths are resolved against `base_dir`."""
     values = _flatten(doc, source)
     pricing = _parse_pricing(doc.get("pricing", {}), source)
+    try:
+        dialects = effective_dialects(doc.get("dialects", {}))
+    except DialectError as exc:
+        raise ConfigError(source, exc.key, exc.problem) from None
 
     def get(key: str, default: Any) -> Any:
         return values.get(key, default)
@@ -239,6 +248,7 @@ def parse_config(doc: Mapping[str, Any], *, source: str, base_dir: Path) -> Conf
         tls=_parse_tls(source, base_dir, values),
         ops_endpoint=ops,
         web_endpoint=web,
+        dialects=dialects,
     )
 
 
@@ -323,7 +333,7 @@ def _flatten(doc: Mapping[str, Any], source: str) -> dict[str, Any]:
     """Check every key against the schema and return dotted key -> value."""
     out: dict[str, Any] = {}
     for top, value in doc.items():
-        if top == "pricing":
+        if top in ("pricing", "dialects"):
             continue
         if top == "receivers":
             if not isinstance(value, dict):

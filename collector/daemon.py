@@ -20,6 +20,7 @@ from typing import Protocol
 
 from collector.accounting.pricing import Pricer
 from collector.config import Config
+from collector.dialects import DialectSet
 from collector.pipeline import Pipeline
 from collector.receivers.grpc import GrpcReceiver
 from collector.receivers.http import HttpReceiver
@@ -47,6 +48,7 @@ def mapping_options(config: Config) -> MappingOptions:
         max_attribute_value_bytes=config.limits.max_attribute_value_bytes,
         max_value_depth=config.limits.max_value_depth,
         alias_slots=MappingOptions.slots_for(config.aliases),
+        dialects=DialectSet(config.dialects),
     )
 
 
@@ -59,7 +61,7 @@ def build_pipeline(config: Config, store: SQLiteStore, *,
         options,
         flush_interval_s=config.flush_interval_ms / 1000,
         max_pending_spans=config.max_pending_spans,
-        max_spans_per_request=config.limits.max_spans_per_request,
+        max_items_per_request=config.limits.max_spans_per_request,
         stale_after_s=config.stale_after_s,
         on_flush=on_flush,
     )
@@ -129,9 +131,10 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
         stats = pipeline.stats
         refused = ", ".join(f"{k}={v}" for k, v in sorted(stats.refused_requests().items()))
         refused = refused or "none"
-        log.info("stopped: %d spans accepted, %d duplicates ignored, %d rejected; requests "
-                 "refused: %s", stats.spans_accepted, stats.spans_duplicate,
-                 stats.spans_rejected, refused)
+        rejected = sum(counts.rejected for counts in stats.items.values())
+        log.info("stopped: %d usage records accepted, %d duplicates ignored, %d items "
+                 "rejected; requests refused: %s", stats.spans_accepted, stats.spans_duplicate,
+                 rejected, refused)
         return 1 if pipeline.lost_on_shutdown or pipeline.fatal else 0
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):

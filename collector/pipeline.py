@@ -1,7 +1,11 @@
-"""The export handler both receivers call, and the group-commit loop behind it.
+"""The one export handler every signal of both receivers calls, and the group-commit loop
+behind it.
 
-Contract: `export` returns only after every usage span of the request is committed (or known to
-be accounted already); it raises ExportError when the request must be answered with a refusal.
+Contract: `export(signal, request, wire)` refuses, maps and accounts a request of any signal
+the same way: the same refusals and limits, then the signal's own mapping (traces, logs or
+metrics), then the same batch. It returns only after every usage record of the request is
+committed (or known to be accounted already); it raises ExportError when the request must be
+answered with a refusal. A request that carries no usage is answered at once.
 A request whose batch fails to commit is refused as retryable, but its spans stay pending and
 are committed by a later flush: the exporter's retry then finds them accounted, so nothing is
 lost and nothing is counted twice.
@@ -22,8 +26,11 @@ from typing import Any
 
 from collector.accounting.aggregate import Batch
 from collector.receivers.errors import ExportError, Refusal
+from collector.signals import Signal, count_items
+from collector.signals.logs import map_logs_request
+from collector.signals.metrics import map_metrics_request
 from collector.signals.scan import UnreadableRequest
-from collector.signals.traces import MappingOptions, count_spans, map_request
+from collector.signals.traces import MappingOptions, MappingResult, map_request
 from collector.store.sqlite import CommitResult, SQLiteStore, StorageError
 
 log = logging.getLogger(__name__)
@@ -51,6 +58,26 @@ EARLY_FLUSH_SPANS = 16384
 MAX_LOGGED_INVALID_VALUES = 1000
 
 
+# The signal label of an answer whose HTTP path named no signal (404).
+NO_SIGNAL = "unknown"
+
+
+@dataclass(slots=True)
+class ItemCounts:
+    """One signal's items (spans, log records or data points) as its mapping saw them."""
+
+    received: int = 0  # in requests that reached the mapping
+    rejected: int = 0  # invalid; the rest of their request was accepted
+    ignored: int = 0  # not usage
+    unpriced: int = 0  # usage with tokens but no known price
+    # items in requests refused as a whole (not counted as received), by refusal reason
+    refused: dict[str, int] = field(default_factory=dict)
+
+
+def _per_signal() -> dict[Signal, ItemCounts]:
+    return {signal: ItemCounts() for signal in Signal}
+
+
 @dataclass(slots=True)
 class Stats:
     """Counters since start; read by logs and, at scrape time, by the metrics (collector.web.ops).
@@ -59,29 +86,30 @@ class Stats:
     """
 
     requests: int = 0
-    spans_received: int = 0
+    items: dict[Signal, ItemCounts] = field(default_factory=_per_signal)
+    # usage records committed, and ignored as accounted already (whatever their signal)
     spans_accepted: int = 0
-    spans_rejected: int = 0
-    spans_ignored: int = 0
     spans_duplicate: int = 0
-    spans_unpriced: int = 0
     invalid_values: int = 0
     flushes: int = 0
     flush_failures: int = 0
     sessions_swept: int = 0
-    # spans in requests refused as a whole (not counted as received), by refusal reason
-    spans_refused: dict[str, int] = field(default_factory=dict)
-    # answers given, by (transport, outcome); outcome is "ok", "partial" or a refusal reason
-    answers: dict[tuple[str, str], int] = field(default_factory=dict)
+    # answers given, by (transport, signal, outcome); outcome is "ok", "partial" or a refusal
+    # reason, signal is NO_SIGNAL when the path named none
+    answers: dict[tuple[str, str, str], int] = field(default_factory=dict)
 
-    def count_answer(self, transport: str, outcome: str) -> None:
-        key = (transport, outcome)
+    @property
+    def spans(self) -> ItemCounts:
+        return self.items[Signal.TRACES]
+
+    def count_answer(self, transport: str, signal: Signal | None, outcome: str) -> None:
+        key = (transport, NO_SIGNAL if signal is None else signal.value, outcome)
         self.answers[key] = self.answers.get(key, 0) + 1
 
     def refused_requests(self) -> dict[str, int]:
-        """Requests answered with a refusal, by reason, over both transports."""
+        """Requests answered with a refusal, by reason, over both transports and all signals."""
         refused: dict[str, int] = {}
-        for (_, outcome), count in self.answers.items():
+        for (_, _, outcome), count in self.answers.items():
             if outcome not in ("ok", "partial"):
                 refused[outcome] = refused.get(outcome, 0) + count
         return refused
@@ -93,6 +121,17 @@ class ExportOutcome:
     message: str
 
 
+def map_signal(signal: Signal, request: Any, options: MappingOptions, now_ns: int,
+               wire: bytes | None = None) -> MappingResult:
+    """The signal's own mapping: the one place that knows which module reads which signal.
+    Pure, so the fuzzers' oracle calls it too."""
+    if signal is Signal.TRACES:
+        return map_request(request, options, now_ns, wire)
+    if signal is Signal.LOGS:
+        return map_logs_request(request, options, now_ns)
+    return map_metrics_request(request, options, now_ns)
+
+
 class Pipeline:
     def __init__(
         self,
@@ -102,16 +141,18 @@ class Pipeline:
         flush_interval_s: float,
         max_pending_spans: int,
         stale_after_s: float,
-        max_spans_per_request: int = 10_000,
+        max_items_per_request: int = 10_000,
         clock: Callable[[], int] = time.time_ns,
         on_flush: Callable[[float, int], None] | None = None,
     ) -> None:
-        """`on_flush(seconds, rows)` is called after each committed flush (for the metrics)."""
+        """`max_items_per_request` bounds the spans, log records or data points of one request
+        (config: limits.max_spans_per_request). `on_flush(seconds, rows)` is called after each
+        committed flush (for the metrics)."""
         self._store = store
         self._options = options
         self._interval = flush_interval_s
         self._max_pending = max_pending_spans
-        self._max_spans_per_request = max_spans_per_request
+        self._max_items_per_request = max_items_per_request
         self._stale_after_ns = int(stale_after_s * 1e9)
         self._sweep_every_ns = int(
             min(max(stale_after_s / 10, MIN_SWEEP_INTERVAL_S), MAX_SWEEP_INTERVAL_S) * 1e9)
@@ -192,43 +233,48 @@ class Pipeline:
 
     # -- the export handler ----------------------------------------------------------------
 
-    async def export(self, request: Any, wire: bytes | None = None) -> ExportOutcome:
+    async def export(self, signal: Signal, request: Any,
+                     wire: bytes | None = None) -> ExportOutcome:
         """`wire`: the protobuf bytes `request` was decoded from, when there are any."""
         stats = self.stats
         stats.requests += 1
-        spans = count_spans(request)
+        counts = stats.items[signal]
+        items = count_items(signal, request)
         if self._closing:
             raise self._refuse(Refusal.SHUTTING_DOWN, "collector is shutting down; retry later",
-                               spans)
+                               counts, items)
         if self.pending_spans >= self._max_pending:
             raise self._refuse(Refusal.OVERLOADED,
-                               f"{self.pending_spans} spans waiting for storage; retry later",
-                               spans)
-        if spans > self._max_spans_per_request:
+                               f"{self.pending_spans} usage records waiting for storage; "
+                               f"retry later", counts, items)
+        if items > self._max_items_per_request:
             raise self._refuse(Refusal.TOO_LARGE,
-                               f"request carries {spans} spans; the limit is "
-                               f"{self._max_spans_per_request} (send smaller batches)", spans)
+                               f"request carries {items} {signal.items}; the limit is "
+                               f"{self._max_items_per_request} (send smaller batches)",
+                               counts, items)
         try:
-            result = map_request(request, self._options, self._clock(), wire)
+            result = map_signal(signal, request, self._options, self._clock(), wire)
         except UnreadableRequest as exc:
             log.error("%s (please report this request)", exc)
-            raise self._refuse(Refusal.INVALID, str(exc), spans) from None
+            raise self._refuse(Refusal.INVALID, str(exc), counts, items) from None
         del request, wire  # both are large; do not hold them while waiting for the commit
-        stats.spans_received += result.spans
-        stats.spans_rejected += result.rejected
-        stats.spans_ignored += result.ignored
-        stats.spans_unpriced += result.unpriced
+        counts.received += result.spans
+        counts.rejected += result.rejected
+        counts.ignored += result.ignored
+        counts.unpriced += result.unpriced
         if result.invalid_values:
             self._log_invalid_values(result.invalid_values)
         outcome = ExportOutcome(rejected=result.rejected, message=result.error_message)
-        if result.records:
+        if result.records or result.cumulative:
             pending = self._pending
             pending.add(result.records)
+            pending.cumulative.extend(result.cumulative)
             if (len(pending.sessions) >= EARLY_FLUSH_SESSIONS
                     or len(pending) >= EARLY_FLUSH_SPANS):
                 self._wake.set()
             ticket = self._current_ticket()
-            log.debug("request with %d usage spans waiting for commit", len(result.records))
+            log.debug("request with %d usage records waiting for commit",
+                      len(result.records) + len(result.cumulative))
             del result
             try:
                 await asyncio.shield(ticket)
@@ -236,11 +282,12 @@ class Pipeline:
                 raise self._refuse(exc.refusal, exc.message) from None
         return outcome
 
-    def _refuse(self, refusal: Refusal, message: str, spans: int = 0) -> ExportError:
-        if spans:
+    @staticmethod
+    def _refuse(refusal: Refusal, message: str, counts: ItemCounts | None = None,
+                items: int = 0) -> ExportError:
+        if counts is not None and items:
             reason = refusal.answer.reason
-            refused = self.stats.spans_refused
-            refused[reason] = refused.get(reason, 0) + spans
+            counts.refused[reason] = counts.refused.get(reason, 0) + items
         return ExportError(refusal, message)
 
     def _current_ticket(self) -> asyncio.Future[CommitResult]:

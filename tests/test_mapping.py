@@ -379,14 +379,14 @@ def test_the_genai_operation_decides_over_the_openinference_kind() -> None:
 
 
 def test_who_spends_comes_from_the_resource_and_the_span_overrides_it() -> None:
-    resource = {"service.name": "claude-code", "service.version": "2.1.0",
+    resource = {"service.name": "support-bot", "service.version": "2.1.0",
                 "host.name": "build-7", "user.id": "u-1"}
     r = one(make_span(attrs=chat(), resource=resource))
-    assert (r.agent, r.agent_version, r.user, r.host) == ("claude-code", "2.1.0", "u-1", "build-7")
+    assert (r.agent, r.agent_version, r.user, r.host) == ("support-bot", "2.1.0", "u-1", "build-7")
     # A span's own value wins over its resource's, per field.
     r = one(make_span(attrs=chat(**{"host.name": "laptop", "enduser.id": "e-9"}),
                       resource=resource))
-    assert (r.agent, r.user, r.host) == ("claude-code", "e-9", "laptop")
+    assert (r.agent, r.user, r.host) == ("support-bot", "e-9", "laptop")
 
 
 def test_user_is_email_then_user_id_then_enduser_id() -> None:

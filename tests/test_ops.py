@@ -13,7 +13,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from collector.pipeline import Stats
+from collector.pipeline import ItemCounts, Stats
+from collector.signals import Signal
 from collector.web.ops import Gauges, metric_families, readiness_problem
 from tests.conftest import T0, Daemon, make_span
 from tests.test_daemon import NO_SWEEP, PRICES, conversation, wait_for
@@ -45,6 +46,11 @@ def metric(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
+def answered(samples: Samples, transport: str, outcome: str, signal: str = "traces") -> float:
+    return metric(samples, "collector_requests_total", signal=signal, transport=transport,
+                  outcome=outcome)
+
+
 def test_metrics_count_what_the_daemon_did(start_daemon: StartDaemon) -> None:
     daemon = start_daemon(PRICES + NO_SWEEP + "\n[limits]\nmax_spans_per_request = 3\n")
     logged_at_start = len(daemon.lines)
@@ -72,12 +78,11 @@ def test_metrics_count_what_the_daemon_did(start_daemon: StartDaemon) -> None:
     assert metric(m, "collector_spans_rejected_total", reason="too_large") == 4
     assert metric(m, "collector_spans_unpriced_total") == 1
     assert metric(m, "collector_spans_ignored_total") == 1
-    assert metric(m, "collector_requests_total", transport="grpc", outcome="ok") == 1
-    assert metric(m, "collector_requests_total", transport="grpc", outcome="too_large") == 1
-    assert metric(m, "collector_requests_total", transport="http", outcome="ok") == 1
-    assert metric(m, "collector_requests_total", transport="http", outcome="partial") == 1
-    assert metric(m, "collector_requests_total", transport="http",
-                  outcome="unsupported_media_type") == 1
+    assert answered(m, "grpc", "ok") == 1
+    assert answered(m, "grpc", "too_large") == 1
+    assert answered(m, "http", "ok") == 1
+    assert answered(m, "http", "partial") == 1
+    assert answered(m, "http", "unsupported_media_type") == 1
     flushes = metric(m, "collector_flushes_total")
     assert flushes >= 2
     assert metric(m, "collector_flush_duration_seconds_count") == flushes
@@ -147,11 +152,15 @@ def test_unknown_ops_path_is_404(shared_daemon: Daemon) -> None:
 # -- the pure parts ---------------------------------------------------------------------------
 
 def test_metric_families_follow_prometheus_names() -> None:
-    stats = Stats(spans_received=7, spans_accepted=5, spans_rejected=1, spans_duplicate=2,
-                  spans_unpriced=3, flushes=4, spans_refused={"overloaded": 9})
-    stats.count_answer("grpc", "ok")
-    stats.count_answer("grpc", "ok")
-    stats.count_answer("http", "overloaded")
+    stats = Stats(spans_accepted=5, spans_duplicate=2, flushes=4, items={
+        Signal.TRACES: ItemCounts(received=7, rejected=1, unpriced=3,
+                                  refused={"overloaded": 9}),
+        Signal.LOGS: ItemCounts(received=20, ignored=19, rejected=1),
+        Signal.METRICS: ItemCounts(received=30, ignored=30, refused={"too_large": 4})})
+    stats.count_answer("grpc", Signal.TRACES, "ok")
+    stats.count_answer("grpc", Signal.TRACES, "ok")
+    stats.count_answer("http", Signal.LOGS, "overloaded")
+    stats.count_answer("http", None, "not_found")
     gauges = Gauges(pending_spans=11, pending_sessions=2, dedupe_window=13,
                     sessions_by_status={"active": 3, "failed": 1})
 
@@ -169,8 +178,15 @@ def test_metric_families_follow_prometheus_names() -> None:
         'collector_spans_rejected_total{reason="overloaded"} 9.0',
         "collector_spans_duplicate_total 2.0",
         "collector_spans_unpriced_total 3.0",
-        'collector_requests_total{outcome="ok",transport="grpc"} 2.0',
-        'collector_requests_total{outcome="overloaded",transport="http"} 1.0',
+        "collector_log_records_received_total 20.0",
+        "collector_log_records_ignored_total 19.0",
+        'collector_log_records_rejected_total{reason="invalid"} 1.0',
+        "collector_data_points_received_total 30.0",
+        "collector_data_points_ignored_total 30.0",
+        'collector_data_points_rejected_total{reason="too_large"} 4.0',
+        'collector_requests_total{outcome="ok",signal="traces",transport="grpc"} 2.0',
+        'collector_requests_total{outcome="overloaded",signal="logs",transport="http"} 1.0',
+        'collector_requests_total{outcome="not_found",signal="unknown",transport="http"} 1.0',
         "collector_flushes_total 4.0",
         "collector_pending_spans 11.0",
         "collector_pending_sessions 2.0",

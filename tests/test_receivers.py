@@ -244,9 +244,13 @@ def test_broken_gzip_is_400(shared_daemon: Daemon) -> None:
 
 
 def test_wrong_path_is_404_and_wrong_method_405(shared_daemon: Daemon) -> None:
-    assert post(shared_daemon, b"", path="/v1/metrics")[0] == 404
-    status, headers, _ = post(shared_daemon, b"", method="GET")
-    assert status == 405 and headers["Allow"] == "POST"
+    status, _, payload = post(shared_daemon, b"", path="/v1/profiles")
+    assert status == 404
+    assert payload.decode() == ("no route /v1/profiles; OTLP traces to /v1/traces, logs to "
+                                "/v1/logs, metrics to /v1/metrics\n")
+    for path in ("/v1/traces", "/v1/logs", "/v1/metrics"):
+        status, headers, _ = post(shared_daemon, b"", method="GET", path=path)
+        assert status == 405 and headers["Allow"] == "POST"
 
 
 def test_grpc_undecodable_is_invalid_argument(shared_daemon: Daemon) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Set
 from dataclasses import dataclass, field
+from typing import Any
 
 from collector.signals.traces import SpanUsage
 
@@ -98,9 +99,11 @@ class Batch:
     sessions: dict[str, SessionDelta] = field(default_factory=dict)
     hours: dict[HourKey, HourDelta] = field(default_factory=dict)
     duplicates: int = 0  # spans seen twice within this batch (a retry racing its original)
+    # Cumulative metric points; the store makes them usage against their series' last value.
+    cumulative: list[Any] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.records) + len(self.cumulative)
 
     def add(self, records: Iterable[SpanUsage]) -> None:
         """Fold records in. One loop, everything inline: it runs once per span on the export
@@ -163,7 +166,7 @@ class Batch:
 
     def without(self, accounted: Set[bytes]) -> Batch:
         """The same batch minus spans already accounted in storage."""
-        rest = Batch()
+        rest = Batch(cumulative=self.cumulative)
         rest.add(r for r in self.records if r.key not in accounted)
         rest.duplicates = self.duplicates + len(self.records) - len(rest.records)
         return rest
@@ -172,6 +175,7 @@ class Batch:
         """Fold a later batch into this one (used when this one failed to commit)."""
         self.duplicates += later.duplicates
         self.add(later.records)
+        self.cumulative.extend(later.cumulative)
 
 
 def _latest_session_values(delta: SessionDelta, end: int, kind: str | None, status: str | None,

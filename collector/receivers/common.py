@@ -11,10 +11,14 @@ from aiohttp import web
 
 from collector.config import Endpoint
 from collector.pipeline import ExportOutcome
+from collector.signals import Signal
 
-ExportFn = Callable[[Any, bytes | None], Awaitable[ExportOutcome]]
-# Called once per answer with its outcome: "ok", "partial" or the refusal's reason (metrics).
-AnswerFn = Callable[[str], None]
+# The one export handler every service of both transports calls: (signal, decoded request,
+# its protobuf bytes when the body was protobuf).
+ExportFn = Callable[[Signal, Any, bytes | None], Awaitable[ExportOutcome]]
+# Called once per answer with its signal (None when the path named none) and its outcome:
+# "ok", "partial" or the refusal's reason (metrics).
+AnswerFn = Callable[[Signal | None, str], None]
 
 # Receivers wait this long for requests in flight when stopping; each of them needs at most
 # a flush interval plus a commit, so this is generous.
@@ -22,7 +26,7 @@ STOP_GRACE_S = 15.0
 # Where an HTTP handler leaves its answer's outcome on the response, for the counting middleware.
 OUTCOME_KEY = "collector.outcome"
 
-def no_count(outcome: str) -> None:
+def no_count(signal: Signal | None, outcome: str) -> None:
     pass
 
 

@@ -1,8 +1,10 @@
-"""OTLP/gRPC (grpc.aio): raw bytes in and out, decoded here and handed to the export callable;
-every refusal is an ExportError translated through collector.receivers.errors."""
+"""OTLP/gRPC (grpc.aio): TraceService, LogsService and MetricsService; raw bytes in and out,
+decoded here and handed to the one export callable with their signal; every refusal is an
+ExportError translated through collector.receivers.errors."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -20,12 +22,17 @@ from collector.receivers.common import (
     outcome_label,
 )
 from collector.receivers.errors import RETRY_AFTER_S, ExportError
-from collector.receivers.otlp import PROTOBUF, decode_protobuf, encode_response, export_response
+from collector.receivers.otlp import (
+    PROTOBUF,
+    WIRES,
+    decode_protobuf,
+    encode_response,
+    export_response,
+)
 from collector.security import Security
+from collector.signals import Signal
 
 log = logging.getLogger(__name__)
-
-GRPC_SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
 
 
 class GrpcReceiver:
@@ -43,12 +50,13 @@ class GrpcReceiver:
             ("grpc.max_receive_message_length", self._limit),
             ("grpc.so_reuseport", 0),
         ])
-        handler = grpc.method_handlers_generic_handler(GRPC_SERVICE, {
-            # Raw bytes in and out: decoding is ours, so a bad body is INVALID_ARGUMENT with
-            # the same message the HTTP receiver gives.
-            "Export": grpc.unary_unary_rpc_method_handler(self._handle),
-        })
-        server.add_generic_rpc_handlers((handler,))
+        # Raw bytes in and out: decoding is ours, so a bad body is INVALID_ARGUMENT with the
+        # same message the HTTP receiver gives.
+        server.add_generic_rpc_handlers(tuple(
+            grpc.method_handlers_generic_handler(WIRES[signal].service, {
+                "Export": grpc.unary_unary_rpc_method_handler(
+                    functools.partial(self._handle, signal)),
+            }) for signal in Signal))
         material = self._security.grpc_material()
         try:
             if material is None:
@@ -72,22 +80,24 @@ class GrpcReceiver:
             server, self._server = self._server, None
             await server.stop(STOP_GRACE_S)
 
-    async def _handle(self, body: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+    async def _handle(self, signal: Signal, body: bytes,
+                      context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         try:
             self._security.check(_metadata_value(context, "authorization"))
             # Inline, so no local holds the decoded request while the export awaits its commit.
-            outcome = await self._export(decode_protobuf(body), body)
+            outcome = await self._export(signal, decode_protobuf(body, signal), body)
         except ExportError as exc:
             answer = exc.answer
-            self._on_answer(answer.reason)
+            self._on_answer(signal, answer.reason)
             if answer.retryable:
                 info = error_details_pb2.RetryInfo(
                     retry_delay=duration_pb2.Duration(seconds=RETRY_AFTER_S))
                 context.set_trailing_metadata(
                     (("google.rpc.retryinfo-bin", info.SerializeToString()),))
             await context.abort(answer.grpc_code, exc.message)
-        self._on_answer(outcome_label(outcome))
-        return encode_response(export_response(outcome.rejected, outcome.message), PROTOBUF)
+        self._on_answer(signal, outcome_label(outcome))
+        return encode_response(export_response(signal, outcome.rejected, outcome.message),
+                               PROTOBUF)
 
 
 def _metadata_value(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str | None:

@@ -1,8 +1,10 @@
-"""OTLP/HTTP (aiohttp): decodes bodies and hands requests to the export callable; every
-refusal is an ExportError translated through collector.receivers.errors."""
+"""OTLP/HTTP (aiohttp): POST /v1/traces, /v1/logs and /v1/metrics; decodes bodies and hands
+requests to the one export callable with their signal; every refusal is an ExportError
+translated through collector.receivers.errors."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import ssl
 from typing import Any
@@ -25,6 +27,7 @@ from collector.receivers.otlp import (
     DEFLATE_WBITS,
     JSON,
     PROTOBUF,
+    WIRES,
     BoundedGunzip,
     decode,
     encode_response,
@@ -32,10 +35,11 @@ from collector.receivers.otlp import (
     export_response,
 )
 from collector.security import Security
+from collector.signals import Signal
 
 log = logging.getLogger(__name__)
 
-TRACES_PATH = "/v1/traces"
+SIGNAL_PATHS = {WIRES[signal].path: signal for signal in Signal}
 
 
 class HttpReceiver:
@@ -50,7 +54,8 @@ class HttpReceiver:
 
     async def start(self) -> None:
         app = web.Application(client_max_size=self._limit, middlewares=[self._count])
-        app.router.add_route("*", TRACES_PATH, self._handle)
+        for path, signal in SIGNAL_PATHS.items():
+            app.router.add_route("*", path, functools.partial(self._handle, signal))
         app.router.add_route("*", "/{tail:.*}", self._not_found)
         try:
             ssl_context = self._security.server_ssl_context()
@@ -71,20 +76,21 @@ class HttpReceiver:
     @web.middleware
     async def _count(self, request: web.Request, handler: Any) -> web.StreamResponse:
         """Count every answer once, by outcome, whichever of the many exits produced it."""
+        signal = SIGNAL_PATHS.get(request.path)
         try:
             response: web.StreamResponse = await handler(request)
         except BaseException:
-            self._on_answer("error")
+            self._on_answer(signal, "error")
             raise
-        self._on_answer(response.get(OUTCOME_KEY, "error"))
+        self._on_answer(signal, response.get(OUTCOME_KEY, "error"))
         return response
 
     async def _not_found(self, request: web.Request) -> web.Response:
+        routes = ", ".join(f"{signal.value} to {WIRES[signal].path}" for signal in Signal)
         return _refusal(ExportError(Refusal.NOT_FOUND,
-                                    f"no route {request.path}; OTLP traces go to {TRACES_PATH}"),
-                        None)
+                                    f"no route {request.path}; OTLP {routes}"), None)
 
-    async def _handle(self, request: web.Request) -> web.Response:
+    async def _handle(self, signal: Signal, request: web.Request) -> web.Response:
         if request.method != "POST":
             response = _refusal(ExportError(Refusal.METHOD_NOT_ALLOWED,
                                             f"{request.method} not allowed; use POST"), None)
@@ -104,10 +110,11 @@ class HttpReceiver:
         try:
             # No local keeps the body or the decoded request: both are large and the export
             # waits for a commit, so holding them would multiply memory by requests in flight.
-            outcome = await self._export(*decode(await self._read_body(request), content_type))
+            outcome = await self._export(
+                signal, *decode(await self._read_body(request), content_type, signal))
         except ExportError as exc:
             return _refusal(exc, content_type)
-        payload = encode_response(export_response(outcome.rejected, outcome.message),
+        payload = encode_response(export_response(signal, outcome.rejected, outcome.message),
                                   content_type)
         response = web.Response(body=payload, status=200, content_type=content_type)
         response[OUTCOME_KEY] = outcome_label(outcome)

@@ -1,7 +1,9 @@
-"""OTLP wire formats: decode requests, encode answers. No network here, only bytes.
+"""OTLP wire formats of every signal: decode requests, encode answers. No network here, only
+bytes.
 
 OTLP/JSON is proto3 JSON with two differences the protobuf library does not know: trace and
-span ids are hex (not base64) and enum values may be integers. Ids are rewritten before
+span ids are hex (not base64), also in log records, span links and exemplars, and enum values
+may be integers (the library takes those, and names, as they are). Ids are rewritten before
 parsing; unknown fields are ignored as the specification requires.
 """
 
@@ -10,17 +12,27 @@ from __future__ import annotations
 import base64
 import json
 import zlib
+from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf import json_format
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from google.rpc import status_pb2
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
+    ExportLogsServiceRequest,
+    ExportLogsServiceResponse,
+)
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+    ExportMetricsServiceResponse,
+)
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
 
 from collector.receivers.errors import ExportError, Refusal
+from collector.signals import Signal
 
 PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
@@ -28,24 +40,51 @@ ID_FIELDS = ("traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent
 MAX_JSON_DEPTH = 64  # deeper than any real OTLP document; stops recursion bombs early
 
 
-def decode_protobuf(body: bytes) -> ExportTraceServiceRequest:
-    request = ExportTraceServiceRequest()
+
+
+@dataclass(frozen=True, slots=True)
+class Wire:
+    """What differs between the signals on the wire; everything else is shared."""
+
+    path: str  # OTLP/HTTP
+    service: str  # OTLP/gRPC, fully qualified; the method is Export
+    request: type[Message]
+    response: type[Message]
+    rejected_field: str  # the count in the response's partial_success
+
+
+WIRES: dict[Signal, Wire] = {
+    Signal.TRACES: Wire("/v1/traces", "opentelemetry.proto.collector.trace.v1.TraceService",
+                        ExportTraceServiceRequest, ExportTraceServiceResponse,
+                        "rejected_spans"),
+    Signal.LOGS: Wire("/v1/logs", "opentelemetry.proto.collector.logs.v1.LogsService",
+                      ExportLogsServiceRequest, ExportLogsServiceResponse,
+                      "rejected_log_records"),
+    Signal.METRICS: Wire("/v1/metrics", "opentelemetry.proto.collector.metrics.v1.MetricsService",
+                         ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+                         "rejected_data_points"),
+}
+
+
+def decode_protobuf(body: bytes, signal: Signal) -> Any:
+    request_type = WIRES[signal].request
+    request = request_type()
     try:
         request.ParseFromString(body)
     except (DecodeError, RuntimeError, ValueError) as exc:
-        raise ExportError(Refusal.INVALID, f"cannot decode protobuf ExportTraceServiceRequest: "
+        raise ExportError(Refusal.INVALID, f"cannot decode protobuf {request_type.__name__}: "
                                            f"{exc}") from None
     return request
 
 
-def decode(body: bytes, content_type: str) -> tuple[ExportTraceServiceRequest, bytes | None]:
+def decode(body: bytes, content_type: str, signal: Signal) -> tuple[Any, bytes | None]:
     """The request, and its protobuf encoding when the body is one (the mapping reads it)."""
     if content_type == JSON:
-        return decode_json(body), None
-    return decode_protobuf(body), body
+        return decode_json(body, signal), None
+    return decode_protobuf(body, signal), body
 
 
-def decode_json(body: bytes) -> ExportTraceServiceRequest:
+def decode_json(body: bytes, signal: Signal) -> Any:
     try:
         doc = json.loads(body)
     except (UnicodeDecodeError, ValueError) as exc:
@@ -54,15 +93,16 @@ def decode_json(body: bytes) -> ExportTraceServiceRequest:
         raise ExportError(Refusal.INVALID, "invalid JSON: nested too deeply") from None
     if not isinstance(doc, dict):
         raise ExportError(Refusal.INVALID, "OTLP/JSON body must be an object")
+    request_type = WIRES[signal].request
     try:
         _hex_ids_to_base64(doc, 0)
-        request = ExportTraceServiceRequest()
+        request = request_type()
         json_format.ParseDict(doc, request, ignore_unknown_fields=True)
         return request
     except ExportError:
         raise
     except (json_format.ParseError, ValueError, TypeError, RecursionError, SystemError) as exc:
-        raise ExportError(Refusal.INVALID, f"not an OTLP/JSON ExportTraceServiceRequest: "
+        raise ExportError(Refusal.INVALID, f"not an OTLP/JSON {request_type.__name__}: "
                                            f"{exc}") from None
 
 
@@ -133,16 +173,18 @@ def gunzip_bounded(body: bytes, limit: int) -> bytes:
     return inflater.finish()
 
 
-def export_response(rejected: int, message: str) -> ExportTraceServiceResponse:
+def export_response(signal: Signal, rejected: int, message: str) -> Message:
     """Full success leaves partial_success unset, as the specification asks."""
-    response = ExportTraceServiceResponse()
+    wire = WIRES[signal]
+    response = wire.response()
     if rejected or message:
-        response.partial_success.rejected_spans = rejected
-        response.partial_success.error_message = message
+        partial = response.partial_success
+        setattr(partial, wire.rejected_field, rejected)
+        partial.error_message = message
     return response
 
 
-def encode_response(response: ExportTraceServiceResponse, content_type: str) -> bytes:
+def encode_response(response: Message, content_type: str) -> bytes:
     if content_type == JSON:
         text: str = json_format.MessageToJson(response, indent=None)
         return text.encode("utf-8")
@@ -160,5 +202,6 @@ def encode_status(code: int, message: str, content_type: str) -> bytes:
     return data
 
 
-__all__ = ["JSON", "PROTOBUF", "BoundedGunzip", "decode", "decode_json", "decode_protobuf",
-           "encode_response", "encode_status", "export_response", "gunzip_bounded"]
+__all__ = ["JSON", "PROTOBUF", "WIRES", "BoundedGunzip", "Wire", "decode", "decode_json",
+           "decode_protobuf", "encode_response", "encode_status", "export_response",
+           "gunzip_bounded"]

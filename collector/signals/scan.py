@@ -115,17 +115,17 @@ class Scanner:
                     slots[slot] = text
                 else:
                     number = value.int_value
-                    slots[slot] = number if number else _value(value)
+                    slots[slot] = number if number else any_value(value)
             elif (slot := aliases.get(key)) is not None:
                 if slots[slot] is None:
-                    slots[slot] = _value(kv.value)
+                    slots[slot] = any_value(kv.value)
             elif (deep_key is None and kv.value.WhichOneof("value") in NESTED_KINDS
-                  and _depth(kv.value, self._max_depth) > self._max_depth):
+                  and nesting_depth(kv.value, self._max_depth) > self._max_depth):
                 deep_key = key
         return slots, len(attributes), deep_key
 
 
-def _value(value: Any) -> Any:
+def any_value(value: Any) -> Any:
     which = value.WhichOneof("value")
     if which is None:
         return EMPTY
@@ -134,7 +134,7 @@ def _value(value: Any) -> Any:
     return getattr(value, which)
 
 
-def _depth(value: Any, limit: int) -> int:
+def nesting_depth(value: Any, limit: int) -> int:
     """Nesting depth of an AnyValue (a scalar is 0), exploring at most limit + 1 levels."""
     which = value.WhichOneof("value")
     if which == "array_value":
@@ -145,4 +145,4 @@ def _depth(value: Any, limit: int) -> int:
         return 0
     if limit < 0:
         return 1
-    return 1 + max((_depth(child, limit - 1) for child in children), default=0)
+    return 1 + max((nesting_depth(child, limit - 1) for child in children), default=0)

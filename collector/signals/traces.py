@@ -28,14 +28,22 @@ Which spans count as what:
 
 from __future__ import annotations
 
-import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from collector.accounting.pricing import Pricer
+from collector.dialects import DialectSet, effective_dialects
+from collector.signals import values
 from collector.signals.scan import Scanner, SpanScan
+from collector.signals.values import (
+    MAX_ERROR_MESSAGES,
+    MAX_TIME_NS,
+    MAX_TOKEN_COUNT,
+    MAX_VALUE_IN_MESSAGE,
+    InvalidRecord,
+)
 
 KINDS = ("interactive", "autonomous", "acp")
 STATUSES = ("active", "completed", "failed", "cancelled", "unknown")
@@ -46,17 +54,6 @@ DEFAULT_CHANNEL = "cli"
 MODEL_CALL_OPERATIONS = frozenset({"chat", "text_completion", "generate_content"})
 TRACE_ID_BYTES = 16
 SPAN_ID_BYTES = 8
-# Bounds that keep every stored number exact: SQLite integers are signed 64-bit, and a sum that
-# passes 2**63 silently becomes a float. No call uses a trillion tokens or costs a billion USD;
-# with these caps a session needs millions of absurd spans before its sums could overflow.
-MAX_TOKEN_COUNT = 10**12
-MAX_COST_USD = 1e9
-MAX_TIME_NS = 2**63 - 1  # year 2262, the end of signed 64-bit nanoseconds
-# Error messages returned to the exporter are capped so one bad request cannot make a huge
-# answer; the count of rejected spans is always exact.
-MAX_ERROR_MESSAGES = 5
-MAX_VALUE_IN_MESSAGE = 64
-
 # Attribute slots: every attribute the mapping reads gets an index into a flat list, so one pass
 # over a span's attributes with one dict lookup each finds everything.
 (
@@ -161,6 +158,9 @@ class MappingOptions:
     # False: read attributes with the Python scanner even when the compiled one is installed
     # (the tests run both).
     compiled_scanner: bool = True
+    # The agents' dialects (built-ins plus config); resources and scopes they recognise are
+    # read by their rules instead of the generic conventions.
+    dialects: DialectSet = field(default_factory=lambda: DialectSet(effective_dialects()))
     scanner: Scanner = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -175,6 +175,9 @@ class MappingOptions:
 
 @dataclass(slots=True)
 class MappingResult:
+    """What mapping one request of any signal gave. `spans` counts the request's items: spans,
+    log records or data points (the name predates logs and metrics)."""
+
     records: list[SpanUsage] = field(default_factory=list)
     spans: int = 0
     rejected: int = 0
@@ -183,6 +186,8 @@ class MappingResult:
     errors: list[str] = field(default_factory=list)
     # (attribute, value) pairs outside the allowed sets, replaced by the column default.
     invalid_values: list[tuple[str, str]] = field(default_factory=list)
+    # Cumulative metric points, made usage by the store (collector.signals.metrics).
+    cumulative: list[Any] = field(default_factory=list)
 
     def reject(self, message: str) -> None:
         self.rejected += 1
@@ -198,8 +203,8 @@ class MappingResult:
         return "; ".join(self.errors) + tail
 
 
-class InvalidSpan(Exception):
-    """A span whose values break the conventions; it is rejected, its request is not."""
+# A span whose values break the conventions; it is rejected, its request is not.
+InvalidSpan = InvalidRecord
 
 
 def count_spans(request: Any) -> int:
@@ -209,16 +214,22 @@ def count_spans(request: Any) -> int:
 def map_request(request: Any, options: MappingOptions, now_ns: int,
                 wire: bytes | None = None) -> MappingResult:
     """Map an ExportTraceServiceRequest to usage records. `wire` is its protobuf encoding
-    when the caller has it (the bytes it was decoded from)."""
+    when the caller has it (the bytes it was decoded from).
+
+    Spans of a scope an agent's dialect recognises are read by the dialect's rules
+    (collector.signals.records); all others by the generic conventions below."""
     result = MappingResult()
     records = result.records
-    for (resource_values, count, deep_key), spans in options.scanner.scan(request, wire):
+    dialects = options.dialects
+    for index, ((resource_values, count, deep_key), spans) in enumerate(
+            options.scanner.scan(request, wire)):
         problem = _attribute_problem(count, deep_key, options)
         if problem:
             for _ in spans:
                 result.spans += 1
                 result.reject(f"resource: {problem}")
             continue
+        scopes = _dialect_scopes(request.resource_spans[index], dialects) if dialects else None
         # Only the groups the resource actually sets need a fallback per span (usually none).
         fallbacks = [(group, [resource_values[s] for s in group]) for group in FIELD_GROUPS
                      if any(resource_values[s] is not None for s in group)]
@@ -231,6 +242,10 @@ def map_request(request: Any, options: MappingOptions, now_ns: int,
             for _ in spans:
                 result.spans += 1
                 result.reject(str(exc))
+            continue
+        if scopes is not None:
+            _map_dialect_scopes(request.resource_spans[index], scopes, spans, fallbacks,
+                                labels, options, now_ns, result)
             continue
         for span in spans:
             result.spans += 1
@@ -246,6 +261,59 @@ def map_request(request: Any, options: MappingOptions, now_ns: int,
                 if not record.priced:
                     result.unpriced += 1
     return result
+
+
+def _dialect_scopes(resource_spans: Any, dialects: DialectSet) -> list[Any] | None:
+    """Per scope of the resource, the dialect that reads it; None when none does (the common
+    case, decided from the service name and scope names alone)."""
+    service = ""
+    for kv in resource_spans.resource.attributes:
+        if kv.key == "service.name":
+            service = kv.value.string_value
+            break
+    found = [dialects.find(service, ss.scope.name) for ss in resource_spans.scope_spans]
+    return found if any(d is not None for d in found) else None
+
+
+def _map_dialect_scopes(resource_spans: Any, scopes: list[Any], spans: list[SpanScan],
+                        fallbacks: list[tuple[tuple[int, ...], list[Any]]], labels: Labels,
+                        options: MappingOptions, now_ns: int, result: MappingResult) -> None:
+    """A resource with a dialect's scopes: those scopes' spans go through the dialect, the
+    others (same resource, other instrumentation) through the generic mapping."""
+    from collector.signals import records as dialect_records  # it builds on this module
+
+    resource: dict[str, Any] | None = None
+    offset = 0
+    for dialect, ss in zip(scopes, resource_spans.scope_spans, strict=True):
+        scanned = spans[offset:offset + len(ss.spans)]
+        offset += len(ss.spans)
+        for span, scan in zip(ss.spans, scanned, strict=True):
+            result.spans += 1
+            try:
+                if dialect is None:
+                    record = map_span(scan, fallbacks, labels, options, now_ns, result)
+                else:
+                    if resource is None:
+                        resource = dialect_records.attributes_of(
+                            resource_spans.resource.attributes, options, "resource",
+                            dialect.read_attributes)
+                    ref = f"span {_ref(span.span_id)}"
+                    record = dialect_records.map_record(dialect, dialect_records.Record(
+                        "traces", (span.name,),
+                        dialect_records.attributes_of(span.attributes, options, ref,
+                                                      dialect.read_attributes),
+                        resource, span.trace_id, span.span_id, span.start_time_unix_nano,
+                        span.end_time_unix_nano, span.trace_id + span.span_id, ref),
+                        options, now_ns, result)
+            except InvalidSpan as exc:
+                result.reject(str(exc))
+                continue
+            if record is None:
+                result.ignored += 1
+            else:
+                result.records.append(record)
+                if not record.priced:
+                    result.unpriced += 1
 
 
 def _attribute_problem(count: int, deep_key: str | None, options: MappingOptions) -> str:
@@ -442,10 +510,10 @@ def _ref(span_id: bytes) -> str:
 
 def _bounded(text: str, slot: int, span_id: bytes, limit: int) -> str:
     """A stored text value within the byte limit, else the span is rejected."""
-    if len(text) > limit or (not text.isascii() and len(text.encode()) > limit):
-        raise InvalidSpan(f"span {_ref(span_id)}: {SLOT_NAMES[slot]} is longer than {limit} "
-                          f"bytes")
-    return text
+    return values.bounded(text, SLOT_NAMES[slot], f"span {_ref(span_id)}", limit)
+
+
+_text = values.text
 
 
 def _labels(v: list[Any], fallback: Labels, who: str, limit: int) -> Labels:
@@ -476,65 +544,18 @@ def _label(value: Any, slot: int, who: str, limit: int) -> str | None:
     return text
 
 
-def _text(value: Any) -> str:
-    """A string attribute as text; integers are accepted for ids. Anything else is ''."""
-    if value.__class__ is str:
-        text: str = value
-        return text
-    if value.__class__ is int:  # not bool: bool is a subclass of int, not int itself
-        return str(value)
-    return ""
-
-
 def _check_session_id(session_id: str, span_id: bytes, max_length: int) -> None:
-    if len(session_id) > max_length:
-        raise InvalidSpan(f"span {_ref(span_id)}: session id longer than {max_length} "
-                          f"characters")
-    if not session_id.isprintable():
-        raise InvalidSpan(f"span {_ref(span_id)}: session id contains control characters")
-
-
-def _show(value: Any) -> str:
-    shown = repr(value)
-    return shown if len(shown) <= MAX_VALUE_IN_MESSAGE else shown[:MAX_VALUE_IN_MESSAGE] + "..."
+    values.session_id(session_id, f"span {_ref(span_id)}", max_length)
 
 
 def _count(value: Any, slot: int, span_id: bytes) -> int:
-    """A token count: an integer up to MAX_TOKEN_COUNT (integral doubles and digit strings
-    accepted); `slot` names the attribute in errors."""
-    number: int | None = None
-    if value.__class__ is int:
-        number = value
-    elif value.__class__ is float:
-        if math.isfinite(value) and value.is_integer():
-            number = int(value)
-    elif value.__class__ is str:
-        text = value.strip()
-        if text.isascii() and text.isdigit():
-            number = int(text)
-    if number is not None and 0 <= number <= MAX_TOKEN_COUNT:
-        return number
-    raise InvalidSpan(
-        f"span {_ref(span_id)}: {SLOT_NAMES[slot]} must be an integer from 0 to "
-        f"{MAX_TOKEN_COUNT}, got {_show(value)}")
+    """A token count; `slot` names the attribute in errors (off the hot path: plain ints are
+    read inline by map_span)."""
+    return values.count(value, SLOT_NAMES[slot], f"span {_ref(span_id)}")
 
 
 def _cost(value: Any, slot: int, span_id: bytes) -> float:
-    number: float | None = None
-    if value.__class__ is float:
-        number = value
-    elif value.__class__ is int:
-        number = float(value)
-    elif value.__class__ is str:
-        try:
-            number = float(value)
-        except ValueError:
-            number = None
-    if number is None or not 0 <= number <= MAX_COST_USD:  # also rejects NaN
-        raise InvalidSpan(
-            f"span {_ref(span_id)}: {SLOT_NAMES[slot]} must be a number of USD from 0 to "
-            f"{MAX_COST_USD:g}, got {_show(value)}")
-    return number
+    return values.cost_usd(value, SLOT_NAMES[slot], f"span {_ref(span_id)}")
 
 
 def _choice(value: Any, allowed: tuple[str, ...], default: str, slot: int,

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from collector.accounting.aggregate import HOUR_NS, Batch, HourDelta, HourKey, SessionDelta
+from collector.signals.metrics import CumulativePoint, scaled
 from collector.signals.traces import KEY_BYTES
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,12 @@ CREATE INDEX IF NOT EXISTS collector_session_labels_user ON collector_session_la
 CREATE INDEX IF NOT EXISTS collector_session_labels_host ON collector_session_labels (host);
 CREATE INDEX IF NOT EXISTS collector_usage_hourly_session
     ON collector_usage_hourly (session_id, hour);
+CREATE TABLE IF NOT EXISTS collector_metric_series (
+    series BLOB PRIMARY KEY,
+    start_ns INTEGER NOT NULL,
+    time_ns INTEGER NOT NULL,
+    value REAL NOT NULL
+) WITHOUT ROWID;
 """
 LABELS_TABLE = "collector_session_labels"
 HOURLY_TABLE = "collector_usage_hourly"
@@ -288,6 +295,14 @@ ON CONFLICT (id) DO UPDATE SET
     host = CASE WHEN excluded.host IS NOT NULL AND excluded.host_ns >= host_ns
         THEN excluded.host ELSE host END,
     host_ns = max(host_ns, excluded.host_ns)
+"""
+
+# Series are few (one per session, model and token type) and cumulative points rare next to
+# spans, so these go row by row with their keys as blobs.
+UPSERT_SERIES = """
+INSERT INTO collector_metric_series (series, start_ns, time_ns, value) VALUES (?, ?, ?, ?)
+ON CONFLICT (series) DO UPDATE SET
+    start_ns = excluded.start_ns, time_ns = excluded.time_ns, value = excluded.value
 """
 
 SWEEP_STALE = """
@@ -490,6 +505,8 @@ class SQLiteStore:
                     "UPDATE collector_meta SET value = value + ? WHERE name = ? RETURNING value",
                     (len(applied.keys), SEEN_CURRENT_COUNT)).fetchone()
                 seen_current = None if row is None else int(row[0])
+            if batch.cumulative:
+                applied = _with_cumulative(db, applied, batch.cumulative)
             deltas = list(applied.sessions.values())
             if deltas:
                 totals = applied.totals()
@@ -553,6 +570,10 @@ class SQLiteStore:
                 "name = ?1) WHERE name = ?2", (SEEN_CURRENT_COUNT, SEEN_PREVIOUS_COUNT))
             db.execute("UPDATE collector_meta SET value = 0 WHERE name = ?",
                        (SEEN_CURRENT_COUNT,))
+            # Series silent for two periods are forgotten with the span ids of their time: a
+            # point of one arriving later counts from zero, as a new series would.
+            db.execute("DELETE FROM collector_metric_series WHERE time_ns < ?",
+                       (now_ns - 2 * self._retention_ns,))
             log.info("dedupe window rotated; span ids older than %d s forgotten",
                      self._retention_ns // 1_000_000_000)
             started = now_ns
@@ -584,6 +605,53 @@ def _record_seen(db: sqlite3.Connection, batch: Batch) -> Batch:
     if rest.keys:
         db.execute(INSERT_SEEN, (b"".join(rest.keys), len(rest.keys)))
     return rest
+
+
+SERIES_CHUNK = 500
+
+
+def _with_cumulative(db: sqlite3.Connection, applied: Batch,
+                     points: list[CumulativePoint]) -> Batch:
+    """The batch plus the usage of its cumulative metric points: each point's difference from
+    the last value stored for its series, in this transaction, so a restart or another
+    collector on this file neither loses nor doubles any of it.
+
+    Per series, in time order: a point at or before the stored time adds nothing (a retry or
+    a late export); a later point with the same start adds its increase; a new start time (or
+    a value that went down) is a reset and adds its whole value; a first point adds its whole
+    value (the series was never counted)."""
+    series = sorted({p.series for p in points})
+    stored: dict[bytes, tuple[int, int, float]] = {}
+    for i in range(0, len(series), SERIES_CHUNK):
+        chunk = series[i:i + SERIES_CHUNK]
+        marks = ",".join("?" * len(chunk))
+        for key, start, time_ns, value in db.execute(
+                "SELECT series, start_ns, time_ns, value FROM collector_metric_series "
+                f"WHERE series IN ({marks})", chunk):
+            stored[bytes(key)] = (int(start), int(time_ns), float(value))
+    resolved = []
+    for point in sorted(points, key=lambda p: (p.series, p.time_ns)):
+        last = stored.get(point.series)
+        if last is None or point.start_ns > last[0]:
+            delta = point.value
+        elif point.start_ns < last[0] or point.time_ns <= last[1]:
+            continue
+        elif point.value < last[2]:
+            delta = point.value
+        else:
+            delta = point.value - last[2]
+        stored[point.series] = (point.start_ns, point.time_ns, point.value)
+        if delta:
+            resolved.append(scaled(point.unit, delta, point.is_cost, point.key,
+                                   point.session_id, point.start_ns or point.time_ns,
+                                   point.time_ns, point.model, point.labels))
+    db.executemany(UPSERT_SERIES, ((k, *v) for k, v in stored.items()))
+    if not resolved:
+        return applied
+    combined = Batch(duplicates=applied.duplicates)
+    combined.add(applied.records)
+    combined.add(resolved)
+    return combined
 
 
 def _read_seen_counts(db: sqlite3.Connection) -> tuple[int, int]:

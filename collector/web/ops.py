@@ -26,8 +26,9 @@ from prometheus_client.exposition import choose_encoder
 
 from collector import __version__
 from collector.config import Endpoint
-from collector.pipeline import Pipeline, Stats
+from collector.pipeline import ItemCounts, Pipeline, Stats
 from collector.receivers.common import start_app
+from collector.signals import Signal
 from collector.signals.traces import STATUSES
 from collector.store.sqlite import SQLiteStore, count_sessions_by_status
 
@@ -55,6 +56,40 @@ class Gauges:
     sessions_by_status: Mapping[str, int]
 
 
+# Metric name stems per signal, as the OpenTelemetry Collector names its own receiver metrics.
+ITEM_STEMS = {Signal.TRACES: "spans", Signal.LOGS: "log_records",
+              Signal.METRICS: "data_points"}
+_NOT_USAGE = {Signal.TRACES: " (no session id, tools, HTTP calls)",
+              Signal.LOGS: " (most of an agent's log records)",
+              Signal.METRICS: " (most of an agent's metrics)"}
+
+
+def item_families(signal: Signal, counts: ItemCounts) -> list[Metric]:
+    """received, rejected{reason}, unpriced and ignored for one signal's items."""
+    stem = ITEM_STEMS[signal]
+    noun = signal.items.capitalize()
+    rejected = CounterMetricFamily(
+        f"collector_{stem}_rejected",
+        f"{noun} not accounted, by reason: invalid ones (their request was accepted) and those "
+        f"in requests refused as a whole (overloaded, shutting_down, too_large)",
+        labels=("reason",))
+    rejected.add_metric(("invalid",), counts.rejected)
+    for reason, count in sorted(counts.refused.items()):
+        rejected.add_metric((reason,), count)
+    return [
+        CounterMetricFamily(f"collector_{stem}_received",
+                            f"{noun} decoded from export requests that reached the mapping",
+                            value=counts.received),
+        rejected,
+        CounterMetricFamily(f"collector_{stem}_unpriced",
+                            f"{noun} with tokens but no known price (counted at cost 0)",
+                            value=counts.unpriced),
+        CounterMetricFamily(f"collector_{stem}_ignored",
+                            f"{noun} that are not usage{_NOT_USAGE[signal]}",
+                            value=counts.ignored),
+    ]
+
+
 def metric_families(stats: Stats, gauges: Gauges) -> list[Metric]:
     """Prometheus families for the pipeline's counters and gauges. Pure: values in, families out.
 
@@ -65,22 +100,13 @@ def metric_families(stats: Stats, gauges: Gauges) -> list[Metric]:
     def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
         return CounterMetricFamily(name, doc, value=value)
 
-    rejected = CounterMetricFamily(
-        "collector_spans_rejected",
-        "Spans not accounted, by reason: invalid spans (their request was accepted) and spans "
-        "in requests refused as a whole (overloaded, shutting_down, too_large)",
-        labels=("reason",))
-    rejected.add_metric(("invalid",), stats.spans_rejected)
-    for reason, count in sorted(stats.spans_refused.items()):
-        rejected.add_metric((reason,), count)
-
     requests = CounterMetricFamily(
-        "collector_requests", "Export requests answered, by transport and outcome (ok, partial "
-        "when some spans were rejected, or the refusal's reason)",
-        labels=("transport", "outcome"))
-    for (transport, outcome), count in sorted(stats.answers.items()):
-        requests.add_metric((transport, outcome), count)
-
+        "collector_requests", "Export requests answered, by transport, signal (traces, logs, "
+        "metrics; unknown for a path naming none) and outcome (ok, partial when some items were "
+        "rejected, or the refusal's reason)",
+        labels=("transport", "signal", "outcome"))
+    for (transport, signal, outcome), count in sorted(stats.answers.items()):
+        requests.add_metric((transport, signal, outcome), count)
     sessions = GaugeMetricFamily("collector_sessions", "Sessions in the database, by status",
                                  labels=("status",))
     for status in sorted({*STATUSES, *gauges.sessions_by_status}):
@@ -91,22 +117,15 @@ def metric_families(stats: Stats, gauges: Gauges) -> list[Metric]:
     info.add_metric((__version__,), 1)
 
     return [
-        counter("collector_spans_received",
-                "Spans decoded from export requests that reached the mapping",
-                stats.spans_received),
+        *item_families(Signal.TRACES, stats.items[Signal.TRACES]),
         counter("collector_spans_accepted",
-                "Usage spans committed to the database (each span at most once)",
-                stats.spans_accepted),
-        rejected,
+                "Usage records committed to the database (each at most once), whichever "
+                "signal carried them", stats.spans_accepted),
         counter("collector_spans_duplicate",
-                "Spans ignored because their trace and span id were already accounted",
+                "Usage records ignored because they were already accounted",
                 stats.spans_duplicate),
-        counter("collector_spans_unpriced",
-                "Spans with tokens but no known price (counted at cost 0)",
-                stats.spans_unpriced),
-        counter("collector_spans_ignored",
-                "Spans that are not usage (no session id, tools, HTTP calls)",
-                stats.spans_ignored),
+        *item_families(Signal.LOGS, stats.items[Signal.LOGS]),
+        *item_families(Signal.METRICS, stats.items[Signal.METRICS]),
         counter("collector_attribute_values_invalid",
                 "Session attributes outside their allowed set, stored as the column default",
                 stats.invalid_values),

@@ -33,11 +33,19 @@ MS = 1_000_000
 SECOND = 1_000_000_000
 
 
+_ports_given: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A port free now and never given before in this run: a daemon takes four, asked for one
+    after another, and the kernel may hand a just-released port out again."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        if port not in _ports_given:
+            _ports_given.add(port)
+            return port
 
 
 def make_span(

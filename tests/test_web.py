@@ -28,9 +28,9 @@ from tests.conftest import Daemon, make_span
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-AGENTS = (("claude-code", "2.1.0", "ana@example.com", "build-1"),
-          ("codex", "0.169.0", "bo@example.com", "laptop-2"),
-          ("gemini-cli", "0.61.0", "ana@example.com", "build-1"))
+AGENTS = (("support-bot", "2.1.0", "ana@example.com", "build-1"),
+          ("triage-agent", "0.169.0", "bo@example.com", "laptop-2"),
+          ("review-agent", "0.61.0", "ana@example.com", "build-1"))
 MODELS = ("claude-sonnet-4", "gpt-5", "gemini-2.5-pro")
 SESSIONS = 12
 UI_TIMEOUT_MS = 20_000
@@ -161,8 +161,8 @@ def test_sessions_pages_cover_every_session_once_in_order(fleet: Daemon) -> None
 
 def test_session_filters_and_search(fleet: Daemon) -> None:
     labels = db(fleet, "SELECT id, agent, user_name, host FROM collector_session_labels")
-    page = get_json(fleet, "/api/sessions?agent=codex&limit=500")
-    assert {s["id"] for s in page["sessions"]} == {r[0] for r in labels if r[1] == "codex"}
+    page = get_json(fleet, "/api/sessions?agent=triage-agent&limit=500")
+    assert {s["id"] for s in page["sessions"]} == {r[0] for r in labels if r[1] == "triage-agent"}
     page = get_json(fleet, "/api/sessions?user=ana%40example.com&status=active&limit=500")
     statuses = dict(db(fleet, "SELECT id, status FROM agent_sessions"))
     assert {s["id"] for s in page["sessions"]} == {
@@ -177,7 +177,7 @@ def test_session_filters_and_search(fleet: Daemon) -> None:
 
 def test_session_detail_is_its_hourly_rollup(fleet: Daemon) -> None:
     data = get_json(fleet, "/api/sessions/web-03")
-    assert data["session"]["agent"] == "claude-code" and data["session"]["host"] == "build-1"
+    assert data["session"]["agent"] == "support-bot" and data["session"]["host"] == "build-1"
     rows = db(fleet, "SELECT hour, model, turns, cost_cents FROM collector_usage_hourly WHERE "
                      "session_id = 'web-03' ORDER BY hour, model")
     assert [(h["hour"], h["model"], h["turns"]) for h in data["hours"]] == [r[:3] for r in rows]
@@ -187,13 +187,13 @@ def test_session_detail_is_its_hourly_rollup(fleet: Daemon) -> None:
 
 
 def test_csv_export_is_the_filtered_table(fleet: Daemon) -> None:
-    status, headers, body = get(fleet.web_url + "/api/sessions.csv?agent=gemini-cli&sort=id"
+    status, headers, body = get(fleet.web_url + "/api/sessions.csv?agent=review-agent&sort=id"
                                                 "&order=asc")
     assert status == 200 and headers["Content-Type"].startswith("text/csv")
     rows = list(csv.DictReader(io.StringIO(body.decode())))
     expected = db(fleet, "SELECT s.id, s.turns, s.cost_cents FROM agent_sessions s JOIN "
                          "collector_session_labels l ON l.id = s.id WHERE l.agent = "
-                         "'gemini-cli' ORDER BY s.id")
+                         "'review-agent' ORDER BY s.id")
     assert [(r["id"], int(r["turns"]), float(r["cost_usd"])) for r in rows] == [
         (i, t, round(c / 100, 8)) for i, t, c in expected]
 
@@ -328,9 +328,9 @@ def test_sessions_page_filters_sorts_and_opens_a_session(fleet: Daemon, page: An
     rows = page.locator("[data-testid=sessions-table] tbody tr")
     page.get_by_test_id("total").wait_for()
     assert rows.count() == SESSIONS
-    page.locator("select[data-filter=agent]").select_option("codex")
+    page.locator("select[data-filter=agent]").select_option("triage-agent")
     codex = {r[0] for r in db(fleet, "SELECT id FROM collector_session_labels WHERE agent = "
-                                     "'codex'")}
+                                     "'triage-agent'")}
     page.wait_for_function(f"document.querySelectorAll('tbody tr').length === {len(codex)}")
     assert {rows.nth(i).get_attribute("data-session") for i in range(rows.count())} == codex
     assert page.get_by_test_id("total").inner_text() == f"{len(codex)} sessions"

@@ -60,7 +60,7 @@ def test_empty_config_is_all_defaults() -> None:
     assert str(config.receivers.grpc_endpoint) == "127.0.0.1:4317"
     assert str(config.receivers.http_endpoint) == "127.0.0.1:4318"
     assert config.sqlite_path == CONFIGS / "data" / "agent_sessions.db"
-    assert (config.flush_interval_ms, config.stale_after_s) == (200, 3600)
+    assert (config.flush_interval_ms, config.stale_after_s) == (0, 3600)
     assert config.dedupe_retention_s == 24 * 3600
     assert config.ops_endpoint == defaults.ops_endpoint
     assert str(config.ops_endpoint) == DEFAULT_OPS_ENDPOINT == "127.0.0.1:8888"
@@ -95,6 +95,7 @@ def test_shipped_config_toml_is_valid_and_matches_the_defaults() -> None:
     ("bad_unknown_section.toml", "telemetry", "unknown key"),
     ("bad_type.toml", "flush.interval_ms", "must be an integer"),
     ("bad_negative.toml", "sessions.stale_after_s", "must be >= 1"),
+    ("bad_flush_negative.toml", "flush.interval_ms", "must be >= 0"),
     ("bad_endpoint.toml", "receivers.otlp.grpc_endpoint", "expected host:port"),
     ("bad_port.toml", "receivers.otlp.http_endpoint", "port must be 1-65535"),
     ("bad_both_disabled.toml", "receivers.otlp", "enable at least one"),

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -328,12 +329,23 @@ class CommitResult:
     swept: int  # sessions marked 'unknown' by the stale sweep
 
 
+# Seconds whose formatted prefix is kept: a flush's span times cluster within a few seconds
+# (hour starts repeat too), so formatting is mostly a lookup plus the milliseconds.
+SECOND_PREFIXES_CACHED = 4096
+
+
+@functools.lru_cache(maxsize=SECOND_PREFIXES_CACHED)
+def _second_prefix(seconds: int) -> str:
+    tm = time.gmtime(seconds)
+    return (f"{tm.tm_year:04d}-{tm.tm_mon:02d}-{tm.tm_mday:02d}T{tm.tm_hour:02d}:"
+            f"{tm.tm_min:02d}:{tm.tm_sec:02d}.")
+
+
 def iso_utc(ns: int) -> str:
     """YYYY-MM-DDTHH:MM:SS.mmmZ; fixed width, so text order is time order."""
     seconds, rest = divmod(max(ns, 0), 1_000_000_000)
-    tm = time.gmtime(min(seconds, 253402300799))  # clamp to year 9999
-    return (f"{tm.tm_year:04d}-{tm.tm_mon:02d}-{tm.tm_mday:02d}T{tm.tm_hour:02d}:"
-            f"{tm.tm_min:02d}:{tm.tm_sec:02d}.{rest // 1_000_000:03d}Z")
+    # clamp to year 9999
+    return f"{_second_prefix(min(seconds, 253402300799))}{rest // 1_000_000:03d}Z"
 
 
 ROWS_PER_STATEMENT = 1000

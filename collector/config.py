@@ -6,6 +6,7 @@ the key and the file, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import tomllib
 from collections.abc import Mapping
@@ -50,6 +51,8 @@ DEFAULT_MAX_VALUE_DEPTH = 8
 # The operations listener (/metrics, /healthz, /readyz); 8888 is where the OpenTelemetry
 # Collector serves its own metrics, so dashboards and scrape configs expect it.
 DEFAULT_OPS_ENDPOINT = "127.0.0.1:8888"
+DEFAULT_WEB_ENDPOINT = "127.0.0.1:8889"  # the fleet view; beside the ops listener
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 MAX_TOKEN_FILE_BYTES = 4096
 LOG_LEVELS = ("debug", "info", "warning", "error")
 PRICE_KEYS = ("input", "output", "cache_read", "cache_write")
@@ -141,6 +144,7 @@ class Config:
     auth_token: str | None = field(default=None, repr=False)
     tls: TlsConfig | None = None
     ops_endpoint: Endpoint | None = Endpoint("127.0.0.1", 8888)
+    web_endpoint: Endpoint | None = Endpoint("127.0.0.1", 8889)
     # The agents' dialects in effect: the built-ins with the file's [dialects.NAME] over them.
     dialects: tuple[Dialect, ...] = field(default_factory=effective_dialects)
 
@@ -162,6 +166,7 @@ _SCHEMA: dict[str, dict[str, type]] = {
     "auth": {"token_file": str},
     "tls": {"cert_file": str, "key_file": str, "client_ca_file": str},
     "ops": {"endpoint": str},
+    "web": {"endpoint": str},
 }
 
 
@@ -214,6 +219,16 @@ def parse_config(doc: Mapping[str, Any], *, source: str, base_dir: Path) -> Conf
     if ops is not None and ops in (grpc, http):
         raise ConfigError(source, "ops.endpoint", f"same address as an OTLP receiver ({ops})")
 
+    web = _parse_endpoint(source, "web.endpoint", get("web.endpoint", DEFAULT_WEB_ENDPOINT))
+    if web is not None and web in (grpc, http, ops):
+        raise ConfigError(source, "web.endpoint", f"same address as another listener ({web})")
+    auth_token = _read_token(source, base_dir, get("auth.token_file", ""))
+    if web is not None and auth_token is None and not _is_loopback(web.host):
+        # Spend, users and hosts of a whole fleet are not for everyone on the network.
+        raise ConfigError(source, "web.endpoint",
+                          f"{web} is not a loopback address; set auth.token_file to serve the "
+                          "fleet view beyond this machine")
+
     sqlite_path = get("storage.sqlite_path", DEFAULT_SQLITE_PATH)
     if not sqlite_path.strip():
         raise ConfigError(source, "storage.sqlite_path", "must not be empty")
@@ -226,6 +241,13 @@ def parse_config(doc: Mapping[str, Any], *, source: str, base_dir: Path) -> Conf
         raise ConfigError(source, "storage.backend",
                           f"must be one of {', '.join(STORAGE_BACKENDS)}; got {backend!r}")
     postgres = _parse_postgres(source, base_dir, values, backend)
+    if postgres is not None and web is not None:
+        # The fleet view's queries read the SQLite file; on PostgreSQL it is off (not yet
+        # ported), and asking for it is an error rather than a view of an empty file.
+        if "web.endpoint" in values:
+            raise ConfigError(source, "web.endpoint", 'the fleet view reads SQLite only so far; '
+                              'set web.endpoint = "" with storage.backend = "postgres"')
+        web = None
 
     level = get("log.level", DEFAULT_LOG_LEVEL).lower()
     if level not in LOG_LEVELS:
@@ -269,11 +291,21 @@ def parse_config(doc: Mapping[str, Any], *, source: str, base_dir: Path) -> Conf
             )
         }),
         aliases=_parse_aliases(source, get("mapping.aliases", {})),
-        auth_token=_read_token(source, base_dir, get("auth.token_file", "")),
+        auth_token=auth_token,
         tls=_parse_tls(source, base_dir, values),
         ops_endpoint=ops,
+        web_endpoint=web,
         dialects=dialects,
     )
+
+
+def _is_loopback(host: str) -> bool:
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _parse_aliases(source: str, table: Mapping[str, Any]) -> dict[str, str]:

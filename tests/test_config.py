@@ -11,6 +11,7 @@ import pytest
 
 from collector.config import (
     DEFAULT_OPS_ENDPOINT,
+    DEFAULT_WEB_ENDPOINT,
     Config,
     ConfigError,
     Endpoint,
@@ -37,6 +38,7 @@ def test_full_config_sets_every_key() -> None:
     assert config.agent_span_tokens is True
     assert config.log_level == "debug"
     assert config.ops_endpoint == Endpoint("0.0.0.0", 19888)
+    assert config.web_endpoint == Endpoint("0.0.0.0", 19889)  # allowed: auth.token_file is set
     assert config.limits == Limits(max_spans_per_request=500, max_attributes_per_span=64,
                                    max_attribute_value_bytes=1024, max_value_depth=4)
     assert config.aliases == {"app.thread_id": "session.id"}
@@ -62,6 +64,15 @@ def test_empty_config_is_all_defaults() -> None:
     assert config.dedupe_retention_s == 24 * 3600
     assert config.ops_endpoint == defaults.ops_endpoint
     assert str(config.ops_endpoint) == DEFAULT_OPS_ENDPOINT == "127.0.0.1:8888"
+    assert str(config.web_endpoint) == DEFAULT_WEB_ENDPOINT == "127.0.0.1:8889"
+
+
+def test_web_endpoint_can_be_disabled_and_needs_auth_beyond_loopback() -> None:
+    assert load_config(CONFIGS / "good_web_disabled.toml").web_endpoint is None
+    assert load_config(CONFIGS / "good_web_ipv6_loopback.toml").web_endpoint == Endpoint(
+        "::1", 19889)
+    public = load_config(CONFIGS / "good_web_public_with_auth.toml")
+    assert public.web_endpoint == Endpoint("0.0.0.0", 19889) and public.auth_token
 
 
 def test_ops_endpoint_can_be_disabled() -> None:
@@ -74,7 +85,8 @@ def test_shipped_config_toml_is_valid_and_matches_the_defaults() -> None:
     assert config.receivers == defaults.receivers
     assert config.sqlite_path == ROOT / "data" / "agent_sessions.db"
     for key in ("flush_interval_ms", "max_pending_spans", "stale_after_s", "dedupe_retention_s",
-                "agent_span_tokens", "max_session_id_length", "log_level", "ops_endpoint"):
+                "agent_span_tokens", "max_session_id_length", "log_level", "ops_endpoint",
+                "web_endpoint"):
         assert getattr(config, key) == getattr(defaults, key), key
 
 
@@ -96,6 +108,8 @@ def test_shipped_config_toml_is_valid_and_matches_the_defaults() -> None:
     ("bad_receivers_other.toml", "receivers.zipkin", "unknown key"),
     ("bad_ops_same_endpoint.toml", "ops.endpoint", "same address as an OTLP receiver"),
     ("bad_ops_endpoint.toml", "ops.endpoint", "expected host:port"),
+    ("bad_web_public_no_auth.toml", "web.endpoint", "set auth.token_file"),
+    ("bad_web_same_endpoint.toml", "web.endpoint", "same address as another listener"),
     ("bad_tls_half.toml", "tls.key_file", "needs both"),
     ("bad_tls_not_pem.toml", "tls.cert_file", "not a PEM file"),
     ("bad_token_missing.toml", "auth.token_file", "cannot read"),
@@ -111,6 +125,7 @@ def test_shipped_config_toml_is_valid_and_matches_the_defaults() -> None:
     ("bad_pg_connect_timeout.toml", "storage.postgres_connect_timeout_s", "must be >= 2"),
     ("bad_pg_commit_timeout.toml", "storage.postgres_commit_timeout_s", "must be >= 1"),
     ("bad_pg_password_file.toml", "storage.postgres_password_file", "cannot read"),
+    ("bad_pg_web.toml", "web.endpoint", "reads SQLite only so far"),
 ])
 def test_bad_config_names_key_and_file(name: str, key: str, words: str) -> None:
     with pytest.raises(ConfigError) as info:
@@ -129,6 +144,7 @@ def test_postgres_backend_reads_every_storage_key() -> None:
     assert pg.password == "hunter2-pg"  # the file's line, without its newline
     assert (pg.connect_timeout_s, pg.commit_timeout_s) == (5, 7)
     assert "hunter2" not in repr(config)
+    assert config.web_endpoint is None  # the fleet view reads SQLite only so far
     defaults = load_config(CONFIGS / "good_empty.toml")
     assert (defaults.storage_backend, defaults.postgres) == ("sqlite", None)
 

@@ -349,3 +349,6 @@ async def test_labels_keep_the_latest_value_given_and_a_modelless_turn_takes_the
     # The turn that named no model counts under the session's model ("m"), not "".
     assert [tuple(u[:4]) for u in backend.reader.read_usage(group="session")] == [
         ("s", "m", "2026-01-01T00:00:00.000Z", 2)]
+    assert [tuple(u[:4]) for u in backend.reader.read_usage(group="agent")] == [
+        ("claude-code", "m", "2026-01-01T00:00:00.000Z", 2)]
+    assert [tuple(u[:2]) for u in backend.reader.read_usage(group="user")] == [("ann", "m")]

@@ -189,6 +189,15 @@ class MappingResult:
     # Cumulative metric points, made usage by the store (collector.signals.metrics).
     cumulative: list[Any] = field(default_factory=list)
 
+    def take(self, record: SpanUsage | None) -> None:
+        """Count a mapped record: usage kept, or None (not usage) counted as ignored."""
+        if record is None:
+            self.ignored += 1
+        else:
+            self.records.append(record)
+            if not record.priced:
+                self.unpriced += 1
+
     def reject(self, message: str) -> None:
         self.rejected += 1
         if len(self.errors) < MAX_ERROR_MESSAGES:
@@ -308,12 +317,7 @@ def _map_dialect_scopes(resource_spans: Any, scopes: list[Any], spans: list[Span
             except InvalidSpan as exc:
                 result.reject(str(exc))
                 continue
-            if record is None:
-                result.ignored += 1
-            else:
-                result.records.append(record)
-                if not record.priced:
-                    result.unpriced += 1
+            result.take(record)
 
 
 def _attribute_problem(count: int, deep_key: str | None, options: MappingOptions) -> str:

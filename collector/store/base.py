@@ -49,8 +49,10 @@ COLUMNS: tuple[tuple[str, str], ...] = (
 COLUMN_NAMES = tuple(name for name, _ in COLUMNS)
 HOURLY_TABLE = "collector_usage_hourly"
 LABELS_TABLE = "collector_session_labels"
-# What a report groups the rollup by (the model is always a second group).
-USAGE_GROUPS = {"hour": "hour", "session": "session_id"}
+# What a report groups the rollup by (the model is always a second group): a rollup column, or
+# a label of the row's session (its latest value; '' for sessions without one).
+USAGE_GROUPS = {"hour": "hour", "session": "session_id", "agent": "coalesce(l.agent, '')",
+                "user": "coalesce(l.user_name, '')", "host": "coalesce(l.host, '')"}
 # collector_meta names, the same in every backend.
 SEEN_CURRENT_COUNT = "seen_current_count"
 SEEN_PREVIOUS_COUNT = "seen_previous_count"

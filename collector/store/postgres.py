@@ -150,6 +150,11 @@ CREATE TABLE IF NOT EXISTS collector_session_labels (
     host TEXT,
     host_ns BIGINT NOT NULL DEFAULT -1
 );
+CREATE INDEX IF NOT EXISTS collector_session_labels_agent ON collector_session_labels (agent);
+CREATE INDEX IF NOT EXISTS collector_session_labels_user ON collector_session_labels (user_name);
+CREATE INDEX IF NOT EXISTS collector_session_labels_host ON collector_session_labels (host);
+CREATE INDEX IF NOT EXISTS collector_usage_hourly_session
+    ON collector_usage_hourly (session_id, hour);
 CREATE TABLE IF NOT EXISTS collector_metric_series (
     series BYTEA PRIMARY KEY,
     start_ns BIGINT NOT NULL,
@@ -702,14 +707,15 @@ class PostgresReader:
             where.append("hour < %s")
             params.append(hi)
         # sum(bigint) is numeric in PostgreSQL: cast back, so both backends return ints.
-        sql = (f"SELECT {column}, model, max(hour), sum(turns)::bigint, "
+        sql = (f'SELECT ({column}) COLLATE "C" AS g, model, max(hour), sum(turns)::bigint, '
                "sum(prompt_tokens)::bigint, sum(completion_tokens)::bigint, "
                "sum(reasoning_tokens)::bigint, sum(cache_read_tokens)::bigint, "
-               f"sum(cache_write_tokens)::bigint, sum(cost_cents) FROM {HOURLY_TABLE}")
+               f"sum(cache_write_tokens)::bigint, sum(cost_cents) FROM {HOURLY_TABLE} AS h")
+        if column.startswith("coalesce"):
+            sql += f" LEFT JOIN {LABELS_TABLE} AS l ON l.id = h.session_id"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += (f' GROUP BY {column}, model ORDER BY {column} COLLATE "C", '
-                'model COLLATE "C"')
+        sql += ' GROUP BY g, model ORDER BY g, model COLLATE "C"'
         return self._query(sql, params)
 
     def count_sessions_by_status(self) -> dict[str, int]:

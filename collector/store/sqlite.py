@@ -120,6 +120,11 @@ CREATE TABLE IF NOT EXISTS collector_session_labels (
     host TEXT,
     host_ns INTEGER NOT NULL DEFAULT -1
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS collector_session_labels_agent ON collector_session_labels (agent);
+CREATE INDEX IF NOT EXISTS collector_session_labels_user ON collector_session_labels (user_name);
+CREATE INDEX IF NOT EXISTS collector_session_labels_host ON collector_session_labels (host);
+CREATE INDEX IF NOT EXISTS collector_usage_hourly_session
+    ON collector_usage_hourly (session_id, hour);
 CREATE TABLE IF NOT EXISTS collector_metric_series (
     series BLOB PRIMARY KEY,
     start_ns INTEGER NOT NULL,
@@ -600,7 +605,8 @@ def read_usage(path: Path, *, group: str, lo: str | None = None,
     """Rollup sums per (group, model) for hours in [lo, hi), ordered by (group, model); the
     rows of collector.report.
 
-    `group` is "hour" or "session". Opens its own read-only connection; never writes.
+    `group` is "hour", "session", "agent", "user" or "host". Opens its own read-only
+    connection; never writes.
     """
     column = USAGE_GROUPS[group]
     where: list[str] = []
@@ -611,14 +617,16 @@ def read_usage(path: Path, *, group: str, lo: str | None = None,
     if hi is not None:
         where.append("hour < ?")
         params.append(hi)
-    sql = (f"SELECT {column}, model, max(hour), sum(turns), sum(prompt_tokens), "
+    sql = (f"SELECT {column} AS g, model, max(hour), sum(turns), sum(prompt_tokens), "
            "sum(completion_tokens), sum(reasoning_tokens), sum(cache_read_tokens), "
-           f"sum(cache_write_tokens), sum(cost_cents) FROM {HOURLY_TABLE}")
+           f"sum(cache_write_tokens), sum(cost_cents) FROM {HOURLY_TABLE} AS h")
+    if column.startswith("coalesce"):
+        sql += f" LEFT JOIN {LABELS_TABLE} AS l ON l.id = h.session_id"
     if where:
         sql += " WHERE " + " AND ".join(where)
     # The order is the grouping's (free in SQLite) and is promised: a session report folds
     # each session's rows as they come, adding its models' costs in the same order each time.
-    sql += f" GROUP BY {column}, model ORDER BY {column}, model"
+    sql += " GROUP BY g, model ORDER BY g, model"
     uri = f"{path.resolve().as_uri()}?mode=ro"
     conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
     try:

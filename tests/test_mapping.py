@@ -140,10 +140,11 @@ def test_spans_without_usage_are_ignored_and_usage_without_session_is_held() -> 
     assert (held.usage.turns, held.usage.prompt_tokens) == (1, 5)
     assert (held.trace_id, held.span_id, held.parent_id) == (
         (1).to_bytes(16, "big"), (1).to_bytes(8, "big"), b"")
-    # The root span naming a session is an anchor for its trace; the parentless tool span
-    # without one links nothing.
-    assert result.links == [TraceLink((1).to_bytes(16, "big"), (2).to_bytes(8, "big"), b"",
-                                      "s", True)]
+    # The root span naming a session is an anchor for its trace; the root tool span without
+    # one says where the trace's chains end.
+    assert result.links == [
+        TraceLink((1).to_bytes(16, "big"), (2).to_bytes(8, "big"), b"", "s", True),
+        TraceLink((1).to_bytes(16, "big"), (3).to_bytes(8, "big"), b"", None)]
 
 
 @pytest.mark.parametrize("name", ["langfuse.session.id",

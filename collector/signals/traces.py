@@ -589,7 +589,8 @@ def _without_session(span: SpanScan, parent_id: bytes,
         v[S_SESSION_ID] = named
         del result.links[links:]  # an agent span's anchor would name the stand-in
     if usage is None:
-        if ids_valid and parent_id:
+        # A link from a held span up to its ancestors; a root's says the chain is complete.
+        if ids_valid:
             result.links.append(TraceLink(trace_id, span_id, parent_id, None))
         result.ignored += 1
         return

@@ -5,7 +5,8 @@ Contract: `export(signal, request, wire)` refuses, maps and accounts a request o
 the same way: the same refusals and limits, then the signal's own mapping (traces, logs or
 metrics), then the same batch. It returns only after every usage record of the request is
 committed (or known to be accounted already); it raises ExportError when the request must be
-answered with a refusal. A request that carries no usage is answered at once.
+answered with a refusal. A request that carries no usage, and no trace link that held usage
+may need (collector.accounting.traces), is answered at once.
 A request whose batch fails to commit is refused as retryable, but its spans stay pending and
 are committed by a later flush: the exporter's retry then finds them accounted, so nothing is
 lost and nothing is counted twice.

@@ -32,22 +32,23 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 
 from collector.config import load_config
+from collector.pipeline import map_signal
 from collector.receivers.errors import ExportError
 from collector.receivers.otlp import (
     DEFLATE_WBITS,
     GZIP_WBITS,
     JSON,
     PROTOBUF,
+    WIRES,
     BoundedGunzip,
     decode_json,
     decode_protobuf,
 )
+from collector.signals import Signal, count_items
 from collector.signals.traces import (
     ATTRIBUTE_SLOTS,
     MappingOptions,
     MappingResult,
-    count_spans,
-    map_request,
 )
 from tests.conftest import MS, SECOND, T0, make_span
 
@@ -107,7 +108,40 @@ def seed_requests(tag: str) -> list[ExportTraceServiceRequest]:
     return [encode_spans(group) for group in spans]
 
 
-def to_otlp_json(request: ExportTraceServiceRequest) -> dict[str, Any]:
+CAPTURES = Path(__file__).parent / "captures"
+GEMINI = CAPTURES / "gemini-cli-0.61.0"
+
+
+def signal_seeds(signal: Signal, limit: int) -> list[Any]:
+    """Small logs or metrics requests for mutation: Gemini CLI's captured records, one (logs)
+    or one metric (metrics) per request with its resource and scope, those under half the body
+    limit; and the same trimmed to their first few attributes, so larger ones are seeds too."""
+    wire = WIRES[signal]
+    doc = json.loads((GEMINI / f"{signal.value}.json").read_bytes())
+    (resource_key, scope_key, items_key) = (
+        ("resourceLogs", "scopeLogs", "logRecords") if signal is Signal.LOGS
+        else ("resourceMetrics", "scopeMetrics", "metrics"))
+    seeds = []
+    for resource in doc[resource_key]:
+        for scope in resource[scope_key]:
+            for item in scope[items_key]:
+                for trim in (False, True):
+                    res = copy.deepcopy(resource.get("resource", {}))
+                    one = copy.deepcopy(item)
+                    if trim:
+                        res["attributes"] = res.get("attributes", [])[:3]
+                        if "attributes" in one:
+                            one["attributes"] = one["attributes"][:4]
+                    body = json.dumps({resource_key: [{"resource": res, scope_key: [
+                        {"scope": scope.get("scope", {}), items_key: [one]}]}]}).encode()
+                    request = decode_json(body, signal)
+                    if len(request.SerializeToString()) <= limit // 2:
+                        seeds.append(request)
+    assert seeds and all(isinstance(seed, wire.request) for seed in seeds)
+    return seeds
+
+
+def to_otlp_json(request: Any) -> dict[str, Any]:
     """OTLP/JSON as exporters write it: lowerCamelCase, hex ids, int64 as strings."""
     doc: dict[str, Any] = json_format.MessageToDict(request)
 
@@ -417,7 +451,8 @@ class Expected:
 
 
 def expect_http(body: bytes, content_type: str, encoding: str, *, limit: int,
-                max_spans: int, options: MappingOptions) -> Expected:
+                max_spans: int, options: MappingOptions,
+                signal: Signal = Signal.TRACES) -> Expected:
     """What the daemon must answer to this POST, in the receiver's order of checks."""
     media = content_type.split(";")[0].strip().lower()
     if media not in (PROTOBUF, JSON):
@@ -432,33 +467,34 @@ def expect_http(body: bytes, content_type: str, encoding: str, *, limit: int,
             inflater = BoundedGunzip(limit, GZIP_WBITS if encoding == "gzip" else DEFLATE_WBITS)
             inflater.feed(body)
             body = inflater.finish()
-        request = decode_json(body) if media == JSON else decode_protobuf(body)
+        request = (decode_json(body, signal) if media == JSON
+                   else decode_protobuf(body, signal))
     except ExportError as exc:
         return Expected(exc.answer.http_status)
     except Exception as exc:  # the daemon runs the same code: it will answer 500
         return Expected(ORACLE_CRASHED, crash=f"decoding raised {exc!r}")
-    return _expect_request(request, max_spans, options)
+    return _expect_request(signal, request, max_spans, options)
 
 
-def expect_grpc(body: bytes, *, limit: int, max_spans: int,
-                options: MappingOptions) -> Expected:
+def expect_grpc(body: bytes, *, limit: int, max_spans: int, options: MappingOptions,
+                signal: Signal = Signal.TRACES) -> Expected:
     if len(body) > limit:
         return Expected(413)
     try:
-        request = decode_protobuf(body)
+        request = decode_protobuf(body, signal)
     except ExportError as exc:
         return Expected(exc.answer.http_status)
     except Exception as exc:
         return Expected(ORACLE_CRASHED, crash=f"decoding raised {exc!r}")
-    return _expect_request(request, max_spans, options)
+    return _expect_request(signal, request, max_spans, options)
 
 
-def _expect_request(request: ExportTraceServiceRequest, max_spans: int,
+def _expect_request(signal: Signal, request: Any, max_spans: int,
                     options: MappingOptions) -> Expected:
-    if count_spans(request) > max_spans:
+    if count_items(signal, request) > max_spans:
         return Expected(413)
     try:
-        return Expected(200, map_request(request, options, T0))
+        return Expected(200, map_signal(signal, request, options, T0))
     except Exception as exc:
         return Expected(ORACLE_CRASHED, crash=f"mapping raised {exc!r}")
 

@@ -15,12 +15,27 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from opentelemetry.exporter.otlp.proto.grpc._log_exporter import (
+    OTLPLogExporter as GrpcLogExporter,
+)
+from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
+    OTLPMetricExporter as GrpcMetricExporter,
+)
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+from opentelemetry.exporter.otlp.proto.http._log_exporter import (
+    OTLPLogExporter as HttpLogExporter,
+)
+from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+    OTLPMetricExporter as HttpMetricExporter,
+)
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+from opentelemetry.sdk._logs.export import LogRecordExportResult
+from opentelemetry.sdk.metrics.export import MetricExportResult
 from opentelemetry.sdk.trace.export import SpanExportResult
 
 from tests.conftest import Daemon, make_span
 from tests.test_receivers import grpc_call, new_trace, post, request_bytes, usage
+from tests.test_signal_receivers import sdk_log_records, sdk_metrics
 
 StartDaemon = Callable[..., Daemon]
 TOKEN = "s3cr3t-t0ken-value"
@@ -137,6 +152,26 @@ def test_tls_on_both_transports(start_daemon: StartDaemon, pki: Pki) -> None:
         http_exporter.shutdown()
         grpc_exporter.shutdown()
     assert daemon.row("tls")["turns"] == 2
+    # The logs and metrics services are behind the same TLS.
+    records = sdk_log_records("tls", 2)
+    log_exporters = (
+        HttpLogExporter(endpoint=f"https://127.0.0.1:{daemon.http_port}/v1/logs",
+                        certificate_file=str(pki.ca), timeout=20),
+        GrpcLogExporter(endpoint=f"localhost:{daemon.grpc_port}", credentials=credentials,
+                        timeout=20))
+    metric_exporters = (
+        HttpMetricExporter(endpoint=f"https://127.0.0.1:{daemon.http_port}/v1/metrics",
+                           certificate_file=str(pki.ca), timeout=20),
+        GrpcMetricExporter(endpoint=f"localhost:{daemon.grpc_port}", credentials=credentials,
+                           timeout=20))
+    try:
+        for log_exporter in log_exporters:
+            assert log_exporter.export(records) == LogRecordExportResult.SUCCESS, daemon.log
+        for metric_exporter in metric_exporters:
+            assert metric_exporter.export(sdk_metrics("tls")) == MetricExportResult.SUCCESS
+    finally:
+        for exporter in (*log_exporters, *metric_exporters):
+            exporter.shutdown()
     # Plain HTTP to the TLS port is not served.
     with pytest.raises(Exception):  # noqa: B017 - any connection-level failure will do
         post(daemon, request_bytes(make_span(trace_id=new_trace(), attrs=usage("plain"))))

@@ -1,8 +1,9 @@
 """Logs and metrics on both transports: the SDK exporters, raw bodies in every encoding,
 captured agent payloads, and every refusal, against a real daemon over real sockets.
 
-Until the dialects map them to usage, log records and data points are received and ignored:
-these tests check the transport half (answers, encodings, limits, counting), not usage.
+These tests check the transport half (answers, encodings, limits, counting): the records they
+send belong to no dialect, so they are received and ignored. What the dialects read as usage is
+tested in test_dialects.py.
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ from collector.signals import values
 from collector.signals.scan import EMPTY, NESTED, any_value, nesting_depth
 from collector.signals.traces import (
     KEY_BYTES,
+    NO_SUCH_SPAN,
     SPAN_ID_BYTES,
     TRACE_ID_BYTES,
     UNRESOLVED,
@@ -203,8 +204,10 @@ def map_record(dialect: Dialect, record: Record, options: MappingOptions, now_ns
         return None
     if spans:
         # A span naming a session names it for its trace's spans that do not.
-        result.links.append(TraceLink(record.trace_id, record.span_id, record.parent_id,
-                                      session))
+        parent = record.parent_id
+        result.links.append(TraceLink(record.trace_id, record.span_id,
+                                      parent if len(parent) in (0, SPAN_ID_BYTES)
+                                      else NO_SUCH_SPAN, session))
     if role == CALL:
         return _call(dialect, record, session, options, now_ns)
     return _turn(dialect, record, session, options, now_ns)
@@ -226,7 +229,10 @@ def _hold(dialect: Dialect, record: Record, role: str, options: MappingOptions, 
             return
         usage = _turn(dialect, record, UNRESOLVED, options, now_ns)
     if usage is not None:
-        result.held.append(HeldUsage(usage, record.trace_id, record.span_id, record.parent_id))
+        parent = record.parent_id
+        if parent and len(parent) != SPAN_ID_BYTES:
+            parent = NO_SUCH_SPAN
+        result.held.append(HeldUsage(usage, record.trace_id, record.span_id, parent))
         if not usage.priced:
             result.unpriced += 1
 

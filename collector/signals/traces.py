@@ -158,6 +158,8 @@ class SpanUsage(NamedTuple):
 # The session of held usage until its trace names one; never a valid session id (those are
 # printable), so a held record can never be folded into a session by mistake.
 UNRESOLVED = "\x00unresolved"
+# The parent of a span whose parent id is malformed: no span has this id (zero is invalid).
+NO_SUCH_SPAN = bytes(SPAN_ID_BYTES)
 
 
 class HeldUsage(NamedTuple):
@@ -569,6 +571,8 @@ def _without_session(span: SpanScan, parent_id: bytes,
     (it names none), else a trace link when it can help resolve another span, else ignored.
     Raises InvalidSpan as map_span does."""
     v, trace_id, span_id = span[0], span[1], span[2]
+    if parent_id and len(parent_id) != SPAN_ID_BYTES:
+        parent_id = NO_SUCH_SPAN  # a broken parent id: its ancestors cannot be found
     ids_valid = len(trace_id) == TRACE_ID_BYTES and len(span_id) == SPAN_ID_BYTES
     named = v[_first(v, SESSION_SLOTS)]  # map_span applied the resource's values already
     session = _text(named) if named is not None else ""

@@ -6,6 +6,7 @@ the key and the file, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import tomllib
 from collections.abc import Mapping
@@ -18,7 +19,13 @@ from collector.dialects.model import Dialect, DialectError
 
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 DEFAULT_SQLITE_PATH = "data/agent_sessions.db"
-DEFAULT_FLUSH_INTERVAL_MS = 200
+# flush.interval_ms: the most a batch may wait for more requests before its commit starts.
+# 0: commit as soon as the writer is free (group commit: requests arriving during a commit
+# form the next one), so an idle collector answers after one commit. A larger value trades
+# answer latency for fewer, larger commits (fewer fsyncs: worth it on a slow disk). Before
+# group commit this key was a fixed flush period (200 ms by default); such configs keep working,
+# with each batch then waiting at most that long.
+DEFAULT_FLUSH_INTERVAL_MS = 0
 DEFAULT_MAX_PENDING_SPANS = 200_000
 DEFAULT_STALE_AFTER_S = 3600
 # How long usage without a session id waits for a span of its trace to name one.
@@ -35,6 +42,8 @@ DEFAULT_MAX_VALUE_DEPTH = 8
 # The operations listener (/metrics, /healthz, /readyz); 8888 is where the OpenTelemetry
 # Collector serves its own metrics, so dashboards and scrape configs expect it.
 DEFAULT_OPS_ENDPOINT = "127.0.0.1:8888"
+DEFAULT_WEB_ENDPOINT = "127.0.0.1:8889"  # the fleet view; beside the ops listener
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 MAX_TOKEN_FILE_BYTES = 4096
 LOG_LEVELS = ("debug", "info", "warning", "error")
 PRICE_KEYS = ("input", "output", "cache_read", "cache_write")
@@ -114,6 +123,7 @@ class Config:
     auth_token: str | None = field(default=None, repr=False)
     tls: TlsConfig | None = None
     ops_endpoint: Endpoint | None = Endpoint("127.0.0.1", 8888)
+    web_endpoint: Endpoint | None = Endpoint("127.0.0.1", 8889)
     # The agents' dialects in effect: the built-ins with the file's [dialects.NAME] over them.
     dialects: tuple[Dialect, ...] = field(default_factory=effective_dialects)
 
@@ -133,6 +143,7 @@ _SCHEMA: dict[str, dict[str, type]] = {
     "auth": {"token_file": str},
     "tls": {"cert_file": str, "key_file": str, "client_ca_file": str},
     "ops": {"endpoint": str},
+    "web": {"endpoint": str},
 }
 
 
@@ -185,6 +196,16 @@ def parse_config(doc: Mapping[str, Any], *, source: str, base_dir: Path) -> Conf
     if ops is not None and ops in (grpc, http):
         raise ConfigError(source, "ops.endpoint", f"same address as an OTLP receiver ({ops})")
 
+    web = _parse_endpoint(source, "web.endpoint", get("web.endpoint", DEFAULT_WEB_ENDPOINT))
+    if web is not None and web in (grpc, http, ops):
+        raise ConfigError(source, "web.endpoint", f"same address as another listener ({web})")
+    auth_token = _read_token(source, base_dir, get("auth.token_file", ""))
+    if web is not None and auth_token is None and not _is_loopback(web.host):
+        # Spend, users and hosts of a whole fleet are not for everyone on the network.
+        raise ConfigError(source, "web.endpoint",
+                          f"{web} is not a loopback address; set auth.token_file to serve the "
+                          "fleet view beyond this machine")
+
     sqlite_path = get("storage.sqlite_path", DEFAULT_SQLITE_PATH)
     if not sqlite_path.strip():
         raise ConfigError(source, "storage.sqlite_path", "must not be empty")
@@ -207,8 +228,8 @@ def parse_config(doc: Mapping[str, Any], *, source: str, base_dir: Path) -> Conf
                                             DEFAULT_MAX_REQUEST_BYTES)),
         ),
         sqlite_path=path,
-        flush_interval_ms=_positive(source, "flush.interval_ms",
-                                    get("flush.interval_ms", DEFAULT_FLUSH_INTERVAL_MS)),
+        flush_interval_ms=_at_least(source, "flush.interval_ms",
+                                    get("flush.interval_ms", DEFAULT_FLUSH_INTERVAL_MS), 0),
         max_pending_spans=_positive(source, "flush.max_pending_spans",
                                     get("flush.max_pending_spans", DEFAULT_MAX_PENDING_SPANS)),
         stale_after_s=_positive(source, "sessions.stale_after_s",
@@ -235,11 +256,21 @@ def parse_config(doc: Mapping[str, Any], *, source: str, base_dir: Path) -> Conf
             )
         }),
         aliases=_parse_aliases(source, get("mapping.aliases", {})),
-        auth_token=_read_token(source, base_dir, get("auth.token_file", "")),
+        auth_token=auth_token,
         tls=_parse_tls(source, base_dir, values),
         ops_endpoint=ops,
+        web_endpoint=web,
         dialects=dialects,
     )
+
+
+def _is_loopback(host: str) -> bool:
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _parse_aliases(source: str, table: Mapping[str, Any]) -> dict[str, str]:

@@ -11,6 +11,13 @@ A request whose batch fails to commit is refused as retryable, but its spans sta
 are committed by a later flush: the exporter's retry then finds them accounted, so nothing is
 lost and nothing is counted twice.
 
+Group commit: a batch is committed as soon as the writer is free, so an idle collector answers
+after one commit, and the requests that arrive while a commit runs form the next batch (batches
+grow with load by themselves). `flush_interval_s` is the most a batch may wait for more
+requests before its commit starts (0: none); a full batch (EARLY_FLUSH_SPANS or
+EARLY_FLUSH_SESSIONS) and shutdown never wait. Nothing wakes the loop while idle but new data,
+shutdown and the stale sweep's own timer.
+
 Lifecycle: `start` returns at once; `begin_shutdown` refuses new exports; `shutdown` commits
 everything accepted and is safe to call even if `start` never ran.
 """
@@ -36,7 +43,9 @@ from collector.store.sqlite import CommitResult, SQLiteStore, StorageError
 
 log = logging.getLogger(__name__)
 
-# Backoff between failed flushes: doubles from the flush interval up to this cap.
+# Backoff between failed flushes: doubles from MIN_RETRY_DELAY_S up to MAX_RETRY_DELAY_S, so
+# a locked or full disk is retried promptly at first, then without spinning.
+MIN_RETRY_DELAY_S = 0.1
 MAX_RETRY_DELAY_S = 5.0
 # While storage keeps failing, one summary line per this period instead of one per failure.
 FAILURE_LOG_PERIOD_S = 30.0
@@ -45,15 +54,14 @@ SHUTDOWN_FLUSH_DEADLINE_S = 10.0
 # The stale sweep runs every stale_after/10, within these bounds.
 MIN_SWEEP_INTERVAL_S = 1.0
 MAX_SWEEP_INTERVAL_S = 60.0
-# A batch touching this many sessions is flushed at once instead of at the next tick: the
-# commit costs the same per session either way, and memory stays bounded by this, not by
-# how many sessions one interval happens to touch (about 1 KB each while pending).
+# A batch touching this many sessions is committed without waiting out flush_interval_s: the
+# commit costs the same per session either way, and memory stays bounded by this, not by how
+# many sessions one interval happens to touch (about 1 KB each while pending).
 EARLY_FLUSH_SESSIONS = 8192
 # And a batch holding this many spans: exporters wait for their answer before sending more, so
-# a flush started only by the tick left the event loop idle while every request in flight
-# waited for it. Committing one batch while the next is mapped keeps both threads busy (on
-# the benchmark's closed loop, 0.67x -> 0.77x of the baseline). Big enough that a flush's
-# fixed costs (a transaction, an fsync) stay small per span.
+# holding a full batch back only leaves the event loop idle while every request in flight
+# waits for it. Big enough that a commit's fixed costs (a transaction, an fsync) stay small
+# per span.
 EARLY_FLUSH_SPANS = 16384
 # While usage is held waiting for its session, a flush runs at least this often (resolve
 # window / 10, within these bounds) to resolve what waited a whole window, even when idle.
@@ -179,7 +187,11 @@ class Pipeline:
         self._ticket: asyncio.Future[CommitResult] | None = None
         self._in_flush = 0
         self._closing = False
+        # Set when the loop may have something to do: a batch begun or full, shutdown.
         self._wake = asyncio.Event()
+        self._closed = asyncio.Event()  # shutdown began: cuts a failure backoff short
+        self._gathering_since = 0.0  # monotonic time the pending batch got its first span
+        self.wakeups = 0  # times the flush loop woke up (tests: no wake-ups while idle)
         self._task: asyncio.Task[None] | None = None
         self._failing_since: float | None = None
         self._last_failure = ""
@@ -218,6 +230,7 @@ class Pipeline:
         """Refuse new exports (retryably); in-flight ones still get their commit."""
         self._closing = True
         self._wake.set()
+        self._closed.set()
 
     async def shutdown(self) -> None:
         self.begin_shutdown()
@@ -282,12 +295,14 @@ class Pipeline:
         outcome = ExportOutcome(rejected=result.rejected, message=result.error_message)
         if result.records or result.cumulative or result.held or result.links:
             pending = self._pending
+            if not pending:
+                self._gathering_since = time.monotonic()
+                self._wake.set()
             pending.add(result.records)
             pending.cumulative.extend(result.cumulative)
             if result.held or result.links:
                 pending.hold(result.held, result.links)
-            if (len(pending.sessions) >= EARLY_FLUSH_SESSIONS
-                    or len(pending) >= EARLY_FLUSH_SPANS):
+            if self._interval and self._full(pending):
                 self._wake.set()
             ticket = self._current_ticket()
             log.debug("request with %d usage records waiting for commit",
@@ -326,33 +341,60 @@ class Pipeline:
     # -- group commit ----------------------------------------------------------------------
 
     async def _run(self) -> None:
-        # Fixed-rate ticks: the next flush starts one interval after the previous one started,
-        # not after it ended, so a request waits at most two intervals plus one commit.
-        delay = self._interval
-        started = time.monotonic()
+        delay = 0.0
         shutdown_deadline: float | None = None
         while True:
-            if not self._closing:
-                wait = max(0.0, started + delay - time.monotonic())
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), wait)
-                if not self._closing:
-                    self._wake.clear()  # woken early by a large batch: flush it now
+            await self._until_due()
             if self._closing and shutdown_deadline is None:
                 shutdown_deadline = time.monotonic() + SHUTDOWN_FLUSH_DEADLINE_S
-            started = time.monotonic()
-            ok = await self._flush_once()
-            if ok:
-                delay = self._interval
+            if await self._flush_once():
+                delay = 0.0
                 if self._closing and not self._pending:
                     return
+                continue
+            delay = min(max(delay * 2, MIN_RETRY_DELAY_S), MAX_RETRY_DELAY_S)
+            if shutdown_deadline is not None and time.monotonic() >= shutdown_deadline:
+                self._abandon_pending()
+                return
+            # Back off whatever arrives meanwhile (it joins the kept batch); shutdown cuts the
+            # wait short once, for a prompt last attempt, then backs off the same way.
+            if self._closing:
+                await asyncio.sleep(delay)
             else:
-                delay = min(delay * 2, MAX_RETRY_DELAY_S)
-                if shutdown_deadline is not None:
-                    if time.monotonic() >= shutdown_deadline:
-                        self._abandon_pending()
-                        return
-                    await asyncio.sleep(min(delay, self._interval))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closed.wait(), delay)
+
+    async def _until_due(self) -> None:
+        """Return when a commit is due: a batch is pending and done gathering, the stale sweep
+        is due, or shutdown began. Sleeps without a timeout's wake-ups while idle, except at
+        the sweep's time."""
+        while not self._closing:
+            wait = self.next_commit_in(time.monotonic(), self._clock())
+            if wait <= 0:
+                return
+            # No await between the check above and this clear: nothing can slip in between.
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait)
+            self.wakeups += 1
+
+    def next_commit_in(self, now_s: float, now_ns: int) -> float:
+        """Seconds until the next commit is due at monotonic `now_s`, wall clock `now_ns`: 0
+        for a pending batch done gathering, else the earlier of its gathering's end and the
+        stale sweep (or, while usage is held, the next look for held usage whose window ended)."""
+        sweep_in = (self._next_sweep_ns - now_ns) / 1e9
+        if self._store.held_now:
+            sweep_in = min(sweep_in, (self._next_resolve_ns - now_ns) / 1e9)
+        pending = self._pending
+        if not pending:
+            return max(sweep_in, 0.0)
+        if not self._interval or self._full(pending):
+            return 0.0
+        return max(min(self._gathering_since + self._interval - now_s, sweep_in), 0.0)
+
+    @staticmethod
+    def _full(batch: Batch) -> bool:
+        return len(batch) >= EARLY_FLUSH_SPANS or len(batch.sessions) >= EARLY_FLUSH_SESSIONS
 
     async def _flush_once(self) -> bool:
         now = self._clock()
@@ -374,6 +416,7 @@ class Pipeline:
             # are told to retry (their retries will find it accounted).
             batch.absorb(self._pending)
             self._pending = batch
+            self._gathering_since = 0.0  # it has gathered already: due once the backoff ends
             self._note_failure(exc, len(batch))
             if ticket is not None:
                 ticket.set_exception(ExportError(

@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 import pytest
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
 
 from collector.accounting.pricing import Pricer
 from collector.receivers.otlp import JSON, PROTOBUF, WIRES
@@ -241,3 +242,18 @@ def test_who_spends_is_recorded_from_each_dialect(daemons: dict[str, Daemon]) ->
     assert labels[CASES["gemini-cli-0.61.0"][1]["id"]] == (
         "gemini-cli", "84816f56-3e6d-436d-aa19-c232b0cab64f")
     assert daemon.row(CASES["codex-0.169.0"][1]["id"]) == CASES["codex-0.169.0"][1]
+
+
+def test_a_bad_log_record_is_rejected_and_the_rest_accounted(start_daemon: Any) -> None:
+    """Partial success names rejected_log_records with a message; the other records count."""
+    item = exports(CLAUDE_328[0])[0]
+    text = json.dumps(item.body).replace('"intValue": "1234"', '"stringValue": "lots"', 1)
+    bad = Export(item.signal, json.loads(text))
+    daemon = start_daemon(NOT_STALE)
+    status, _, body = post(daemon, bad.protobuf(), path="/v1/logs")
+    assert status == 200
+    answer = ExportLogsServiceResponse.FromString(body)
+    assert answer.partial_success.rejected_log_records == 1
+    assert "input_tokens must be an integer" in answer.partial_success.error_message
+    got = daemon.row(CASES["claude-code-2.1.328"][1]["id"])
+    assert (got["turns"], got["prompt_tokens"]) == (1, 0)  # the prompt counted, not the call

@@ -11,6 +11,7 @@ import pytest
 
 from collector.config import (
     DEFAULT_OPS_ENDPOINT,
+    DEFAULT_WEB_ENDPOINT,
     Config,
     ConfigError,
     Endpoint,
@@ -38,6 +39,7 @@ def test_full_config_sets_every_key() -> None:
     assert config.agent_span_tokens is True
     assert config.log_level == "debug"
     assert config.ops_endpoint == Endpoint("0.0.0.0", 19888)
+    assert config.web_endpoint == Endpoint("0.0.0.0", 19889)  # allowed: auth.token_file is set
     assert config.limits == Limits(max_spans_per_request=500, max_attributes_per_span=64,
                                    max_attribute_value_bytes=1024, max_value_depth=4)
     assert config.aliases == {"app.thread_id": "session.id"}
@@ -59,11 +61,20 @@ def test_empty_config_is_all_defaults() -> None:
     assert str(config.receivers.grpc_endpoint) == "127.0.0.1:4317"
     assert str(config.receivers.http_endpoint) == "127.0.0.1:4318"
     assert config.sqlite_path == CONFIGS / "data" / "agent_sessions.db"
-    assert (config.flush_interval_ms, config.stale_after_s) == (200, 3600)
+    assert (config.flush_interval_ms, config.stale_after_s) == (0, 3600)
     assert config.dedupe_retention_s == 24 * 3600
     assert config.resolve_window_s == 600
     assert config.ops_endpoint == defaults.ops_endpoint
     assert str(config.ops_endpoint) == DEFAULT_OPS_ENDPOINT == "127.0.0.1:8888"
+    assert str(config.web_endpoint) == DEFAULT_WEB_ENDPOINT == "127.0.0.1:8889"
+
+
+def test_web_endpoint_can_be_disabled_and_needs_auth_beyond_loopback() -> None:
+    assert load_config(CONFIGS / "good_web_disabled.toml").web_endpoint is None
+    assert load_config(CONFIGS / "good_web_ipv6_loopback.toml").web_endpoint == Endpoint(
+        "::1", 19889)
+    public = load_config(CONFIGS / "good_web_public_with_auth.toml")
+    assert public.web_endpoint == Endpoint("0.0.0.0", 19889) and public.auth_token
 
 
 def test_ops_endpoint_can_be_disabled() -> None:
@@ -77,7 +88,7 @@ def test_shipped_config_toml_is_valid_and_matches_the_defaults() -> None:
     assert config.sqlite_path == ROOT / "data" / "agent_sessions.db"
     for key in ("flush_interval_ms", "max_pending_spans", "stale_after_s", "dedupe_retention_s",
                 "agent_span_tokens", "max_session_id_length", "log_level", "ops_endpoint",
-                "resolve_window_s"):
+                "resolve_window_s", "web_endpoint"):
         assert getattr(config, key) == getattr(defaults, key), key
 
 
@@ -86,6 +97,7 @@ def test_shipped_config_toml_is_valid_and_matches_the_defaults() -> None:
     ("bad_unknown_section.toml", "telemetry", "unknown key"),
     ("bad_type.toml", "flush.interval_ms", "must be an integer"),
     ("bad_negative.toml", "sessions.stale_after_s", "must be >= 1"),
+    ("bad_flush_negative.toml", "flush.interval_ms", "must be >= 0"),
     ("bad_endpoint.toml", "receivers.otlp.grpc_endpoint", "expected host:port"),
     ("bad_port.toml", "receivers.otlp.http_endpoint", "port must be 1-65535"),
     ("bad_both_disabled.toml", "receivers.otlp", "enable at least one"),
@@ -98,6 +110,8 @@ def test_shipped_config_toml_is_valid_and_matches_the_defaults() -> None:
     ("bad_receivers_other.toml", "receivers.zipkin", "unknown key"),
     ("bad_ops_same_endpoint.toml", "ops.endpoint", "same address as an OTLP receiver"),
     ("bad_ops_endpoint.toml", "ops.endpoint", "expected host:port"),
+    ("bad_web_public_no_auth.toml", "web.endpoint", "set auth.token_file"),
+    ("bad_web_same_endpoint.toml", "web.endpoint", "same address as another listener"),
     ("bad_tls_half.toml", "tls.key_file", "needs both"),
     ("bad_tls_not_pem.toml", "tls.cert_file", "not a PEM file"),
     ("bad_token_missing.toml", "auth.token_file", "cannot read"),

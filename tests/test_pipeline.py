@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +23,9 @@ from opentelemetry.proto.metrics.v1.metrics_pb2 import (
     Sum,
 )
 
+from collector.accounting.aggregate import Batch
 from collector.accounting.pricing import Pricer
-from collector.pipeline import Pipeline
+from collector.pipeline import MAX_SWEEP_INTERVAL_S, Pipeline
 from collector.receivers.errors import ExportError, Refusal
 from collector.signals import Signal, count_items
 from collector.signals.scan import COMPILED_AVAILABLE
@@ -39,10 +42,38 @@ def request(session: str, span_id: int = 1) -> Any:
 async def make(tmp_path: Path, **kwargs: Any) -> tuple[SQLiteStore, Pipeline]:
     store = SQLiteStore(tmp_path / "p.db", retention_s=3600)
     await store.open()
+    settings: dict[str, Any] = {"flush_interval_s": 0.01, "max_pending_spans": 1000,
+                                "stale_after_s": 3600, **kwargs}
     pipeline = Pipeline(store, MappingOptions(pricer=Pricer({}, use_library=False)),
-                        flush_interval_s=0.01, max_pending_spans=1000, stale_after_s=3600,
-                        **kwargs)
+                        **settings)
     return store, pipeline
+
+
+class Commits:
+    """Wraps the real store's commit: records each batch (spans, sessions) it is handed, and
+    while `hold` is clear keeps a commit of spans from starting until it is set."""
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self.batches: list[tuple[int, frozenset[str]]] = []
+        self.started = asyncio.Event()
+        self.hold = asyncio.Event()
+        self.hold.set()
+        self._commit: Callable[..., Awaitable[Any]] = store.commit
+        store.commit = self.commit  # type: ignore[method-assign]
+
+    async def commit(self, batch: Batch, **kwargs: Any) -> Any:
+        if batch:
+            self.batches.append((len(batch), frozenset(batch.sessions)))
+            self.started.set()
+            await self.hold.wait()
+        return await self._commit(batch, **kwargs)
+
+
+def flush_event(pipeline_kwargs: dict[str, Any]) -> asyncio.Event:
+    """An event set after every committed flush (through the pipeline's on_flush hook)."""
+    flushed = asyncio.Event()
+    pipeline_kwargs["on_flush"] = lambda seconds, rows: flushed.set()
+    return flushed
 
 
 async def test_export_returns_after_commit_and_shutdown_drains(tmp_path: Path) -> None:
@@ -102,9 +133,10 @@ async def test_a_dead_flush_loop_fails_waiters_and_stops_the_daemon(
 
 
 @pytest.mark.parametrize("sessions", ["many", "one"])
-async def test_a_large_batch_is_flushed_before_the_tick(tmp_path: Path, sessions: str) -> None:
+async def test_a_large_batch_does_not_wait_out_the_interval(
+        tmp_path: Path, sessions: str) -> None:
     """A batch touching EARLY_FLUSH_SESSIONS sessions, or holding EARLY_FLUSH_SPANS spans, is
-    committed at once rather than at the next tick."""
+    committed at once rather than after gathering for flush.interval_ms."""
     from collector.pipeline import EARLY_FLUSH_SESSIONS, EARLY_FLUSH_SPANS
 
     store = SQLiteStore(tmp_path / "p.db", retention_s=3600)
@@ -118,11 +150,112 @@ async def test_a_large_batch_is_flushed_before_the_tick(tmp_path: Path, sessions
     large = encode_spans([make_span(span_id=i + 1, attrs={
         "session.id": f"s-{i}" if sessions == "many" else "s",
         "gen_ai.usage.input_tokens": 1}) for i in range(count)])
-    # With an hour-long interval only the early flush can answer this request.
+    # With an hour-long gathering only the early flush can answer this request.
     await asyncio.wait_for(pipeline.export(Signal.TRACES, large), 60)
     rows = read_rows(store.path)
     assert len(rows) == (count if sessions == "many" else 1)
     assert sum(row["prompt_tokens"] for row in rows.values()) == count
+    await pipeline.shutdown()
+    await store.close()
+
+
+async def test_an_idle_collector_answers_after_one_commit_and_sleeps_until_the_sweep(
+        tmp_path: Path) -> None:
+    """With flush.interval_ms = 0 a request on an idle collector starts a commit at once: it is
+    answered after exactly that one commit, and the loop woke once, for it. While idle the loop
+    has no timer but the stale sweep's."""
+    now = time.time_ns()
+    kwargs: dict[str, Any] = {"flush_interval_s": 0, "clock": lambda: now}
+    flushed = flush_event(kwargs)
+    store, pipeline = await make(tmp_path, **kwargs)
+    commits = Commits(store)
+    await pipeline.start()
+    await asyncio.wait_for(flushed.wait(), 60)  # the first sweep, at start
+    assert (commits.batches, pipeline.stats.flushes) == ([], 1)
+    # Idle: the next wake-up is the sweep's, a whole sweep period away, whatever the time now.
+    assert pipeline.next_commit_in(time.monotonic(), now) == MAX_SWEEP_INTERVAL_S
+    assert pipeline.next_commit_in(time.monotonic() + 1000, now) == MAX_SWEEP_INTERVAL_S
+    wakeups = pipeline.wakeups
+    await asyncio.wait_for(pipeline.export(Signal.TRACES, request("idle")), 60)
+    assert commits.batches == [(1, frozenset({"idle"}))]
+    assert (pipeline.stats.flushes, pipeline.wakeups) == (2, wakeups + 1)
+    assert read_rows(store.path)["idle"]["turns"] == 1
+    await pipeline.shutdown()
+    await store.close()
+
+
+async def test_requests_arriving_during_a_commit_are_committed_together_next(
+        tmp_path: Path) -> None:
+    kwargs: dict[str, Any] = {"flush_interval_s": 0}
+    flushed = flush_event(kwargs)
+    store, pipeline = await make(tmp_path, **kwargs)
+    commits = Commits(store)
+    await pipeline.start()
+    await asyncio.wait_for(flushed.wait(), 60)  # the first sweep, at start
+    commits.hold.clear()
+    first = asyncio.create_task(pipeline.export(Signal.TRACES, request("a")))
+    await asyncio.wait_for(commits.started.wait(), 60)  # a's commit has begun, and is held
+    later = [asyncio.create_task(pipeline.export(Signal.TRACES, request(name, span_id)))
+             for span_id, name in enumerate(("b", "c", "d"), start=2)]
+    for _ in range(100):
+        if pipeline.pending_sessions == 3:
+            break
+        await asyncio.sleep(0)
+    assert not first.done() and not any(task.done() for task in later)
+    assert pipeline.pending_spans == 4  # a in the commit, b, c and d waiting for the next
+    # The writer is busy, so they wait for it; once it is free they are due at once.
+    assert pipeline.next_commit_in(time.monotonic(), time.time_ns()) == 0
+    commits.hold.set()
+    await asyncio.wait_for(asyncio.gather(first, *later), 60)
+    assert commits.batches == [(1, frozenset({"a"})), (3, frozenset({"b", "c", "d"}))]
+    rows = read_rows(store.path)
+    assert {name: rows[name]["turns"] for name in "abcd"} == dict.fromkeys("abcd", 1)
+    await pipeline.shutdown()
+    await store.close()
+
+
+async def test_a_batch_gathers_for_at_most_the_interval_and_shutdown_does_not_wait(
+        tmp_path: Path) -> None:
+    """flush.interval_ms > 0: a batch waits to gather more, up to the interval after its first
+    request (here an hour: it is still gathering when shutdown begins, which commits it)."""
+    kwargs: dict[str, Any] = {"flush_interval_s": 3600}
+    flushed = flush_event(kwargs)
+    store, pipeline = await make(tmp_path, **kwargs)
+    commits = Commits(store)
+    await pipeline.start()
+    await asyncio.wait_for(flushed.wait(), 60)
+    before = time.monotonic()
+    waiting = [asyncio.create_task(pipeline.export(Signal.TRACES, request(name, span_id)))
+               for span_id, name in enumerate(("x", "y"), start=1)]
+    for _ in range(100):
+        if pipeline.pending_sessions == 2:
+            break
+        await asyncio.sleep(0)
+    due_in = pipeline.next_commit_in(time.monotonic(), time.time_ns())
+    assert 0 < due_in <= 3600 - (time.monotonic() - before) + 1e-3  # counted from the first
+    for _ in range(100):  # the loop gets its turns and still does not commit the batch
+        await asyncio.sleep(0)
+    assert commits.batches == [] and not any(task.done() for task in waiting)
+    await pipeline.shutdown()
+    await asyncio.wait_for(asyncio.gather(*waiting), 60)
+    assert commits.batches == [(2, frozenset({"x", "y"}))]
+    assert set(read_rows(store.path)) == {"x", "y"}
+    await store.close()
+
+
+async def test_the_stale_sweep_runs_on_its_own_timer_while_idle(tmp_path: Path) -> None:
+    kwargs: dict[str, Any] = {"flush_interval_s": 0, "stale_after_s": 1}
+    flushed = flush_event(kwargs)
+    store, pipeline = await make(tmp_path, **kwargs)
+    await pipeline.start()
+    await pipeline.export(Signal.TRACES, request("old"))  # its span ended at conftest T0
+    flushed.clear()
+    flushes = pipeline.stats.flushes
+    # Nothing else is sent: only the sweep's timer can start the next commit.
+    await asyncio.wait_for(flushed.wait(), 60)
+    assert pipeline.stats.flushes == flushes + 1
+    assert pipeline.stats.sessions_swept == 1
+    assert read_rows(store.path)["old"]["status"] == "unknown"
     await pipeline.shutdown()
     await store.close()
 

@@ -21,7 +21,7 @@ ExportFn = Callable[[Signal, Any, bytes | None], Awaitable[ExportOutcome]]
 AnswerFn = Callable[[Signal | None, str], None]
 
 # Receivers wait this long for requests in flight when stopping; each of them needs at most
-# a flush interval plus a commit, so this is generous.
+# two commits (shutdown does not wait out flush.interval_ms), so this is generous.
 STOP_GRACE_S = 15.0
 # Where an HTTP handler leaves its answer's outcome on the response, for the counting middleware.
 OUTCOME_KEY = "collector.outcome"

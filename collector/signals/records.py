@@ -131,12 +131,19 @@ def role_of(dialect: Dialect, record: Record) -> str | None:
 
 def lookup(dialect: Dialect, record: Record, role: str) -> Any:
     """The first present value of a role's attributes: the record's, then its resource's."""
+    found = lookup_named(dialect, record, role)
+    return None if found is None else found[1]
+
+
+def lookup_named(dialect: Dialect, record: Record, role: str) -> tuple[str, Any] | None:
+    """(attribute name, value) of the first present attribute of a role, so that an error
+    names the attribute the agent sent."""
     names = dialect.names_for(role)
     for source in (record.attributes, record.resource):
         for name in names:
             value = source.get(name)
             if value is not None and value is not EMPTY and value is not NESTED:
-                return value
+                return name, value
     return None
 
 
@@ -283,20 +290,20 @@ def _call(dialect: Dialect, record: Record, session: str, options: MappingOption
         # logs and spans count whichever arrives first; metric points share no id with them.
         return None
     counts = {}
-    for name in COUNTS:
-        value = lookup(dialect, record, name)
-        if value is not None:
-            counts[name] = values.count(value, name, record.ref)
-    cost_value = lookup(dialect, record, "cost_usd")
-    if not counts and cost_value is None:
+    for role in COUNTS:
+        found = lookup_named(dialect, record, role)
+        if found is not None:
+            counts[role] = values.count(found[1], found[0], record.ref)
+    cost_found = lookup_named(dialect, record, "cost_usd")
+    if not counts and cost_found is None:
         return None  # e.g. Codex's response.completed event without its usage
     model = _model(dialect, record, options)
     prompt, completion, reasoning, cache_read, cache_write, uncached = tokens(
         dialect, counts.get("input", 0), counts.get("output", 0), counts.get("reasoning", 0),
         counts.get("cache_read", 0), counts.get("cache_write", 0))
     priced = True
-    if cost_value is not None:
-        cost = values.cost_usd(cost_value, "cost_usd", record.ref) * CENTS_PER_USD
+    if cost_found is not None:
+        cost = values.cost_usd(cost_found[1], cost_found[0], record.ref) * CENTS_PER_USD
     elif prompt or completion:
         priced_cost = options.pricer.cost_cents(model or "", "", uncached, cache_read,
                                                 cache_write, completion)

@@ -234,6 +234,15 @@ class MappingResult:
     held: list[HeldUsage] = field(default_factory=list)
     links: list[TraceLink] = field(default_factory=list)
 
+    def take(self, record: SpanUsage | None) -> None:
+        """Count a mapped record: usage kept, or None (not usage) counted as ignored."""
+        if record is None:
+            self.ignored += 1
+        else:
+            self.records.append(record)
+            if not record.priced:
+                self.unpriced += 1
+
     def reject(self, message: str) -> None:
         self.rejected += 1
         if len(self.errors) < MAX_ERROR_MESSAGES:
@@ -370,13 +379,9 @@ def _map_dialect_scopes(resource_spans: Any, scopes: list[Any], spans: list[Span
             except InvalidSpan as exc:
                 result.reject(str(exc))
                 continue
-            if record is None:
-                if held == len(result.held):
-                    result.ignored += 1
-            else:
-                result.records.append(record)
-                if not record.priced:
-                    result.unpriced += 1
+            if record is None and held != len(result.held):
+                continue  # held: usage once its trace names the session, not ignored
+            result.take(record)
 
 
 def _attribute_problem(count: int, deep_key: str | None, options: MappingOptions) -> str:

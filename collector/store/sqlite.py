@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -132,6 +133,11 @@ CREATE TABLE IF NOT EXISTS collector_session_labels (
     host TEXT,
     host_ns INTEGER NOT NULL DEFAULT -1
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS collector_session_labels_agent ON collector_session_labels (agent);
+CREATE INDEX IF NOT EXISTS collector_session_labels_user ON collector_session_labels (user_name);
+CREATE INDEX IF NOT EXISTS collector_session_labels_host ON collector_session_labels (host);
+CREATE INDEX IF NOT EXISTS collector_usage_hourly_session
+    ON collector_usage_hourly (session_id, hour);
 CREATE TABLE IF NOT EXISTS collector_metric_series (
     series BLOB PRIMARY KEY,
     start_ns INTEGER NOT NULL,
@@ -363,12 +369,23 @@ class CommitResult:
     held_now: int = 0  # usage held in the database after this commit (all collectors')
 
 
+# Seconds whose formatted prefix is kept: a flush's span times cluster within a few seconds
+# (hour starts repeat too), so formatting is mostly a lookup plus the milliseconds.
+SECOND_PREFIXES_CACHED = 4096
+
+
+@functools.lru_cache(maxsize=SECOND_PREFIXES_CACHED)
+def _second_prefix(seconds: int) -> str:
+    tm = time.gmtime(seconds)
+    return (f"{tm.tm_year:04d}-{tm.tm_mon:02d}-{tm.tm_mday:02d}T{tm.tm_hour:02d}:"
+            f"{tm.tm_min:02d}:{tm.tm_sec:02d}.")
+
+
 def iso_utc(ns: int) -> str:
     """YYYY-MM-DDTHH:MM:SS.mmmZ; fixed width, so text order is time order."""
     seconds, rest = divmod(max(ns, 0), 1_000_000_000)
-    tm = time.gmtime(min(seconds, 253402300799))  # clamp to year 9999
-    return (f"{tm.tm_year:04d}-{tm.tm_mon:02d}-{tm.tm_mday:02d}T{tm.tm_hour:02d}:"
-            f"{tm.tm_min:02d}:{tm.tm_sec:02d}.{rest // 1_000_000:03d}Z")
+    # clamp to year 9999
+    return f"{_second_prefix(min(seconds, 253402300799))}{rest // 1_000_000:03d}Z"
 
 
 ROWS_PER_STATEMENT = 1000
@@ -863,8 +880,10 @@ def read_sessions(path: Path, *, status: str | None = None,
         conn.close()
 
 
-# What a report groups the rollup by (the model is always a second group).
-USAGE_GROUPS = {"hour": "hour", "session": "session_id"}
+# What a report groups the rollup by (the model is always a second group): a rollup column, or
+# a label of the row's session (its latest value; '' for sessions without one).
+USAGE_GROUPS = {"hour": "hour", "session": "session_id", "agent": "coalesce(l.agent, '')",
+                "user": "coalesce(l.user_name, '')", "host": "coalesce(l.host, '')"}
 
 
 def read_usage(path: Path, *, group: str, lo: str | None = None,
@@ -872,7 +891,8 @@ def read_usage(path: Path, *, group: str, lo: str | None = None,
     """Rollup sums per (group, model) for hours in [lo, hi), ordered by (group, model); the
     rows of collector.report.
 
-    `group` is "hour" or "session". Opens its own read-only connection; never writes.
+    `group` is "hour", "session", "agent", "user" or "host". Opens its own read-only
+    connection; never writes.
     """
     column = USAGE_GROUPS[group]
     where: list[str] = []
@@ -883,14 +903,16 @@ def read_usage(path: Path, *, group: str, lo: str | None = None,
     if hi is not None:
         where.append("hour < ?")
         params.append(hi)
-    sql = (f"SELECT {column}, model, max(hour), sum(turns), sum(prompt_tokens), "
+    sql = (f"SELECT {column} AS g, model, max(hour), sum(turns), sum(prompt_tokens), "
            "sum(completion_tokens), sum(reasoning_tokens), sum(cache_read_tokens), "
-           f"sum(cache_write_tokens), sum(cost_cents) FROM {HOURLY_TABLE}")
+           f"sum(cache_write_tokens), sum(cost_cents) FROM {HOURLY_TABLE} AS h")
+    if column.startswith("coalesce"):
+        sql += f" LEFT JOIN {LABELS_TABLE} AS l ON l.id = h.session_id"
     if where:
         sql += " WHERE " + " AND ".join(where)
     # The order is the grouping's (free in SQLite) and is promised: a session report folds
     # each session's rows as they come, adding its models' costs in the same order each time.
-    sql += f" GROUP BY {column}, model ORDER BY {column}, model"
+    sql += " GROUP BY g, model ORDER BY g, model"
     uri = f"{path.resolve().as_uri()}?mode=ro"
     conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
     try:

@@ -1,0 +1,116 @@
+"""Where a flush into many sessions spends its time, statement by statement, in one process.
+
+The scaling phase of bench.run measures a flush into 100,000 sessions at ~22 µs a span
+(22,000 sessions a flush, one span each). This replays that shape without the network: the
+benchmark's requests over 100,000 sessions are mapped and folded into batches of `--batch`
+requests, and each batch is committed to a fresh SQLite file (WAL, synchronous = FULL) on this
+thread, with every stage of SQLiteStore._commit timed on its own. Nothing else runs, so the
+figures are the commit's own cost, not its cost beside a busy event loop.
+
+Run: python -m bench.flushprof [--sessions N] [--batches N] [--batch REQUESTS]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sqlite3
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from bench.payload import RequestFactory
+from collector.accounting.aggregate import Batch
+from collector.accounting.pricing import Pricer
+from collector.receivers.otlp import decode_protobuf
+from collector.signals.traces import MappingOptions, map_request
+from collector.store import sqlite as store
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sessions", type=int, default=100_000)
+    parser.add_argument("--batches", type=int, default=12)
+    parser.add_argument("--batch", type=int, default=44, help="requests of 512 spans a batch")
+    args = parser.parse_args()
+    factory = RequestFactory(sessions=args.sessions)
+    pricer = Pricer({})
+    pricer.preload()
+    options = MappingOptions(pricer=pricer)
+    seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def stage(name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        yield
+        seconds[name] += time.perf_counter() - started
+
+    def timed_rows(name: str, rows: Any) -> list[Any]:
+        with stage(name):
+            return list(rows)
+
+    def execute(name: str, db: sqlite3.Connection, sql: str, rows: list[Any]) -> None:
+        with stage(f"{name}: JSON encode"):
+            chunks = [store._json_dumps(rows[i:i + store.ROWS_PER_STATEMENT])
+                      for i in range(0, len(rows), store.ROWS_PER_STATEMENT)]
+        with stage(f"{name}: SQLite"):
+            for chunk in chunks:
+                db.execute(sql, (chunk,))
+
+    spans = 0
+    sessions = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        s = store.SQLiteStore(Path(tmp) / "f.db", retention_s=86400)
+        db = s._open()
+        now = time.time_ns()
+        request = 0
+        for _ in range(args.batches):
+            batch = Batch()
+            for _ in range(args.batch):
+                body = factory.request(request)
+                result = map_request(decode_protobuf(body), options, now, body)
+                request += 1
+                batch.add(result.records)
+            spans += len(batch)
+            sessions += len(batch.sessions)
+            started = time.perf_counter()
+            db.execute("BEGIN IMMEDIATE")
+            with stage("span ids (_record_seen)"):
+                applied = store._record_seen(db, batch)
+            deltas = list(applied.sessions.values())
+            with stage("Batch.totals"):
+                totals = applied.totals()
+            session_rows = timed_rows("sessions: params", (
+                store.session_params(d, totals[d.session_id]) for d in deltas))
+            execute("sessions", db, store.UPSERT_SESSION, session_rows)
+            mark_rows = timed_rows("marks: params", (
+                store.mark_params(d) for d in deltas
+                if max(d.model_ns, d.kind_ns, d.status_ns, d.channel_ns, d.goal_ns) >= 0))
+            execute("marks", db, store.UPSERT_MARKS, mark_rows)
+            hour_rows = timed_rows("hourly: params", (
+                store.hour_params(k, h) for k, h in applied.hours.items() if not h.is_empty()))
+            execute("hourly", db, store.UPSERT_HOURLY, hour_rows)
+            with stage("COMMIT (fsync)"):
+                db.execute("COMMIT")
+            seconds["total"] += time.perf_counter() - started
+        db.close()
+    print(f"{args.batches} flushes, {spans:,} spans, {sessions:,} session rows "
+          f"({sessions / args.batches:,.0f} a flush) over {args.sessions:,} sessions\n")
+    print("| stage | ms a flush | µs a span | share |")
+    print("|---|---:|---:|---:|")
+    total = seconds["total"]
+    for name, value in sorted(seconds.items(), key=lambda kv: -kv[1]):
+        if name != "total":
+            print(f"| {name} | {value * 1000 / args.batches:.1f} | "
+                  f"{value * 1e6 / spans:.2f} | {100 * value / total:.0f} % |")
+    print(f"| **whole commit** | {total * 1000 / args.batches:.1f} | "
+          f"{total * 1e6 / spans:.2f} | 100 % |")
+    return 0
+
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -249,3 +249,44 @@ def test_the_documented_example_dialect_is_valid() -> None:
     mine = {d.name: d for d in config.dialects}["my_agent"]
     assert mine.metrics["my_agent.cost"].fixed == "cost_usd"
     assert mine.names_for("user") == ("user.email", "user.id")
+
+
+def test_spans_a_dialect_does_not_count_stay_ignored_without_a_session() -> None:
+    """Codex's spans carry no session id and repeat its logs' usage: resolving sessions
+    across traces must not make them usage (nothing held, nothing counted)."""
+    options = MappingOptions(pricer=Pricer({}))
+    for export in exports("codex-0.169.0/run1_traces_http-protobuf_decoded.json"):
+        result = map_signal(Signal.TRACES, export.request(), options, T0)
+        assert result.spans > 0
+        assert (result.records, result.held, result.rejected) == ([], [], 0)
+    # A dialect whose spans are calls but whose source is the logs: a span without a
+    # session or request id is not held either; with the source on traces it is.
+    for source, held in (("logs", 0), ("traces", 1)):
+        config = parse_config({"dialects": {"my_agent": {
+            "scope_names": ["my.agent"], "source": source,
+            "calls": ["traces:llm"], "attributes": {"input": ["tokens.in"],
+                                                      "session_id": ["sid"]}}}},
+            source="t.toml", base_dir=Path("."))
+        options = MappingOptions(pricer=Pricer({}), dialects=DialectSet(config.dialects))
+        request = span_request("my.agent", "llm", {"tokens.in": 5})
+        result = map_signal(Signal.TRACES, request, options, T0)
+        assert (len(result.held), result.records) == (held, [])
+        if held:
+            assert result.held[0].usage.prompt_tokens == 5
+
+
+def span_request(scope: str, name: str, attrs: dict[str, Any]) -> Any:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+
+    request = ExportTraceServiceRequest()
+    scope_spans = request.resource_spans.add().scope_spans.add()
+    scope_spans.scope.name = scope
+    span = scope_spans.spans.add(name=name, trace_id=b"\x01" * 16, span_id=b"\x02" * 8,
+                                 parent_span_id=b"\x03" * 8, start_time_unix_nano=T0,
+                                 end_time_unix_nano=T0 + 1)
+    for key, value in attrs.items():
+        span.attributes.append(KeyValue(key=key, value=AnyValue(int_value=value)))
+    return request

@@ -290,3 +290,58 @@ def span_request(scope: str, name: str, attrs: dict[str, Any]) -> Any:
     for key, value in attrs.items():
         span.attributes.append(KeyValue(key=key, value=AnyValue(int_value=value)))
     return request
+
+
+# -- the Vercel AI SDK (spans of the tracer "ai") ------------------------------------------------
+
+def vercel_request(*, call_session: str | None) -> Any:
+    """ai.generateText (the turn, naming the session in its telemetry metadata) with one
+    ai.generateText.doGenerate call under it; the outer span repeats the call's usage."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+
+    def kv(key: str, value: str | int) -> KeyValue:
+        return KeyValue(key=key, value=AnyValue(string_value=value) if isinstance(value, str)
+                        else AnyValue(int_value=value))
+
+    usage = [kv("ai.usage.inputTokens", 900), kv("ai.usage.outputTokens", 120),
+             kv("ai.usage.cachedInputTokens", 300), kv("ai.usage.reasoningTokens", 20),
+             kv("ai.response.model", "gpt-4o"), kv("ai.response.id", "resp_1")]
+    request = ExportTraceServiceRequest()
+    rs = request.resource_spans.add()
+    rs.resource.attributes.append(kv("service.name", "my-next-app"))
+    ss = rs.scope_spans.add()
+    ss.scope.name = "ai"
+    trace = bytes(range(1, 17))
+    outer = ss.spans.add(name="ai.generateText", trace_id=trace, span_id=b"\x01" * 8,
+                         start_time_unix_nano=T0, end_time_unix_nano=T0 + 10**9)
+    outer.attributes.extend([kv("ai.telemetry.metadata.sessionId", "chat-7"), *usage])
+    call = ss.spans.add(name="ai.generateText.doGenerate", trace_id=trace,
+                        span_id=b"\x02" * 8, parent_span_id=b"\x01" * 8,
+                        start_time_unix_nano=T0 + 1, end_time_unix_nano=T0 + 10**9 - 1)
+    call.attributes.extend(usage)
+    if call_session is not None:
+        call.attributes.append(kv("ai.telemetry.metadata.sessionId", call_session))
+    return request
+
+
+def test_vercel_ai_sdk_turn_and_call() -> None:
+    result = map_signal(Signal.TRACES, vercel_request(call_session="chat-7"), OPTIONS, T0)
+    batch = Batch()
+    batch.add(result.records)
+    assert total(batch) == {
+        "session": "chat-7", "model": "gpt-4o", "turns": 1, "prompt": 900, "completion": 120,
+        "reasoning": 20, "cache_read": 300, "cache_write": 0,
+        "cents": priced("gpt-4o", 600, 300, 0, 120)}
+
+
+def test_vercel_ai_sdk_call_without_a_session_waits_for_its_trace() -> None:
+    """Its calls are on one signal, so a request id is not their identity: the call is held
+    (keyed by its span) until the trace names the session."""
+    result = map_signal(Signal.TRACES, vercel_request(call_session=None), OPTIONS, T0)
+    assert [r.turns for r in result.records] == [1]
+    (held,) = result.held
+    assert (held.usage.prompt_tokens, held.parent_id) == (900, b"\x01" * 8)
+    assert held.usage.key[8:] == bytes(range(1, 17)) + b"\x02" * 8

@@ -4,9 +4,10 @@ Pure. Every signal decodes its records into the same `Record` and the dialect de
 one is: a model call (tokens, cost, model), a turn (a user prompt), or nothing. Identity is
 what makes "counted once" hold across signals and retries:
 
-* a call with a request id is that request: the log record and the span of one call share the
-  key (zero time prefix + digest of dialect, session and request id), so whichever arrives
-  first counts and the other is a duplicate;
+* a call with a request id, of a dialect whose calls arrive on several signals, is that
+  request: the log record and the span of one call share the key (zero time prefix + digest
+  of dialect, session and request id), so whichever arrives first counts and the other is a
+  duplicate;
 * a call without one counts only on the dialect's source signal (the others repeat it), keyed
   like any record of that signal;
 * a turn reported on several signals (Claude Code's user_prompt log and interaction span) is
@@ -228,7 +229,7 @@ def _hold(dialect: Dialect, record: Record, role: str, options: MappingOptions, 
     key of that one would differ). A call the dialect does not count from spans (Codex's:
     its source is the logs) is not usage here either, session or not."""
     if role == CALL:
-        if values.text(lookup(dialect, record, "request_id")):
+        if dialect.shared_calls and values.text(lookup(dialect, record, "request_id")):
             return
         usage = _call(dialect, record, UNRESOLVED, options, now_ns)
     else:
@@ -311,7 +312,7 @@ def _call(dialect: Dialect, record: Record, session: str, options: MappingOption
         cost = priced_cost or 0.0
     else:
         cost = 0.0
-    if request:
+    if request and dialect.shared_calls:
         key = NO_TIME_PREFIX + digest("call", dialect.name, session, request)
     elif record.signal == "traces":
         key = _pack_time(min(record.end_ns, values.MAX_TIME_NS)) + record.trace_id + \

@@ -102,7 +102,8 @@ def _migrate_sqlite(config: Config, args: argparse.Namespace) -> int:
         print(f"{source} was moved into {options.where} before; nothing to do")
     else:
         print(f"moved {source} into {options.where}: {result.sessions} sessions, "
-              f"{result.hours} rollup rows, {result.span_ids} span ids")
+              f"{result.hours} rollup rows, {result.span_ids} span ids, "
+              f"{result.held} held usage records")
     return EXIT_OK
 
 

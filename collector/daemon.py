@@ -64,6 +64,7 @@ def build_pipeline(config: Config, store: Store, *,
         max_pending_spans=config.max_pending_spans,
         max_items_per_request=config.limits.max_spans_per_request,
         stale_after_s=config.stale_after_s,
+        resolve_window_s=config.resolve_window_s,
         on_flush=on_flush,
     )
 

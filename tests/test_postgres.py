@@ -326,6 +326,11 @@ def test_a_sqlite_database_moves_into_postgres_once_and_merges_with_what_is_ther
                                              attrs={"session.id": "move-1",
                                                     "agent.session.status": "completed"})))[0] \
         == 200
+    # A model call naming no session, held in SQLite until its trace names one.
+    assert post(old, request_bytes(make_span(
+        trace_id=88, span_id=3, parent_id=1, attrs={
+            "gen_ai.operation.name": "chat", "gen_ai.request.model": "test-model",
+            "gen_ai.usage.input_tokens": 500, "gen_ai.usage.output_tokens": 50})))[0] == 200
     assert old.stop() == 0
     new = start_daemon(FAST_FLUSH, postgres_url=pg_url)
     new_bodies, more_tokens, more_turns = workload("move", 2, 10)
@@ -338,15 +343,26 @@ def test_a_sqlite_database_moves_into_postgres_once_and_merges_with_what_is_ther
 
     moved = run_cli(config, "migrate-sqlite", "--from", str(old.db_path))
     assert moved.returncode == 0, moved.stderr
-    assert "moved" in moved.stdout and f"{4 * 10 + 1} span ids" in moved.stdout
+    assert "moved" in moved.stdout and f"{4 * 10 + 2} span ids" in moved.stdout
+    assert "1 held usage records" in moved.stdout
     again = run_cli(config, "migrate-sqlite", "--from", str(old.db_path))
     assert again.returncode == 0 and "nothing to do" in again.stdout
-    assert_exact(pg_server, pg_url, tokens, turns, updates=1)
+    assert_exact(pg_server, pg_url, tokens, turns, updates=2)
     # The latest status set in SQLite (by span time) survived the merge.
     assert pg_server.query(pg_url, "SELECT status FROM agent_sessions WHERE id = 'move-1'") == [
         ("completed",)]
     # A span the SQLite collector accounted, retried into PostgreSQL, counts nothing.
     assert post(new, old_bodies[0])[0] == 200
-    assert_exact(pg_server, pg_url, tokens, turns, updates=1)
+    assert_exact(pg_server, pg_url, tokens, turns, updates=2)
+    # The held call moved with its wait: its agent span, now sent to PostgreSQL, resolves it.
+    assert pg_server.query(pg_url, "SELECT value FROM collector_meta "
+                                   "WHERE name = 'held_count'") == [(1,)]
+    assert post(new, request_bytes(make_span(
+        trace_id=88, span_id=1, name="invoke_agent", attrs={
+            "gen_ai.operation.name": "invoke_agent",
+            "gen_ai.conversation.id": "move-held"})))[0] == 200
+    assert pg_server.query(pg_url, "SELECT prompt_tokens, completion_tokens FROM "
+                                   "agent_sessions WHERE id = 'move-held'") == [(500, 50)]
+    assert pg_server.query(pg_url, "SELECT count(*) FROM collector_held_usage") == [(0,)]
     wrong = run_cli(old.config_path, "migrate-sqlite")
     assert wrong.returncode == 2 and 'storage.backend must be "postgres"' in wrong.stderr

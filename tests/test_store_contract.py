@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from collector.accounting.aggregate import Batch
-from collector.signals.traces import SpanUsage
+from collector.signals.traces import UNRESOLVED, HeldUsage, SpanUsage, TraceLink
 from collector.store import postgres, sqlite
 from collector.store.base import BATCH_WRITES, Reader, SchemaError, Store
 from collector.store.postgres import ConnectOptions, PostgresReader, PostgresStore
@@ -47,8 +47,8 @@ class Backend:
     drop_rollup: Callable[[], None]
     make_other_columns: Callable[[], None]
 
-    def store(self, retention_s: int = 100) -> Store:
-        return self.make_store(retention_s)
+    def store(self, retention_s: int = 100, resolve_window_s: int = 600) -> Store:
+        return self.make_store(retention_s, resolve_window_s)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -69,7 +69,8 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
             conn.commit()
             conn.close()
 
-        return Backend("sqlite", lambda r: SQLiteStore(path, retention_s=r), SQLiteReader(path),
+        return Backend("sqlite", lambda r, w: SQLiteStore(path, retention_s=r, resolve_window_s=w),
+                       SQLiteReader(path),
                        query, lambda: exec_sqlite("DROP TABLE collector_usage_hourly"),
                        lambda: exec_sqlite("CREATE TABLE agent_sessions (id TEXT PRIMARY KEY, "
                                            "cost REAL)"))
@@ -84,7 +85,8 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
         server.execute(url, sql)
 
     return Backend("postgres",
-                   lambda r: PostgresStore(options, retention_s=r, commit_timeout_s=30),
+                   lambda r, w: PostgresStore(options, retention_s=r, commit_timeout_s=30,
+                                              resolve_window_s=w),
                    PostgresReader(options), pg_query,
                    lambda: pg_exec("DROP TABLE collector_usage_hourly"),
                    lambda: pg_exec("CREATE TABLE agent_sessions (id TEXT PRIMARY KEY, "
@@ -352,3 +354,160 @@ async def test_labels_keep_the_latest_value_given_and_a_modelless_turn_takes_the
     assert [tuple(u[:4]) for u in backend.reader.read_usage(group="agent")] == [
         ("claude-code", "m", "2026-01-01T00:00:00.000Z", 2)]
     assert [tuple(u[:2]) for u in backend.reader.read_usage(group="user")] == [("ann", "m")]
+
+
+# -- usage without a session id: held, then resolved once, whichever store resolves it --
+
+WINDOW_S = 10
+
+
+def held_call(trace: int, span: int, parent: int | None, *, prompt: int = 100) -> HeldUsage:
+    """A model call naming no session: span `span` of trace `trace`, child of `parent`."""
+    trace_id, span_id = trace.to_bytes(16, "big"), span.to_bytes(8, "big")
+    key = (T0 + MS).to_bytes(8, "big") + trace_id + span_id
+    usage = SpanUsage(key, UNRESOLVED, T0, T0 + MS, 0, prompt, 7, 0, 0, 0, 0.25, True,
+                      "gpt-4o", None, None, None, None, "app", None, None, None)
+    return HeldUsage(usage, trace_id, span_id,
+                     b"" if parent is None else parent.to_bytes(8, "big"))
+
+
+def agent_span(trace: int, span: int, session: str) -> TraceLink:
+    return TraceLink(trace.to_bytes(16, "big"), span.to_bytes(8, "big"), b"", session, True)
+
+
+def traced(held: list[HeldUsage] = (), links: list[TraceLink] = ()  # type: ignore[assignment]
+           ) -> Batch:
+    b = Batch()
+    b.hold(held, links)
+    return b
+
+
+def held_state(backend: Backend) -> tuple[int, int]:
+    """(rows in the held table, the held count kept beside it)."""
+    rows_held = backend.query("SELECT count(*) FROM collector_held_usage")[0][0]
+    count = backend.query("SELECT value FROM collector_meta WHERE name = 'held_count'")[0][0]
+    return int(rows_held), int(count)
+
+
+@pytest.fixture
+async def held_store(backend: Backend) -> AsyncIterator[Store]:
+    s = backend.store(resolve_window_s=WINDOW_S)
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def test_held_usage_is_resolved_by_a_later_span_of_its_trace_once(
+        held_store: Store, backend: Backend) -> None:
+    store = held_store
+    result, _ = await store.commit(traced([held_call(1, 3, 2)]), now_ns=T0)
+    assert (result.spans, result.held, result.held_now, result.resolved) == (1, 1, 1, 0)
+    assert rows(backend) == {} and held_state(backend) == (1, 1)
+    # A retry of the held span is a duplicate, not held twice.
+    result, _ = await store.commit(traced([held_call(1, 3, 2)]), now_ns=T0 + SECOND)
+    assert (result.duplicates, result.held, result.held_now) == (1, 0, 1)
+    # A bridge (span 2, no session, child of 1), then the agent span naming the session.
+    bridge = TraceLink((1).to_bytes(16, "big"), (2).to_bytes(8, "big"), (1).to_bytes(8, "big"),
+                       None)
+    result, _ = await store.commit(traced(links=[bridge]), now_ns=T0 + SECOND)
+    assert (result.resolved, result.held_now) == (0, 1)
+    result, _ = await store.commit(traced(links=[agent_span(1, 1, "sess")]),
+                                   now_ns=T0 + 2 * SECOND)
+    assert (result.spans, result.resolved, result.resolved_by_window, result.held_now) == (
+        0, 1, 0, 0)
+    row = rows(backend)["sess"]
+    assert (row["prompt_tokens"], row["completion_tokens"], row["model"], row["cost_cents"]) == (
+        100, 7, "gpt-4o", 0.25)
+    assert held_state(backend) == (0, 0)
+    assert [(u[0], u[1], u[4]) for u in backend.reader.read_usage(group="session")] == [
+        ("sess", "gpt-4o", 100)]
+    # After that, still a duplicate.
+    result, _ = await store.commit(traced([held_call(1, 3, 2)]), now_ns=T0 + 3 * SECOND)
+    assert (result.duplicates, result.held) == (1, 0)
+    assert rows(backend)["sess"]["prompt_tokens"] == 100
+
+
+async def test_held_usage_and_a_usage_span_naming_the_session_in_one_batch(
+        held_store: Store, backend: Backend) -> None:
+    # Span 1 is usage naming its session; its key makes it a link of a trace with held usage.
+    parent = held_call(1, 1, None).usage._replace(session_id="from-key", turns=1)
+    b = traced([held_call(1, 3, 2)], [TraceLink((1).to_bytes(16, "big"),
+                                                (2).to_bytes(8, "big"),
+                                                (1).to_bytes(8, "big"), None)])
+    b.add([parent])
+    result, _ = await held_store.commit(b, now_ns=T0)
+    assert (result.spans, result.held, result.resolved, result.held_now) == (2, 1, 1, 0)
+    assert rows(backend)["from-key"]["prompt_tokens"] == 200
+    # Links of traces without held usage (and not anchors) leave no row.
+    await held_store.commit(traced(links=[TraceLink((9).to_bytes(16, "big"),
+                                                    (2).to_bytes(8, "big"), b"", None)]),
+                            now_ns=T0)
+    assert backend.query("SELECT count(*) FROM collector_trace_links "
+                         f"WHERE trace_id = {_blob(backend, (9).to_bytes(16, 'big'))}"
+                         ) == [(0,)]
+
+
+def _blob(backend: Backend, value: bytes) -> str:
+    return f"x'{value.hex()}'" if backend.name == "sqlite" else f"'\\x{value.hex()}'::bytea"
+
+
+async def test_two_stores_holding_and_resolving_at_once_count_each_span_once(
+        held_store: Store, backend: Backend) -> None:
+    """One store holds the calls of 40 traces while the other, at the same moment, commits the
+    agent spans naming their sessions (half of them before, half after, in several flushes);
+    then the rest wait for the window's end and both stores try to resolve them at once."""
+    other = backend.store(resolve_window_s=WINDOW_S)
+    await other.open()
+    try:
+        traces = range(1, 41)
+        for step in range(4):
+            mine = [held_call(t, 10 + step, 1, prompt=t) for t in traces]
+            theirs = [agent_span(t, 1, f"s{t}") for t in traces if t % 4 == step]
+            await asyncio.gather(
+                held_store.commit(traced(mine), now_ns=T0 + step * MS),
+                other.commit(traced(links=theirs), now_ns=T0 + step * MS))
+        # Traces 41..60 never name a session: held until the window ends.
+        await held_store.commit(traced([held_call(t, 10, 1, prompt=1) for t in range(41, 61)]),
+                                now_ns=T0)
+        # Whatever a race left held is resolved by the next touch; the window's end then
+        # resolves the rest, by either store, each once.
+        end = T0 + WINDOW_S * SECOND + 10 * MS
+        results = await asyncio.gather(held_store.commit(Batch(), now_ns=end),
+                                       other.commit(Batch(), now_ns=end))
+        by_window = sum(r.resolved_by_window for r in results)
+    finally:
+        await other.close()
+    assert held_state(backend) == (0, 0)
+    stored = rows(backend)
+    for t in traces:
+        assert stored[f"s{t}"]["prompt_tokens"] == 4 * t, t
+    for t in range(41, 61):
+        assert stored[(t).to_bytes(16, "big").hex()]["prompt_tokens"] == 1
+    assert by_window >= 20
+    total = backend.query("SELECT sum(prompt_tokens) FROM agent_sessions")[0][0]
+    assert int(total) == 4 * sum(traces) + 20
+
+
+async def test_held_usage_waits_the_window_then_goes_to_the_traces_session(
+        backend: Backend) -> None:
+    first = backend.store(resolve_window_s=WINDOW_S)
+    await first.open()
+    await first.commit(traced([held_call(7, 3, 2)]), now_ns=T0)
+    await first.close()
+    # Another store (another collector, or this one restarted) finishes it.
+    second = backend.store(resolve_window_s=WINDOW_S)
+    await second.open()
+    try:
+        assert second.held_now == 1
+        result, _ = await second.commit(Batch(), now_ns=T0 + (WINDOW_S - 1) * SECOND)
+        assert (result.resolved_by_window, result.held_now) == (0, 1)
+        result, _ = await second.commit(Batch(), now_ns=T0 + WINDOW_S * SECOND)
+        assert (result.resolved_by_window, result.held_now) == (1, 0)
+        assert rows(backend)[(7).to_bytes(16, "big").hex()]["prompt_tokens"] == 100
+        # A link seen more than two windows ago no longer resolves anything.
+        await second.commit(traced(links=[agent_span(8, 1, "old")]), now_ns=T0)
+        await second.commit(traced([held_call(8, 3, 1)]), now_ns=T0 + 3 * WINDOW_S * SECOND)
+        assert "old" not in rows(backend)
+        assert held_state(backend) == (1, 1)
+    finally:
+        await second.close()

@@ -23,10 +23,12 @@ def open_store(config: Config) -> Store:
         assert config.postgres is not None
         return PostgresStore(connect_options(config.postgres),
                              retention_s=config.dedupe_retention_s,
-                             commit_timeout_s=config.postgres.commit_timeout_s)
+                             commit_timeout_s=config.postgres.commit_timeout_s,
+                             resolve_window_s=config.resolve_window_s)
     from collector.store.sqlite import SQLiteStore
 
-    return SQLiteStore(config.sqlite_path, retention_s=config.dedupe_retention_s)
+    return SQLiteStore(config.sqlite_path, retention_s=config.dedupe_retention_s,
+                       resolve_window_s=config.resolve_window_s)
 
 
 def open_reader(config: Config) -> Reader:

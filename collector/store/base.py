@@ -22,13 +22,23 @@ that no backend misses one). A new table is one more entry and one statement per
 from __future__ import annotations
 
 import functools
+import json
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from collector.accounting.aggregate import HOUR_NS, Batch, HourDelta, HourKey, SessionDelta
+from collector.accounting.traces import Node, Resolved, Waiting, resolve_trace
 from collector.signals.metrics import CumulativePoint, scaled
+from collector.signals.traces import (
+    KEY_BYTES,
+    SPAN_ID_BYTES,
+    TRACE_ID_BYTES,
+    HeldUsage,
+    SpanUsage,
+    TraceLink,
+)
 
 # agent_sessions' columns, fixed by its readers, with each backend's column types.
 COLUMNS: tuple[tuple[str, str], ...] = (
@@ -57,6 +67,10 @@ USAGE_GROUPS = {"hour": "hour", "session": "session_id", "agent": "coalesce(l.ag
 SEEN_CURRENT_COUNT = "seen_current_count"
 SEEN_PREVIOUS_COUNT = "seen_previous_count"
 GENERATION_STARTED = "seen_generation_started_ns"
+HELD_COUNT = "held_count"
+HELD_TABLE = "collector_held_usage"
+LINKS_TABLE = "collector_trace_links"
+DEFAULT_RESOLVE_WINDOW_S = 600
 
 
 class StorageError(Exception):
@@ -69,10 +83,14 @@ class SchemaError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class CommitResult:
-    spans: int  # spans newly accounted
+    spans: int  # spans newly accounted (held ones included)
     duplicates: int  # spans already accounted (in this batch or before)
     sessions: int  # session rows upserted
     swept: int  # sessions marked 'unknown' by the stale sweep
+    held: int = 0  # usage newly held, waiting for its trace to name its session
+    resolved: int = 0  # held usage added to the session a span of its trace named
+    resolved_by_window: int = 0  # held usage added to a session at the end of its wait
+    held_now: int = 0  # usage held in the database after this commit (all collectors')
 
 
 class Store(Protocol):
@@ -90,6 +108,12 @@ class Store(Protocol):
     @property
     def dedupe_window(self) -> int:
         """Span ids remembered for exactly-once accounting, as of this process's last commit."""
+        ...
+
+    @property
+    def held_now(self) -> int:
+        """Usage held in the database (by every collector on it), as of this one's last
+        commit: while it is not zero the pipeline flushes now and then even when idle."""
         ...
 
     async def open(self) -> None: ...
@@ -271,3 +295,218 @@ def schema_problem(found: list[tuple[str, str]], expected: list[tuple[str, str]]
     want = ", ".join(f"{n} {t}" for n, t in expected)
     actual = ", ".join(f"{n} {t}" for n, t in found)
     return f"table agent_sessions has columns ({actual}); expected exactly ({want})"
+
+
+# -- usage without a session id (collector.accounting.traces), held in the flush transaction --
+#
+# Both backends run `hold_and_resolve` inside their flush transaction, through `TraceOps`: one
+# statement per method and backend. The decisions (which links are kept, what a held span
+# resolves to) are made here, so both backends resolve every held span the same way.
+
+# (key, trace_id, span_id, parent_id, held_ns, usage as JSON)
+HeldRow = tuple[bytes, bytes, bytes, bytes, int, str]
+# (trace_id, span_id, parent_id, session_id, seen_ns)
+LinkRow = tuple[bytes, bytes, bytes, str | None, int]
+
+
+class TraceOps(Protocol):
+    """A backend's statements on collector_held_usage, collector_trace_links and the held
+    count, run in the open flush transaction."""
+
+    def held_count(self) -> int:
+        """The held count as committed (the batch's own held usage not yet in it)."""
+        ...
+
+    def traces_with_held(self, trace_ids: list[bytes]) -> set[bytes]:
+        """Which of these traces (sorted, each TRACE_ID_BYTES long) have held usage."""
+        ...
+
+    def expired_traces(self, held_before_ns: int) -> set[bytes]:
+        """Traces with usage held at or before this time."""
+        ...
+
+    def lock_traces(self, trace_ids: list[bytes]) -> None:
+        """Take these traces (sorted) for this transaction: another collector's flush that
+        holds, links or resolves in one of them waits for this one's commit."""
+        ...
+
+    def insert_held(self, rows: list[HeldRow]) -> None: ...
+
+    def upsert_links(self, rows: list[LinkRow]) -> None:
+        """Rows have distinct keys; a stored link keeps its session if it has one and takes
+        a non-empty parent."""
+        ...
+
+    def read_traces(self, trace_ids: list[bytes], links_seen_since_ns: int
+                    ) -> tuple[list[tuple[bytes, HeldRow]], list[LinkRow]]:
+        """The held rows (with their trace id) and the links seen since the given time, of
+        these traces."""
+        ...
+
+    def delete_held(self, keys: list[bytes]) -> set[bytes]:
+        """Delete these held rows (keys sorted); the keys actually deleted."""
+        ...
+
+
+@dataclass(slots=True)
+class Traced:
+    """What a flush did with held usage."""
+
+    held: int = 0
+    resolved: int = 0
+    by_window: int = 0
+    held_delta: int = 0  # the change to the held count
+    held_now: int = 0  # set by the backend once it has written the count
+
+
+def usage_json(usage: SpanUsage) -> str:
+    """A held record's usage (everything but its key and placeholder session)."""
+    return json.dumps(usage[2:], allow_nan=False)
+
+
+def held_usage(key: bytes, session_id: str, usage: str) -> SpanUsage:
+    return SpanUsage(key, session_id, *json.loads(usage))
+
+
+def held_rows(held: Iterable[HeldUsage], now_ns: int) -> list[HeldRow]:
+    """In key order: the order every backend locks and writes them in."""
+    return sorted((h.usage.key, h.trace_id, h.span_id, h.parent_id, now_ns,
+                   usage_json(h.usage)) for h in held)
+
+
+def link_rows(links: Iterable[TraceLink], now_ns: int) -> list[LinkRow]:
+    """One row per (trace, span), in that order, merged as the stored upsert merges: the
+    first session named stays, a later non-empty parent replaces an earlier one. Malformed
+    ids (not of OTLP's widths) are dropped: they can never be an ancestor."""
+    merged: dict[tuple[bytes, bytes], tuple[bytes, str | None]] = {}
+    for link in links:
+        if len(link.trace_id) != TRACE_ID_BYTES or len(link.span_id) != SPAN_ID_BYTES:
+            continue
+        key = (link.trace_id, link.span_id)
+        known = merged.get(key)
+        if known is None:
+            merged[key] = (link.parent_id, link.session_id)
+        else:
+            merged[key] = (link.parent_id or known[0],
+                           known[1] if known[1] is not None else link.session_id)
+    return [(t, s, p, session, now_ns) for (t, s), (p, session) in sorted(merged.items())]
+
+
+def candidate_links(applied: Batch) -> list[TraceLink]:
+    """Links kept only when their trace has held usage: bridges and the batch's own usage
+    spans (which name their session). An agent's spans that all name their session (the
+    common case) then leave no row."""
+    candidates = [link for link in applied.links if not link.anchor]
+    candidates.extend(
+        TraceLink(key[8:8 + TRACE_ID_BYTES], key[8 + TRACE_ID_BYTES:], b"", r.session_id)
+        for r in applied.records if len(key := r.key) == KEY_BYTES)
+    return candidates
+
+
+def resolve_held(trace_id: bytes, held: Iterable[HeldRow], links: Iterable[LinkRow],
+                 expired_before_ns: int) -> list[tuple[Resolved, SpanUsage]]:
+    """The held usage of one trace that resolves now, each with its session. The trace's
+    first session is the link seen first (ties by span id), so it does not depend on the
+    order a backend returns rows in."""
+    nodes: dict[bytes, Node] = {}
+    first: tuple[int, bytes, str] | None = None
+    for _, span_id, parent_id, session_id, seen_ns in links:
+        nodes[span_id] = Node(parent_id, session_id)
+        if session_id is not None and (first is None or (seen_ns, span_id) < first[:2]):
+            first = (seen_ns, span_id, session_id)
+    usages: dict[bytes, str] = {}
+    waiting: list[Waiting] = []
+    for key, _, span_id, parent_id, held_ns, usage in sorted(held):
+        nodes.setdefault(span_id, Node(parent_id, None))
+        usages[key] = usage
+        waiting.append(Waiting(key, span_id, parent_id, held_ns <= expired_before_ns))
+    return [(item, held_usage(item.key, item.session_id, usages[item.key]))
+            for item in resolve_trace(trace_id, nodes, None if first is None else first[2],
+                                      waiting)]
+
+
+def links_kept_since(now_ns: int, window_ns: int) -> int:
+    """Links are forgotten two resolve windows after they were last seen."""
+    return now_ns - 2 * window_ns
+
+
+def hold_and_resolve(ops: TraceOps, applied: Batch, now_ns: int,
+                     window_ns: int) -> tuple[Batch, Traced]:
+    """Hold the batch's usage without a session, remember the trace links that matter, and
+    resolve the held usage that can be resolved now, all in the caller's transaction: a held
+    span is either in the held table or in its session, never both and never neither,
+    whichever collector on the database resolves it.
+
+    Order (the same in every backend, so that flushes of several collectors cannot deadlock):
+    look up the traces concerned, lock them in order, write held rows and links, read each
+    trace back whole, delete what resolves (only what the delete finds is counted)."""
+    traced = Traced(held=len(applied.held))
+    count = ops.held_count() + traced.held
+    held_traces = {h.trace_id for h in applied.held}
+    touched = set(held_traces)
+    links = [link for link in applied.links if link.anchor]
+    if count:
+        candidates = candidate_links(applied)
+        wanted = {c.trace_id for c in candidates if len(c.trace_id) == TRACE_ID_BYTES}
+        with_held = ops.traces_with_held(sorted(wanted - held_traces)) | (wanted & held_traces)
+        links.extend(c for c in candidates if c.trace_id in with_held)
+        touched |= with_held
+    rows = link_rows(links, now_ns)
+    touched |= {row[0] for row in rows}
+    expired_before = now_ns - window_ns
+    if count:
+        touched |= ops.expired_traces(expired_before)
+    if not touched:
+        return applied, traced
+    order = sorted(touched)
+    ops.lock_traces(order)
+    if applied.held:
+        ops.insert_held(held_rows(applied.held, now_ns))
+    if rows:
+        ops.upsert_links(rows)
+    held_by_trace: dict[bytes, list[HeldRow]] = {}
+    links_by_trace: dict[bytes, list[LinkRow]] = {}
+    stored_held, stored_links = ops.read_traces(order, links_kept_since(now_ns, window_ns))
+    for trace_id, held_row in stored_held:
+        held_by_trace.setdefault(trace_id, []).append(held_row)
+    for link_row in stored_links:
+        links_by_trace.setdefault(link_row[0], []).append(link_row)
+    outcome: dict[bytes, tuple[Resolved, SpanUsage]] = {}
+    for trace_id in order:
+        trace_held = held_by_trace.get(trace_id)
+        if trace_held:
+            for item, usage in resolve_held(trace_id, trace_held,
+                                            links_by_trace.get(trace_id, ()), expired_before):
+                outcome[item.key] = (item, usage)
+    resolved: list[SpanUsage] = []
+    if outcome:
+        # Under the trace locks nobody else can have taken them; counted only as deleted all
+        # the same, so a held span is never added twice.
+        for key in sorted(ops.delete_held(sorted(outcome))):
+            item, usage = outcome[key]
+            resolved.append(usage)
+            if item.by_window:
+                traced.by_window += 1
+            else:
+                traced.resolved += 1
+    traced.held_delta = traced.held - len(resolved)
+    if not resolved:
+        return applied, traced
+    combined = Batch(duplicates=applied.duplicates)
+    combined.add(applied.records)
+    combined.add(resolved)
+    combined.held, combined.links = applied.held, applied.links
+    return combined, traced
+
+
+def commit_result(applied: Batch, swept: int, traced: Traced | None) -> CommitResult:
+    """`applied` includes the held usage resolved by this flush: those were accounted (and
+    counted as spans) when they were held."""
+    if traced is None:
+        return CommitResult(spans=len(applied), duplicates=applied.duplicates,
+                            sessions=len(applied.sessions), swept=swept)
+    resolved = traced.resolved + traced.by_window
+    return CommitResult(spans=len(applied) - resolved, duplicates=applied.duplicates,
+                        sessions=len(applied.sessions), swept=swept, held=traced.held,
+                        resolved=traced.resolved, resolved_by_window=traced.by_window,
+                        held_now=traced.held_now)

@@ -52,16 +52,26 @@ from collector.signals.traces import KEY_BYTES
 from collector.store.base import (
     BATCH_WRITES,
     COLUMN_NAMES,
+    DEFAULT_RESOLVE_WINDOW_S,
     GENERATION_STARTED,
+    HELD_COUNT,
+    HELD_TABLE,
     HOURLY_TABLE,
     LABELS_TABLE,
+    LINKS_TABLE,
     SEEN_CURRENT_COUNT,
     SEEN_PREVIOUS_COUNT,
     USAGE_GROUPS,
     CommitResult,
+    HeldRow,
+    LinkRow,
     SchemaError,
     StorageError,
+    Traced,
+    commit_result,
+    hold_and_resolve,
     iso_utc,
+    links_kept_since,
     resolve_cumulative,
     schema_problem,
 )
@@ -161,8 +171,29 @@ CREATE TABLE IF NOT EXISTS collector_metric_series (
     time_ns BIGINT NOT NULL,
     value DOUBLE PRECISION NOT NULL
 );
+CREATE TABLE IF NOT EXISTS collector_held_usage (
+    key BYTEA PRIMARY KEY,
+    trace_id BYTEA NOT NULL,
+    span_id BYTEA NOT NULL,
+    parent_id BYTEA NOT NULL,
+    held_ns BIGINT NOT NULL,
+    usage TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS collector_held_usage_trace ON collector_held_usage (trace_id);
+CREATE INDEX IF NOT EXISTS collector_held_usage_time ON collector_held_usage (held_ns);
+CREATE TABLE IF NOT EXISTS collector_trace_links (
+    trace_id BYTEA NOT NULL,
+    span_id BYTEA NOT NULL,
+    parent_id BYTEA NOT NULL,
+    session_id TEXT,
+    seen_ns BIGINT NOT NULL,
+    PRIMARY KEY (trace_id, span_id)
+);
+CREATE INDEX IF NOT EXISTS collector_trace_links_time ON collector_trace_links (seen_ns);
 INSERT INTO collector_meta (name, value) VALUES ('seen_current_count', 0),
-    ('seen_previous_count', 0) ON CONFLICT (name) DO NOTHING
+    ('seen_previous_count', 0) ON CONFLICT (name) DO NOTHING;
+INSERT INTO collector_meta (name, value)
+    SELECT 'held_count', count(*) FROM collector_held_usage ON CONFLICT (name) DO NOTHING
 """
 
 TABLE_COLUMNS = """
@@ -348,6 +379,52 @@ ON CONFLICT (series) DO UPDATE SET
 """
 
 ADD_SEEN_COUNT = "UPDATE collector_meta SET value = value + %s WHERE name = %s RETURNING value"
+READ_COUNT = "SELECT value FROM collector_meta WHERE name = %s"
+
+# Usage without a session id (collector.store.base.hold_and_resolve): one statement per
+# TraceOps method. Traces are taken with transaction advisory locks (in the two-key space, so
+# they cannot meet SCHEMA_LOCK or GENERATION_LOCK), in ascending order, before any held row or
+# link of theirs is written or read: two collectors holding, linking or resolving in one trace
+# take turns, and the second reads what the first committed.
+TRACE_LOCK_CLASS = 0x636F_6C6C  # 'coll'
+LOCK_TRACES = "SELECT pg_advisory_xact_lock(%s::int4, k) FROM unnest(%s::int4[]) AS k"
+TRACES_WITH_HELD = f"""
+SELECT t FROM unnest(%s::bytea[]) AS t
+WHERE EXISTS (SELECT 1 FROM {HELD_TABLE} AS h WHERE h.trace_id = t)
+"""
+EXPIRED_TRACES = f"SELECT DISTINCT trace_id FROM {HELD_TABLE} WHERE held_ns <= %s"
+INSERT_HELD = f"""
+INSERT INTO {HELD_TABLE} (key, trace_id, span_id, parent_id, held_ns, usage)
+SELECT * FROM unnest(%s::bytea[], %s::bytea[], %s::bytea[], %s::bytea[], %s::bigint[],
+    %s::text[]) AS b(key, trace_id, span_id, parent_id, held_ns, usage)
+ORDER BY key
+"""
+UPSERT_LINKS = f"""
+INSERT INTO {LINKS_TABLE} AS l (trace_id, span_id, parent_id, session_id, seen_ns)
+SELECT * FROM unnest(%s::bytea[], %s::bytea[], %s::bytea[], %s::text[], %s::bigint[])
+    AS b(trace_id, span_id, parent_id, session_id, seen_ns)
+ORDER BY trace_id, span_id
+ON CONFLICT (trace_id, span_id) DO UPDATE SET
+    parent_id = CASE WHEN excluded.parent_id <> ''::bytea THEN excluded.parent_id
+        ELSE l.parent_id END,
+    session_id = coalesce(l.session_id, excluded.session_id), seen_ns = excluded.seen_ns
+"""
+READ_HELD = f"""
+SELECT trace_id, key, span_id, parent_id, held_ns, usage FROM {HELD_TABLE}
+WHERE trace_id = ANY(%s)
+"""
+READ_LINKS = f"""
+SELECT trace_id, span_id, parent_id, session_id, seen_ns FROM {LINKS_TABLE}
+WHERE trace_id = ANY(%s) AND seen_ns >= %s
+"""
+DELETE_HELD = f"DELETE FROM {HELD_TABLE} WHERE key = ANY(%s) RETURNING key"
+# Housekeeping in the sweep's own transaction: links no flush reads any more (READ_LINKS
+# filters by time, so when they go does not change any resolution). Rows a flush is
+# refreshing are skipped, never waited for: the sweep then cannot deadlock with a flush.
+EXPIRE_LINKS = f"""
+DELETE FROM {LINKS_TABLE} WHERE ctid IN (
+    SELECT ctid FROM {LINKS_TABLE} WHERE seen_ns < %s FOR UPDATE SKIP LOCKED)
+"""
 READ_SEEN_COUNTS = "SELECT name, value FROM collector_meta WHERE name IN (%s, %s)"
 
 
@@ -402,9 +479,13 @@ class PostgresStore:
     batch at a time); any number of PostgresStores on one database are."""
 
     def __init__(self, options: ConnectOptions, *, retention_s: int,
-                 commit_timeout_s: float) -> None:
+                 commit_timeout_s: float,
+                 resolve_window_s: int = DEFAULT_RESOLVE_WINDOW_S) -> None:
         self._options = options
         self._retention_ns = retention_s * 1_000_000_000
+        self._resolve_window_ns = resolve_window_s * 1_000_000_000
+        # Usage held in the database (by any collector on it), as of this one's last commit.
+        self.held_now = 0
         self._commit_timeout_s = commit_timeout_s
         self._conn: psycopg.Connection[Any] | None = None
         self._fd = -1
@@ -449,6 +530,7 @@ class PostgresStore:
                     if statement.strip():
                         conn.execute(statement)
                 self.seen_current, self.seen_previous = _read_seen_counts(conn)
+                self.held_now = _read_count(conn, HELD_COUNT)
         except psycopg.Error as exc:
             self._drop_connection()
             raise StorageError(f"PostgreSQL at {self._options.where}: {_message(exc)}") from exc
@@ -523,13 +605,16 @@ class PostgresStore:
                     with conn.transaction():
                         swept = max(conn.execute(
                             SWEEP_STALE, (iso_utc(sweep_before_ns),)).rowcount, 0)
+                        conn.execute(EXPIRE_LINKS, (links_kept_since(
+                            now_ns, self._resolve_window_ns),))
                 self._rotate_if_due(conn, now_ns)
                 with conn.transaction():
-                    applied, seen_current = self._write(conn, batch)
+                    applied, seen_current, traced = self._write(conn, batch, now_ns)
                 if seen_current is not None:
                     self.seen_current = seen_current
-                return CommitResult(spans=len(applied), duplicates=applied.duplicates,
-                                    sessions=len(applied.sessions), swept=swept), applied
+                if traced is not None:
+                    self.held_now = traced.held_now
+                return commit_result(applied, swept, traced), applied
             except (errors.DeadlockDetected, errors.SerializationFailure) as exc:
                 if attempt == TRANSACTION_ATTEMPTS:
                     raise StorageError(f"PostgreSQL: {_message(exc)}") from exc
@@ -545,8 +630,10 @@ class PostgresStore:
                 raise StorageError(f"value not storable: {exc!r}") from exc
         raise AssertionError("unreachable")
 
-    def _write(self, conn: psycopg.Connection[Any], batch: Batch) -> tuple[Batch, int | None]:
-        """The flush transaction's statements; returns the batch applied and the new count."""
+    def _write(self, conn: psycopg.Connection[Any], batch: Batch,
+               now_ns: int) -> tuple[Batch, int | None, Traced | None]:
+        """The flush transaction's statements; returns the batch applied (with the held usage
+        it resolved), the new span-id count and what it did with held usage."""
         conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (GENERATION_LOCK,))
         applied = batch
         seen_current = None
@@ -559,16 +646,28 @@ class PostgresStore:
                 applied = batch.without(batch.keys - new)
         if batch.cumulative:
             applied = _with_cumulative(conn, applied, batch.cumulative)
+        accounted = len(applied.keys)
+        traced = None
+        held_count = _read_count(conn, HELD_COUNT)
+        if applied.held or applied.links or held_count:
+            applied, traced = hold_and_resolve(_TraceOps(conn, held_count), applied, now_ns,
+                                               self._resolve_window_ns)
         if applied.sessions:
             for write in BATCH_WRITES:
                 self._run_write(conn, write.table, write.rows(applied))
-        if applied.keys:
+        if traced is not None:
+            # Near the end, like the span-id count (and before it: one order for both rows),
+            # so flushes of several collectors hold this row only until their commit.
+            traced.held_now = held_count
+            if traced.held_delta:
+                row = conn.execute(ADD_SEEN_COUNT, (traced.held_delta, HELD_COUNT)).fetchone()
+                traced.held_now = 0 if row is None else int(row[0])
+        if accounted:
             # Last: every flush of every collector updates this one row, and holds it from
             # here to its commit only.
-            row = conn.execute(ADD_SEEN_COUNT, (len(applied.keys), SEEN_CURRENT_COUNT)
-                               ).fetchone()
+            row = conn.execute(ADD_SEEN_COUNT, (accounted, SEEN_CURRENT_COUNT)).fetchone()
             seen_current = None if row is None else int(row[0])
-        return applied, seen_current
+        return applied, seen_current, traced
 
     @staticmethod
     def _run_write(conn: psycopg.Connection[Any], table: str,
@@ -647,6 +746,55 @@ def _with_cumulative(conn: psycopg.Connection[Any], applied: Batch,
                                      [updated[k][1] for k in keys],
                                      [updated[k][2] for k in keys]), binary=True)
     return combined
+
+
+class _TraceOps:
+    """collector.store.base.TraceOps in a flush transaction on PostgreSQL."""
+
+    def __init__(self, conn: psycopg.Connection[Any], held_count: int) -> None:
+        self._conn = conn
+        self._held_count = held_count
+
+    def held_count(self) -> int:
+        return self._held_count
+
+    def traces_with_held(self, trace_ids: list[bytes]) -> set[bytes]:
+        if not trace_ids:
+            return set()
+        return {bytes(r[0]) for r in self._conn.execute(TRACES_WITH_HELD, (trace_ids,),
+                                                         binary=True)}
+
+    def expired_traces(self, held_before_ns: int) -> set[bytes]:
+        return {bytes(r[0]) for r in self._conn.execute(EXPIRED_TRACES, (held_before_ns,))}
+
+    def lock_traces(self, trace_ids: list[bytes]) -> None:
+        # Four bytes of the trace id's random end: traces sharing a key only take turns.
+        keys = sorted({int.from_bytes(t[-4:], "big", signed=True) for t in trace_ids})
+        self._conn.execute(LOCK_TRACES, (TRACE_LOCK_CLASS, keys))
+
+    def insert_held(self, rows: list[HeldRow]) -> None:
+        self._conn.execute(INSERT_HELD, _columns(rows, 6), binary=True)
+
+    def upsert_links(self, rows: list[LinkRow]) -> None:
+        self._conn.execute(UPSERT_LINKS, _columns(rows, 5), binary=True)
+
+    def read_traces(self, trace_ids: list[bytes], links_seen_since_ns: int
+                    ) -> tuple[list[tuple[bytes, HeldRow]], list[LinkRow]]:
+        held = [(bytes(t), (bytes(k), bytes(t), bytes(s), bytes(p), int(n), str(u)))
+                for t, k, s, p, n, u in self._conn.execute(READ_HELD, (trace_ids,),
+                                                            binary=True)]
+        links = [(bytes(t), bytes(s), bytes(p), None if n is None else str(n), int(seen))
+                 for t, s, p, n, seen in self._conn.execute(
+                     READ_LINKS, (trace_ids, links_seen_since_ns), binary=True)]
+        return held, links
+
+    def delete_held(self, keys: list[bytes]) -> set[bytes]:
+        return {bytes(r[0]) for r in self._conn.execute(DELETE_HELD, (keys,), binary=True)}
+
+
+def _read_count(conn: psycopg.Connection[Any], name: str) -> int:
+    row = conn.execute(READ_COUNT, (name,)).fetchone()
+    return 0 if row is None else int(row[0])
 
 
 def _read_seen_counts(conn: psycopg.Connection[Any]) -> tuple[int, int]:
@@ -742,6 +890,7 @@ class Migration:
     hours: int
     span_ids: int
     already: bool  # moved before: nothing was done
+    held: int = 0  # usage still waiting for its trace's session
 
 
 def migrate_sqlite(path: Path, options: ConnectOptions, *, retention_s: int) -> Migration:
@@ -829,6 +978,24 @@ def _migrate(db: Any, conn: psycopg.Connection[Any], marker: str) -> Migration:
     while chunk := cursor.fetchmany(MIGRATION_CHUNK):
         conn.execute(UPSERT_SERIES + " WHERE m.time_ns < excluded.time_ns",
                      _columns(sorted(chunk), 4), binary=True)
+    # Usage still held (its key moves with the span ids below, as accounted) and the links
+    # that may resolve it: resolved later by whichever collector touches its trace.
+    held = 0
+    cursor = db.execute(f"SELECT key, trace_id, span_id, parent_id, held_ns, usage "
+                        f"FROM {HELD_TABLE} ORDER BY key")
+    while chunk := cursor.fetchmany(MIGRATION_CHUNK):
+        rows = [(bytes(k), bytes(t), bytes(s), bytes(p), int(n), str(u))
+                for k, t, s, p, n, u in chunk]
+        held += len(conn.execute(INSERT_HELD + " ON CONFLICT (key) DO NOTHING RETURNING key",
+                                 _columns(rows, 6), binary=True).fetchall())
+    if held:
+        conn.execute(ADD_SEEN_COUNT, (held, HELD_COUNT))
+    cursor = db.execute(f"SELECT trace_id, span_id, parent_id, session_id, seen_ns "
+                        f"FROM {LINKS_TABLE} ORDER BY trace_id, span_id")
+    while chunk := cursor.fetchmany(MIGRATION_CHUNK):
+        conn.execute(UPSERT_LINKS, _columns(
+            [(bytes(t), bytes(s), bytes(p), n, int(seen)) for t, s, p, n, seen in chunk], 5),
+                     binary=True)
     # Span ids stay remembered: an exporter retrying into PostgreSQL a span the SQLite
     # collector accounted is still a duplicate.
     span_ids = 0
@@ -841,4 +1008,4 @@ def _migrate(db: Any, conn: psycopg.Connection[Any], marker: str) -> Migration:
                 conn.execute(ADD_SEEN_COUNT, (new, SEEN_CURRENT_COUNT))
             span_ids += new
     conn.execute("INSERT INTO collector_meta (name, value) VALUES (%s, %s)", (marker, sessions))
-    return Migration(sessions, hours, span_ids, already=False)
+    return Migration(sessions, hours, span_ids, already=False, held=held)

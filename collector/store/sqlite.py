@@ -19,7 +19,13 @@ Tables besides ``agent_sessions`` (whose columns are fixed by its readers):
   read rows per session and hour, never spans;
 * ``collector_session_labels``: who spends, per session (agent, its version, user, host),
   each the latest value given with the end time of the span that gave it; kept apart because
-  ``agent_sessions`` has fixed columns.
+  ``agent_sessions`` has fixed columns;
+* ``collector_held_usage``: usage whose span names no session, waiting for a span of its
+  trace to name one (collector.accounting.traces); inserted in the transaction that records
+  its key as accounted, and deleted in the one that adds it to its session;
+* ``collector_trace_links``: per span (trace id, span id), its parent and the session it
+  names, for spans of traces with held usage and for anchors (agent spans, root spans naming
+  a session); forgotten two resolve windows after they were seen.
 """
 
 from __future__ import annotations
@@ -38,21 +44,31 @@ from typing import Any, TypeVar
 
 from collector.accounting.aggregate import Batch
 from collector.signals.metrics import CumulativePoint
-from collector.signals.traces import KEY_BYTES
+from collector.signals.traces import KEY_BYTES, TRACE_ID_BYTES
 from collector.store.base import (
     BATCH_WRITES,
     COLUMN_NAMES,
     COLUMNS,
+    DEFAULT_RESOLVE_WINDOW_S,
     GENERATION_STARTED,
+    HELD_COUNT,
+    HELD_TABLE,
     HOURLY_TABLE,
     LABELS_TABLE,
+    LINKS_TABLE,
     SEEN_CURRENT_COUNT,
     SEEN_PREVIOUS_COUNT,
     USAGE_GROUPS,
     CommitResult,
+    HeldRow,
+    LinkRow,
     SchemaError,
     StorageError,
+    Traced,
+    commit_result,
+    hold_and_resolve,
     iso_utc,
+    links_kept_since,
     resolve_cumulative,
 )
 from collector.store.base import schema_problem as _schema_problem
@@ -131,6 +147,25 @@ CREATE TABLE IF NOT EXISTS collector_metric_series (
     time_ns INTEGER NOT NULL,
     value REAL NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS collector_held_usage (
+    key BLOB PRIMARY KEY,
+    trace_id BLOB NOT NULL,
+    span_id BLOB NOT NULL,
+    parent_id BLOB NOT NULL,
+    held_ns INTEGER NOT NULL,
+    usage TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS collector_held_usage_trace ON collector_held_usage (trace_id);
+CREATE INDEX IF NOT EXISTS collector_held_usage_time ON collector_held_usage (held_ns);
+CREATE TABLE IF NOT EXISTS collector_trace_links (
+    trace_id BLOB NOT NULL,
+    span_id BLOB NOT NULL,
+    parent_id BLOB NOT NULL,
+    session_id TEXT,
+    seen_ns INTEGER NOT NULL,
+    PRIMARY KEY (trace_id, span_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS collector_trace_links_time ON collector_trace_links (seen_ns);
 """
 
 
@@ -353,9 +388,13 @@ class SQLiteStore:
     ~130 ms instead of ~35.)
     """
 
-    def __init__(self, path: Path, *, retention_s: int) -> None:
+    def __init__(self, path: Path, *, retention_s: int,
+                 resolve_window_s: int = DEFAULT_RESOLVE_WINDOW_S) -> None:
         self.path = path
         self._retention_ns = retention_s * 1_000_000_000
+        self._resolve_window_ns = resolve_window_s * 1_000_000_000
+        # Usage held in the database (by any collector on it), as of this daemon's last commit.
+        self.held_now = 0
         self._db: sqlite3.Connection | None = None
         self._thread: ThreadPoolExecutor | None = None
         self._generation_started_ns: int | None = None
@@ -414,6 +453,8 @@ class SQLiteStore:
                                     (SEEN_PREVIOUS_COUNT, "collector_seen_previous")):
                     db.execute(INIT_SEEN_COUNT.format(table=table), (name,))
                 self.seen_current, self.seen_previous = _read_seen_counts(db)
+                db.execute(INIT_SEEN_COUNT.format(table=HELD_TABLE), (HELD_COUNT,))
+                self.held_now = _held_count(db)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -459,6 +500,9 @@ class SQLiteStore:
                 seen_current = None if row is None else int(row[0])
             if batch.cumulative:
                 applied = _with_cumulative(db, applied, batch.cumulative)
+            traced = None
+            if applied.held or applied.links or self.held_now or _held_count(db):
+                applied, traced = _with_traces(db, applied, now_ns, self._resolve_window_ns)
             if applied.sessions:
                 for write in BATCH_WRITES:
                     _execute_rows(db, BATCH_STATEMENTS[write.table], write.rows(applied))
@@ -471,6 +515,8 @@ class SQLiteStore:
                 self.seen_current, self.seen_previous = rotated
             if seen_current is not None:
                 self.seen_current = seen_current
+            if traced is not None:
+                self.held_now = traced.held_now
         except BaseException as exc:
             # A failed COMMIT may already have rolled back; then ROLLBACK itself fails.
             with contextlib.suppress(sqlite3.Error):
@@ -485,8 +531,7 @@ class SQLiteStore:
                 # impossible; if it happens it is a bug, reported as a failed commit.
                 raise StorageError(f"value not storable: {exc!r}") from exc
             raise
-        return CommitResult(spans=len(applied), duplicates=applied.duplicates,
-                            sessions=len(applied.sessions), swept=swept), applied
+        return commit_result(applied, swept, traced), applied
 
     def _rotate_if_due(self, db: sqlite3.Connection, now_ns: int) -> tuple[int, int] | None:
         """Rotate the span-id generations when due; the new (current, previous) counts if read."""
@@ -570,6 +615,94 @@ def _with_cumulative(db: sqlite3.Connection, applied: Batch,
     combined, updated = resolve_cumulative(applied, points, stored)
     db.executemany(UPSERT_SERIES, ((k, *v) for k, v in updated.items()))
     return combined
+
+
+def _held_count(db: sqlite3.Connection) -> int:
+    row = db.execute("SELECT value FROM collector_meta WHERE name = ?", (HELD_COUNT,)).fetchone()
+    return 0 if row is None else int(row[0])
+
+
+# The trace ids of a packed blob that have held usage: one statement, like the span ids.
+_HELD_TRACES = (
+    "WITH RECURSIVE i(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM i WHERE n + 1 < ?2) "
+    f"SELECT DISTINCT t FROM (SELECT substr(?1, n * {TRACE_ID_BYTES} + 1, {TRACE_ID_BYTES}) "
+    f"AS t FROM i) WHERE EXISTS (SELECT 1 FROM {HELD_TABLE} h WHERE h.trace_id = t)")
+INSERT_LINK = f"""
+INSERT INTO {LINKS_TABLE} (trace_id, span_id, parent_id, session_id, seen_ns)
+VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (trace_id, span_id) DO UPDATE SET
+    parent_id = CASE WHEN excluded.parent_id != x'' THEN excluded.parent_id ELSE parent_id END,
+    session_id = coalesce(session_id, excluded.session_id), seen_ns = excluded.seen_ns
+"""
+ADD_HELD_COUNT = ("INSERT INTO collector_meta (name, value) VALUES (?1, ?2) ON CONFLICT (name) "
+                  "DO UPDATE SET value = value + ?2 RETURNING value")
+
+
+class _TraceOps:
+    """collector.store.base.TraceOps on the writer connection. One writer at a time holds the
+    file (BEGIN IMMEDIATE), so locking traces is nothing more."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def held_count(self) -> int:
+        return _held_count(self._db)
+
+    def traces_with_held(self, trace_ids: list[bytes]) -> set[bytes]:
+        if not trace_ids:
+            return set()
+        return {bytes(r[0]) for r in self._db.execute(
+            _HELD_TRACES, (b"".join(trace_ids), len(trace_ids)))}
+
+    def expired_traces(self, held_before_ns: int) -> set[bytes]:
+        return {bytes(r[0]) for r in self._db.execute(
+            f"SELECT DISTINCT trace_id FROM {HELD_TABLE} WHERE held_ns <= ?",
+            (held_before_ns,))}
+
+    def lock_traces(self, trace_ids: list[bytes]) -> None:
+        """The write transaction already excludes every other writer."""
+
+    def insert_held(self, rows: list[HeldRow]) -> None:
+        self._db.executemany(f"INSERT INTO {HELD_TABLE} (key, trace_id, span_id, parent_id, "
+                             "held_ns, usage) VALUES (?, ?, ?, ?, ?, ?)", rows)
+
+    def upsert_links(self, rows: list[LinkRow]) -> None:
+        self._db.executemany(INSERT_LINK, rows)
+
+    def read_traces(self, trace_ids: list[bytes], links_seen_since_ns: int
+                    ) -> tuple[list[tuple[bytes, HeldRow]], list[LinkRow]]:
+        held: list[tuple[bytes, HeldRow]] = []
+        links: list[LinkRow] = []
+        for trace_id in trace_ids:
+            held.extend((trace_id, (bytes(k), trace_id, bytes(s), bytes(p), int(t), str(u)))
+                        for k, s, p, t, u in self._db.execute(
+                            f"SELECT key, span_id, parent_id, held_ns, usage FROM {HELD_TABLE} "
+                            "WHERE trace_id = ?", (trace_id,)))
+            links.extend((trace_id, bytes(s), bytes(p), None if n is None else str(n), int(t))
+                         for s, p, n, t in self._db.execute(
+                             f"SELECT span_id, parent_id, session_id, seen_ns FROM {LINKS_TABLE} "
+                             "WHERE trace_id = ? AND seen_ns >= ?",
+                             (trace_id, links_seen_since_ns)))
+        return held, links
+
+    def delete_held(self, keys: list[bytes]) -> set[bytes]:
+        deleted: set[bytes] = set()
+        for key in keys:
+            if self._db.execute(f"DELETE FROM {HELD_TABLE} WHERE key = ?", (key,)).rowcount:
+                deleted.add(key)
+        return deleted
+
+
+def _with_traces(db: sqlite3.Connection, applied: Batch, now_ns: int,
+                 window_ns: int) -> tuple[Batch, Traced]:
+    """collector.store.base.hold_and_resolve in this transaction, then forget old links and
+    write the held count."""
+    combined, traced = hold_and_resolve(_TraceOps(db), applied, now_ns, window_ns)
+    db.execute(f"DELETE FROM {LINKS_TABLE} WHERE seen_ns < ?",
+               (links_kept_since(now_ns, window_ns),))
+    row = db.execute(ADD_HELD_COUNT, (HELD_COUNT, traced.held_delta)).fetchone()
+    traced.held_now = int(row[0])
+    return combined, traced
 
 
 def _read_seen_counts(db: sqlite3.Connection) -> tuple[int, int]:

@@ -474,7 +474,7 @@ async def test_two_stores_holding_and_resolving_at_once_count_each_span_once(
         end = T0 + WINDOW_S * SECOND + 10 * MS
         results = await asyncio.gather(held_store.commit(Batch(), now_ns=end),
                                        other.commit(Batch(), now_ns=end))
-        by_window = sum(r.resolved_by_window for r in results)
+        by_window = sum(r.resolved_by_window for r, _ in results)
     finally:
         await other.close()
     assert held_state(backend) == (0, 0)

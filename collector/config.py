@@ -244,13 +244,6 @@ def parse_config(doc: Mapping[str, Any], *, source: str, base_dir: Path) -> Conf
         raise ConfigError(source, "storage.backend",
                           f"must be one of {', '.join(STORAGE_BACKENDS)}; got {backend!r}")
     postgres = _parse_postgres(source, base_dir, values, backend)
-    if postgres is not None and web is not None:
-        # The fleet view's queries read the SQLite file; on PostgreSQL it is off (not yet
-        # ported), and asking for it is an error rather than a view of an empty file.
-        if "web.endpoint" in values:
-            raise ConfigError(source, "web.endpoint", 'the fleet view reads SQLite only so far; '
-                              'set web.endpoint = "" with storage.backend = "postgres"')
-        web = None
 
     level = get("log.level", DEFAULT_LOG_LEVEL).lower()
     if level not in LOG_LEVELS:

@@ -26,7 +26,7 @@ from collector.receivers.grpc import GrpcReceiver
 from collector.receivers.http import HttpReceiver
 from collector.security import Security
 from collector.signals.traces import MappingOptions
-from collector.store import open_reader, open_store
+from collector.store import open_reader, open_store, web_source
 from collector.store.base import Store
 from collector.web.app import WebServer
 from collector.web.ops import Metrics, OpsServer, readiness_problem
@@ -99,8 +99,8 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
                 await ops.start()
                 stack.push_async_callback(ops.stop)
             if config.web_endpoint is not None:
-                fleet_view = WebServer(config.web_endpoint, config.sqlite_path,
-                                       token=config.auth_token)
+                fleet_view = WebServer(config.web_endpoint, web_source(config),
+                                       open_reader(config), token=config.auth_token)
                 await fleet_view.start()
                 stack.push_async_callback(fleet_view.stop)
             await pipeline.start(on_fatal=stop.set)

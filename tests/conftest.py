@@ -99,7 +99,7 @@ class Daemon:
             base += f'backend = "postgres"\npostgres_url = "{postgres_url}"\n'
         if ops:
             base += f'[ops]\nendpoint = "127.0.0.1:{self.ops_port}"\n'
-        if web and postgres_url is None:
+        if web:
             base += f'[web]\nendpoint = "127.0.0.1:{self.web_port}"\n'
         self.config_path.write_text(merge_toml(base, extra_config))
         self.proc: subprocess.Popen[str] | None = None

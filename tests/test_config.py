@@ -127,7 +127,6 @@ def test_shipped_config_toml_is_valid_and_matches_the_defaults() -> None:
     ("bad_pg_connect_timeout.toml", "storage.postgres_connect_timeout_s", "must be >= 2"),
     ("bad_pg_commit_timeout.toml", "storage.postgres_commit_timeout_s", "must be >= 1"),
     ("bad_pg_password_file.toml", "storage.postgres_password_file", "cannot read"),
-    ("bad_pg_web.toml", "web.endpoint", "reads SQLite only so far"),
     ("bad_resolve_window_zero.toml", "sessions.resolve_window_s", "must be >= 1"),
     ("bad_resolve_window_long.toml", "sessions.resolve_window_s",
      "must be at most dedupe.retention_s (86400)"),
@@ -150,7 +149,7 @@ def test_postgres_backend_reads_every_storage_key() -> None:
     assert pg.password == "hunter2-pg"  # the file's line, without its newline
     assert (pg.connect_timeout_s, pg.commit_timeout_s) == (5, 7)
     assert "hunter2" not in repr(config)
-    assert config.web_endpoint is None  # the fleet view reads SQLite only so far
+    assert str(config.web_endpoint) == DEFAULT_WEB_ENDPOINT  # the fleet view reads PostgreSQL
     defaults = load_config(CONFIGS / "good_empty.toml")
     assert (defaults.storage_backend, defaults.postgres) == ("sqlite", None)
 

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import sqlite3
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -76,6 +77,15 @@ def get_json(daemon: Daemon, path: str) -> Any:
 
 
 def db(daemon: Daemon, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    """Read the daemon's database directly (the same SQL on both backends)."""
+    if daemon.postgres_url is not None:
+        from collector.store.postgres import ConnectOptions, QueryConnection
+
+        pg = QueryConnection(ConnectOptions(daemon.postgres_url))
+        try:
+            return list(pg.execute(sql, params))
+        finally:
+            pg.close()
     conn = sqlite3.connect(daemon.db_path)
     try:
         return conn.execute(sql, params).fetchall()
@@ -85,8 +95,25 @@ def db(daemon: Daemon, sql: str, *params: Any) -> list[tuple[Any, ...]]:
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    """A running daemon fed, over both transports, 12 sessions of 3 agents over 3 days."""
-    daemon = Daemon(tmp_path_factory.mktemp("web"), "[sessions]\nstale_after_s = 86400000\n")
+    """A running daemon on SQLite fed, over both transports, 12 sessions of 3 agents over 3
+    days (the browser tests' view)."""
+    yield from _fleet(tmp_path_factory, None)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def api_fleet(request: pytest.FixtureRequest,
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """The same fleet on each backend: the API's answers are checked on both."""
+    if request.param == "sqlite":
+        yield request.getfixturevalue("fleet")
+        return
+    yield from _fleet(tmp_path_factory, request.getfixturevalue("pg_server").new_database())
+
+
+def _fleet(tmp_path_factory: pytest.TempPathFactory,
+           postgres_url: str | None) -> Iterator[Daemon]:
+    daemon = Daemon(tmp_path_factory.mktemp("web"), "[sessions]\nstale_after_s = 86400000\n",
+                    postgres_url=postgres_url)
     daemon.start()
     now = time.time_ns()
     spans: list[Any] = []
@@ -105,21 +132,22 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 
 # -- the API, against the database ----------------------------------------------------------
 
-def test_overview_equals_the_database(fleet: Daemon) -> None:
-    data = get_json(fleet, "/api/overview")
-    (total_cents,) = db(fleet, "SELECT sum(cost_cents) FROM collector_usage_hourly")[0]
-    (session_cents,) = db(fleet, "SELECT sum(cost_cents) FROM agent_sessions")[0]
+def test_overview_equals_the_database(api_fleet: Daemon) -> None:
+    data = get_json(api_fleet, "/api/overview")
+    (total_cents,) = db(api_fleet, "SELECT sum(cost_cents) FROM collector_usage_hourly")[0]
+    (session_cents,) = db(api_fleet, "SELECT sum(cost_cents) FROM agent_sessions")[0]
     assert data["spend"]["30d"]["cost_cents"] == pytest.approx(total_cents)
     assert total_cents == pytest.approx(session_cents)
     assert data["spend"]["30d"]["cost_text"] == format_usd(total_cents)
     today = data["spend"]["today"]["since"]
-    (today_cents,) = db(fleet, "SELECT coalesce(sum(cost_cents), 0) FROM collector_usage_hourly "
-                               "WHERE hour >= ?", today + "T00:00:00.000Z")[0]
+    (today_cents,) = db(api_fleet, "SELECT coalesce(sum(cost_cents), 0) FROM "
+                                   "collector_usage_hourly WHERE hour >= ?",
+                        today + "T00:00:00.000Z")[0]
     assert data["spend"]["today"]["cost_cents"] == pytest.approx(today_cents)
     assert 0 < today_cents < total_cents
     tokens = data["tokens"]
     prompt, completion, cache_read = db(
-        fleet, "SELECT sum(prompt_tokens), sum(completion_tokens), sum(cache_read_tokens) "
+        api_fleet, "SELECT sum(prompt_tokens), sum(completion_tokens), sum(cache_read_tokens) "
                "FROM collector_usage_hourly")[0]
     assert tokens["input_tokens"] + tokens["cache_read_tokens"] == prompt
     assert tokens["output_tokens"] == completion > 0 and tokens["cache_read_tokens"] == cache_read
@@ -130,19 +158,19 @@ def test_overview_equals_the_database(fleet: Daemon) -> None:
         assert sum(sum(s["cost_usd"]) for s in data["series"][key]) == pytest.approx(
             total_cents / 100)
     assert {s["name"] for s in data["series"]["by_agent"]} == {a[0] for a in AGENTS}
-    (active,) = db(fleet, "SELECT count(*) FROM agent_sessions WHERE status = 'active'")[0]
+    (active,) = db(api_fleet, "SELECT count(*) FROM agent_sessions WHERE status = 'active'")[0]
     assert data["active"]["count"] == active == SESSIONS - 2
     # Turns counted under their model calls' model (agent spans name none).
     assert "(none)" not in {s["name"] for s in data["series"]["by_model"]}
 
 
-def test_sessions_pages_cover_every_session_once_in_order(fleet: Daemon) -> None:
+def test_sessions_pages_cover_every_session_once_in_order(api_fleet: Daemon) -> None:
     for sort in ("last_active_at", "cost", "turns", "tokens", "id"):
         for order in ("desc", "asc"):
             seen: list[dict[str, Any]] = []
             cursor = ""
             while True:
-                page = get_json(fleet, f"/api/sessions?limit=5&sort={sort}&order={order}"
+                page = get_json(api_fleet, f"/api/sessions?limit=5&sort={sort}&order={order}"
                                        f"&cursor={cursor}")
                 assert page["total"] == SESSIONS
                 seen += page["sessions"]
@@ -153,63 +181,64 @@ def test_sessions_pages_cover_every_session_once_in_order(fleet: Daemon) -> None
             key = {"cost": "cost_cents", "tokens": "total_tokens"}.get(sort, sort)
             values = [(s[key], s["id"]) for s in seen]
             assert values == sorted(values, reverse=order == "desc")
-    rows = {r[0]: r for r in db(fleet, "SELECT id, turns, cost_cents, model FROM agent_sessions")}
+    rows = {r[0]: r for r in db(api_fleet,
+                                "SELECT id, turns, cost_cents, model FROM agent_sessions")}
     for s in seen:
         assert (s["turns"], s["cost_cents"], s["model"]) == rows[s["id"]][1:]
         assert s["cost_text"] == format_usd(rows[s["id"]][2])
 
 
-def test_session_filters_and_search(fleet: Daemon) -> None:
-    labels = db(fleet, "SELECT id, agent, user_name, host FROM collector_session_labels")
-    page = get_json(fleet, "/api/sessions?agent=triage-agent&limit=500")
+def test_session_filters_and_search(api_fleet: Daemon) -> None:
+    labels = db(api_fleet, "SELECT id, agent, user_name, host FROM collector_session_labels")
+    page = get_json(api_fleet, "/api/sessions?agent=triage-agent&limit=500")
     assert {s["id"] for s in page["sessions"]} == {r[0] for r in labels if r[1] == "triage-agent"}
-    page = get_json(fleet, "/api/sessions?user=ana%40example.com&status=active&limit=500")
-    statuses = dict(db(fleet, "SELECT id, status FROM agent_sessions"))
+    page = get_json(api_fleet, "/api/sessions?user=ana%40example.com&status=active&limit=500")
+    statuses = dict(db(api_fleet, "SELECT id, status FROM agent_sessions"))
     assert {s["id"] for s in page["sessions"]} == {
         r[0] for r in labels if r[2] == "ana@example.com" and statuses[r[0]] == "active"}
-    page = get_json(fleet, "/api/sessions?model=gpt-5&q=web-0")
+    page = get_json(api_fleet, "/api/sessions?model=gpt-5&q=web-0")
     assert {s["id"] for s in page["sessions"]} == {"web-01", "web-04", "web-07"}
-    assert get_json(fleet, "/api/filters")["agent"] == sorted(a[0] for a in AGENTS)
+    assert get_json(api_fleet, "/api/filters")["agent"] == sorted(a[0] for a in AGENTS)
     for bad in ("status=sleeping", "sort=colour", "limit=0", "cursor=%%%", "order=up"):
-        status, _, body = get(fleet.web_url + "/api/sessions?" + bad)
+        status, _, body = get(api_fleet.web_url + "/api/sessions?" + bad)
         assert status == 400 and json.loads(body)["error"], bad
 
 
-def test_session_detail_is_its_hourly_rollup(fleet: Daemon) -> None:
-    data = get_json(fleet, "/api/sessions/web-03")
+def test_session_detail_is_its_hourly_rollup(api_fleet: Daemon) -> None:
+    data = get_json(api_fleet, "/api/sessions/web-03")
     assert data["session"]["agent"] == "support-bot" and data["session"]["host"] == "build-1"
-    rows = db(fleet, "SELECT hour, model, turns, cost_cents FROM collector_usage_hourly WHERE "
+    rows = db(api_fleet, "SELECT hour, model, turns, cost_cents FROM collector_usage_hourly WHERE "
                      "session_id = 'web-03' ORDER BY hour, model")
     assert [(h["hour"], h["model"], h["turns"]) for h in data["hours"]] == [r[:3] for r in rows]
     assert [h["cost_text"] for h in data["hours"]] == [format_usd(r[3]) for r in rows]
-    status, _, _ = get(fleet.web_url + "/api/sessions/nope")
+    status, _, _ = get(api_fleet.web_url + "/api/sessions/nope")
     assert status == 404
 
 
-def test_csv_export_is_the_filtered_table(fleet: Daemon) -> None:
-    status, headers, body = get(fleet.web_url + "/api/sessions.csv?agent=review-agent&sort=id"
+def test_csv_export_is_the_filtered_table(api_fleet: Daemon) -> None:
+    status, headers, body = get(api_fleet.web_url + "/api/sessions.csv?agent=review-agent&sort=id"
                                                 "&order=asc")
     assert status == 200 and headers["Content-Type"].startswith("text/csv")
     rows = list(csv.DictReader(io.StringIO(body.decode())))
-    expected = db(fleet, "SELECT s.id, s.turns, s.cost_cents FROM agent_sessions s JOIN "
+    expected = db(api_fleet, "SELECT s.id, s.turns, s.cost_cents FROM agent_sessions s JOIN "
                          "collector_session_labels l ON l.id = s.id WHERE l.agent = "
                          "'review-agent' ORDER BY s.id")
     assert [(r["id"], int(r["turns"]), float(r["cost_usd"])) for r in rows] == [
         (i, t, round(c / 100, 8)) for i, t, c in expected]
 
 
-def test_who_spends_api_equals_the_report_command(fleet: Daemon,
+def test_who_spends_api_equals_the_report_command(api_fleet: Daemon,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     for kind in ("agent", "user", "host"):
-        data = get_json(fleet, f"/api/who/{kind}")
-        assert cli.main(["report", kind, "--config", str(fleet.config_path), "--json"]) == 0
+        data = get_json(api_fleet, f"/api/who/{kind}")
+        assert cli.main(["report", kind, "--config", str(api_fleet.config_path), "--json"]) == 0
         printed = json.loads(capsys.readouterr().out)
         for line in data["lines"]:
             line.pop("cost_text")
         data["totals"].pop("cost_text")
         assert data == printed
-    users = {line["user"]: line for line in printed_user_report(fleet, capsys)}
-    cents = dict(db(fleet, "SELECT l.user_name, sum(s.cost_cents) FROM agent_sessions s JOIN "
+    users = {line["user"]: line for line in printed_user_report(api_fleet, capsys)}
+    cents = dict(db(api_fleet, "SELECT l.user_name, sum(s.cost_cents) FROM agent_sessions s JOIN "
                            "collector_session_labels l ON l.id = s.id GROUP BY l.user_name"))
     assert {u: line["cost_usd"] for u, line in users.items()} == pytest.approx(
         {u: c / 100 for u, c in cents.items()})
@@ -366,3 +395,38 @@ def test_the_page_follows_new_commits_without_a_reload(fleet: Daemon, page: Any)
     page.wait_for_function(
         "t => document.querySelector('[data-testid=spend-today]').textContent === t", arg=expected)
     assert page.evaluate("window.__loaded") is True
+
+
+def test_live_events_follow_commits_on_postgres(pg_server: Any, tmp_path: Path) -> None:
+    """PostgreSQL has no data_version: the change signal is collector_meta's counter rows."""
+    daemon = Daemon(tmp_path, postgres_url=pg_server.new_database())
+    daemon.start()
+    try:
+        daemon.export_http(turn("live-0", 0, time.time_ns(), cost=0.01))
+        request = urllib.request.Request(daemon.web_url + "/api/events")
+        with urllib.request.urlopen(request, timeout=30) as stream:
+            assert stream.readline().startswith(b"retry:")
+            assert stream.readline() == b"event: hello\n"
+            stream.readline(), stream.readline()  # its data line and the blank line
+            # The watcher takes its first reading after the hello: commits go on (new spans,
+            # from another thread) until one arrives after it and is announced.
+            announced = threading.Event()
+
+            def export_until_announced() -> None:
+                at = time.time_ns()
+                while not announced.wait(0.2):
+                    at += 1_000_000
+                    daemon.export_http(turn("live-1", 1, at, cost=0.02))
+
+            exporter = threading.Thread(target=export_until_announced)
+            exporter.start()
+            try:
+                while not (line := stream.readline()).startswith(b"event: commit"):
+                    assert line in (b"\n", b": keep-alive\n"), line
+            finally:
+                announced.set()
+                exporter.join()
+        data = get_json(daemon, "/api/sessions?q=live-1")
+        assert data["total"] == 1 and data["sessions"][0]["turns"] >= 1
+    finally:
+        daemon.stop()

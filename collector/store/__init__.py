@@ -6,6 +6,7 @@ names one. The postgres backend is imported only when configured.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from collector.store.base import Reader, Store
@@ -40,6 +41,15 @@ def open_reader(config: Config) -> Reader:
     from collector.store.sqlite import SQLiteReader
 
     return SQLiteReader(config.sqlite_path)
+
+
+def web_source(config: Config) -> Path | ConnectOptions:
+    """What the fleet view opens its own read-only connection to: the SQLite file, or the
+    PostgreSQL server (collector.web.app.Reader)."""
+    if config.storage_backend == "postgres":
+        assert config.postgres is not None
+        return connect_options(config.postgres)
+    return config.sqlite_path
 
 
 def connect_options(pg: PostgresConfig) -> ConnectOptions:

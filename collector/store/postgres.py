@@ -40,6 +40,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -801,6 +802,59 @@ def _read_seen_counts(conn: psycopg.Connection[Any]) -> tuple[int, int]:
     rows = {str(r[0]): int(r[1]) for r in conn.execute(
         READ_SEEN_COUNTS, (SEEN_CURRENT_COUNT, SEEN_PREVIOUS_COUNT))}
     return rows[SEEN_CURRENT_COUNT], rows[SEEN_PREVIOUS_COUNT]
+
+
+# Counter rows every flush already updates when it changes what a reader sees: a flush that
+# accounts spans (or holds usage) moves the span-id count, one that only resolves held usage
+# moves the held count, a rotation moves both span-id counts.
+CHANGE_SIGNAL = f"""
+SELECT name, value FROM collector_meta
+WHERE name IN ('{SEEN_CURRENT_COUNT}', '{SEEN_PREVIOUS_COUNT}', '{HELD_COUNT}') ORDER BY name
+"""
+
+
+class QueryConnection:
+    """A read-only PostgreSQL connection that runs the fleet view's queries
+    (collector.web.queries), which are written once, in the SQL both backends share, with
+    SQLite's `?` placeholders. Two spellings differ and are translated here: the placeholders,
+    and `instr(a, b) > 0` (PostgreSQL's `strpos`). Sums of BIGINT come back as numeric in
+    PostgreSQL; they are returned as int (float if fractional), as SQLite returns them.
+    Errors surface as StorageError."""
+
+    def __init__(self, options: ConnectOptions) -> None:
+        self._options = options
+        self._conn = options.connect()
+        self._conn.read_only = True
+
+    def execute(self, sql: str, params: Sequence[Any] = (), /) -> _Rows:
+        text = sql.replace("%", "%%").replace("?", "%s").replace("instr(", "strpos(")
+        try:
+            return _Rows([tuple(_plain(v) for v in row)
+                          for row in self._conn.execute(text, params).fetchall()])
+        except psycopg.Error as exc:
+            raise StorageError(f"PostgreSQL at {self._options.where}: {_message(exc)}") from exc
+
+    def change_signal(self) -> int:
+        """A number that moves with every commit a reader can see (see CHANGE_SIGNAL); the
+        stale sweep alone does not move it."""
+        return hash(tuple(self.execute(CHANGE_SIGNAL))) & 0x7FFF_FFFF_FFFF_FFFF
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class _Rows(list[tuple[Any, ...]]):
+    def fetchone(self) -> tuple[Any, ...] | None:
+        return self[0] if self else None
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        return list(self)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    return value
 
 
 class PostgresReader:

@@ -6,10 +6,16 @@ no event-loop time beyond parsing the request, and several collectors sharing on
 show in one view.
 
 Live updates: `/api/events` is a server-sent event stream. While anyone listens, one task asks
-SQLite every LIVE_CHECK_S whether the file changed since it last looked (`PRAGMA data_version`,
-which moves on every commit by another connection) and tells every listener once per change;
-the page then fetches what it shows again. A commit by any collector on the file shows within
-about a second.
+the database every LIVE_CHECK_S whether it changed since it last looked and tells every
+listener once per change; the page then fetches what it shows again. SQLite: `PRAGMA
+data_version`, which moves on every commit by another connection. PostgreSQL has no such
+counter: the task reads the counter rows in collector_meta that every flush already updates
+(span ids accounted, usage held), one primary-key read (collector.store.postgres.
+QueryConnection.change_signal); the stale sweep alone does not move them. A commit by any
+collector on the database shows within about a second.
+
+On PostgreSQL the same queries (collector.web.queries) run on a read-only psycopg
+connection (collector.store.postgres.QueryConnection).
 
 Auth: when `[auth] token_file` is set, every route but the sign-in form needs either the
 `Authorization: Bearer <token>` header (scripts) or the cookie the sign-in form sets. The cookie
@@ -32,7 +38,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from zoneinfo import ZoneInfo
 
 from aiohttp import web
@@ -40,8 +46,13 @@ from aiohttp import web
 from collector import report
 from collector.config import Endpoint
 from collector.receivers.common import start_app
-from collector.store.sqlite import BUSY_TIMEOUT_MS, read_usage
+from collector.store.base import Reader as UsageReader
+from collector.store.base import StorageError
+from collector.store.sqlite import BUSY_TIMEOUT_MS
 from collector.web import queries
+
+if TYPE_CHECKING:
+    from collector.store.postgres import ConnectOptions, QueryConnection
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -67,26 +78,35 @@ class WebError(Exception):
     """The web listener could not start (address in use, bad address)."""
 
 
+# What a read can fail with: SQLite's errors, or PostgreSQL's as StorageError.
+READ_ERRORS = (sqlite3.Error, StorageError)
+
+
 class Reader:
     """One read-only connection on one thread: queries never wait on the event loop and the
-    loop never waits on SQLite."""
+    loop never waits on the database. `source`: the SQLite file, or the PostgreSQL server."""
 
-    def __init__(self, path: Path) -> None:
-        self._path = path
+    def __init__(self, source: Path | ConnectOptions) -> None:
+        self._source = source
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collector-web")
-        self._conn: sqlite3.Connection | None = None
+        self._conn: sqlite3.Connection | QueryConnection | None = None
 
-    def _connection(self) -> sqlite3.Connection:
+    def _connection(self) -> sqlite3.Connection | QueryConnection:
         if self._conn is None:
-            uri = f"{self._path.resolve().as_uri()}?mode=ro"
-            self._conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000,
-                                         check_same_thread=False)
+            if isinstance(self._source, Path):
+                uri = f"{self._source.resolve().as_uri()}?mode=ro"
+                self._conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000,
+                                             check_same_thread=False)
+            else:
+                from collector.store.postgres import QueryConnection
+
+                self._conn = QueryConnection(self._source)
         return self._conn
 
     def _call(self, fn: Callable[..., _T], *args: Any) -> _T:
         try:
             return fn(self._connection(), *args)
-        except sqlite3.Error:
+        except READ_ERRORS:
             # A fresh connection next time (the file may have been replaced or locked).
             if self._conn is not None:
                 self._conn.close()
@@ -110,17 +130,23 @@ class Reader:
         self._thread.shutdown(wait=True)
 
 
-def _data_version(conn: sqlite3.Connection) -> int:
-    return int(conn.execute("PRAGMA data_version").fetchone()[0])
+def _data_version(conn: sqlite3.Connection | QueryConnection) -> int:
+    if isinstance(conn, sqlite3.Connection):
+        return int(conn.execute("PRAGMA data_version").fetchone()[0])
+    return conn.change_signal()
 
 
 class WebServer:
     """The fleet view's listener. start() returns once it listens; stop() is safe anytime."""
 
-    def __init__(self, endpoint: Endpoint, db_path: Path, *, token: str | None,
+    def __init__(self, endpoint: Endpoint, source: Path | ConnectOptions,
+                 usage: UsageReader, *, token: str | None,
                  now: Callable[[], dt.datetime] | None = None) -> None:
+        """`source`: what the view's own connection opens (collector.store.web_source);
+        `usage`: the storage Reader the agent, user and host reports go through."""
         self.endpoint = endpoint
-        self._db_path = db_path
+        self._source = source
+        self._usage = usage
         self._token = token
         self._cookie_value = (hmac.new(token.encode(), b"collector web sign-in",
                                        hashlib.sha256).hexdigest() if token else None)
@@ -132,7 +158,7 @@ class WebServer:
         self._stopping = asyncio.Event()
 
     async def start(self) -> None:
-        self._reader = Reader(self._db_path)
+        self._reader = Reader(self._source)
         app = web.Application(middlewares=[self._guard])
         r = app.router
         r.add_get("/", self._index)
@@ -228,7 +254,7 @@ class WebServer:
         assert self._reader is not None
         try:
             return await self._reader.run(fn, *args)
-        except sqlite3.Error as exc:
+        except READ_ERRORS as exc:
             log.warning("fleet view: cannot read the database: %s", exc)
             raise web.HTTPServiceUnavailable(
                 text=json.dumps({"error": f"cannot read the database: {exc}"}),
@@ -272,8 +298,8 @@ class WebServer:
         assert self._reader is not None
         try:
             rows = await self._reader.call(
-                lambda: read_usage(self._db_path, group=kind, lo=lo, hi=hi))
-        except sqlite3.Error as exc:
+                lambda: self._usage.read_usage(group=kind, lo=lo, hi=hi))
+        except READ_ERRORS as exc:
             return web.json_response({"error": f"cannot read the database: {exc}"}, status=503)
         result = report.build_report(kind, (report.RollupRow(*r) for r in rows),
                                      tz=ZoneInfo("UTC"), timezone="UTC", since=since,
@@ -329,7 +355,7 @@ class WebServer:
             version: int | None = last
             try:
                 version = await self._reader.run(_data_version)
-            except sqlite3.Error as exc:
+            except READ_ERRORS as exc:
                 log.debug("fleet view: data_version: %s", exc)
             if version is not None and last is not None and version != last:
                 for queue in self._listeners:
@@ -338,7 +364,7 @@ class WebServer:
             await asyncio.sleep(max(LIVE_CHECK_S - (time.monotonic() - started), 0.05))
 
 
-def _csv_text(conn: sqlite3.Connection, query: queries.SessionQuery) -> str:
+def _csv_text(conn: queries.Connection, query: queries.SessionQuery) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n")
     writer.writerow(queries.CSV_COLUMNS)

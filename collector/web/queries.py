@@ -1,4 +1,4 @@
-"""What the fleet view reads, as plain functions over a read-only SQLite connection.
+"""What the fleet view reads, as plain functions over a read-only connection.
 
 No web library here: each function takes a connection and values and returns JSON-ready
 values, so the numbers the page shows are tested against the database without a server.
@@ -15,10 +15,9 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-import sqlite3
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from collector.report import NO_MODEL_LABEL, format_usd
 from collector.store.base import HOURLY_TABLE, LABELS_TABLE
@@ -54,6 +53,13 @@ SESSION_COLUMNS = (
 SESSION_FROM = f"agent_sessions AS s LEFT JOIN {LABELS_TABLE} AS l ON l.id = s.id"
 
 
+class Connection(Protocol):
+    """A read-only connection: sqlite3's, or collector.store.postgres.QueryConnection, which
+    runs these same statements on PostgreSQL (SQL both accept, with `?` placeholders)."""
+
+    def execute(self, sql: str, parameters: Any = ..., /) -> Any: ...
+
+
 class BadQuery(ValueError):
     """A filter, sort or cursor the API does not know; answered 400 with this message."""
 
@@ -87,7 +93,7 @@ def _session(row: tuple[Any, ...]) -> dict[str, Any]:
     }
 
 
-def overview(conn: sqlite3.Connection, now: dt.datetime) -> dict[str, Any]:
+def overview(conn: Connection, now: dt.datetime) -> dict[str, Any]:
     """Spend today / 7 / 30 days, burn rate, daily spend by model and by agent, tokens by kind
     and the sessions active now. Days are UTC days, as `collector report daily` draws them."""
     today = now.astimezone(dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
@@ -251,7 +257,7 @@ def decode_cursor(raw: str) -> tuple[Any, str]:
     return value, session_id
 
 
-def sessions_page(conn: sqlite3.Connection, query: SessionQuery) -> dict[str, Any]:
+def sessions_page(conn: Connection, query: SessionQuery) -> dict[str, Any]:
     """One page of sessions in the query's order, the cursor of the next page (keyset: the
     page after a row is found by its sort value and id, never by an offset) and the count of
     all sessions matching the filters."""
@@ -279,7 +285,7 @@ def sessions_page(conn: sqlite3.Connection, query: SessionQuery) -> dict[str, An
     return {"sessions": [_session(r[:-1]) for r in rows], "next": next_cursor, "total": count}
 
 
-def all_sessions(conn: sqlite3.Connection, query: SessionQuery) -> Iterator[dict[str, Any]]:
+def all_sessions(conn: Connection, query: SessionQuery) -> Iterator[dict[str, Any]]:
     """Every session matching the filters, in the query's order (for CSV export)."""
     clauses, params = query.where()
     expr = SORTS[query.sort]
@@ -292,7 +298,7 @@ def all_sessions(conn: sqlite3.Connection, query: SessionQuery) -> Iterator[dict
         yield _session(row)
 
 
-def session_detail(conn: sqlite3.Connection, session_id: str) -> dict[str, Any] | None:
+def session_detail(conn: Connection, session_id: str) -> dict[str, Any] | None:
     """A session's row, its labels and its usage per UTC hour and model (None if unknown)."""
     row = conn.execute(f"SELECT {SESSION_COLUMNS} FROM {SESSION_FROM} WHERE s.id = ?",
                        (session_id,)).fetchone()
@@ -311,7 +317,7 @@ def session_detail(conn: sqlite3.Connection, session_id: str) -> dict[str, Any] 
     return {"session": _session(row), "hours": hours}
 
 
-def filter_values(conn: sqlite3.Connection) -> dict[str, list[str]]:
+def filter_values(conn: Connection) -> dict[str, list[str]]:
     """The values the table's filters offer (each read from an index)."""
     def distinct(sql: str) -> list[str]:
         return [str(r[0]) for r in conn.execute(sql) if r[0] is not None]

@@ -22,13 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import threading
 import socket
 import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -210,8 +210,8 @@ def poll_ratio(web: int, http: int, tmp: Path, interval: float, rounds: int) -> 
     with_poll: list[float] = []
     polls: list[float] = []
     first = 0
-    print(f"\n| round | without poller spans/s | with poller spans/s | ratio | "
-          f"poll median ms |")
+    print("\n| round | without poller spans/s | with poller spans/s | ratio | "
+          "poll median ms |")
     print("|---:|---:|---:|---:|---:|")
     for r in range(rounds):
         without.append(ingest(http, ROUND_S, tmp, first))

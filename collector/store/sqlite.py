@@ -243,7 +243,7 @@ SCHEMA_SCRIPT = SCHEMA + ";\n".join(("", *DAILY_TRIGGERS, ""))
 
 # A database written before the daily table existed: filled once from the rollup.
 BACKFILL_DAILY = _add_daily(
-    f"SELECT substr(h.hour, 1, 10) AS day, h.model, coalesce(l.agent, '') AS agent, "
+    "SELECT substr(h.hour, 1, 10) AS day, h.model, coalesce(l.agent, '') AS agent, "
     + ", ".join(f"sum(h.{c})" for c in _SUMS)
     + f" FROM {HOURLY_TABLE} AS h LEFT JOIN {LABELS_TABLE} AS l ON l.id = h.session_id "
     "WHERE true GROUP BY day, h.model, agent")

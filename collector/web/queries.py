@@ -38,8 +38,8 @@ MAX_PAGE = 500
 STATUSES = ("active", "completed", "failed", "cancelled", "unknown")
 LABEL_COLUMNS = {"agent": "l.agent", "user": "l.user_name", "host": "l.host"}
 
-# A filtered count stops here ("more than 10,000"): counting every match of a broad filter
-# would cost a row visit per match.
+# A filtered count reads at most this many sessions of its leading index; beyond, the total
+# is a lower bound ("at least"): counting every match of a broad filter costs a row each.
 COUNT_CAP = 10_000
 # Filters matching at most this many sessions are read through their own index and sorted
 # (a bounded sort); broader ones walk the sort order's index and skip non-matching rows,
@@ -142,8 +142,10 @@ def overview(conn: sqlite3.Connection, now: dt.datetime) -> dict[str, Any]:
                     + tokens["cache_write_tokens"])
     active_count = conn.execute(
         "SELECT count(*) FROM agent_sessions WHERE status = 'active'").fetchone()[0]
+    # Active sessions are the recently active ones (the stale sweep ends the others): walk
+    # the last_active_at index from the newest instead of sorting every active session.
     active = [_session(r) for r in conn.execute(
-        f"SELECT {SESSION_COLUMNS} FROM {SESSION_FROM} WHERE s.status = 'active' "
+        f"SELECT {SESSION_COLUMNS} FROM {SESSION_FROM} WHERE +s.status = 'active' "
         "ORDER BY s.last_active_at DESC, s.id LIMIT ?", (ACTIVE_SHOWN,))]
     return {
         "now": now.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
@@ -220,33 +222,35 @@ class SessionQuery:
                    model=text("model"), search=text("q"), sort=sort,
                    descending=order == "desc", cursor=cursor, limit=limit)
 
-    def where(self) -> tuple[list[str], list[Any]]:
-        clauses: list[str] = []
-        params: list[Any] = []
+    def conditions(self) -> list[tuple[str, list[Any]]]:
+        """Each filter as (SQL condition, its parameters); each has an index to lead with."""
+        out: list[tuple[str, list[Any]]] = []
         if self.status is not None:
-            clauses.append("s.status = ?")
-            params.append(self.status)
+            out.append(("s.status = ?", [self.status]))
         for name, column in LABEL_COLUMNS.items():
             value = getattr(self, name)
             if value is not None:
-                clauses.append(f"{column} = ?")
-                params.append(value)
+                out.append((f"{column} = ?", [value]))
         if self.model is not None:
-            clauses.append("s.model = ?")
-            params.append("" if self.model == NO_MODEL_LABEL else self.model)
+            out.append(("s.model = ?", ["" if self.model == NO_MODEL_LABEL else self.model]))
         if self.search is not None:
             # A prefix of the id, as an index range (UTF-8 sorts as code points).
-            clauses.append("s.id >= ?")
-            params.append(self.search)
             last = ord(self.search[-1])
             if last < 0x10FFFF:
-                clauses.append("s.id < ?")
-                params.append(self.search[:-1] + chr(last + 1))
-        return clauses, params
+                out.append(("s.id >= ? AND s.id < ?",
+                            [self.search, self.search[:-1] + chr(last + 1)]))
+            else:
+                out.append(("s.id >= ? AND substr(s.id, 1, ?) = ?",
+                            [self.search, len(self.search), self.search]))
+        return out
 
-    def filtered(self) -> bool:
-        return any(v is not None for v in (self.status, self.agent, self.user, self.host,
-                                           self.model, self.search))
+    def where(self) -> tuple[list[str], list[Any]]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        for clause, values in self.conditions():
+            clauses.append(clause)
+            params += values
+        return clauses, params
 
 
 def encode_cursor(value: Any, session_id: str) -> str:
@@ -263,29 +267,55 @@ def decode_cursor(raw: str) -> tuple[Any, str]:
     return value, session_id
 
 
-def _no_index(clauses: list[str]) -> list[str]:
-    """The same conditions, written so SQLite cannot drive the query from their indexes
-    (a unary + on the column): the sort order's index then leads."""
-    out = []
-    for clause in clauses:
-        column, rest = clause.split(" ", 1)
-        out.append(f"+{column} {rest}")
-    return out
+def _no_index(clause: str) -> str:
+    """The same condition, written so SQLite cannot lead with its index (a unary + on each
+    column), so that the index chosen here leads instead."""
+    return " AND ".join("+" + part for part in clause.split(" AND "))
 
 
-def count_sessions(conn: sqlite3.Connection, query: SessionQuery) -> tuple[int, bool]:
-    """How many sessions match, and whether that is exact: without filters or by status
-    alone, an index count; otherwise counted up to COUNT_CAP (then "more than")."""
-    clauses, params = query.where()
-    if not clauses:
-        return int(conn.execute("SELECT count(*) FROM agent_sessions").fetchone()[0]), True
-    if clauses == ["s.status = ?"]:
-        return int(conn.execute("SELECT count(*) FROM agent_sessions AS s WHERE s.status = ?",
-                                params).fetchone()[0]), True
-    n = int(conn.execute(
-        f"SELECT count(*) FROM (SELECT 1 FROM {SESSION_FROM} WHERE {' AND '.join(clauses)} "
-        "LIMIT ?)", [*params, COUNT_CAP + 1]).fetchone()[0])
-    return min(n, COUNT_CAP), n <= COUNT_CAP
+def _candidates(conn: sqlite3.Connection, clause: str, params: list[Any]) -> int:
+    """Sessions one filter's index holds, counted up to COUNT_CAP + 1 (an index-only read)."""
+    table = (f"{LABELS_TABLE} AS l" if clause.startswith("l.") else "agent_sessions AS s")
+    return int(conn.execute(f"SELECT count(*) FROM (SELECT 1 FROM {table} WHERE {clause} "
+                            "LIMIT ?)", [*params, COUNT_CAP + 1]).fetchone()[0])
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    total: int  # matching sessions, or a lower bound when not exact
+    exact: bool
+    clauses: list[str]  # the filters, all but the leading one written without their index
+    params: list[Any]
+    lead: str | None  # the filter to read through its index, None: walk the order's index
+
+
+def _plan(conn: sqlite3.Connection, query: SessionQuery) -> _Plan:
+    """Count the matches and choose the leading index: SQLite has no statistics on a
+    read-only file, so it cannot tell a filter matching 80 sessions from one matching 20,000.
+
+    The most selective filter (fewest sessions in its index, counted up to COUNT_CAP) leads.
+    With at most COUNT_CAP candidates the count is exact; beyond, the matches among the first
+    COUNT_CAP candidates are a lower bound. A page is then the few matches sorted (exact and
+    at most SMALL_MATCH), or a walk of the sort order's index skipping non-matches."""
+    conditions = query.conditions()
+    if not conditions:
+        n = int(conn.execute("SELECT count(*) FROM agent_sessions").fetchone()[0])
+        return _Plan(n, True, [], [], None)
+    sizes = [_candidates(conn, clause, params) for clause, params in conditions]
+    lead = min(range(len(conditions)), key=sizes.__getitem__)
+    clauses = [c if i == lead else _no_index(c) for i, (c, _) in enumerate(conditions)]
+    params = [v for _, values in conditions for v in values]
+    if len(conditions) == 1:
+        total = sizes[0]
+    else:
+        total = int(conn.execute(
+            f"SELECT count(*) FROM (SELECT 1 FROM {SESSION_FROM} WHERE {' AND '.join(clauses)} "
+            "LIMIT ?)", [*params, COUNT_CAP + 1]).fetchone()[0])
+    exact = sizes[lead] <= COUNT_CAP
+    total = min(total, COUNT_CAP)
+    if exact and total <= SMALL_MATCH:
+        return _Plan(total, True, clauses, params, conditions[lead][0])
+    return _Plan(total, exact, [_no_index(c) for c, _ in conditions], params, None)
 
 
 def sessions_page(conn: sqlite3.Connection, query: SessionQuery) -> dict[str, Any]:
@@ -296,15 +326,13 @@ def sessions_page(conn: sqlite3.Connection, query: SessionQuery) -> dict[str, An
     Which index leads is chosen here, not left to SQLite's guess: filters matching few
     sessions are read through their own index and those rows sorted; otherwise the sort
     order's index is walked from the cursor and rows not matching are skipped."""
-    total, exact = count_sessions(conn, query)
-    clauses, params = query.where()
+    plan = _plan(conn, query)
+    clauses, params = plan.clauses, plan.params
     expr = SORTS[query.sort]
     direction = "DESC" if query.descending else "ASC"
     order = f"{expr} {direction}, s.id {direction}"
-    if query.filtered() and exact and total <= SMALL_MATCH:
+    if plan.lead is not None:
         order = f"+{expr} {direction}, +s.id {direction}"  # sort the few matches
-    elif clauses:
-        clauses = _no_index(clauses)
     if query.cursor is not None:
         value, last_id = query.cursor
         op = "<" if query.descending else ">"
@@ -320,7 +348,7 @@ def sessions_page(conn: sqlite3.Connection, query: SessionQuery) -> dict[str, An
     rows = rows[:query.limit]
     next_cursor = encode_cursor(rows[-1][-1], rows[-1][0]) if more and rows else None
     return {"sessions": [_session(r[:-1]) for r in rows], "next": next_cursor,
-            "total": total, "total_exact": exact}
+            "total": plan.total, "total_exact": plan.exact}
 
 
 def all_sessions(conn: sqlite3.Connection, query: SessionQuery) -> Iterator[dict[str, Any]]:

@@ -73,7 +73,7 @@ GOAL_MS = 100
 POLLED = ("/api/overview", "/api/sessions", "/api/filters")
 POLL_INTERVAL_S = 1.0
 ROUND_S = 10.0
-ROUNDS = 2  # rounds of (without, with) the poller
+ROUNDS = 4  # rounds of one run without and one with the poller
 
 
 def rows(turns: int, rng: random.Random) -> Iterator[tuple[Any, ...]]:
@@ -204,8 +204,8 @@ def ingest(http: int, seconds: float, tmp: Path, first_request: int) -> float:
 
 
 def poll_ratio(web: int, http: int, tmp: Path, interval: float, rounds: int) -> None:
-    """Ingestion without and with a polling page, alternating, so drift in the machine's load
-    falls on both sides."""
+    """Ingestion without and with a polling page, alternating (A B B A ...), so drift in the
+    machine's load and the database's growth fall on both sides."""
     without: list[float] = []
     with_poll: list[float] = []
     polls: list[float] = []
@@ -214,12 +214,15 @@ def poll_ratio(web: int, http: int, tmp: Path, interval: float, rounds: int) -> 
           "poll median ms |")
     print("|---:|---:|---:|---:|---:|")
     for r in range(rounds):
-        without.append(ingest(http, ROUND_S, tmp, first))
-        first += 100_000
-        with Poller(web, interval) as poller:
-            with_poll.append(ingest(http, ROUND_S, tmp, first))
-        first += 100_000
-        polls += poller.times
+        # Odd rounds go the other way round (A B B A): no side always runs second.
+        for polled in ((False, True) if r % 2 == 0 else (True, False)):
+            if polled:
+                with Poller(web, interval) as poller:
+                    with_poll.append(ingest(http, ROUND_S, tmp, first))
+                polls += poller.times
+            else:
+                without.append(ingest(http, ROUND_S, tmp, first))
+            first += 100_000
         print(f"| {r + 1} | {without[-1]:,.0f} | {with_poll[-1]:,.0f} | "
               f"{with_poll[-1] / without[-1]:.2f} | {statistics.median(poller.times):.0f} |",
               flush=True)

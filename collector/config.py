@@ -28,6 +28,8 @@ DEFAULT_SQLITE_PATH = "data/agent_sessions.db"
 DEFAULT_FLUSH_INTERVAL_MS = 0
 DEFAULT_MAX_PENDING_SPANS = 200_000
 DEFAULT_STALE_AFTER_S = 3600
+# How long usage without a session id waits for a span of its trace to name one.
+DEFAULT_RESOLVE_WINDOW_S = 600
 DEFAULT_DEDUPE_RETENTION_S = 24 * 3600
 MIN_DEDUPE_RETENTION_S = 24 * 3600  # the exactly-once promise: at least a day
 DEFAULT_AGENT_SPAN_TOKENS = False
@@ -110,6 +112,7 @@ class Config:
     max_pending_spans: int = DEFAULT_MAX_PENDING_SPANS
     stale_after_s: int = DEFAULT_STALE_AFTER_S
     dedupe_retention_s: int = DEFAULT_DEDUPE_RETENTION_S
+    resolve_window_s: int = DEFAULT_RESOLVE_WINDOW_S
     agent_span_tokens: bool = DEFAULT_AGENT_SPAN_TOKENS
     max_session_id_length: int = DEFAULT_MAX_SESSION_ID_LENGTH
     log_level: str = DEFAULT_LOG_LEVEL
@@ -131,7 +134,7 @@ _SCHEMA: dict[str, dict[str, type]] = {
     "receivers.otlp": {"grpc_endpoint": str, "http_endpoint": str, "max_request_bytes": int},
     "storage": {"sqlite_path": str},
     "flush": {"interval_ms": int, "max_pending_spans": int},
-    "sessions": {"stale_after_s": int, "max_id_length": int},
+    "sessions": {"stale_after_s": int, "max_id_length": int, "resolve_window_s": int},
     "dedupe": {"retention_s": int},
     "mapping": {"agent_span_tokens": bool, "aliases": dict},
     "log": {"level": str},
@@ -237,6 +240,9 @@ def parse_config(doc: Mapping[str, Any], *, source: str, base_dir: Path) -> Conf
         dedupe_retention_s=_at_least(source, "dedupe.retention_s",
                                      get("dedupe.retention_s", DEFAULT_DEDUPE_RETENTION_S),
                                      MIN_DEDUPE_RETENTION_S),
+        resolve_window_s=_resolve_window(source, get("sessions.resolve_window_s",
+                                                     DEFAULT_RESOLVE_WINDOW_S),
+                                         get("dedupe.retention_s", DEFAULT_DEDUPE_RETENTION_S)),
         agent_span_tokens=get("mapping.agent_span_tokens", DEFAULT_AGENT_SPAN_TOKENS),
         log_level=level,
         pricing=pricing,
@@ -422,6 +428,16 @@ def _parse_endpoint(source: str, key: str, value: str) -> Endpoint | None:
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ConfigError(source, key, f"port must be 1-65535; got {port_text!r}")
     return Endpoint(host=host, port=int(port_text))
+
+
+def _resolve_window(source: str, value: int, retention_s: int) -> int:
+    """A held span's dedupe record must outlive its wait, or a retry after the window could
+    be held (and counted) again."""
+    window = _positive(source, "sessions.resolve_window_s", value)
+    if window > retention_s:
+        raise ConfigError(source, "sessions.resolve_window_s",
+                          f"must be at most dedupe.retention_s ({retention_s}); got {window}")
+    return window
 
 
 def _positive(source: str, key: str, value: int) -> int:

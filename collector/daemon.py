@@ -63,6 +63,7 @@ def build_pipeline(config: Config, store: SQLiteStore, *,
         max_pending_spans=config.max_pending_spans,
         max_items_per_request=config.limits.max_spans_per_request,
         stale_after_s=config.stale_after_s,
+        resolve_window_s=config.resolve_window_s,
         on_flush=on_flush,
     )
 
@@ -80,7 +81,8 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
         loop.add_signal_handler(signum, stop.set)
     try:
         async with AsyncExitStack() as stack:
-            store = SQLiteStore(config.sqlite_path, retention_s=config.dedupe_retention_s)
+            store = SQLiteStore(config.sqlite_path, retention_s=config.dedupe_retention_s,
+                                resolve_window_s=config.resolve_window_s)
             await store.open()
             stack.push_async_callback(store.close)
             log.info("storage: %s", config.sqlite_path)

@@ -35,6 +35,7 @@ def test_full_config_sets_every_key() -> None:
     assert (config.flush_interval_ms, config.max_pending_spans) == (50, 1000)
     assert (config.stale_after_s, config.max_session_id_length) == (600, 64)
     assert config.dedupe_retention_s == 172800
+    assert config.resolve_window_s == 120
     assert config.agent_span_tokens is True
     assert config.log_level == "debug"
     assert config.ops_endpoint == Endpoint("0.0.0.0", 19888)
@@ -62,6 +63,7 @@ def test_empty_config_is_all_defaults() -> None:
     assert config.sqlite_path == CONFIGS / "data" / "agent_sessions.db"
     assert (config.flush_interval_ms, config.stale_after_s) == (0, 3600)
     assert config.dedupe_retention_s == 24 * 3600
+    assert config.resolve_window_s == 600
     assert config.ops_endpoint == defaults.ops_endpoint
     assert str(config.ops_endpoint) == DEFAULT_OPS_ENDPOINT == "127.0.0.1:8888"
     assert str(config.web_endpoint) == DEFAULT_WEB_ENDPOINT == "127.0.0.1:8889"
@@ -86,7 +88,7 @@ def test_shipped_config_toml_is_valid_and_matches_the_defaults() -> None:
     assert config.sqlite_path == ROOT / "data" / "agent_sessions.db"
     for key in ("flush_interval_ms", "max_pending_spans", "stale_after_s", "dedupe_retention_s",
                 "agent_span_tokens", "max_session_id_length", "log_level", "ops_endpoint",
-                "web_endpoint"):
+                "resolve_window_s", "web_endpoint"):
         assert getattr(config, key) == getattr(defaults, key), key
 
 
@@ -117,6 +119,10 @@ def test_shipped_config_toml_is_valid_and_matches_the_defaults() -> None:
     ("bad_limit_zero.toml", "limits.max_value_depth", "must be >= 1"),
     ("bad_alias_target.toml", 'mapping.aliases."app.thread_id"', "not an attribute"),
     ("bad_retention_short.toml", "dedupe.retention_s", "must be >= 86400"),
+    ("bad_resolve_window_zero.toml", "sessions.resolve_window_s", "must be >= 1"),
+    ("bad_resolve_window_long.toml", "sessions.resolve_window_s",
+     "must be at most dedupe.retention_s (86400)"),
+    ("bad_resolve_window_type.toml", "sessions.resolve_window_s", "integer"),
 ])
 def test_bad_config_names_key_and_file(name: str, key: str, words: str) -> None:
     with pytest.raises(ConfigError) as info:

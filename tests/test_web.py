@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import sqlite3
 import time
 import urllib.error
@@ -486,6 +487,10 @@ def test_overview_page_shows_the_database(fleet: Daemon, page: Any) -> None:
 
 
 def test_sessions_page_filters_sorts_and_opens_a_session(fleet: Daemon, page: Any) -> None:
+    # Locator assertions, not wait_for_function: a string predicate that is not true at once
+    # is polled through eval, which the page's Content-Security-Policy forbids.
+    from playwright.sync_api import expect
+
     page.goto(fleet.web_url + "/#/sessions")
     rows = page.locator("[data-testid=sessions-table] tbody tr")
     page.get_by_test_id("total").wait_for()
@@ -493,11 +498,11 @@ def test_sessions_page_filters_sorts_and_opens_a_session(fleet: Daemon, page: An
     page.locator("select[data-filter=agent]").select_option("triage-agent")
     codex = {r[0] for r in db(fleet, "SELECT id FROM collector_session_labels WHERE agent = "
                                      "'triage-agent'")}
-    page.wait_for_function(f"document.querySelectorAll('tbody tr').length === {len(codex)}")
+    expect(rows).to_have_count(len(codex), timeout=UI_TIMEOUT_MS)
     assert {rows.nth(i).get_attribute("data-session") for i in range(rows.count())} == codex
     assert page.get_by_test_id("total").inner_text() == f"{len(codex)} sessions"
     page.locator("th[data-sort=cost]").click()
-    page.wait_for_function("location.hash.includes('sort=cost')")
+    expect(page).to_have_url(re.compile("sort=cost"), timeout=UI_TIMEOUT_MS)
     page.wait_for_selector("th.sorted[data-sort=cost]")
     costs = dict(db(fleet, "SELECT id, cost_cents FROM agent_sessions"))
     shown = [rows.nth(i).get_attribute("data-session") for i in range(rows.count())]
@@ -514,6 +519,8 @@ def test_sessions_page_filters_sorts_and_opens_a_session(fleet: Daemon, page: An
 
 
 def test_the_page_follows_new_commits_without_a_reload(fleet: Daemon, page: Any) -> None:
+    from playwright.sync_api import expect
+
     page.goto(fleet.web_url + "/")
     spend = page.get_by_test_id("spend-today")
     spend.wait_for()
@@ -525,6 +532,5 @@ def test_the_page_follows_new_commits_without_a_reload(fleet: Daemon, page: Any)
                          "hour >= strftime('%Y-%m-%dT00:00:00.000Z', 'now')")[0]
     expected = format_usd(cents)
     assert expected != before
-    page.wait_for_function(
-        "t => document.querySelector('[data-testid=spend-today]').textContent === t", arg=expected)
+    expect(spend).to_have_text(expected, timeout=UI_TIMEOUT_MS)
     assert page.evaluate("window.__loaded") is True

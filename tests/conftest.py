@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,8 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.trace import SpanContext, SpanKind, TraceFlags
+
+from collector.store.base import DAILY_TABLE
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_LINE = "collector ready"
@@ -292,3 +294,24 @@ def shared_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     yield from module_daemon(tmp_path_factory, "shared",
                              '[pricing."test-model"]\ninput = 1.0\noutput = 2.0\n'
                              'cache_read = 0.5\ncache_write = 4.0\n')
+
+
+# The daily table (collector_usage_daily) against the rollup it must equal, grouped by each
+# session's current agent: the same SQL on both backends.
+DAILY_FROM_ROLLUP = (
+    "SELECT substr(h.hour, 1, 10) AS day, h.model, coalesce(l.agent, '') AS agent, "
+    "sum(h.turns), sum(h.prompt_tokens), sum(h.completion_tokens), sum(h.reasoning_tokens), "
+    "sum(h.cache_read_tokens), sum(h.cache_write_tokens), sum(h.cost_cents) "
+    "FROM collector_usage_hourly AS h LEFT JOIN collector_session_labels AS l "
+    "ON l.id = h.session_id GROUP BY 1, 2, 3 ORDER BY 1, 2, 3")
+DAILY_ROWS = (f"SELECT day, model, agent, turns, prompt_tokens, completion_tokens, "
+              f"reasoning_tokens, cache_read_tokens, cache_write_tokens, cost_cents "
+              f"FROM {DAILY_TABLE} ORDER BY day, model, agent")
+
+
+def assert_daily_is_the_rollup(read: Callable[[str], list[Any]]) -> None:
+    """`read`: a query's rows, on either backend."""
+    want = read(DAILY_FROM_ROLLUP)
+    got = read(DAILY_ROWS)
+    assert [tuple(w[:9]) for w in want] == [tuple(g[:9]) for g in got]
+    assert [g[9] for g in got] == pytest.approx([w[9] for w in want], abs=1e-9)

@@ -16,11 +16,12 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from collector.store.postgres import ConnectOptions, PostgresStore
-from tests.conftest import ROOT, SECOND, T0, Daemon, make_span
+from tests.conftest import ROOT, SECOND, T0, Daemon, assert_daily_is_the_rollup, make_span
 from tests.pg import PASSWORD, PASSWORD_USER, PgServer
 from tests.test_daemon import wait_for
 from tests.test_ops import get
@@ -121,6 +122,10 @@ def assert_exact(server: PgServer, url: str, tokens: Counter[str], turns: Counte
     assert (int(rollup[0]), int(rollup[1])) == (sum(tokens.values()), sum(turns.values()))
     assert server.query(url, "SELECT count(*) FROM collector_seen_current") == [
         (sum(turns.values()) + updates,)]
+    # The fleet view's daily table is the rollup per current agent (kept by triggers through
+    # every flush, concurrent collectors and a migration alike).
+    assert_daily_is_the_rollup(lambda sql: [
+        tuple(int(v) if isinstance(v, Decimal) else v for v in r) for r in server.query(url, sql)])
 
 
 def test_three_collectors_through_kill_9_and_a_server_restart_count_everything_once(

@@ -10,13 +10,15 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import sqlite3
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,10 @@ import pytest
 
 from collector import cli
 from collector.report import format_usd
-from tests.conftest import Daemon, make_span
+from collector.store.base import DAILY_TABLE
+from collector.store.sqlite import DAILY_TRIGGERS, SCHEMA_SCRIPT
+from collector.web import queries
+from tests.conftest import DAILY_FROM_ROLLUP, Daemon, assert_daily_is_the_rollup, make_span
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -204,6 +209,212 @@ def test_session_filters_and_search(api_fleet: Daemon) -> None:
         assert status == 400 and json.loads(body)["error"], bad
 
 
+def assert_daemon_daily_is_the_rollup(daemon: Daemon) -> None:
+    assert_daily_is_the_rollup(lambda sql: db(daemon, sql))
+
+
+def test_daily_table_is_the_rollup_per_day_model_and_current_agent(api_fleet: Daemon) -> None:
+    assert db(api_fleet, f"SELECT count(*) FROM {DAILY_TABLE}")[0][0] > 0
+    assert_daemon_daily_is_the_rollup(api_fleet)
+
+
+# The random writers' statements, per backend (PostgreSQL's upsert names its conflict target
+# and its table, and has greatest() for SQLite's two-argument max()).
+RANDOM_WRITES = {
+    "sqlite": (
+        "INSERT INTO collector_usage_hourly (hour, session_id, model, turns, prompt_tokens, "
+        "cache_read_tokens, cost_cents) VALUES (?, ?, ?, 1, ?, ?, ?), (?, ?, ?, 1, ?, ?, ?) "
+        "ON CONFLICT DO UPDATE SET turns = turns + 1, "
+        "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+        "cache_read_tokens = cache_read_tokens + excluded.cache_read_tokens, "
+        "cost_cents = cost_cents + excluded.cost_cents",
+        "INSERT INTO collector_session_labels (id, agent, agent_ns) VALUES (?, ?, ?) "
+        "ON CONFLICT (id) DO UPDATE SET agent = CASE WHEN excluded.agent IS NOT NULL "
+        "AND excluded.agent_ns >= agent_ns THEN excluded.agent ELSE agent END, "
+        "agent_ns = max(agent_ns, excluded.agent_ns)"),
+    "postgres": (
+        "INSERT INTO collector_usage_hourly AS h (hour, session_id, model, turns, "
+        "prompt_tokens, cache_read_tokens, cost_cents) VALUES (%s, %s, %s, 1, %s, %s, %s), "
+        "(%s, %s, %s, 1, %s, %s, %s) ON CONFLICT (hour, model, session_id) DO UPDATE SET "
+        "turns = h.turns + 1, prompt_tokens = h.prompt_tokens + excluded.prompt_tokens, "
+        "cache_read_tokens = h.cache_read_tokens + excluded.cache_read_tokens, "
+        "cost_cents = h.cost_cents + excluded.cost_cents",
+        "INSERT INTO collector_session_labels AS l (id, agent, agent_ns) VALUES (%s, %s, %s) "
+        "ON CONFLICT (id) DO UPDATE SET agent = CASE WHEN excluded.agent IS NOT NULL "
+        "AND excluded.agent_ns >= l.agent_ns THEN excluded.agent ELSE l.agent END, "
+        "agent_ns = greatest(l.agent_ns, excluded.agent_ns)"),
+}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_daily_table_follows_every_write_to_the_rollup_and_labels(
+        backend: str, request: pytest.FixtureRequest) -> None:
+    """The triggers against a real database, under a random mix of what writers do: rollup
+    upserts (two rows a statement, new or added to), labels set, changed and cleared, rows
+    deleted."""
+    import random
+
+    if backend == "sqlite":
+        lite = sqlite3.connect(":memory:", isolation_level=None)
+        lite.executescript(SCHEMA_SCRIPT)
+        run: Callable[..., Any] = lite.execute
+        close = lite.close
+        mark = "?"
+    else:
+        import asyncio
+
+        import psycopg
+
+        from collector.store.postgres import ConnectOptions, PostgresStore
+
+        url = request.getfixturevalue("pg_server").new_database()
+        store = PostgresStore(ConnectOptions(url), retention_s=3600, commit_timeout_s=60)
+        asyncio.run(store.open())
+        asyncio.run(store.close())
+        pg = psycopg.connect(url, autocommit=True)
+        run, close, mark = pg.execute, pg.close, "%s"
+
+    def read(sql: str) -> list[Any]:
+        return [tuple(int(v) if isinstance(v, Decimal) else v for v in r)
+                for r in run(sql).fetchall()]
+
+    upsert, label = RANDOM_WRITES[backend]
+    rng = random.Random(13)
+    try:
+        for i in range(1000 if backend == "postgres" else 2000):
+            sid = f"s{rng.randrange(30)}"
+            op = rng.random()
+            if op < 0.55:
+                hour = f"2026-11-0{rng.randrange(1, 4)}T{rng.randrange(24):02d}:00:00.000Z"
+                models = rng.sample(("m1", "m2", ""), 2)
+                run(upsert, [v for m in models for v in (
+                    hour, sid, m, rng.randrange(1000), rng.randrange(100), rng.random())])
+            elif op < 0.85:
+                run(label, (sid, rng.choice(("a", "b", None)), i))
+            elif op < 0.92:
+                run(f"DELETE FROM collector_session_labels WHERE id = {mark}", (sid,))
+            else:
+                run("DELETE FROM collector_usage_hourly WHERE session_id = "
+                    f"{mark} AND hour < '2026-11-02'", (sid,))
+            if i % 50 == 0:
+                assert_daily_is_the_rollup(read)
+        assert_daily_is_the_rollup(read)
+        assert {r[0] for r in read(f"SELECT DISTINCT agent FROM {DAILY_TABLE}")} == {
+            r[0] for r in read(DAILY_FROM_ROLLUP.replace(
+                "SELECT substr", "SELECT DISTINCT coalesce(l.agent, ''), substr"))}
+    finally:
+        close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend_url(request: pytest.FixtureRequest) -> str | None:
+    """None for SQLite, else a fresh PostgreSQL database's URL."""
+    if request.param == "sqlite":
+        return None
+    return str(request.getfixturevalue("pg_server").new_database())
+
+
+def test_a_session_changing_agent_moves_its_spend(tmp_path: Path,
+                                                  backend_url: str | None) -> None:
+    """Latest agent wins for the whole session, in the overview as in `report agent`."""
+    daemon = Daemon(tmp_path, "[sessions]\nstale_after_s = 86400000\n", postgres_url=backend_url)
+    daemon.start()
+    try:
+        now = time.time_ns()
+        daemon.export_http(turn("moving", 0, now - 3_600 * 10**9, cost=0.5))
+        daemon.export_http(turn("staying", 2, now - 3_600 * 10**9, cost=0.25))
+        by_agent = {s["name"] for s in get_json(daemon, "/api/overview")["series"]["by_agent"]}
+        assert by_agent == {AGENTS[0][0], AGENTS[2][0]}
+        daemon.export_grpc(turn("moving", 1, now - 60 * 10**9, cost=0.125))
+        data = get_json(daemon, "/api/overview")
+        spend = {s["name"]: sum(s["cost_usd"]) for s in data["series"]["by_agent"]}
+        assert spend == pytest.approx({AGENTS[1][0]: 0.625, AGENTS[2][0]: 0.25})
+        assert_daemon_daily_is_the_rollup(daemon)
+    finally:
+        daemon.stop()
+
+
+def test_a_database_from_before_the_daily_table_gets_it_filled(tmp_path: Path,
+                                                                backend_url: str | None) -> None:
+    daemon = Daemon(tmp_path, "", postgres_url=backend_url)
+    daemon.start()
+    now = time.time_ns()
+    daemon.export_http(turn("old-1", 0, now - 7_200 * 10**9, cost=0.75) + turn(
+        "old-2", 1, now - 60 * 10**9, cost=0.5))
+    daemon.stop()
+    if backend_url is None:
+        conn = sqlite3.connect(daemon.db_path)
+        for trigger in DAILY_TRIGGERS:
+            conn.execute("DROP TRIGGER " + trigger.split()[5])
+        conn.execute(f"DROP TABLE {DAILY_TABLE}")
+        conn.commit()
+        conn.close()
+    else:
+        import psycopg
+
+        from collector.store.postgres import DAILY_TRIGGERS as PG_TRIGGERS
+
+        with psycopg.connect(backend_url, autocommit=True) as pg:
+            for name, statement in PG_TRIGGERS:
+                pg.execute(f"DROP TRIGGER {name} ON {statement.split(' ON ')[1].split()[0]}")
+            pg.execute(f"DROP TABLE {DAILY_TABLE}")
+    daemon.start()
+    try:
+        data = get_json(daemon, "/api/overview")
+        assert data["spend"]["30d"]["cost_cents"] == pytest.approx(125)
+        daemon.export_http(turn("old-2", 1, now, cost=0.25))
+        assert_daemon_daily_is_the_rollup(daemon)
+        assert db(daemon, f"SELECT sum(cost_cents) FROM {DAILY_TABLE}")[0][0] == pytest.approx(
+            150)
+    finally:
+        daemon.stop()
+
+
+def test_both_ways_to_a_page_give_the_same_rows(api_fleet: Daemon,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Filters matching few sessions sort their matches; broad ones walk the order's index:
+    the two plans must give the same pages, and a capped count says it is one."""
+    conn: Any
+    if api_fleet.postgres_url is None:
+        conn = sqlite3.connect(f"{Path(api_fleet.db_path).resolve().as_uri()}?mode=ro", uri=True)
+    else:
+        from collector.store.postgres import ConnectOptions, QueryConnection
+
+        conn = QueryConnection(ConnectOptions(api_fleet.postgres_url))
+    filters = ({}, {"status": "active"}, {"agent": "triage-agent"}, {"q": "web-0"},
+               {"user": "ana@example.com", "model": "claude-sonnet-4"}, {"q": "web-1", "status":
+               "completed"}, {"host": "nowhere"})
+
+    def pages(params: dict[str, str]) -> list[list[str]]:
+        out = []
+        cursor = ""
+        while True:
+            page = queries.sessions_page(conn, queries.SessionQuery.parse(
+                {**params, "limit": "3", "cursor": cursor}))
+            out.append([s["id"] for s in page["sessions"]])
+            if not page["next"]:
+                return out
+            cursor = page["next"]
+
+    try:
+        for f in filters:
+            for sort in queries.SORTS:
+                for order in ("asc", "desc"):
+                    params = {**f, "sort": sort, "order": order}
+                    monkeypatch.setattr(queries, "SMALL_MATCH", 10**9)
+                    sorted_matches = pages(params)
+                    monkeypatch.setattr(queries, "SMALL_MATCH", 0)
+                    walked = pages(params)
+                    assert sorted_matches == walked, params
+        monkeypatch.setattr(queries, "COUNT_CAP", 2)
+        page = queries.sessions_page(conn, queries.SessionQuery.parse({"agent": "triage-agent"}))
+        assert (page["total"], page["total_exact"]) == (2, False)
+        page = queries.sessions_page(conn, queries.SessionQuery.parse({}))
+        assert (page["total"], page["total_exact"]) == (SESSIONS, True)
+    finally:
+        conn.close()
+
+
 def test_session_detail_is_its_hourly_rollup(api_fleet: Daemon) -> None:
     data = get_json(api_fleet, "/api/sessions/web-03")
     assert data["session"]["agent"] == "support-bot" and data["session"]["host"] == "build-1"
@@ -353,6 +564,10 @@ def test_overview_page_shows_the_database(fleet: Daemon, page: Any) -> None:
 
 
 def test_sessions_page_filters_sorts_and_opens_a_session(fleet: Daemon, page: Any) -> None:
+    # Locator assertions, not wait_for_function: a string predicate that is not true at once
+    # is polled through eval, which the page's Content-Security-Policy forbids.
+    from playwright.sync_api import expect
+
     page.goto(fleet.web_url + "/#/sessions")
     rows = page.locator("[data-testid=sessions-table] tbody tr")
     page.get_by_test_id("total").wait_for()
@@ -360,11 +575,11 @@ def test_sessions_page_filters_sorts_and_opens_a_session(fleet: Daemon, page: An
     page.locator("select[data-filter=agent]").select_option("triage-agent")
     codex = {r[0] for r in db(fleet, "SELECT id FROM collector_session_labels WHERE agent = "
                                      "'triage-agent'")}
-    page.wait_for_function(f"document.querySelectorAll('tbody tr').length === {len(codex)}")
+    expect(rows).to_have_count(len(codex), timeout=UI_TIMEOUT_MS)
     assert {rows.nth(i).get_attribute("data-session") for i in range(rows.count())} == codex
     assert page.get_by_test_id("total").inner_text() == f"{len(codex)} sessions"
     page.locator("th[data-sort=cost]").click()
-    page.wait_for_function("location.hash.includes('sort=cost')")
+    expect(page).to_have_url(re.compile("sort=cost"), timeout=UI_TIMEOUT_MS)
     page.wait_for_selector("th.sorted[data-sort=cost]")
     costs = dict(db(fleet, "SELECT id, cost_cents FROM agent_sessions"))
     shown = [rows.nth(i).get_attribute("data-session") for i in range(rows.count())]
@@ -381,6 +596,8 @@ def test_sessions_page_filters_sorts_and_opens_a_session(fleet: Daemon, page: An
 
 
 def test_the_page_follows_new_commits_without_a_reload(fleet: Daemon, page: Any) -> None:
+    from playwright.sync_api import expect
+
     page.goto(fleet.web_url + "/")
     spend = page.get_by_test_id("spend-today")
     spend.wait_for()
@@ -392,8 +609,7 @@ def test_the_page_follows_new_commits_without_a_reload(fleet: Daemon, page: Any)
                          "hour >= strftime('%Y-%m-%dT00:00:00.000Z', 'now')")[0]
     expected = format_usd(cents)
     assert expected != before
-    page.wait_for_function(
-        "t => document.querySelector('[data-testid=spend-today]').textContent === t", arg=expected)
+    expect(spend).to_have_text(expected, timeout=UI_TIMEOUT_MS)
     assert page.evaluate("window.__loaded") is True
 
 

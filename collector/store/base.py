@@ -59,6 +59,11 @@ COLUMNS: tuple[tuple[str, str], ...] = (
 COLUMN_NAMES = tuple(name for name, _ in COLUMNS)
 HOURLY_TABLE = "collector_usage_hourly"
 LABELS_TABLE = "collector_session_labels"
+# The rollup summed per (UTC day, model, current agent of the session), for the fleet view's
+# overview; each backend keeps it equal to the rollup in the statements that write either.
+DAILY_TABLE = "collector_usage_daily"
+DAILY_SUMS = ("turns", "prompt_tokens", "completion_tokens", "reasoning_tokens",
+              "cache_read_tokens", "cache_write_tokens", "cost_cents")
 # What a report groups the rollup by (the model is always a second group): a rollup column, or
 # a label of the row's session (its latest value; '' for sessions without one).
 USAGE_GROUPS = {"hour": "hour", "session": "session_id", "agent": "coalesce(l.agent, '')",

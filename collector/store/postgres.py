@@ -53,6 +53,8 @@ from collector.signals.traces import KEY_BYTES
 from collector.store.base import (
     BATCH_WRITES,
     COLUMN_NAMES,
+    DAILY_SUMS,
+    DAILY_TABLE,
     DEFAULT_RESOLVE_WINDOW_S,
     GENERATION_STARTED,
     HELD_COUNT,
@@ -166,6 +168,26 @@ CREATE INDEX IF NOT EXISTS collector_session_labels_user ON collector_session_la
 CREATE INDEX IF NOT EXISTS collector_session_labels_host ON collector_session_labels (host);
 CREATE INDEX IF NOT EXISTS collector_usage_hourly_session
     ON collector_usage_hourly (session_id, hour);
+-- The fleet view's sort orders, each with the id as tiebreak (as in the SQLite store).
+CREATE INDEX IF NOT EXISTS agent_sessions_created_at ON agent_sessions (created_at, id);
+CREATE INDEX IF NOT EXISTS agent_sessions_cost ON agent_sessions (cost_cents, id);
+CREATE INDEX IF NOT EXISTS agent_sessions_turns ON agent_sessions (turns, id);
+CREATE INDEX IF NOT EXISTS agent_sessions_tokens
+    ON agent_sessions ((prompt_tokens + completion_tokens), id);
+CREATE INDEX IF NOT EXISTS agent_sessions_model ON agent_sessions (model);
+CREATE TABLE IF NOT EXISTS collector_usage_daily (
+    day TEXT COLLATE "C" NOT NULL,
+    model TEXT COLLATE "C" NOT NULL,
+    agent TEXT COLLATE "C" NOT NULL,
+    turns BIGINT NOT NULL DEFAULT 0,
+    prompt_tokens BIGINT NOT NULL DEFAULT 0,
+    completion_tokens BIGINT NOT NULL DEFAULT 0,
+    reasoning_tokens BIGINT NOT NULL DEFAULT 0,
+    cache_read_tokens BIGINT NOT NULL DEFAULT 0,
+    cache_write_tokens BIGINT NOT NULL DEFAULT 0,
+    cost_cents DOUBLE PRECISION NOT NULL DEFAULT 0.0,
+    PRIMARY KEY (day, model, agent)
+);
 CREATE TABLE IF NOT EXISTS collector_metric_series (
     series BYTEA PRIMARY KEY,
     start_ns BIGINT NOT NULL,
@@ -196,6 +218,110 @@ INSERT INTO collector_meta (name, value) VALUES ('seen_current_count', 0),
 INSERT INTO collector_meta (name, value)
     SELECT 'held_count', count(*) FROM collector_held_usage ON CONFLICT (name) DO NOTHING
 """
+
+# -- the daily table -------------------------------------------------------------------------
+# collector_usage_daily is kept equal to the rollup grouped by each session's current agent by
+# triggers, as in the SQLite store, so every statement writing the rollup or the labels (a
+# flush, held usage resolved, migrate-sqlite) keeps it in step in its own transaction. Two
+# differences from SQLite's, for several collectors writing at once:
+# * the rollup's triggers are per statement (transition tables), and add the statement's rows
+#   grouped per daily row, in key order: concurrent flushes lock shared daily rows (one per
+#   day, model and agent, met by every flush) in one order, so they queue instead of
+#   deadlocking as per-row triggers in each flush's own row order would;
+# * the agent read for a rollup row is the one committed or written by this transaction: a
+#   flush holds its sessions' rows (agent_sessions, step 1) before it writes labels or rollup,
+#   so no other transaction changes the agent of a session whose rollup this one adds to.
+
+
+def _add_daily(select: str) -> str:
+    """An upsert adding `select`'s rows (day, model, agent, then the sums) to the daily table,
+    in key order."""
+    return (f"INSERT INTO {DAILY_TABLE} AS d (day, model, agent, {', '.join(DAILY_SUMS)}) "
+            f"{select} ORDER BY 1, 2, 3 ON CONFLICT (day, model, agent) DO UPDATE SET "
+            + ", ".join(f"{c} = d.{c} + excluded.{c}" for c in DAILY_SUMS))
+
+
+def _grouped(rows: str) -> str:
+    """`rows` (hour, session_id, model and the sums, signed) summed per daily row."""
+    return ("SELECT substr(r.hour, 1, 10), r.model, coalesce(l.agent, ''), "
+            + ", ".join(f"sum(r.{c})" for c in DAILY_SUMS)
+            + f" FROM ({rows}) AS r LEFT JOIN {LABELS_TABLE} AS l ON l.id = r.session_id "
+            "GROUP BY 1, 2, 3")
+
+
+def _signed(table: str, sign: str) -> str:
+    return ("SELECT hour, session_id, model, "
+            + ", ".join(f"{sign}{c} AS {c}" for c in DAILY_SUMS) + f" FROM {table}")
+
+
+def _move_session(session: str, old_agent: str, new_agent: str) -> str:
+    """Statements moving a session's rollup from one agent's daily rows to another's, then
+    dropping the rows left empty (their cost may keep float noise of ~1e-15 cents)."""
+    source = (f"FROM {HOURLY_TABLE} WHERE session_id = {session} "
+              "GROUP BY substr(hour, 1, 10), model")
+    empty = " AND ".join(f"{c} = 0" for c in DAILY_SUMS[:-1])
+
+    def sums(sign: str) -> str:
+        return ", ".join(f"{sign}sum({c})" for c in DAILY_SUMS)
+
+    return (
+        _add_daily(f"SELECT substr(hour, 1, 10), model, {old_agent}, {sums('-')} {source}")
+        + ";\n" + _add_daily(f"SELECT substr(hour, 1, 10), model, {new_agent}, {sums('')} "
+                             f"{source}") + ";\n"
+        + f"DELETE FROM {DAILY_TABLE} WHERE agent = {old_agent} AND day >= coalesce(("
+          f"SELECT substr(min(hour), 1, 10) FROM {HOURLY_TABLE} WHERE session_id = {session}"
+          f"), '9') AND {empty} AND abs(cost_cents) < 1e-6;")
+
+
+def _function(name: str, body: str) -> str:
+    return (f"CREATE OR REPLACE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$\n"
+            f"BEGIN\n{body}\nRETURN NULL;\nEND\n$$")
+
+
+DAILY_FUNCTIONS = (
+    _function("collector_daily_hourly_insert",
+              _add_daily(_grouped(_signed("new_rows", ""))) + ";"),
+    _function("collector_daily_hourly_update",
+              _add_daily(_grouped(_signed("new_rows", "") + " UNION ALL "
+                                  + _signed("old_rows", "-"))) + ";"),
+    _function("collector_daily_hourly_delete",
+              _add_daily(_grouped(_signed("old_rows", "-"))) + ";"),
+    _function("collector_daily_agent_insert", _move_session("new.id", "''", "new.agent")),
+    _function("collector_daily_agent_update",
+              _move_session("old.id", "coalesce(old.agent, '')", "''") + "\n"
+              + _move_session("new.id", "''", "coalesce(new.agent, '')")),
+    _function("collector_daily_agent_delete", _move_session("old.id", "old.agent", "''")),
+)
+# (name, the CREATE TRIGGER statement); created once, with the table's backfill.
+DAILY_TRIGGERS = (
+    ("collector_daily_hourly_insert",
+     f"CREATE TRIGGER collector_daily_hourly_insert AFTER INSERT ON {HOURLY_TABLE} "
+     "REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT "
+     "EXECUTE FUNCTION collector_daily_hourly_insert()"),
+    ("collector_daily_hourly_update",
+     f"CREATE TRIGGER collector_daily_hourly_update AFTER UPDATE ON {HOURLY_TABLE} "
+     "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT "
+     "EXECUTE FUNCTION collector_daily_hourly_update()"),
+    ("collector_daily_hourly_delete",
+     f"CREATE TRIGGER collector_daily_hourly_delete AFTER DELETE ON {HOURLY_TABLE} "
+     "REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT "
+     "EXECUTE FUNCTION collector_daily_hourly_delete()"),
+    ("collector_daily_agent_insert",
+     f"CREATE TRIGGER collector_daily_agent_insert AFTER INSERT ON {LABELS_TABLE} "
+     "FOR EACH ROW WHEN (coalesce(new.agent, '') <> '') "
+     "EXECUTE FUNCTION collector_daily_agent_insert()"),
+    ("collector_daily_agent_update",
+     f"CREATE TRIGGER collector_daily_agent_update AFTER UPDATE OF id, agent ON {LABELS_TABLE} "
+     "FOR EACH ROW WHEN (coalesce(old.agent, '') <> coalesce(new.agent, '') "
+     "OR old.id <> new.id) EXECUTE FUNCTION collector_daily_agent_update()"),
+    ("collector_daily_agent_delete",
+     f"CREATE TRIGGER collector_daily_agent_delete AFTER DELETE ON {LABELS_TABLE} "
+     "FOR EACH ROW WHEN (coalesce(old.agent, '') <> '') "
+     "EXECUTE FUNCTION collector_daily_agent_delete()"),
+)
+# A database written before the daily table existed: filled once from the rollup.
+BACKFILL_DAILY = _add_daily(_grouped(_signed(HOURLY_TABLE, "")))
+
 
 TABLE_COLUMNS = """
 SELECT column_name, upper(data_type) FROM information_schema.columns
@@ -527,9 +653,12 @@ class PostgresStore:
                 problem = schema_problem(found, list(PG_COLUMNS))
                 if problem:
                     raise SchemaError(f"{self._options.where}: {problem}")
+                regclass = conn.execute("SELECT to_regclass(%s)", (DAILY_TABLE,)).fetchone()
+                had_daily = regclass is not None and regclass[0] is not None
                 for statement in SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
+                _daily_triggers(conn, backfill=not had_daily)
                 self.seen_current, self.seen_previous = _read_seen_counts(conn)
                 self.held_now = _read_count(conn, HELD_COUNT)
         except psycopg.Error as exc:
@@ -926,6 +1055,25 @@ class PostgresReader:
 
     def close(self) -> None:
         """Nothing is held between calls."""
+
+
+def _daily_triggers(conn: psycopg.Connection[Any], *, backfill: bool) -> None:
+    """Create the daily table's trigger functions, the triggers missing, then (for a database
+    written before the table) fill it from the rollup. The triggers come first: creating one
+    locks its table against writers until this transaction ends, so no flush commits between
+    the backfill's read and the triggers (a trigger adds only what later statements write)."""
+    for function in DAILY_FUNCTIONS:
+        conn.execute(function)
+    names = [name for name, _ in DAILY_TRIGGERS]
+    present = {str(r[0]) for r in conn.execute(
+        "SELECT tgname FROM pg_trigger WHERE tgname = ANY(%s) AND NOT tgisinternal", (names,))}
+    for name, statement in DAILY_TRIGGERS:
+        if name not in present:
+            conn.execute(statement)
+    if backfill:
+        added = conn.execute(BACKFILL_DAILY).rowcount
+        if added > 0:
+            log.info("daily usage table created with %d rows from the rollup", added)
 
 
 # -- moving a SQLite database in ------------------------------------------------------------

@@ -20,7 +20,9 @@ DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 DEFAULT_SQLITE_PATH = "data/agent_sessions.db"
 # flush.interval_ms: the most a batch may wait for more requests before its commit starts.
 # 0: commit as soon as the writer is free (group commit: requests arriving during a commit
-# form the next one), so an idle collector answers after one commit. A larger value trades
+# form the next one), so an idle collector answers after one commit; only the pipeline's
+# adaptive wait (collector.pipeline.ADAPTIVE_GATHER_COMMITS) holds a batch back, for requests
+# that were in flight around the last commit and are expected back. A larger value trades
 # answer latency for fewer, larger commits (fewer fsyncs: worth it on a slow disk). Before
 # group commit this key was a fixed flush period (200 ms by default); such configs keep working,
 # with each batch then waiting at most that long.

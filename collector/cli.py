@@ -101,11 +101,13 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
     # it, so `collector report` and `collector sessions` start in a fraction of the time.
     from collector.daemon import serve
     from collector.receivers.common import ReceiverError
+    from collector.web.app import WebError
     from collector.web.ops import OpsError
 
     try:
         return _run(serve(config))
-    except (StorageError, SchemaError, ReceiverError, OpsError, sqlite3.Error, OSError) as exc:
+    except (StorageError, SchemaError, ReceiverError, OpsError, WebError, sqlite3.Error,
+            OSError) as exc:
         log.error("cannot start: %s", exc)
         return EXIT_FAILURE
 
@@ -188,6 +190,7 @@ def _check_config(config: Config, args: argparse.Namespace) -> int:
         endpoint = getattr(config.receivers, key)
         effective["receivers"][key] = "" if endpoint is None else str(endpoint)
     effective["ops_endpoint"] = "" if config.ops_endpoint is None else str(config.ops_endpoint)
+    effective["web_endpoint"] = "" if config.web_endpoint is None else str(config.web_endpoint)
     effective["dialects"] = {d.name: d.summary() for d in config.dialects}
     print(json.dumps(effective, indent=2, sort_keys=True))
     return EXIT_OK
@@ -196,7 +199,8 @@ def _check_config(config: Config, args: argparse.Namespace) -> int:
 # The rollup grouping each report reads (see collector.store.sqlite.read_usage). The model report
 # folds (hour, model) sums too: they stream in the table's key order, while a bare GROUP BY
 # model would sort every row.
-REPORT_GROUPS = {"daily": "hour", "monthly": "hour", "session": "session", "model": "hour"}
+REPORT_GROUPS = {"daily": "hour", "monthly": "hour", "session": "session", "model": "hour",
+                 "agent": "agent", "user": "user", "host": "host"}
 
 
 def _report(config: Config, args: argparse.Namespace) -> int:

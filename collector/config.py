@@ -6,6 +6,7 @@ the key and the file, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import tomllib
 from collections.abc import Mapping
@@ -29,6 +30,8 @@ DEFAULT_SQLITE_PATH = "data/agent_sessions.db"
 DEFAULT_FLUSH_INTERVAL_MS = 0
 DEFAULT_MAX_PENDING_SPANS = 200_000
 DEFAULT_STALE_AFTER_S = 3600
+# How long usage without a session id waits for a span of its trace to name one.
+DEFAULT_RESOLVE_WINDOW_S = 600
 DEFAULT_DEDUPE_RETENTION_S = 24 * 3600
 MIN_DEDUPE_RETENTION_S = 24 * 3600  # the exactly-once promise: at least a day
 DEFAULT_AGENT_SPAN_TOKENS = False
@@ -41,6 +44,8 @@ DEFAULT_MAX_VALUE_DEPTH = 8
 # The operations listener (/metrics, /healthz, /readyz); 8888 is where the OpenTelemetry
 # Collector serves its own metrics, so dashboards and scrape configs expect it.
 DEFAULT_OPS_ENDPOINT = "127.0.0.1:8888"
+DEFAULT_WEB_ENDPOINT = "127.0.0.1:8889"  # the fleet view; beside the ops listener
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 MAX_TOKEN_FILE_BYTES = 4096
 LOG_LEVELS = ("debug", "info", "warning", "error")
 PRICE_KEYS = ("input", "output", "cache_read", "cache_write")
@@ -109,6 +114,7 @@ class Config:
     max_pending_spans: int = DEFAULT_MAX_PENDING_SPANS
     stale_after_s: int = DEFAULT_STALE_AFTER_S
     dedupe_retention_s: int = DEFAULT_DEDUPE_RETENTION_S
+    resolve_window_s: int = DEFAULT_RESOLVE_WINDOW_S
     agent_span_tokens: bool = DEFAULT_AGENT_SPAN_TOKENS
     max_session_id_length: int = DEFAULT_MAX_SESSION_ID_LENGTH
     log_level: str = DEFAULT_LOG_LEVEL
@@ -119,6 +125,7 @@ class Config:
     auth_token: str | None = field(default=None, repr=False)
     tls: TlsConfig | None = None
     ops_endpoint: Endpoint | None = Endpoint("127.0.0.1", 8888)
+    web_endpoint: Endpoint | None = Endpoint("127.0.0.1", 8889)
     # The agents' dialects in effect: the built-ins with the file's [dialects.NAME] over them.
     dialects: tuple[Dialect, ...] = field(default_factory=effective_dialects)
 
@@ -129,7 +136,7 @@ _SCHEMA: dict[str, dict[str, type]] = {
     "receivers.otlp": {"grpc_endpoint": str, "http_endpoint": str, "max_request_bytes": int},
     "storage": {"sqlite_path": str},
     "flush": {"interval_ms": int, "max_pending_spans": int},
-    "sessions": {"stale_after_s": int, "max_id_length": int},
+    "sessions": {"stale_after_s": int, "max_id_length": int, "resolve_window_s": int},
     "dedupe": {"retention_s": int},
     "mapping": {"agent_span_tokens": bool, "aliases": dict},
     "log": {"level": str},
@@ -138,6 +145,7 @@ _SCHEMA: dict[str, dict[str, type]] = {
     "auth": {"token_file": str},
     "tls": {"cert_file": str, "key_file": str, "client_ca_file": str},
     "ops": {"endpoint": str},
+    "web": {"endpoint": str},
 }
 
 
@@ -190,6 +198,16 @@ def parse_config(doc: Mapping[str, Any], *, source: str, base_dir: Path) -> Conf
     if ops is not None and ops in (grpc, http):
         raise ConfigError(source, "ops.endpoint", f"same address as an OTLP receiver ({ops})")
 
+    web = _parse_endpoint(source, "web.endpoint", get("web.endpoint", DEFAULT_WEB_ENDPOINT))
+    if web is not None and web in (grpc, http, ops):
+        raise ConfigError(source, "web.endpoint", f"same address as another listener ({web})")
+    auth_token = _read_token(source, base_dir, get("auth.token_file", ""))
+    if web is not None and auth_token is None and not _is_loopback(web.host):
+        # Spend, users and hosts of a whole fleet are not for everyone on the network.
+        raise ConfigError(source, "web.endpoint",
+                          f"{web} is not a loopback address; set auth.token_file to serve the "
+                          "fleet view beyond this machine")
+
     sqlite_path = get("storage.sqlite_path", DEFAULT_SQLITE_PATH)
     if not sqlite_path.strip():
         raise ConfigError(source, "storage.sqlite_path", "must not be empty")
@@ -224,6 +242,9 @@ def parse_config(doc: Mapping[str, Any], *, source: str, base_dir: Path) -> Conf
         dedupe_retention_s=_at_least(source, "dedupe.retention_s",
                                      get("dedupe.retention_s", DEFAULT_DEDUPE_RETENTION_S),
                                      MIN_DEDUPE_RETENTION_S),
+        resolve_window_s=_resolve_window(source, get("sessions.resolve_window_s",
+                                                     DEFAULT_RESOLVE_WINDOW_S),
+                                         get("dedupe.retention_s", DEFAULT_DEDUPE_RETENTION_S)),
         agent_span_tokens=get("mapping.agent_span_tokens", DEFAULT_AGENT_SPAN_TOKENS),
         log_level=level,
         pricing=pricing,
@@ -237,11 +258,21 @@ def parse_config(doc: Mapping[str, Any], *, source: str, base_dir: Path) -> Conf
             )
         }),
         aliases=_parse_aliases(source, get("mapping.aliases", {})),
-        auth_token=_read_token(source, base_dir, get("auth.token_file", "")),
+        auth_token=auth_token,
         tls=_parse_tls(source, base_dir, values),
         ops_endpoint=ops,
+        web_endpoint=web,
         dialects=dialects,
     )
+
+
+def _is_loopback(host: str) -> bool:
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _parse_aliases(source: str, table: Mapping[str, Any]) -> dict[str, str]:
@@ -399,6 +430,16 @@ def _parse_endpoint(source: str, key: str, value: str) -> Endpoint | None:
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise ConfigError(source, key, f"port must be 1-65535; got {port_text!r}")
     return Endpoint(host=host, port=int(port_text))
+
+
+def _resolve_window(source: str, value: int, retention_s: int) -> int:
+    """A held span's dedupe record must outlive its wait, or a retry after the window could
+    be held (and counted) again."""
+    window = _positive(source, "sessions.resolve_window_s", value)
+    if window > retention_s:
+        raise ConfigError(source, "sessions.resolve_window_s",
+                          f"must be at most dedupe.retention_s ({retention_s}); got {window}")
+    return window
 
 
 def _positive(source: str, key: str, value: int) -> int:

@@ -1,10 +1,10 @@
 """Wiring and lifecycle of `collector serve`: one place owns startup and shutdown order.
 
-Start: store, then the operations endpoint, the pipeline, then receivers (so nothing is
-accepted before it can be committed; /readyz says ready once the receivers listen). Stop, on
-SIGTERM or SIGINT: refuse new exports, stop the receivers while the pipeline keeps committing
-for the requests in flight, drain the pipeline, stop the operations endpoint (it answers
-"shutting down" until then), close the store.
+Start: store, then the operations endpoint, the fleet view, the pipeline, then receivers (so
+nothing is accepted before it can be committed; /readyz says ready once the receivers
+listen). Stop, on SIGTERM or SIGINT: refuse new exports, stop the receivers while the pipeline
+keeps committing for the requests in flight, drain the pipeline, stop the fleet view and the
+operations endpoint (it answers "shutting down" until then), close the store.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from collector.receivers.http import HttpReceiver
 from collector.security import Security
 from collector.signals.traces import MappingOptions
 from collector.store.sqlite import SQLiteStore
+from collector.web.app import WebServer
 from collector.web.ops import Metrics, OpsServer, readiness_problem
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ def build_pipeline(config: Config, store: SQLiteStore, *,
         max_pending_spans=config.max_pending_spans,
         max_items_per_request=config.limits.max_spans_per_request,
         stale_after_s=config.stale_after_s,
+        resolve_window_s=config.resolve_window_s,
         on_flush=on_flush,
     )
 
@@ -79,7 +81,8 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
         loop.add_signal_handler(signum, stop.set)
     try:
         async with AsyncExitStack() as stack:
-            store = SQLiteStore(config.sqlite_path, retention_s=config.dedupe_retention_s)
+            store = SQLiteStore(config.sqlite_path, retention_s=config.dedupe_retention_s,
+                                resolve_window_s=config.resolve_window_s)
             await store.open()
             stack.push_async_callback(store.close)
             log.info("storage: %s", config.sqlite_path)
@@ -95,6 +98,11 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
                     storage_problem=pipeline.storage_problem), before_scrape=metrics.refresh)
                 await ops.start()
                 stack.push_async_callback(ops.stop)
+            if config.web_endpoint is not None:
+                fleet_view = WebServer(config.web_endpoint, config.sqlite_path,
+                                       token=config.auth_token)
+                await fleet_view.start()
+                stack.push_async_callback(fleet_view.stop)
             await pipeline.start(on_fatal=stop.set)
             stack.push_async_callback(pipeline.shutdown)
 

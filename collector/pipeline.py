@@ -5,7 +5,8 @@ Contract: `export(signal, request, wire)` refuses, maps and accounts a request o
 the same way: the same refusals and limits, then the signal's own mapping (traces, logs or
 metrics), then the same batch. It returns only after every usage record of the request is
 committed (or known to be accounted already); it raises ExportError when the request must be
-answered with a refusal. A request that carries no usage is answered at once.
+answered with a refusal. A request that carries no usage, and no trace link that held usage
+may need (collector.accounting.traces), is answered at once.
 A request whose batch fails to commit is refused as retryable, but its spans stay pending and
 are committed by a later flush: the exporter's retry then finds them accounted, so nothing is
 lost and nothing is counted twice.
@@ -78,6 +79,10 @@ ADAPTIVE_GATHER_COMMITS = 1.0
 # the flush period the collector had before group commit, so no answer waits longer to gather
 # than it did then.
 MAX_ADAPTIVE_GATHER_S = 0.2
+# While usage is held waiting for its session, a flush runs at least this often (resolve
+# window / 10, within these bounds) to resolve what waited a whole window, even when idle.
+MIN_RESOLVE_CHECK_S = 0.5
+MAX_RESOLVE_CHECK_S = 30.0
 # Distinct invalid attribute values remembered so each is logged once.
 MAX_LOGGED_INVALID_VALUES = 1000
 
@@ -118,6 +123,12 @@ class Stats:
     flushes: int = 0
     flush_failures: int = 0
     sessions_swept: int = 0
+    # usage without a session id: held (until its trace names one), then resolved by a span
+    # naming the session or at the end of the resolve window; held_now is the database's
+    held: int = 0
+    held_resolved: int = 0
+    held_resolved_by_window: int = 0
+    held_now: int = 0
     # answers given, by (transport, signal, outcome); outcome is "ok", "partial" or a refusal
     # reason, signal is NO_SIGNAL when the path named none
     answers: dict[tuple[str, str, str], int] = field(default_factory=dict)
@@ -169,6 +180,7 @@ class Pipeline:
         clock: Callable[[], int] = time.time_ns,
         monotonic: Callable[[], float] = time.monotonic,
         on_flush: Callable[[float, int], None] | None = None,
+        resolve_window_s: float = 600.0,
     ) -> None:
         """`max_items_per_request` bounds the spans, log records or data points of one request
         (config: limits.max_spans_per_request). `on_flush(seconds, rows)` is called after each
@@ -183,10 +195,13 @@ class Pipeline:
         self._sweep_every_ns = int(
             min(max(stale_after_s / 10, MIN_SWEEP_INTERVAL_S), MAX_SWEEP_INTERVAL_S) * 1e9)
         self._next_sweep_ns = 0
+        self._resolve_every_ns = int(
+            min(max(resolve_window_s / 10, MIN_RESOLVE_CHECK_S), MAX_RESOLVE_CHECK_S) * 1e9)
+        self._next_resolve_ns = 0
         self._clock = clock
         self._monotonic = monotonic
         self._on_flush = on_flush
-        self.stats = Stats()
+        self.stats = Stats(held_now=getattr(store, "held_now", 0))
         self._pending = Batch()
         self._ticket: asyncio.Future[CommitResult] | None = None
         self._in_flush = 0
@@ -304,13 +319,15 @@ class Pipeline:
         if result.invalid_values:
             self._log_invalid_values(result.invalid_values)
         outcome = ExportOutcome(rejected=result.rejected, message=result.error_message)
-        if result.records or result.cumulative:
+        if result.records or result.cumulative or result.held or result.links:
             pending = self._pending
             if not pending:
                 self._gathering_since = self._monotonic()
                 self._wake.set()
             pending.add(result.records)
             pending.cumulative.extend(result.cumulative)
+            if result.held or result.links:
+                pending.hold(result.held, result.links)
             self._waiting += 1
             if self._interval:
                 if self._full(pending):
@@ -319,7 +336,7 @@ class Pipeline:
                 self._wake.set()  # the group is complete: end an adaptive wait
             ticket = self._current_ticket()
             log.debug("request with %d usage records waiting for commit",
-                      len(result.records) + len(result.cumulative))
+                      len(result.records) + len(result.cumulative) + len(result.held))
             del result
             try:
                 await asyncio.shield(ticket)
@@ -394,8 +411,11 @@ class Pipeline:
     def next_commit_in(self, now_s: float, now_ns: int) -> float:
         """Seconds until the next commit is due at monotonic `now_s`, wall clock `now_ns`, once
         the writer is free: 0 for a pending batch done gathering, else the earlier of its
-        gathering's end and the stale sweep."""
+        gathering's end and the stale sweep (or, while usage is held, the next look for held
+        usage whose window ended)."""
         sweep_in = (self._next_sweep_ns - now_ns) / 1e9
+        if self._store.held_now:
+            sweep_in = min(sweep_in, (self._next_resolve_ns - now_ns) / 1e9)
         pending = self._pending
         if not pending:
             return max(sweep_in, 0.0)
@@ -418,7 +438,8 @@ class Pipeline:
         sweep_before = None
         if now >= self._next_sweep_ns:
             sweep_before = now - self._stale_after_ns
-        if not self._pending and sweep_before is None:
+        if not self._pending and sweep_before is None and not (
+                self._store.held_now and now >= self._next_resolve_ns):
             return True
         batch, ticket = self._pending, self._ticket
         self._pending, self._ticket = Batch(), None
@@ -456,6 +477,7 @@ class Pipeline:
             self._in_flush = 0
         if sweep_before is not None:
             self._next_sweep_ns = now + self._sweep_every_ns
+        self._next_resolve_ns = now + self._resolve_every_ns
         self._writer_free_at = self._monotonic()
         self._last_commit_s = self._writer_free_at - started
         # Requests in this commit come back soon when their exporters run a closed loop;
@@ -472,6 +494,13 @@ class Pipeline:
         stats.spans_accepted += result.spans
         stats.spans_duplicate += result.duplicates
         stats.sessions_swept += result.swept
+        stats.held += result.held
+        stats.held_resolved += result.resolved
+        stats.held_resolved_by_window += result.resolved_by_window
+        stats.held_now = self._store.held_now
+        if result.resolved_by_window:
+            log.info("%d usage records waited the resolve window without their trace naming "
+                     "a session; accounted to their trace's session", result.resolved_by_window)
         if self._failing_since is not None:
             log.warning("storage recovered after %.1f s; %d failed flushes",
                         time.monotonic() - self._failing_since, stats.flush_failures)

@@ -1,7 +1,9 @@
-"""Usage reports (daily, monthly, per session, per model) from the hourly rollup. Pure.
+"""Usage reports (daily, monthly, per session, model, agent, user, host) from the hourly
+rollup. Pure.
 
 The store hands over rollup rows already summed per (group, model), where the group is a UTC
-hour for the daily, monthly and model reports and a session for the session report; this
+hour for the daily, monthly and model reports, a session for the session report, and the
+session's agent, user or host (from its labels; '' when unknown) for those reports; this
 module turns them into report lines. It imports no database or terminal
 library, so what a report means is tested without either.
 
@@ -25,17 +27,20 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
-REPORTS = ("daily", "monthly", "session", "model")
+REPORTS = ("daily", "monthly", "session", "model", "agent", "user", "host")
+# Who spends: one line per label value, ordered like the model report (highest cost first).
+LABEL_REPORTS = ("agent", "user", "host")
 # The name of each report's key in tables and JSON.
-KEY_NAMES = {"daily": "date", "monthly": "month", "session": "session", "model": "model"}
-NO_MODEL_LABEL = "(none)"  # usage whose spans named no model (stored as '')
+KEY_NAMES = {"daily": "date", "monthly": "month", "session": "session", "model": "model",
+             "agent": "agent", "user": "user", "host": "host"}
+NO_MODEL_LABEL = "(none)"  # usage whose spans named no model (stored as ''); also no label
 UTC = dt.UTC
 
 
 class RollupRow(NamedTuple):
     """Sums of the hourly rollup for one (group, model), as the store reads them."""
 
-    group: str  # UTC hour start (daily, monthly, model) or session id (session)
+    group: str  # UTC hour start (daily, monthly, model), session id, or agent/user/host
     model: str
     last_hour: str  # the latest hour with usage, YYYY-MM-DDTHH:00:00.000Z
     turns: int
@@ -155,6 +160,8 @@ def build_report(kind: str, rows: Iterable[RollupRow], *, tz: dt.tzinfo, timezon
             return row.group
         if kind == "model":
             return row.model
+        if kind in LABEL_REPORTS:
+            return row.group
         day = local_day.get(row.group)
         if day is None:
             day = local_day[row.group] = parse_hour(row.group).astimezone(tz).date().isoformat()
@@ -353,7 +360,8 @@ def to_table(report: Report, tz: dt.tzinfo) -> Table:
     kind, breakdown = report.kind, report.breakdown
     rows = []
     for line in report.lines:
-        cells: tuple[str, ...] = (model_label(line.key) if kind == "model" else line.key,)
+        cells: tuple[str, ...] = (model_label(line.key) if kind == "model" or kind in LABEL_REPORTS
+                                  else line.key,)
         if breakdown:
             cells += (model_label(line.model or ""),)
         elif kind != "model":

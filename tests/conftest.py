@@ -33,11 +33,19 @@ MS = 1_000_000
 SECOND = 1_000_000_000
 
 
+_ports_given: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A port free now and never given before in this run: a daemon takes four, asked for one
+    after another, and the kernel may hand a just-released port out again."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        if port not in _ports_given:
+            _ports_given.add(port)
+            return port
 
 
 def make_span(
@@ -69,13 +77,16 @@ class Daemon:
     """`collector serve` in a subprocess with its own ports and database."""
 
     def __init__(self, workdir: Path, extra_config: str = "", *, db_path: Path | None = None,
-                 grpc: bool = True, http: bool = True, ops: bool = True) -> None:
-        """`ops=False` leaves [ops] to `extra_config` (else it is on a free port)."""
+                 grpc: bool = True, http: bool = True, ops: bool = True,
+                 web: bool = True) -> None:
+        """`ops=False` / `web=False` leave [ops] / [web] to `extra_config` (else each is on a
+        free port)."""
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.grpc_port = free_port()
         self.http_port = free_port()
         self.ops_port = free_port()  # never the default 8888: daemons run side by side
+        self.web_port = free_port()
         self.db_path = db_path or workdir / "data" / "sessions.db"
         grpc_ep = f"127.0.0.1:{self.grpc_port}" if grpc else ""
         http_ep = f"127.0.0.1:{self.http_port}" if http else ""
@@ -84,11 +95,17 @@ class Daemon:
                 f'[storage]\nsqlite_path = "{self.db_path}"\n')
         if ops:
             base += f'[ops]\nendpoint = "127.0.0.1:{self.ops_port}"\n'
+        if web:
+            base += f'[web]\nendpoint = "127.0.0.1:{self.web_port}"\n'
         self.config_path.write_text(merge_toml(base, extra_config))
         self.proc: subprocess.Popen[str] | None = None
         self.lines: list[str] = []
         self._ready = threading.Event()
         self._reader: threading.Thread | None = None
+
+    @property
+    def web_url(self) -> str:
+        return f"http://127.0.0.1:{self.web_port}"
 
     @property
     def http_url(self) -> str:

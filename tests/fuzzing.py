@@ -31,6 +31,7 @@ from opentelemetry.proto.common.v1.common_pb2 import (
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span
 
+from collector.accounting.traces import Node, Waiting, resolve_trace
 from collector.config import load_config
 from collector.pipeline import map_signal
 from collector.receivers.errors import ExportError
@@ -47,8 +48,11 @@ from collector.receivers.otlp import (
 from collector.signals import Signal, count_items
 from collector.signals.traces import (
     ATTRIBUTE_SLOTS,
+    HeldUsage,
     MappingOptions,
     MappingResult,
+    SpanUsage,
+    TraceLink,
 )
 from tests.conftest import MS, SECOND, T0, make_span
 
@@ -527,17 +531,74 @@ class Ledger:
                 return True
         return False
 
+    # Usage without a session id held by the store, and the trace links it keeps, modelled
+    # with plain dicts after the store's rules (one request is one flush: each waits for it).
+    held: dict[bytes, HeldUsage] = field(default_factory=dict)
+    links: dict[tuple[bytes, bytes], list[Any]] = field(default_factory=dict)
+    flushes: int = 0
+
     def account(self, result: MappingResult) -> None:
+        self.flushes += 1
+        new_records = []
         for r in result.records:
             if r.key in self.seen:
                 continue
             self.seen.add(r.key)
-            self.spans += 1
-            row = self.sessions.setdefault(r.session_id, {**dict.fromkeys(COUNTED, 0),
-                                                          "cost_cents": 0.0})
-            for name in COUNTED:
-                row[name] += getattr(r, name)
-            row["cost_cents"] += r.cost_cents
+            new_records.append(r)
+            self._add(r)
+        for h in result.held:
+            if h.usage.key not in self.seen:
+                self.seen.add(h.usage.key)
+                self.spans += 1
+                self.held[h.usage.key] = h
+        self._resolve(result, new_records)
+
+    def _add(self, r: SpanUsage) -> None:
+        self.spans += 1
+        row = self.sessions.setdefault(r.session_id, {**dict.fromkeys(COUNTED, 0),
+                                                      "cost_cents": 0.0})
+        for name in COUNTED:
+            row[name] += getattr(r, name)
+        row["cost_cents"] += r.cost_cents
+
+    def _resolve(self, result: MappingResult, new_records: list[SpanUsage]) -> None:
+        touched = {h.trace_id for h in result.held}
+        keep = [link for link in result.links if link.anchor]
+        if self.held:
+            held_traces = {h.trace_id for h in self.held.values()}
+            candidates = [link for link in result.links if not link.anchor] + [
+                TraceLink(r.key[8:24], r.key[24:], b"", r.session_id)
+                for r in new_records if len(r.key) == 32]
+            keep += [c for c in candidates if c.trace_id in held_traces]
+        for link in keep:
+            if len(link.trace_id) != 16 or len(link.span_id) != 8:
+                continue
+            stored = self.links.get((link.trace_id, link.span_id))
+            if stored is None:
+                self.links[(link.trace_id, link.span_id)] = [
+                    link.parent_id, link.session_id, self.flushes]
+            else:
+                stored[0] = link.parent_id or stored[0]
+                stored[1] = stored[1] if stored[1] is not None else link.session_id
+                stored[2] = self.flushes
+            touched.add(link.trace_id)
+        for trace in sorted(touched):
+            held = [h for h in self.held.values() if h.trace_id == trace]
+            if not held:
+                continue
+            nodes = {span: Node(parent, session)
+                     for (t, span), (parent, session, _) in self.links.items() if t == trace}
+            named = sorted((seen, span, session)
+                           for (t, span), (_, session, seen) in self.links.items()
+                           if t == trace and session is not None)
+            for h in held:
+                nodes.setdefault(h.span_id, Node(h.parent_id, None))
+            for item in resolve_trace(trace, nodes, named[0][2] if named else None,
+                                      [Waiting(h.usage.key, h.span_id, h.parent_id, False)
+                                       for h in held]):
+                usage = self.held.pop(item.key).usage._replace(session_id=item.session_id)
+                self.spans -= 1  # counted when it was held
+                self._add(usage)
 
     def differences(self, rows: dict[str, dict[str, Any]]) -> list[str]:
         """Every way the database rows differ from the ledger (empty when exact)."""

@@ -11,6 +11,7 @@ import pytest
 
 from collector.config import (
     DEFAULT_OPS_ENDPOINT,
+    DEFAULT_WEB_ENDPOINT,
     Config,
     ConfigError,
     Endpoint,
@@ -34,9 +35,11 @@ def test_full_config_sets_every_key() -> None:
     assert (config.flush_interval_ms, config.max_pending_spans) == (50, 1000)
     assert (config.stale_after_s, config.max_session_id_length) == (600, 64)
     assert config.dedupe_retention_s == 172800
+    assert config.resolve_window_s == 120
     assert config.agent_span_tokens is True
     assert config.log_level == "debug"
     assert config.ops_endpoint == Endpoint("0.0.0.0", 19888)
+    assert config.web_endpoint == Endpoint("0.0.0.0", 19889)  # allowed: auth.token_file is set
     assert config.limits == Limits(max_spans_per_request=500, max_attributes_per_span=64,
                                    max_attribute_value_bytes=1024, max_value_depth=4)
     assert config.aliases == {"app.thread_id": "session.id"}
@@ -60,8 +63,18 @@ def test_empty_config_is_all_defaults() -> None:
     assert config.sqlite_path == CONFIGS / "data" / "agent_sessions.db"
     assert (config.flush_interval_ms, config.stale_after_s) == (0, 3600)
     assert config.dedupe_retention_s == 24 * 3600
+    assert config.resolve_window_s == 600
     assert config.ops_endpoint == defaults.ops_endpoint
     assert str(config.ops_endpoint) == DEFAULT_OPS_ENDPOINT == "127.0.0.1:8888"
+    assert str(config.web_endpoint) == DEFAULT_WEB_ENDPOINT == "127.0.0.1:8889"
+
+
+def test_web_endpoint_can_be_disabled_and_needs_auth_beyond_loopback() -> None:
+    assert load_config(CONFIGS / "good_web_disabled.toml").web_endpoint is None
+    assert load_config(CONFIGS / "good_web_ipv6_loopback.toml").web_endpoint == Endpoint(
+        "::1", 19889)
+    public = load_config(CONFIGS / "good_web_public_with_auth.toml")
+    assert public.web_endpoint == Endpoint("0.0.0.0", 19889) and public.auth_token
 
 
 def test_ops_endpoint_can_be_disabled() -> None:
@@ -74,7 +87,8 @@ def test_shipped_config_toml_is_valid_and_matches_the_defaults() -> None:
     assert config.receivers == defaults.receivers
     assert config.sqlite_path == ROOT / "data" / "agent_sessions.db"
     for key in ("flush_interval_ms", "max_pending_spans", "stale_after_s", "dedupe_retention_s",
-                "agent_span_tokens", "max_session_id_length", "log_level", "ops_endpoint"):
+                "agent_span_tokens", "max_session_id_length", "log_level", "ops_endpoint",
+                "resolve_window_s", "web_endpoint"):
         assert getattr(config, key) == getattr(defaults, key), key
 
 
@@ -96,6 +110,8 @@ def test_shipped_config_toml_is_valid_and_matches_the_defaults() -> None:
     ("bad_receivers_other.toml", "receivers.zipkin", "unknown key"),
     ("bad_ops_same_endpoint.toml", "ops.endpoint", "same address as an OTLP receiver"),
     ("bad_ops_endpoint.toml", "ops.endpoint", "expected host:port"),
+    ("bad_web_public_no_auth.toml", "web.endpoint", "set auth.token_file"),
+    ("bad_web_same_endpoint.toml", "web.endpoint", "same address as another listener"),
     ("bad_tls_half.toml", "tls.key_file", "needs both"),
     ("bad_tls_not_pem.toml", "tls.cert_file", "not a PEM file"),
     ("bad_token_missing.toml", "auth.token_file", "cannot read"),
@@ -103,6 +119,10 @@ def test_shipped_config_toml_is_valid_and_matches_the_defaults() -> None:
     ("bad_limit_zero.toml", "limits.max_value_depth", "must be >= 1"),
     ("bad_alias_target.toml", 'mapping.aliases."app.thread_id"', "not an attribute"),
     ("bad_retention_short.toml", "dedupe.retention_s", "must be >= 86400"),
+    ("bad_resolve_window_zero.toml", "sessions.resolve_window_s", "must be >= 1"),
+    ("bad_resolve_window_long.toml", "sessions.resolve_window_s",
+     "must be at most dedupe.retention_s (86400)"),
+    ("bad_resolve_window_type.toml", "sessions.resolve_window_s", "integer"),
 ])
 def test_bad_config_names_key_and_file(name: str, key: str, words: str) -> None:
     with pytest.raises(ConfigError) as info:

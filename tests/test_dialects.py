@@ -249,3 +249,99 @@ def test_the_documented_example_dialect_is_valid() -> None:
     mine = {d.name: d for d in config.dialects}["my_agent"]
     assert mine.metrics["my_agent.cost"].fixed == "cost_usd"
     assert mine.names_for("user") == ("user.email", "user.id")
+
+
+def test_spans_a_dialect_does_not_count_stay_ignored_without_a_session() -> None:
+    """Codex's spans carry no session id and repeat its logs' usage: resolving sessions
+    across traces must not make them usage (nothing held, nothing counted)."""
+    options = MappingOptions(pricer=Pricer({}))
+    for export in exports("codex-0.169.0/run1_traces_http-protobuf_decoded.json"):
+        result = map_signal(Signal.TRACES, export.request(), options, T0)
+        assert result.spans > 0
+        assert (result.records, result.held, result.rejected) == ([], [], 0)
+    # A dialect whose spans are calls but whose source is the logs: a span without a
+    # session or request id is not held either; with the source on traces it is.
+    for source, held in (("logs", 0), ("traces", 1)):
+        config = parse_config({"dialects": {"my_agent": {
+            "scope_names": ["my.agent"], "source": source,
+            "calls": ["traces:llm"], "attributes": {"input": ["tokens.in"],
+                                                      "session_id": ["sid"]}}}},
+            source="t.toml", base_dir=Path("."))
+        options = MappingOptions(pricer=Pricer({}), dialects=DialectSet(config.dialects))
+        request = span_request("my.agent", "llm", {"tokens.in": 5})
+        result = map_signal(Signal.TRACES, request, options, T0)
+        assert (len(result.held), result.records) == (held, [])
+        if held:
+            assert result.held[0].usage.prompt_tokens == 5
+
+
+def span_request(scope: str, name: str, attrs: dict[str, Any]) -> Any:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+
+    request = ExportTraceServiceRequest()
+    scope_spans = request.resource_spans.add().scope_spans.add()
+    scope_spans.scope.name = scope
+    span = scope_spans.spans.add(name=name, trace_id=b"\x01" * 16, span_id=b"\x02" * 8,
+                                 parent_span_id=b"\x03" * 8, start_time_unix_nano=T0,
+                                 end_time_unix_nano=T0 + 1)
+    for key, value in attrs.items():
+        span.attributes.append(KeyValue(key=key, value=AnyValue(int_value=value)))
+    return request
+
+
+# -- the Vercel AI SDK (spans of the tracer "ai") ------------------------------------------------
+
+def vercel_request(*, call_session: str | None) -> Any:
+    """ai.generateText (the turn, naming the session in its telemetry metadata) with one
+    ai.generateText.doGenerate call under it; the outer span repeats the call's usage."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+
+    def kv(key: str, value: str | int) -> KeyValue:
+        return KeyValue(key=key, value=AnyValue(string_value=value) if isinstance(value, str)
+                        else AnyValue(int_value=value))
+
+    usage = [kv("ai.usage.inputTokens", 900), kv("ai.usage.outputTokens", 120),
+             kv("ai.usage.cachedInputTokens", 300), kv("ai.usage.reasoningTokens", 20),
+             kv("ai.response.model", "gpt-4o"), kv("ai.response.id", "resp_1")]
+    request = ExportTraceServiceRequest()
+    rs = request.resource_spans.add()
+    rs.resource.attributes.append(kv("service.name", "my-next-app"))
+    ss = rs.scope_spans.add()
+    ss.scope.name = "ai"
+    trace = bytes(range(1, 17))
+    outer = ss.spans.add(name="ai.generateText", trace_id=trace, span_id=b"\x01" * 8,
+                         start_time_unix_nano=T0, end_time_unix_nano=T0 + 10**9)
+    outer.attributes.extend([kv("ai.telemetry.metadata.sessionId", "chat-7"), *usage])
+    call = ss.spans.add(name="ai.generateText.doGenerate", trace_id=trace,
+                        span_id=b"\x02" * 8, parent_span_id=b"\x01" * 8,
+                        start_time_unix_nano=T0 + 1, end_time_unix_nano=T0 + 10**9 - 1)
+    call.attributes.extend(usage)
+    if call_session is not None:
+        call.attributes.append(kv("ai.telemetry.metadata.sessionId", call_session))
+    return request
+
+
+def test_vercel_ai_sdk_turn_and_call() -> None:
+    result = map_signal(Signal.TRACES, vercel_request(call_session="chat-7"), OPTIONS, T0)
+    batch = Batch()
+    batch.add(result.records)
+    assert total(batch) == {
+        "session": "chat-7", "model": "gpt-4o", "turns": 1, "prompt": 900, "completion": 120,
+        "reasoning": 20, "cache_read": 300, "cache_write": 0,
+        "cents": priced("gpt-4o", 600, 300, 0, 120)}
+
+
+def test_vercel_ai_sdk_call_without_a_session_waits_for_its_trace() -> None:
+    """Its calls are on one signal, so a request id is not their identity: the call is held
+    (keyed by its span) until the trace names the session."""
+    result = map_signal(Signal.TRACES, vercel_request(call_session=None), OPTIONS, T0)
+    assert [r.turns for r in result.records] == [1]
+    (held,) = result.held
+    assert (held.usage.prompt_tokens, held.parent_id) == (900, b"\x01" * 8)
+    assert held.usage.key[8:] == bytes(range(1, 17)) + b"\x02" * 8

@@ -39,6 +39,7 @@ from collector.receivers.otlp import WIRES
 from collector.signals import Signal
 from collector.signals.traces import (
     KEY_BYTES,
+    UNRESOLVED,
     MappingOptions,
     MappingResult,
     count_spans,
@@ -462,13 +463,24 @@ def check_mapping(request: ExportTraceServiceRequest, options: MappingOptions) -
     assert isinstance(result, MappingResult)
     spans = count_spans(request)
     assert result.spans == spans
-    assert len(result.records) + result.rejected + result.ignored == spans, result
+    assert (len(result.records) + len(result.held) + result.rejected + result.ignored
+            == spans), result
     assert len(result.errors) <= min(result.rejected, 5)
     assert bool(result.error_message) == bool(result.rejected)
-    assert 0 <= result.unpriced <= len(result.records)
-    for r in result.records:
+    assert 0 <= result.unpriced <= len(result.records) + len(result.held)
+    for held in result.held:
+        assert held.usage.session_id == UNRESOLVED
+        assert held.usage.key[8:] == held.trace_id + held.span_id
+        assert len(held.parent_id) in (0, 8), held
+    for link in result.links:
+        assert len(link.parent_id) in (0, 8), link
+        assert link.session_id is None or (link.session_id.isprintable() and len(
+            link.session_id) <= options.max_session_id_length), link
+    for r in [*result.records, *(h.usage for h in result.held)]:
         assert len(r.key) == KEY_BYTES
-        assert isinstance(r.session_id, str) and r.session_id and r.session_id.isprintable()
+        held_usage = r.session_id == UNRESOLVED
+        assert isinstance(r.session_id, str) and r.session_id and (
+            held_usage or r.session_id.isprintable())
         assert len(r.session_id) <= options.max_session_id_length
         assert r.turns in (0, 1)
         for count in (r.prompt_tokens, r.completion_tokens, r.reasoning_tokens,
@@ -498,6 +510,7 @@ def test_mapping_is_total_and_partitions_spans(request: ExportTraceServiceReques
     result = check_mapping(request, AGENT_TOKENS if strict else OPTIONS)
     MAPPED["spans"] += result.spans
     MAPPED["records"] += len(result.records)
+    MAPPED["held"] += len(result.held)
     MAPPED["rejected"] += result.rejected
     MAPPED["ignored"] += result.ignored
 
@@ -510,7 +523,7 @@ def test_mapping_case_count(record_property: Any) -> None:
     record_property("fuzz_cases", MAPPED["examples"])
     print(f"\nfuzz mapping: {dict(MAPPED)}")
     assert MAPPED["examples"] == MAPPING_EXAMPLES, dict(MAPPED)
-    for outcome in ("records", "rejected", "ignored"):
+    for outcome in ("records", "held", "rejected", "ignored"):
         assert MAPPED[outcome] > 0, f"no {outcome} spans in {dict(MAPPED)}"
 
 
@@ -519,7 +532,8 @@ def test_mapping_case_count(record_property: Any) -> None:
 @given(request=fuzzing.requests)
 def test_mapping_values_fit_storage(request: ExportTraceServiceRequest) -> None:
     """Every accepted value must fit its column: counts int64, cost a finite REAL."""
-    for r in check_mapping(request, OPTIONS).records:
+    result = check_mapping(request, OPTIONS)
+    for r in [*result.records, *(h.usage for h in result.held)]:
         for count in (r.prompt_tokens, r.completion_tokens, r.reasoning_tokens,
                       r.cache_read_tokens, r.cache_write_tokens):
             assert count <= INT64_MAX, r

@@ -17,9 +17,11 @@ from collector.signals.scan import COMPILED_AVAILABLE
 from collector.signals.traces import (
     LABEL_SLOTS,
     N_SLOTS,
+    UNRESOLVED,
     MappingOptions,
     MappingResult,
     SpanUsage,
+    TraceLink,
     map_request,
 )
 from tests.conftest import MS, T0, make_span
@@ -128,10 +130,57 @@ def test_session_attributes_without_tokens_update_the_session_only() -> None:
     assert (r.kind, r.status, r.channel, r.goal) == ("autonomous", "completed", "slack", "ship it")
 
 
-def test_spans_without_session_or_usage_are_ignored() -> None:
+def test_spans_without_usage_are_ignored_and_usage_without_session_is_held() -> None:
     result = run(make_span(attrs={"gen_ai.usage.input_tokens": 5}),
-                 make_span(span_id=2, attrs={"session.id": "s", "tool.name": "grep"}))
-    assert (result.spans, result.ignored, result.rejected, result.records) == (2, 2, 0, [])
+                 make_span(span_id=2, attrs={"session.id": "s", "tool.name": "grep"}),
+                 make_span(span_id=3, attrs={"tool.name": "grep"}))
+    assert (result.spans, result.ignored, result.rejected, result.records) == (3, 2, 0, [])
+    [held] = result.held
+    assert held.usage.session_id == UNRESOLVED
+    assert (held.usage.turns, held.usage.prompt_tokens) == (1, 5)
+    assert (held.trace_id, held.span_id, held.parent_id) == (
+        (1).to_bytes(16, "big"), (1).to_bytes(8, "big"), b"")
+    # The root span naming a session is an anchor for its trace; the root tool span without
+    # one says where the trace's chains end.
+    assert result.links == [
+        TraceLink((1).to_bytes(16, "big"), (2).to_bytes(8, "big"), b"", "s", True),
+        TraceLink((1).to_bytes(16, "big"), (3).to_bytes(8, "big"), b"", None)]
+
+
+@pytest.mark.parametrize("name", ["langfuse.session.id",
+                                  "traceloop.association.properties.session_id",
+                                  "ai.telemetry.metadata.sessionId"])
+def test_session_id_under_frameworks_names(name: str) -> None:
+    r = one(make_span(attrs={name: "fw-1", "gen_ai.usage.input_tokens": 3}))
+    assert (r.session_id, r.prompt_tokens) == ("fw-1", 3)
+    # The conventions' own names win over the frameworks'.
+    r = one(make_span(attrs={name: "fw-1", "session.id": "own",
+                             "gen_ai.usage.input_tokens": 3}))
+    assert r.session_id == "own"
+
+
+def test_held_usage_keeps_what_the_span_means() -> None:
+    """A held span is mapped as if it named a session: a child model call is no turn, an
+    agent span's own tokens are not counted, and intermediate spans link the chain."""
+    result = run(
+        make_span(span_id=5, parent_id=4, attrs={
+            "gen_ai.operation.name": "chat", "gen_ai.request.model": "gpt-4o",
+            "gen_ai.usage.input_tokens": 100, "gen_ai.usage.output_tokens": 10}),
+        make_span(span_id=4, parent_id=3, name="tool", attrs={"tool.name": "search"}),
+        make_span(span_id=3, parent_id=2, attrs={
+            "gen_ai.operation.name": "invoke_agent", "gen_ai.usage.input_tokens": 100}),
+        make_span(span_id=2, parent_id=1, attrs={
+            "gen_ai.operation.name": "invoke_agent", "gen_ai.conversation.id": "s"}))
+    chat_span, agent = result.held
+    assert (chat_span.usage.turns, chat_span.usage.prompt_tokens, chat_span.usage.model) == (
+        0, 100, "gpt-4o")
+    assert chat_span.parent_id == (4).to_bytes(8, "big")
+    assert (agent.usage.turns, agent.usage.prompt_tokens) == (1, 0)
+    trace = (1).to_bytes(16, "big")
+    assert result.links == [
+        TraceLink(trace, (4).to_bytes(8, "big"), (3).to_bytes(8, "big"), None),
+        TraceLink(trace, (2).to_bytes(8, "big"), b"", "s", True)]
+    assert [r.session_id for r in result.records] == ["s"]
 
 
 def test_session_id_precedence_and_resource_fallback() -> None:

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Set
 from dataclasses import dataclass, field
 from typing import Any
 
-from collector.signals.traces import SpanUsage
+from collector.signals.traces import HeldUsage, SpanUsage, TraceLink
 
 NO_TIME = -1
 HOUR_NS = 3600 * 1_000_000_000
@@ -101,9 +101,29 @@ class Batch:
     duplicates: int = 0  # spans seen twice within this batch (a retry racing its original)
     # Cumulative metric points; the store makes them usage against their series' last value.
     cumulative: list[Any] = field(default_factory=list)
+    # Usage without a session id (its key is in `keys` too: recorded as accounted with it),
+    # and what spans tell about their traces' sessions (collector.accounting.traces).
+    held: list[HeldUsage] = field(default_factory=list)
+    links: list[TraceLink] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.records) + len(self.cumulative)
+        return len(self.records) + len(self.cumulative) + len(self.held)
+
+    def __bool__(self) -> bool:
+        """Whether there is anything to commit (trace links alone are)."""
+        return bool(self.records or self.cumulative or self.held or self.links)
+
+    def hold(self, held: Iterable[HeldUsage], links: Iterable[TraceLink] = ()) -> None:
+        """Take usage waiting for its session (each span at most once) and trace links."""
+        keys = self.keys
+        for item in held:
+            key = item.usage.key
+            if key in keys:
+                self.duplicates += 1
+                continue
+            keys.add(key)
+            self.held.append(item)
+        self.links.extend(links)
 
     def add(self, records: Iterable[SpanUsage]) -> None:
         """Fold records in. One loop, everything inline: it runs once per span on the export
@@ -166,9 +186,11 @@ class Batch:
 
     def without(self, accounted: Set[bytes]) -> Batch:
         """The same batch minus spans already accounted in storage."""
-        rest = Batch(cumulative=self.cumulative)
+        rest = Batch(cumulative=self.cumulative, links=self.links)
         rest.add(r for r in self.records if r.key not in accounted)
-        rest.duplicates = self.duplicates + len(self.records) - len(rest.records)
+        rest.hold(h for h in self.held if h.usage.key not in accounted)
+        rest.duplicates = (self.duplicates + len(self.records) - len(rest.records)
+                           + len(self.held) - len(rest.held))
         return rest
 
     def absorb(self, later: Batch) -> None:
@@ -176,6 +198,7 @@ class Batch:
         self.duplicates += later.duplicates
         self.add(later.records)
         self.cumulative.extend(later.cumulative)
+        self.hold(later.held, later.links)
 
 
 def _latest_session_values(delta: SessionDelta, end: int, kind: str | None, status: str | None,

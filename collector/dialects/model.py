@@ -113,12 +113,16 @@ class Dialect:
     # selectors' conditions, the event name): the others need not be decoded.
     read_attributes: frozenset[str] = dc_field(init=False, compare=False, repr=False,
                                                default=frozenset())
+    # Whether one call may arrive on several signals: only then is a request id its identity
+    # (otherwise the record's own key serves, and it does not depend on the session).
+    shared_calls: bool = dc_field(init=False, compare=False, repr=False, default=False)
 
     def __post_init__(self) -> None:
         names = {name for role in self.attributes.values() for name in role}
         names.update(k for s in self.calls + self.turns for k, _ in s.where)
         names.update(LABEL_ATTRIBUTES)
         object.__setattr__(self, "read_attributes", frozenset(names))
+        object.__setattr__(self, "shared_calls", len({c.signal for c in self.calls}) > 1)
 
     def names_for(self, role: str) -> tuple[str, ...]:
         return self.attributes.get(role, ())

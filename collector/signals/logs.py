@@ -68,10 +68,5 @@ def map_logs_request(request: Any, options: MappingOptions, now_ns: int) -> Mapp
                 except InvalidRecord as exc:
                     result.reject(str(exc))
                     continue
-                if usage is None:
-                    result.ignored += 1
-                else:
-                    result.records.append(usage)
-                    if not usage.priced:
-                        result.unpriced += 1
+                result.take(usage)
     return result

@@ -148,9 +148,7 @@ def _map_point(dialect: Dialect, rule: MetricRule, kind: str, temporality: int, 
     event = scaled(unit, amount, is_cost, content_key(record), session,
                    record.start_ns or record.end_ns or now_ns, record.end_ns or now_ns, model,
                    labels)
-    result.records.append(event)
-    if not event.priced:
-        result.unpriced += 1
+    result.take(event)
 
 
 def _key(item: tuple[str, Any]) -> str:

@@ -4,9 +4,10 @@ Pure. Every signal decodes its records into the same `Record` and the dialect de
 one is: a model call (tokens, cost, model), a turn (a user prompt), or nothing. Identity is
 what makes "counted once" hold across signals and retries:
 
-* a call with a request id is that request: the log record and the span of one call share the
-  key (zero time prefix + digest of dialect, session and request id), so whichever arrives
-  first counts and the other is a duplicate;
+* a call with a request id, of a dialect whose calls arrive on several signals, is that
+  request: the log record and the span of one call share the key (zero time prefix + digest
+  of dialect, session and request id), so whichever arrives first counts and the other is a
+  duplicate;
 * a call without one counts only on the dialect's source signal (the others repeat it), keyed
   like any record of that signal;
 * a turn reported on several signals (Claude Code's user_prompt log and interaction span) is
@@ -38,9 +39,15 @@ from collector.signals import values
 from collector.signals.scan import EMPTY, NESTED, any_value, nesting_depth
 from collector.signals.traces import (
     KEY_BYTES,
+    NO_SUCH_SPAN,
+    SPAN_ID_BYTES,
+    TRACE_ID_BYTES,
+    UNRESOLVED,
+    HeldUsage,
     MappingOptions,
     MappingResult,
     SpanUsage,
+    TraceLink,
 )
 
 _pack_time = struct.Struct(">Q").pack
@@ -71,6 +78,7 @@ class Record(NamedTuple):
     end_ns: int
     content: Any
     ref: str  # how error messages name the record
+    parent_id: bytes = b""  # a span's parent span id
 
 
 def attributes_of(kvs: Iterable[Any], options: MappingOptions, ref: str,
@@ -196,11 +204,45 @@ def map_record(dialect: Dialect, record: Record, options: MappingOptions, now_ns
     if role is None:
         return None
     session = session_of(dialect, record, options)
+    spans = record.signal == "traces" and len(record.trace_id) == TRACE_ID_BYTES \
+        and len(record.span_id) == SPAN_ID_BYTES
     if session is None:
+        if spans:
+            _hold(dialect, record, role, options, now_ns, result)
         return None
+    if spans:
+        # A span naming a session names it for its trace's spans that do not.
+        parent = record.parent_id
+        result.links.append(TraceLink(record.trace_id, record.span_id,
+                                      parent if len(parent) in (0, SPAN_ID_BYTES)
+                                      else NO_SUCH_SPAN, session))
     if role == CALL:
         return _call(dialect, record, session, options, now_ns)
     return _turn(dialect, record, session, options, now_ns)
+
+
+def _hold(dialect: Dialect, record: Record, role: str, options: MappingOptions, now_ns: int,
+          result: MappingResult) -> None:
+    """A span the dialect reads as usage but that names no session: held until its trace
+    names one. Only where its identity does not depend on the session: a call with a request
+    id, or a turn keyed by its prompt id, is left to the signal that names the session (the
+    key of that one would differ). A call the dialect does not count from spans (Codex's:
+    its source is the logs) is not usage here either, session or not."""
+    if role == CALL:
+        if dialect.shared_calls and values.text(lookup(dialect, record, "request_id")):
+            return
+        usage = _call(dialect, record, UNRESOLVED, options, now_ns)
+    else:
+        if len({s.signal for s in dialect.turns}) > 1 and not any(record.span_id):
+            return
+        usage = _turn(dialect, record, UNRESOLVED, options, now_ns)
+    if usage is not None:
+        parent = record.parent_id
+        if parent and len(parent) != SPAN_ID_BYTES:
+            parent = NO_SUCH_SPAN
+        result.held.append(HeldUsage(usage, record.trace_id, record.span_id, parent))
+        if not usage.priced:
+            result.unpriced += 1
 
 
 def _times(record: Record, now_ns: int) -> tuple[int, int]:
@@ -270,7 +312,7 @@ def _call(dialect: Dialect, record: Record, session: str, options: MappingOption
         cost = priced_cost or 0.0
     else:
         cost = 0.0
-    if request:
+    if request and dialect.shared_calls:
         key = NO_TIME_PREFIX + digest("call", dialect.name, session, request)
     elif record.signal == "traces":
         key = _pack_time(min(record.end_ns, values.MAX_TIME_NS)) + record.trace_id + \

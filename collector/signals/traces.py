@@ -2,7 +2,11 @@
 
 This module is the specification of what a span means to the collector:
 
-* session id: ``gen_ai.conversation.id``, else ``session.id``;
+* session id: ``gen_ai.conversation.id``, else ``session.id``, else ``langfuse.session.id``,
+  ``traceloop.association.properties.session_id``, ``ai.telemetry.metadata.sessionId``; usage
+  without one takes its trace's session (collector.accounting.traces): such a span is returned
+  as held usage (with its parent span id), and spans that can name a trace's session are
+  returned as trace links;
 * model: ``gen_ai.response.model``, else ``gen_ai.request.model``, else ``llm.model_name``;
 * tokens: GenAI semantic conventions, their deprecated names, or OpenInference; the first
   convention present wins for each count, so a span carrying two conventions counts once;
@@ -57,7 +61,7 @@ SPAN_ID_BYTES = 8
 # Attribute slots: every attribute the mapping reads gets an index into a flat list, so one pass
 # over a span's attributes with one dict lookup each finds everything.
 (
-    S_CONVERSATION_ID, S_SESSION_ID,
+    S_CONVERSATION_ID, S_SESSION_ID, S_LANGFUSE_SESSION, S_TRACELOOP_SESSION, S_VERCEL_SESSION,
     S_RESPONSE_MODEL, S_REQUEST_MODEL, S_OI_MODEL,
     S_IN, S_OUT, S_REASONING, S_CACHE_READ, S_CACHE_WRITE,
     S_IN_DEPRECATED, S_OUT_DEPRECATED,
@@ -66,12 +70,15 @@ SPAN_ID_BYTES = 8
     S_KIND, S_STATUS, S_CHANNEL, S_GOAL,
     S_OPERATION, S_OI_SPAN_KIND,
     S_AGENT, S_AGENT_VERSION, S_HOST, S_USER_EMAIL, S_USER_ID, S_ENDUSER_ID,
-) = range(32)
-N_SLOTS = 32
+) = range(35)
+N_SLOTS = 35
 
 ATTRIBUTE_SLOTS: dict[str, int] = {
     "gen_ai.conversation.id": S_CONVERSATION_ID,
     "session.id": S_SESSION_ID,
+    "langfuse.session.id": S_LANGFUSE_SESSION,
+    "traceloop.association.properties.session_id": S_TRACELOOP_SESSION,
+    "ai.telemetry.metadata.sessionId": S_VERCEL_SESSION,
     "gen_ai.response.model": S_RESPONSE_MODEL,
     "gen_ai.request.model": S_REQUEST_MODEL,
     "llm.model_name": S_OI_MODEL,
@@ -105,7 +112,10 @@ ATTRIBUTE_SLOTS: dict[str, int] = {
 }
 SLOT_NAMES = {slot: name for name, slot in ATTRIBUTE_SLOTS.items()}
 
-SESSION_SLOTS = (S_CONVERSATION_ID, S_SESSION_ID)
+SESSION_SLOTS = (S_CONVERSATION_ID, S_SESSION_ID, S_LANGFUSE_SESSION, S_TRACELOOP_SESSION,
+                 S_VERCEL_SESSION)
+# Read only when the first two are absent (off the hot path).
+OTHER_SESSION_SLOTS = SESSION_SLOTS[2:]
 MODEL_SLOTS = (S_RESPONSE_MODEL, S_REQUEST_MODEL, S_OI_MODEL)
 IN_SLOTS = (S_IN, S_IN_DEPRECATED, S_OI_IN)
 OUT_SLOTS = (S_OUT, S_OUT_DEPRECATED, S_OI_OUT)
@@ -143,6 +153,38 @@ class SpanUsage(NamedTuple):
     agent_version: str | None = None  # service.version
     user: str | None = None  # user.email, else user.id, else enduser.id
     host: str | None = None  # host.name
+
+
+# The session of held usage until its trace names one; never a valid session id (those are
+# printable), so a held record can never be folded into a session by mistake.
+UNRESOLVED = "\x00unresolved"
+# The parent of a span whose parent id is malformed: no span has this id (zero is invalid).
+NO_SUCH_SPAN = bytes(SPAN_ID_BYTES)
+
+
+class HeldUsage(NamedTuple):
+    """Usage whose span names no session: it waits, on disk, for a span of its trace to name
+    one. `usage.session_id` is UNRESOLVED; the chain to its ancestors starts at `parent_id`
+    (empty for a root span)."""
+
+    usage: SpanUsage
+    trace_id: bytes
+    span_id: bytes
+    parent_id: bytes
+
+
+class TraceLink(NamedTuple):
+    """What a span tells about its trace: its parent, and the session it names (None when it
+    names none; such links only bridge a held span to an ancestor further up). `anchor`: kept
+    whether or not anything of its trace is held (an agent span, or a root span naming a
+    session: what a later span without a session most likely belongs to); other links are
+    kept only for traces with held usage."""
+
+    trace_id: bytes
+    span_id: bytes
+    parent_id: bytes
+    session_id: str | None
+    anchor: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +230,18 @@ class MappingResult:
     invalid_values: list[tuple[str, str]] = field(default_factory=list)
     # Cumulative metric points, made usage by the store (collector.signals.metrics).
     cumulative: list[Any] = field(default_factory=list)
+    # Usage without a session id, and what spans tell about their traces' sessions.
+    held: list[HeldUsage] = field(default_factory=list)
+    links: list[TraceLink] = field(default_factory=list)
+
+    def take(self, record: SpanUsage | None) -> None:
+        """Count a mapped record: usage kept, or None (not usage) counted as ignored."""
+        if record is None:
+            self.ignored += 1
+        else:
+            self.records.append(record)
+            if not record.priced:
+                self.unpriced += 1
 
     def reject(self, message: str) -> None:
         self.rejected += 1
@@ -247,10 +301,21 @@ def map_request(request: Any, options: MappingOptions, now_ns: int,
             _map_dialect_scopes(request.resource_spans[index], scopes, spans, fallbacks,
                                 labels, options, now_ns, result)
             continue
+        first = result.spans  # the position of a span in `spans` is result.spans - first - 1
+        protos: list[Any] | None = None
         for span in spans:
             result.spans += 1
             try:
                 record = map_span(span, fallbacks, labels, options, now_ns, result)
+                if record is None:
+                    # Not usage as it stands; perhaps usage of its trace's session, or a link
+                    # to it. Off the hot path: every span of the benchmark names a session.
+                    if protos is None:
+                        protos = [p for ss in request.resource_spans[index].scope_spans
+                                  for p in ss.spans]
+                    _without_session(span, protos[result.spans - first - 1].parent_span_id,
+                                     fallbacks, labels, options, now_ns, result)
+                    continue
             except InvalidSpan as exc:
                 result.reject(str(exc))
                 continue
@@ -289,9 +354,14 @@ def _map_dialect_scopes(resource_spans: Any, scopes: list[Any], spans: list[Span
         offset += len(ss.spans)
         for span, scan in zip(ss.spans, scanned, strict=True):
             result.spans += 1
+            held = len(result.held)
             try:
                 if dialect is None:
                     record = map_span(scan, fallbacks, labels, options, now_ns, result)
+                    if record is None:
+                        _without_session(scan, span.parent_span_id, fallbacks, labels,
+                                         options, now_ns, result)
+                        continue
                 else:
                     if resource is None:
                         resource = dialect_records.attributes_of(
@@ -303,17 +373,15 @@ def _map_dialect_scopes(resource_spans: Any, scopes: list[Any], spans: list[Span
                         dialect_records.attributes_of(span.attributes, options, ref,
                                                       dialect.read_attributes),
                         resource, span.trace_id, span.span_id, span.start_time_unix_nano,
-                        span.end_time_unix_nano, span.trace_id + span.span_id, ref),
+                        span.end_time_unix_nano, span.trace_id + span.span_id, ref,
+                        span.parent_span_id),
                         options, now_ns, result)
             except InvalidSpan as exc:
                 result.reject(str(exc))
                 continue
-            if record is None:
-                result.ignored += 1
-            else:
-                result.records.append(record)
-                if not record.priced:
-                    result.unpriced += 1
+            if record is None and held != len(result.held):
+                continue  # held: usage once its trace names the session, not ignored
+            result.take(record)
 
 
 def _attribute_problem(count: int, deep_key: str | None, options: MappingOptions) -> str:
@@ -369,7 +437,10 @@ def map_span(span: SpanScan, fallbacks: list[tuple[tuple[int, ...], list[Any]]],
     if session_value is None:
         session_value = v[S_SESSION_ID]
         if session_value is None:
-            return None
+            slot = _first(v, OTHER_SESSION_SLOTS)
+            session_value = v[slot]
+            if session_value is None:
+                return None
     session_id = session_value if session_value.__class__ is str else _text(session_value)
     if not session_id:
         return None
@@ -390,6 +461,8 @@ def map_span(span: SpanScan, fallbacks: list[tuple[tuple[int, ...], list[Any]]],
         oi_kind = oi_kind.upper() if oi_kind.__class__ is str else ""
     if operation == "invoke_agent" or oi_kind == "AGENT":
         turns, counts_tokens = 1, options.agent_span_tokens
+        # What later spans of its trace without a session most likely belong to.
+        result.links.append(TraceLink(trace_id, span_id, b"", session_id, True))
     elif operation in MODEL_CALL_OPERATIONS or oi_kind == "LLM":
         turns, counts_tokens = (0 if has_parent else 1), True
     elif any(v[s] is not None for s in TOKEN_SLOTS):
@@ -493,6 +566,47 @@ def map_span(span: SpanScan, fallbacks: list[tuple[tuple[int, ...], list[Any]]],
         completion, reasoning, cache_read, cache_write, cost, priced, model or None, kind,
         status, channel, goal, agent, agent_version, user, host,
     ))
+
+
+def _without_session(span: SpanScan, parent_id: bytes,
+                     fallbacks: list[tuple[tuple[int, ...], list[Any]]],
+                     resource_labels: Labels, options: MappingOptions, now_ns: int,
+                     result: MappingResult) -> None:
+    """A span map_span found no usage in: held usage when it would be usage with a session
+    (it names none), else a trace link when it can help resolve another span, else ignored.
+    Raises InvalidSpan as map_span does."""
+    v, trace_id, span_id = span[0], span[1], span[2]
+    if parent_id and len(parent_id) != SPAN_ID_BYTES:
+        parent_id = NO_SUCH_SPAN  # a broken parent id: its ancestors cannot be found
+    ids_valid = len(trace_id) == TRACE_ID_BYTES and len(span_id) == SPAN_ID_BYTES
+    named = v[_first(v, SESSION_SLOTS)]  # map_span applied the resource's values already
+    session = _text(named) if named is not None else ""
+    if session:
+        # Names a session but is no usage (a workflow's root span, a tool span): it can
+        # still name the session of its trace's spans that do not.
+        if ids_valid and len(session) <= options.max_session_id_length \
+                and session.isprintable():
+            result.links.append(TraceLink(trace_id, span_id, parent_id, session,
+                                          not parent_id))
+        result.ignored += 1
+        return
+    v[S_SESSION_ID] = "-"  # any session: the mapping below is the same for every one
+    links = len(result.links)
+    try:
+        usage = map_span(span, fallbacks, resource_labels, options, now_ns, result)
+    finally:
+        v[S_SESSION_ID] = named
+        del result.links[links:]  # an agent span's anchor would name the stand-in
+    if usage is None:
+        # A link from a held span up to its ancestors; a root's says the chain is complete.
+        if ids_valid:
+            result.links.append(TraceLink(trace_id, span_id, parent_id, None))
+        result.ignored += 1
+        return
+    result.held.append(HeldUsage(usage._replace(session_id=UNRESOLVED), trace_id, span_id,
+                                 parent_id))
+    if not usage.priced:
+        result.unpriced += 1
 
 
 def _first(values: list[Any], group: tuple[int, ...]) -> int:

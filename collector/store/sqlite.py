@@ -19,7 +19,13 @@ Tables besides ``agent_sessions`` (whose columns are fixed by its readers):
   read rows per session and hour, never spans;
 * ``collector_session_labels``: who spends, per session (agent, its version, user, host),
   each the latest value given with the end time of the span that gave it; kept apart because
-  ``agent_sessions`` has fixed columns.
+  ``agent_sessions`` has fixed columns;
+* ``collector_held_usage``: usage whose span names no session, waiting for a span of its
+  trace to name one (collector.accounting.traces); inserted in the transaction that records
+  its key as accounted, and deleted in the one that adds it to its session;
+* ``collector_trace_links``: per span (trace id, span id), its parent and the session it
+  names, for spans of traces with held usage and for anchors (agent spans, root spans naming
+  a session); forgotten two resolve windows after they were seen.
 """
 
 from __future__ import annotations
@@ -40,8 +46,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from collector.accounting.aggregate import HOUR_NS, Batch, HourDelta, HourKey, SessionDelta
+from collector.accounting.traces import Node, Resolved, Waiting, resolve_trace
 from collector.signals.metrics import CumulativePoint, scaled
-from collector.signals.traces import KEY_BYTES
+from collector.signals.traces import (
+    KEY_BYTES,
+    SPAN_ID_BYTES,
+    TRACE_ID_BYTES,
+    SpanUsage,
+    TraceLink,
+)
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -120,13 +133,40 @@ CREATE TABLE IF NOT EXISTS collector_session_labels (
     host TEXT,
     host_ns INTEGER NOT NULL DEFAULT -1
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS collector_session_labels_agent ON collector_session_labels (agent);
+CREATE INDEX IF NOT EXISTS collector_session_labels_user ON collector_session_labels (user_name);
+CREATE INDEX IF NOT EXISTS collector_session_labels_host ON collector_session_labels (host);
+CREATE INDEX IF NOT EXISTS collector_usage_hourly_session
+    ON collector_usage_hourly (session_id, hour);
 CREATE TABLE IF NOT EXISTS collector_metric_series (
     series BLOB PRIMARY KEY,
     start_ns INTEGER NOT NULL,
     time_ns INTEGER NOT NULL,
     value REAL NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS collector_held_usage (
+    key BLOB PRIMARY KEY,
+    trace_id BLOB NOT NULL,
+    span_id BLOB NOT NULL,
+    parent_id BLOB NOT NULL,
+    held_ns INTEGER NOT NULL,
+    usage TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS collector_held_usage_trace ON collector_held_usage (trace_id);
+CREATE INDEX IF NOT EXISTS collector_held_usage_time ON collector_held_usage (held_ns);
+CREATE TABLE IF NOT EXISTS collector_trace_links (
+    trace_id BLOB NOT NULL,
+    span_id BLOB NOT NULL,
+    parent_id BLOB NOT NULL,
+    session_id TEXT,
+    seen_ns INTEGER NOT NULL,
+    PRIMARY KEY (trace_id, span_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS collector_trace_links_time ON collector_trace_links (seen_ns);
 """
+HELD_TABLE = "collector_held_usage"
+LINKS_TABLE = "collector_trace_links"
+DEFAULT_RESOLVE_WINDOW_S = 600
 LABELS_TABLE = "collector_session_labels"
 HOURLY_TABLE = "collector_usage_hourly"
 
@@ -197,6 +237,7 @@ WHERE turns != 0 OR prompt_tokens != 0 OR completion_tokens != 0 OR reasoning_to
 
 SEEN_CURRENT_COUNT = "seen_current_count"
 SEEN_PREVIOUS_COUNT = "seen_previous_count"
+HELD_COUNT = "held_count"
 # Counted once, for databases written before the counts were kept.
 INIT_SEEN_COUNT = """
 INSERT INTO collector_meta (name, value) SELECT ?1, (SELECT count(*) FROM {table})
@@ -349,10 +390,14 @@ class SchemaError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class CommitResult:
-    spans: int  # spans newly accounted
+    spans: int  # spans newly accounted (held ones included)
     duplicates: int  # spans already accounted (in this batch or before)
     sessions: int  # session rows upserted
     swept: int  # sessions marked 'unknown' by the stale sweep
+    held: int = 0  # usage newly held, waiting for its trace to name its session
+    resolved: int = 0  # held usage added to the session a span of its trace named
+    resolved_by_window: int = 0  # held usage added to a session at the end of its wait
+    held_now: int = 0  # usage held in the database after this commit (all collectors')
 
 
 # Seconds whose formatted prefix is kept: a flush's span times cluster within a few seconds
@@ -480,9 +525,13 @@ class SQLiteStore:
     ~130 ms instead of ~35.)
     """
 
-    def __init__(self, path: Path, *, retention_s: int) -> None:
+    def __init__(self, path: Path, *, retention_s: int,
+                 resolve_window_s: int = DEFAULT_RESOLVE_WINDOW_S) -> None:
         self.path = path
         self._retention_ns = retention_s * 1_000_000_000
+        self._resolve_window_ns = resolve_window_s * 1_000_000_000
+        # Usage held in the database (by any collector on it), as of this daemon's last commit.
+        self.held_now = 0
         self._db: sqlite3.Connection | None = None
         self._thread: ThreadPoolExecutor | None = None
         self._generation_started_ns: int | None = None
@@ -537,6 +586,8 @@ class SQLiteStore:
                                     (SEEN_PREVIOUS_COUNT, "collector_seen_previous")):
                     db.execute(INIT_SEEN_COUNT.format(table=table), (name,))
                 self.seen_current, self.seen_previous = _read_seen_counts(db)
+                db.execute(INIT_SEEN_COUNT.format(table=HELD_TABLE), (HELD_COUNT,))
+                self.held_now = _held_count(db)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -582,6 +633,9 @@ class SQLiteStore:
                 seen_current = None if row is None else int(row[0])
             if batch.cumulative:
                 applied = _with_cumulative(db, applied, batch.cumulative)
+            traced = None
+            if applied.held or applied.links or self.held_now or _held_count(db):
+                applied, traced = _with_traces(db, applied, now_ns, self._resolve_window_ns)
             sessions = write_sessions(db, applied)
             swept = 0
             if sweep_before_ns is not None:
@@ -592,6 +646,8 @@ class SQLiteStore:
                 self.seen_current, self.seen_previous = rotated
             if seen_current is not None:
                 self.seen_current = seen_current
+            if traced is not None:
+                self.held_now = traced.held_now
         except BaseException as exc:
             # A failed COMMIT may already have rolled back; then ROLLBACK itself fails.
             with contextlib.suppress(sqlite3.Error):
@@ -606,8 +662,15 @@ class SQLiteStore:
                 # impossible; if it happens it is a bug, reported as a failed commit.
                 raise StorageError(f"value not storable: {exc!r}") from exc
             raise
-        return CommitResult(spans=len(applied), duplicates=applied.duplicates,
-                            sessions=sessions, swept=swept), applied
+        if traced is None:
+            return CommitResult(spans=len(applied), duplicates=applied.duplicates,
+                                sessions=sessions, swept=swept), applied
+        resolved = traced.resolved + traced.by_window
+        return CommitResult(spans=len(applied) - resolved,
+                            duplicates=applied.duplicates, sessions=sessions, swept=swept,
+                            held=traced.held, resolved=traced.resolved,
+                            resolved_by_window=traced.by_window,
+                            held_now=traced.held_now), applied
 
     def _rotate_if_due(self, db: sqlite3.Connection, now_ns: int) -> tuple[int, int] | None:
         """Rotate the span-id generations when due; the new (current, previous) counts if read."""
@@ -718,6 +781,134 @@ def _with_cumulative(db: sqlite3.Connection, applied: Batch,
     return combined
 
 
+@dataclass(slots=True)
+class _Traced:
+    held: int = 0
+    resolved: int = 0
+    by_window: int = 0
+    held_now: int = 0
+
+
+def _held_count(db: sqlite3.Connection) -> int:
+    row = db.execute("SELECT value FROM collector_meta WHERE name = ?", (HELD_COUNT,)).fetchone()
+    return 0 if row is None else int(row[0])
+
+
+TRACE_CHUNK = 500
+# The trace ids of a packed blob that have held usage: one statement, like the span ids.
+_HELD_TRACES = (
+    "WITH RECURSIVE i(n) AS (SELECT 0 UNION ALL SELECT n + 1 FROM i WHERE n + 1 < ?2) "
+    f"SELECT DISTINCT t FROM (SELECT substr(?1, n * {TRACE_ID_BYTES} + 1, {TRACE_ID_BYTES}) "
+    "AS t FROM i) WHERE EXISTS (SELECT 1 FROM collector_held_usage h WHERE h.trace_id = t)")
+INSERT_LINK = """
+INSERT INTO collector_trace_links (trace_id, span_id, parent_id, session_id, seen_ns)
+VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (trace_id, span_id) DO UPDATE SET
+    parent_id = CASE WHEN excluded.parent_id != x'' THEN excluded.parent_id ELSE parent_id END,
+    session_id = coalesce(session_id, excluded.session_id), seen_ns = excluded.seen_ns
+"""
+
+
+def _with_traces(db: sqlite3.Connection, applied: Batch, now_ns: int,
+                 window_ns: int) -> tuple[Batch, _Traced]:
+    """Hold the batch's usage without a session, remember the trace links that matter, and
+    resolve the held usage that can be resolved now (collector.accounting.traces), all in
+    this transaction: a held span is either in the held table or in its session, never both
+    and never neither, whichever collector on this database resolves it."""
+    traced = _Traced()
+    count = _held_count(db)
+    if applied.held:
+        traced.held = len(applied.held)
+        db.executemany(
+            "INSERT INTO collector_held_usage (key, trace_id, span_id, parent_id, held_ns, "
+            "usage) VALUES (?, ?, ?, ?, ?, ?)",
+            ((h.usage.key, h.trace_id, h.span_id, h.parent_id, now_ns,
+              json.dumps(h.usage[2:], allow_nan=False)) for h in applied.held))
+        count += traced.held
+    touched = {h.trace_id for h in applied.held}
+    links = [link for link in applied.links if link.anchor]
+    if count:
+        # Only links into traces with held usage are worth a row; an agent's spans that all
+        # name their session (the common case) leave none.
+        candidates = [link for link in applied.links if not link.anchor]
+        candidates.extend(
+            TraceLink(key[8:8 + TRACE_ID_BYTES], key[8 + TRACE_ID_BYTES:], b"", r.session_id)
+            for r in applied.records if len(key := r.key) == KEY_BYTES)
+        with_held = _traces_with_held(db, {link.trace_id for link in candidates})
+        links.extend(link for link in candidates if link.trace_id in with_held)
+        touched |= with_held
+    if links:
+        db.executemany(INSERT_LINK, ((link.trace_id, link.span_id, link.parent_id,
+                                      link.session_id, now_ns) for link in links
+                                     if len(link.trace_id) == TRACE_ID_BYTES
+                                     and len(link.span_id) == SPAN_ID_BYTES))
+        touched |= {link.trace_id for link in links}
+    expired_before = now_ns - window_ns
+    if count:
+        touched |= {bytes(r[0]) for r in db.execute(
+            "SELECT DISTINCT trace_id FROM collector_held_usage WHERE held_ns <= ?",
+            (expired_before,))}
+    resolved: list[SpanUsage] = []
+    for trace_id in sorted(touched):
+        for item, usage in _resolve_stored(db, trace_id, expired_before):
+            resolved.append(usage)
+            if item.by_window:
+                traced.by_window += 1
+            else:
+                traced.resolved += 1
+    if resolved:
+        db.executemany("DELETE FROM collector_held_usage WHERE key = ?",
+                       ((r.key,) for r in resolved))
+        count -= len(resolved)
+    db.execute("DELETE FROM collector_trace_links WHERE seen_ns < ?", (now_ns - 2 * window_ns,))
+    db.execute("INSERT INTO collector_meta (name, value) VALUES (?, ?) ON CONFLICT (name) "
+               "DO UPDATE SET value = excluded.value", (HELD_COUNT, count))
+    traced.held_now = count
+    if not resolved:
+        combined = applied
+    else:
+        combined = Batch(duplicates=applied.duplicates)
+        combined.add(applied.records)
+        combined.add(resolved)
+    combined.held, combined.links = applied.held, applied.links
+    return combined, traced
+
+
+def _traces_with_held(db: sqlite3.Connection, trace_ids: set[bytes]) -> set[bytes]:
+    ids = sorted(t for t in trace_ids if len(t) == TRACE_ID_BYTES)
+    if not ids:
+        return set()
+    return {bytes(r[0]) for r in db.execute(_HELD_TRACES, (b"".join(ids), len(ids)))}
+
+
+def _resolve_stored(db: sqlite3.Connection, trace_id: bytes,
+                    expired_before: int) -> list[tuple[Resolved, SpanUsage]]:
+    """The held usage of one trace that resolves now, each with its session."""
+    held = db.execute("SELECT key, span_id, parent_id, held_ns, usage FROM collector_held_usage "
+                      "WHERE trace_id = ?", (trace_id,)).fetchall()
+    if not held:
+        return []
+    nodes: dict[bytes, Node] = {}
+    first: tuple[int, bytes, str] | None = None
+    for span_id, parent_id, session_id, seen_ns in db.execute(
+            "SELECT span_id, parent_id, session_id, seen_ns FROM collector_trace_links "
+            "WHERE trace_id = ?", (trace_id,)):
+        nodes[bytes(span_id)] = Node(bytes(parent_id), session_id)
+        if session_id is not None and (first is None or (seen_ns, span_id) < first[:2]):
+            first = (int(seen_ns), bytes(span_id), str(session_id))
+    usages: dict[bytes, str] = {}
+    waiting: list[Waiting] = []
+    for key, span_id, parent_id, held_ns, usage in held:
+        key = bytes(key)
+        nodes.setdefault(bytes(span_id), Node(bytes(parent_id), None))
+        usages[key] = usage
+        waiting.append(Waiting(key, bytes(span_id), bytes(parent_id),
+                               int(held_ns) <= expired_before))
+    return [(item, SpanUsage(item.key, item.session_id, *json.loads(usages[item.key])))
+            for item in resolve_trace(trace_id, nodes, None if first is None else first[2],
+                                      waiting)]
+
+
 def _read_seen_counts(db: sqlite3.Connection) -> tuple[int, int]:
     rows: dict[str, int] = {str(r[0]): int(r[1]) for r in db.execute(
         "SELECT name, value FROM collector_meta WHERE name IN (?, ?)",
@@ -746,8 +937,10 @@ def read_sessions(path: Path, *, status: str | None = None,
         conn.close()
 
 
-# What a report groups the rollup by (the model is always a second group).
-USAGE_GROUPS = {"hour": "hour", "session": "session_id"}
+# What a report groups the rollup by (the model is always a second group): a rollup column, or
+# a label of the row's session (its latest value; '' for sessions without one).
+USAGE_GROUPS = {"hour": "hour", "session": "session_id", "agent": "coalesce(l.agent, '')",
+                "user": "coalesce(l.user_name, '')", "host": "coalesce(l.host, '')"}
 
 
 def read_usage(path: Path, *, group: str, lo: str | None = None,
@@ -755,7 +948,8 @@ def read_usage(path: Path, *, group: str, lo: str | None = None,
     """Rollup sums per (group, model) for hours in [lo, hi), ordered by (group, model); the
     rows of collector.report.
 
-    `group` is "hour" or "session". Opens its own read-only connection; never writes.
+    `group` is "hour", "session", "agent", "user" or "host". Opens its own read-only
+    connection; never writes.
     """
     column = USAGE_GROUPS[group]
     where: list[str] = []
@@ -766,14 +960,16 @@ def read_usage(path: Path, *, group: str, lo: str | None = None,
     if hi is not None:
         where.append("hour < ?")
         params.append(hi)
-    sql = (f"SELECT {column}, model, max(hour), sum(turns), sum(prompt_tokens), "
+    sql = (f"SELECT {column} AS g, model, max(hour), sum(turns), sum(prompt_tokens), "
            "sum(completion_tokens), sum(reasoning_tokens), sum(cache_read_tokens), "
-           f"sum(cache_write_tokens), sum(cost_cents) FROM {HOURLY_TABLE}")
+           f"sum(cache_write_tokens), sum(cost_cents) FROM {HOURLY_TABLE} AS h")
+    if column.startswith("coalesce"):
+        sql += f" LEFT JOIN {LABELS_TABLE} AS l ON l.id = h.session_id"
     if where:
         sql += " WHERE " + " AND ".join(where)
     # The order is the grouping's (free in SQLite) and is promised: a session report folds
     # each session's rows as they come, adding its models' costs in the same order each time.
-    sql += f" GROUP BY {column}, model ORDER BY {column}, model"
+    sql += " GROUP BY g, model ORDER BY g, model"
     uri = f"{path.resolve().as_uri()}?mode=ro"
     conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
     try:

@@ -136,6 +136,20 @@ def metric_families(stats: Stats, gauges: Gauges) -> list[Metric]:
                 stats.flush_failures),
         counter("collector_sessions_swept",
                 "Active sessions marked unknown after staying silent", stats.sessions_swept),
+        counter("collector_held_spans",
+                "Usage records without a session id held until a span of their trace names "
+                "one", stats.held),
+        counter("collector_held_resolved",
+                "Held usage records added to the session a span of their trace named",
+                stats.held_resolved),
+        counter("collector_held_resolved_by_window",
+                "Held usage records added, at the end of sessions.resolve_window_s, to the "
+                "session a span of their trace named, else to the trace id's session",
+                stats.held_resolved_by_window),
+        GaugeMetricFamily("collector_held_spans_now",
+                          "Usage records held in the database now, waiting for their session "
+                          "(all collectors on the database; as of this one's last flush)",
+                          value=stats.held_now),
         GaugeMetricFamily("collector_pending_spans",
                           "Accepted spans waiting for their flush (or being flushed)",
                           value=gauges.pending_spans),

@@ -1,0 +1,352 @@
+"""The fleet view: a page at `/`, its JSON API under `/api/`, CSV export and live updates.
+
+It has its own listener (`[web] endpoint`) and reads the database through its own read-only
+connection on its own thread, never the writer's: a page polling the API costs the export path
+no event-loop time beyond parsing the request, and several collectors sharing one database file
+show in one view.
+
+Live updates: `/api/events` is a server-sent event stream. While anyone listens, one task asks
+SQLite every LIVE_CHECK_S whether the file changed since it last looked (`PRAGMA data_version`,
+which moves on every commit by another connection) and tells every listener once per change;
+the page then fetches what it shows again. A commit by any collector on the file shows within
+about a second.
+
+Auth: when `[auth] token_file` is set, every route but the sign-in form needs either the
+`Authorization: Bearer <token>` header (scripts) or the cookie the sign-in form sets. The cookie
+holds an HMAC of the token, not the token; it is HttpOnly and SameSite=Strict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import datetime as dt
+import hashlib
+import hmac
+import io
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+from zoneinfo import ZoneInfo
+
+from aiohttp import web
+
+from collector import report
+from collector.config import Endpoint
+from collector.receivers.common import start_app
+from collector.store.sqlite import BUSY_TIMEOUT_MS, read_usage
+from collector.web import queries
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+STATIC_DIR = Path(__file__).parent / "static"
+LIVE_CHECK_S = 0.5
+KEEPALIVE_S = 15.0
+STOP_GRACE_S = 2.0
+COOKIE = "collector_web"
+COOKIE_MAX_AGE_S = 7 * 24 * 3600
+JSON_HEADERS = {"Cache-Control": "no-store"}
+# Rules for the browser: only our own scripts, styles and API; no framing.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": ("default-src 'self'; img-src 'self' data:; "
+                                "style-src 'self'; script-src 'self'; frame-ancestors 'none'"),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+PUBLIC_PATHS = frozenset({"/login", "/static/app.css", "/static/login.js"})
+
+
+class WebError(Exception):
+    """The web listener could not start (address in use, bad address)."""
+
+
+class Reader:
+    """One read-only connection on one thread: queries never wait on the event loop and the
+    loop never waits on SQLite."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collector-web")
+        self._conn: sqlite3.Connection | None = None
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            uri = f"{self._path.resolve().as_uri()}?mode=ro"
+            self._conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000,
+                                         check_same_thread=False)
+        return self._conn
+
+    def _call(self, fn: Callable[..., _T], *args: Any) -> _T:
+        try:
+            return fn(self._connection(), *args)
+        except sqlite3.Error:
+            # A fresh connection next time (the file may have been replaced or locked).
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            raise
+
+    async def run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, self._call, fn,
+                                                                *args)
+
+    async def call(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run `fn(*args)` on the reader's thread (for readers that open their own)."""
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
+    def close(self) -> None:
+        def close_conn() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+        self._thread.submit(close_conn)
+        self._thread.shutdown(wait=True)
+
+
+def _data_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA data_version").fetchone()[0])
+
+
+class WebServer:
+    """The fleet view's listener. start() returns once it listens; stop() is safe anytime."""
+
+    def __init__(self, endpoint: Endpoint, db_path: Path, *, token: str | None,
+                 now: Callable[[], dt.datetime] | None = None) -> None:
+        self.endpoint = endpoint
+        self._db_path = db_path
+        self._token = token
+        self._cookie_value = (hmac.new(token.encode(), b"collector web sign-in",
+                                       hashlib.sha256).hexdigest() if token else None)
+        self._now = now or (lambda: dt.datetime.now(dt.UTC))
+        self._reader: Reader | None = None
+        self._runner: web.AppRunner | None = None
+        self._listeners: set[asyncio.Queue[int]] = set()
+        self._watcher: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+
+    async def start(self) -> None:
+        self._reader = Reader(self._db_path)
+        app = web.Application(middlewares=[self._guard])
+        r = app.router
+        r.add_get("/", self._index)
+        r.add_get("/login", self._login_form)
+        r.add_post("/login", self._login)
+        r.add_post("/logout", self._logout)
+        r.add_get("/api/overview", self._overview)
+        r.add_get("/api/sessions", self._sessions)
+        r.add_get("/api/sessions.csv", self._sessions_csv)
+        r.add_get("/api/sessions/{id}", self._session)
+        r.add_get("/api/filters", self._filters)
+        r.add_get("/api/who/{kind}", self._who)
+        r.add_get("/api/events", self._events)
+        r.add_static("/static/", STATIC_DIR, append_version=False)
+        try:
+            self._runner = await start_app(app, self.endpoint, shutdown_timeout=STOP_GRACE_S)
+        except OSError as exc:
+            self._reader.close()
+            self._reader = None
+            raise WebError(f"cannot listen for the web view on {self.endpoint}: "
+                           f"{exc.strerror or exc}") from None
+        log.info("fleet view on http://%s/", self.endpoint)
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        for queue in list(self._listeners):
+            queue.put_nowait(-1)  # event streams end, so the runner's cleanup need not wait
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+        if self._reader is not None:
+            reader, self._reader = self._reader, None
+            await asyncio.get_running_loop().run_in_executor(None, reader.close)
+
+    # -- auth ---------------------------------------------------------------------------------
+
+    def _signed_in(self, request: web.Request) -> bool:
+        if self._token is None or self._cookie_value is None:
+            return True
+        header = request.headers.get("Authorization", "")
+        if header.startswith("Bearer ") and hmac.compare_digest(
+                header[7:].strip().encode(), self._token.encode()):
+            return True
+        cookie = request.cookies.get(COOKIE, "")
+        return hmac.compare_digest(cookie.encode(), self._cookie_value.encode())
+
+    @web.middleware
+    async def _guard(self, request: web.Request,
+                     handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                     ) -> web.StreamResponse:
+        if request.path not in PUBLIC_PATHS and not self._signed_in(request):
+            if request.path.startswith("/api/"):
+                return web.json_response({"error": "sign in: send the bearer token"},
+                                         status=401, headers={"WWW-Authenticate": "Bearer"})
+            raise web.HTTPSeeOther("/login")
+        response = await handler(request)
+        response.headers.update(SECURITY_HEADERS)
+        return response
+
+    async def _login_form(self, request: web.Request) -> web.StreamResponse:
+        if self._token is None:
+            raise web.HTTPSeeOther("/")
+        return web.FileResponse(STATIC_DIR / "login.html")
+
+    async def _login(self, request: web.Request) -> web.StreamResponse:
+        if self._token is None or self._cookie_value is None:
+            raise web.HTTPSeeOther("/")
+        form = await request.post()
+        given = str(form.get("token", "")).strip()
+        if not hmac.compare_digest(given.encode(), self._token.encode()):
+            raise web.HTTPSeeOther("/login?failed=1")
+        response = web.HTTPSeeOther("/")
+        response.set_cookie(COOKIE, self._cookie_value, max_age=COOKIE_MAX_AGE_S,
+                            httponly=True, samesite="Strict", path="/")
+        raise response
+
+    async def _logout(self, request: web.Request) -> web.StreamResponse:
+        response = web.HTTPSeeOther("/login" if self._token else "/")
+        response.del_cookie(COOKIE, path="/")
+        raise response
+
+    # -- pages and API ------------------------------------------------------------------------
+
+    async def _index(self, request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-store"})
+
+    async def _read(self, fn: Callable[..., _T], *args: Any) -> _T:
+        assert self._reader is not None
+        try:
+            return await self._reader.run(fn, *args)
+        except sqlite3.Error as exc:
+            log.warning("fleet view: cannot read the database: %s", exc)
+            raise web.HTTPServiceUnavailable(
+                text=json.dumps({"error": f"cannot read the database: {exc}"}),
+                content_type="application/json") from None
+
+    async def _overview(self, request: web.Request) -> web.StreamResponse:
+        data = await self._read(queries.overview, self._now())
+        return web.json_response(data, headers=JSON_HEADERS)
+
+    def _query(self, request: web.Request, *, paged: bool = True) -> queries.SessionQuery:
+        try:
+            return queries.SessionQuery.parse(request.query, paged=paged)
+        except queries.BadQuery as exc:
+            raise web.HTTPBadRequest(text=json.dumps({"error": str(exc)}),
+                                     content_type="application/json") from None
+
+    async def _sessions(self, request: web.Request) -> web.StreamResponse:
+        data = await self._read(queries.sessions_page, self._query(request))
+        return web.json_response(data, headers=JSON_HEADERS)
+
+    async def _session(self, request: web.Request) -> web.StreamResponse:
+        data = await self._read(queries.session_detail, request.match_info["id"])
+        if data is None:
+            return web.json_response({"error": "no such session"}, status=404)
+        return web.json_response(data, headers=JSON_HEADERS)
+
+    async def _filters(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(await self._read(queries.filter_values), headers=JSON_HEADERS)
+
+    async def _who(self, request: web.Request) -> web.StreamResponse:
+        """The agent, user or host report, as `collector report KIND --json` gives it."""
+        kind = request.match_info["kind"]
+        if kind not in report.LABEL_REPORTS:
+            return web.json_response({"error": "kind must be agent, user or host"}, status=400)
+        try:
+            since = _date(request.query.get("since"))
+            until = _date(request.query.get("until"))
+        except ValueError:
+            return web.json_response({"error": "since and until are YYYY-MM-DD"}, status=400)
+        lo, hi = report.hour_bounds(since, until, dt.UTC)
+        assert self._reader is not None
+        try:
+            rows = await self._reader.call(
+                lambda: read_usage(self._db_path, group=kind, lo=lo, hi=hi))
+        except sqlite3.Error as exc:
+            return web.json_response({"error": f"cannot read the database: {exc}"}, status=503)
+        result = report.build_report(kind, (report.RollupRow(*r) for r in rows),
+                                     tz=ZoneInfo("UTC"), timezone="UTC", since=since,
+                                     until=until)
+        data = report.to_json(result, ZoneInfo("UTC"))
+        for line, item in zip(result.lines, data["lines"], strict=True):
+            item["cost_text"] = report.format_usd(line.usage.cost_cents)
+        data["totals"]["cost_text"] = report.format_usd(result.totals.cost_cents)
+        return web.json_response(data, headers=JSON_HEADERS)
+
+    async def _sessions_csv(self, request: web.Request) -> web.StreamResponse:
+        """All matching sessions, in the table's order; written on the reader's thread."""
+        query = self._query(request, paged=False)
+        text = await self._read(_csv_text, query)
+        return web.Response(body=text.encode(), headers={
+            "Content-Type": "text/csv; charset=utf-8",
+            "Content-Disposition": 'attachment; filename="sessions.csv"', **JSON_HEADERS})
+
+    # -- live ---------------------------------------------------------------------------------
+
+    async def _events(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={
+            "Content-Type": "text/event-stream", "Cache-Control": "no-store",
+            "X-Accel-Buffering": "no"})
+        await response.prepare(request)
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        self._listeners.add(queue)
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.create_task(self._watch())
+        try:
+            await response.write(b"retry: 2000\nevent: hello\ndata: {}\n\n")
+            while not self._stopping.is_set():
+                try:
+                    version = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
+                except TimeoutError:
+                    await response.write(b": keep-alive\n\n")
+                    continue
+                if version < 0:
+                    break
+                await response.write(f"event: commit\ndata: {version}\n\n".encode())
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            self._listeners.discard(queue)
+        return response
+
+    async def _watch(self) -> None:
+        """Tell listeners when the database changed; runs while anyone listens."""
+        assert self._reader is not None
+        last: int | None = None
+        while self._listeners and not self._stopping.is_set():
+            started = time.monotonic()
+            version: int | None = last
+            try:
+                version = await self._reader.run(_data_version)
+            except sqlite3.Error as exc:
+                log.debug("fleet view: data_version: %s", exc)
+            if version is not None and last is not None and version != last:
+                for queue in self._listeners:
+                    queue.put_nowait(version)
+            last = version
+            await asyncio.sleep(max(LIVE_CHECK_S - (time.monotonic() - started), 0.05))
+
+
+def _csv_text(conn: sqlite3.Connection, query: queries.SessionQuery) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    writer.writerow(queries.CSV_COLUMNS)
+    columns = queries.CSV_COLUMNS
+    for row in queries.all_sessions(conn, query):
+        writer.writerow(["" if row[c] is None else row[c] for c in columns])
+    return out.getvalue()
+
+
+def _date(text: str | None) -> dt.date | None:
+    return None if not text else dt.date.fromisoformat(text)

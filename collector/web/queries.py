@@ -1,0 +1,331 @@
+"""What the fleet view reads, as plain functions over a read-only SQLite connection.
+
+No web library here: each function takes a connection and values and returns JSON-ready
+values, so the numbers the page shows are tested against the database without a server.
+Sums come from the same tables the reports read (`collector_usage_hourly` for anything over
+time, `agent_sessions` for a session's totals), so the page and `collector report` agree.
+
+Every query is bounded for a fleet of 100,000 sessions and a million turns: time windows read a
+key range of the rollup, the sessions table pages by keyset on an index or a bounded top-N,
+and a session's hours come from the rollup's session index.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import sqlite3
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from collector.report import NO_MODEL_LABEL, format_usd
+from collector.store.sqlite import HOURLY_TABLE, LABELS_TABLE
+
+DAY = dt.timedelta(days=1)
+HOUR = dt.timedelta(hours=1)
+SERIES_DAYS = 30
+SPEND_WINDOWS = {"today": 1, "7d": 7, "30d": 30}  # UTC days, today included
+BURN_HOURS = 2  # the current UTC hour and the one before it
+MAX_SERIES = 8  # stacked series shown; the rest are summed as "other"
+OTHER_LABEL = "(other)"
+ACTIVE_SHOWN = 10
+DEFAULT_PAGE = 50
+MAX_PAGE = 500
+STATUSES = ("active", "completed", "failed", "cancelled", "unknown")
+LABEL_COLUMNS = {"agent": "l.agent", "user": "l.user_name", "host": "l.host"}
+
+# Sort keys of the sessions table -> SQL expression. last_active_at walks its index; the others
+# are a top-N over the filtered rows (a bounded sort, about 30 ms over 100,000 sessions).
+SORTS = {
+    "last_active_at": "s.last_active_at",
+    "created_at": "s.created_at",
+    "cost": "s.cost_cents",
+    "turns": "s.turns",
+    "tokens": "(s.prompt_tokens + s.completion_tokens)",
+    "id": "s.id",
+}
+
+SESSION_COLUMNS = (
+    "s.id, s.kind, s.status, s.channel, s.model, s.created_at, s.last_active_at, s.turns, "
+    "s.prompt_tokens, s.completion_tokens, s.reasoning_tokens, s.cost_cents, s.goal_text, "
+    "l.agent, l.agent_version, l.user_name, l.host")
+SESSION_FROM = f"agent_sessions AS s LEFT JOIN {LABELS_TABLE} AS l ON l.id = s.id"
+
+
+class BadQuery(ValueError):
+    """A filter, sort or cursor the API does not know; answered 400 with this message."""
+
+
+def iso_hour(moment: dt.datetime) -> str:
+    """A rollup `hour` key: the start of the UTC hour, in agent_sessions' time format."""
+    return moment.strftime("%Y-%m-%dT%H:00:00.000Z")
+
+
+def cost_usd(cents: float) -> float:
+    """As the reports' JSON gives it: dollars, rounded to 8 places only to drop float noise."""
+    return round(cents / 100, 8)
+
+
+def money(cents: float) -> dict[str, Any]:
+    """A cost for the page: the number, and its text exactly as the report tables print it
+    (the page shows the text, so its rounding is the reports' by construction)."""
+    return {"cost_usd": cost_usd(cents), "cost_text": format_usd(cents)}
+
+
+def _session(row: tuple[Any, ...]) -> dict[str, Any]:
+    (sid, kind, status, channel, model, created, last, turns, prompt, completion, reasoning,
+     cents, goal, agent, agent_version, user, host) = row
+    return {
+        "id": sid, "kind": kind, "status": status, "channel": channel, "model": model,
+        "created_at": created, "last_active_at": last, "turns": turns,
+        "prompt_tokens": prompt, "completion_tokens": completion,
+        "reasoning_tokens": reasoning, "total_tokens": prompt + completion,
+        "cost_cents": cents, **money(cents), "goal_text": goal,
+        "agent": agent, "agent_version": agent_version, "user": user, "host": host,
+    }
+
+
+def overview(conn: sqlite3.Connection, now: dt.datetime) -> dict[str, Any]:
+    """Spend today / 7 / 30 days, burn rate, daily spend by model and by agent, tokens by kind
+    and the sessions active now. Days are UTC days, as `collector report daily` draws them."""
+    today = now.astimezone(dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    first_day = today - (SERIES_DAYS - 1) * DAY
+    lo = iso_hour(first_day)
+    days = [(first_day + i * DAY).date().isoformat() for i in range(SERIES_DAYS)]
+    day_index = {d: i for i, d in enumerate(days)}
+
+    by_model: dict[str, list[float]] = {}
+    by_agent: dict[str, list[float]] = {}
+    spend = dict.fromkeys(SPEND_WINDOWS, 0.0)
+    window_starts = {name: (today - (n - 1) * DAY).date().isoformat()
+                     for name, n in SPEND_WINDOWS.items()}
+    tokens = {"turns": 0, "input_tokens": 0, "cache_read_tokens": 0, "cache_write_tokens": 0,
+              "output_tokens": 0, "reasoning_tokens": 0}
+    # One pass over the window's slice of the rollup (its key starts with the hour), summed
+    # per (day, model, agent) inside SQLite; the labels are one primary-key lookup per row.
+    rows = conn.execute(
+        f"SELECT substr(h.hour, 1, 10) AS day, h.model, coalesce(l.agent, '') AS agent, "
+        f"sum(h.turns), sum(h.prompt_tokens), sum(h.completion_tokens), "
+        f"sum(h.reasoning_tokens), sum(h.cache_read_tokens), sum(h.cache_write_tokens), "
+        f"sum(h.cost_cents) FROM {HOURLY_TABLE} AS h "
+        f"LEFT JOIN {LABELS_TABLE} AS l ON l.id = h.session_id "
+        f"WHERE h.hour >= ? GROUP BY day, h.model, agent", (lo,))
+    for day, model, agent, turns, prompt, completion, reasoning, c_read, c_write, cents in rows:
+        i = day_index.get(day)
+        if i is None:  # usage stamped in the future (a skewed clock): not in the window
+            continue
+        by_model.setdefault(model, [0.0] * SERIES_DAYS)[i] += cents
+        by_agent.setdefault(agent, [0.0] * SERIES_DAYS)[i] += cents
+        for name, start in window_starts.items():
+            if day >= start:
+                spend[name] += cents
+        tokens["turns"] += turns
+        tokens["input_tokens"] += prompt - c_read - c_write
+        tokens["cache_read_tokens"] += c_read
+        tokens["cache_write_tokens"] += c_write
+        tokens["output_tokens"] += completion
+        tokens["reasoning_tokens"] += reasoning
+
+    burn_start = now.astimezone(dt.UTC).replace(minute=0, second=0, microsecond=0) - (
+        BURN_HOURS - 1) * HOUR
+    burn_cents = conn.execute(
+        f"SELECT coalesce(sum(cost_cents), 0.0) FROM {HOURLY_TABLE} WHERE hour >= ?",
+        (iso_hour(burn_start),)).fetchone()[0]
+    elapsed_h = max((now - burn_start).total_seconds() / 3600, 1.0)
+
+    prompt_total = (tokens["input_tokens"] + tokens["cache_read_tokens"]
+                    + tokens["cache_write_tokens"])
+    active_count = conn.execute(
+        "SELECT count(*) FROM agent_sessions WHERE status = 'active'").fetchone()[0]
+    active = [_session(r) for r in conn.execute(
+        f"SELECT {SESSION_COLUMNS} FROM {SESSION_FROM} WHERE s.status = 'active' "
+        "ORDER BY s.last_active_at DESC, s.id LIMIT ?", (ACTIVE_SHOWN,))]
+    return {
+        "now": now.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "spend": {name: {"cost_cents": cents, **money(cents), "since": window_starts[name]}
+                  for name, cents in spend.items()},
+        "burn_rate": {"cost_usd_per_hour": cost_usd(burn_cents / elapsed_h),
+                      "cost_text_per_hour": format_usd(burn_cents / elapsed_h),
+                      "cost_cents": burn_cents, "since": iso_hour(burn_start)},
+        "series": {"days": days, "by_model": _stacked(by_model, NO_MODEL_LABEL),
+                   "by_agent": _stacked(by_agent, NO_MODEL_LABEL)},
+        "tokens": {**tokens,
+                   "total_tokens": prompt_total + tokens["output_tokens"],
+                   "cache_hit_rate": (tokens["cache_read_tokens"] / prompt_total
+                                      if prompt_total else None)},
+        "active": {"count": active_count, "sessions": active},
+    }
+
+
+def _stacked(series: dict[str, list[float]], none_label: str) -> list[dict[str, Any]]:
+    """Series as the chart stacks them: the costliest MAX_SERIES, then the rest as one."""
+    ranked = sorted(series.items(), key=lambda kv: (-sum(kv[1]), kv[0]))
+    out = [{"name": name or none_label, "cost_usd": [cost_usd(c) for c in cents]}
+           for name, cents in ranked[:MAX_SERIES]]
+    if len(ranked) > MAX_SERIES:
+        rest = [sum(values) for values in zip(*(v for _, v in ranked[MAX_SERIES:]),
+                                              strict=True)]
+        out.append({"name": OTHER_LABEL, "cost_usd": [cost_usd(c) for c in rest]})
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class SessionQuery:
+    """The sessions table's filters, order and page, as parsed from the query string."""
+
+    status: str | None = None
+    agent: str | None = None
+    user: str | None = None
+    host: str | None = None
+    model: str | None = None
+    search: str | None = None  # part of a session id
+    sort: str = "last_active_at"
+    descending: bool = True
+    cursor: tuple[Any, str] | None = None  # (sort value, id) of the last row shown
+    limit: int = DEFAULT_PAGE
+
+    @classmethod
+    def parse(cls, params: Mapping[str, str], *, paged: bool = True) -> SessionQuery:
+        def text(name: str) -> str | None:
+            value = params.get(name, "").strip()
+            return value or None
+
+        status = text("status")
+        if status is not None and status not in STATUSES:
+            raise BadQuery(f"status must be one of {', '.join(STATUSES)}")
+        sort = text("sort") or "last_active_at"
+        if sort not in SORTS:
+            raise BadQuery(f"sort must be one of {', '.join(SORTS)}")
+        order = text("order") or "desc"
+        if order not in ("asc", "desc"):
+            raise BadQuery("order must be asc or desc")
+        limit = DEFAULT_PAGE
+        if paged and text("limit") is not None:
+            try:
+                limit = int(params["limit"])
+            except ValueError:
+                raise BadQuery("limit must be an integer") from None
+            if not 1 <= limit <= MAX_PAGE:
+                raise BadQuery(f"limit must be from 1 to {MAX_PAGE}")
+        cursor = None
+        raw = text("cursor")
+        if paged and raw is not None:
+            cursor = decode_cursor(raw)
+        return cls(status=status, agent=text("agent"), user=text("user"), host=text("host"),
+                   model=text("model"), search=text("q"), sort=sort,
+                   descending=order == "desc", cursor=cursor, limit=limit)
+
+    def where(self) -> tuple[list[str], list[Any]]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        if self.status is not None:
+            clauses.append("s.status = ?")
+            params.append(self.status)
+        for name, column in LABEL_COLUMNS.items():
+            value = getattr(self, name)
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if self.model is not None:
+            clauses.append("s.model = ?")
+            params.append("" if self.model == NO_MODEL_LABEL else self.model)
+        if self.search is not None:
+            clauses.append("instr(s.id, ?) > 0")
+            params.append(self.search)
+        return clauses, params
+
+
+def encode_cursor(value: Any, session_id: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps([value, session_id]).encode()).decode()
+
+
+def decode_cursor(raw: str) -> tuple[Any, str]:
+    try:
+        value, session_id = json.loads(base64.urlsafe_b64decode(raw.encode()))
+    except (ValueError, TypeError):
+        raise BadQuery("cursor is not one this API gave") from None
+    if not isinstance(session_id, str) or not isinstance(value, str | int | float):
+        raise BadQuery("cursor is not one this API gave")
+    return value, session_id
+
+
+def sessions_page(conn: sqlite3.Connection, query: SessionQuery) -> dict[str, Any]:
+    """One page of sessions in the query's order, the cursor of the next page (keyset: the
+    page after a row is found by its sort value and id, never by an offset) and the count of
+    all sessions matching the filters."""
+    clauses, params = query.where()
+    count = conn.execute(f"SELECT count(*) FROM {SESSION_FROM}"
+                         + (" WHERE " + " AND ".join(clauses) if clauses else ""),
+                         params).fetchone()[0]
+    expr = SORTS[query.sort]
+    direction = "DESC" if query.descending else "ASC"
+    page_clauses = list(clauses)
+    page_params = list(params)
+    if query.cursor is not None:
+        value, last_id = query.cursor
+        op = "<" if query.descending else ">"
+        page_clauses.append(f"({expr} {op} ? OR ({expr} = ? AND s.id {op} ?))")
+        page_params += [value, value, last_id]
+    sql = f"SELECT {SESSION_COLUMNS}, {expr} AS sort_value FROM {SESSION_FROM}"
+    if page_clauses:
+        sql += " WHERE " + " AND ".join(page_clauses)
+    sql += f" ORDER BY {expr} {direction}, s.id {direction} LIMIT ?"
+    rows = conn.execute(sql, [*page_params, query.limit + 1]).fetchall()
+    more = len(rows) > query.limit
+    rows = rows[:query.limit]
+    next_cursor = encode_cursor(rows[-1][-1], rows[-1][0]) if more and rows else None
+    return {"sessions": [_session(r[:-1]) for r in rows], "next": next_cursor, "total": count}
+
+
+def all_sessions(conn: sqlite3.Connection, query: SessionQuery) -> Iterator[dict[str, Any]]:
+    """Every session matching the filters, in the query's order (for CSV export)."""
+    clauses, params = query.where()
+    expr = SORTS[query.sort]
+    direction = "DESC" if query.descending else "ASC"
+    sql = f"SELECT {SESSION_COLUMNS} FROM {SESSION_FROM}"
+    if clauses:
+        sql += " WHERE " + " AND ".join(clauses)
+    sql += f" ORDER BY {expr} {direction}, s.id {direction}"
+    for row in conn.execute(sql, params):
+        yield _session(row)
+
+
+def session_detail(conn: sqlite3.Connection, session_id: str) -> dict[str, Any] | None:
+    """A session's row, its labels and its usage per UTC hour and model (None if unknown)."""
+    row = conn.execute(f"SELECT {SESSION_COLUMNS} FROM {SESSION_FROM} WHERE s.id = ?",
+                       (session_id,)).fetchone()
+    if row is None:
+        return None
+    hours = [{
+        "hour": hour, "model": model or NO_MODEL_LABEL, "turns": turns,
+        "input_tokens": prompt - c_read - c_write, "cache_read_tokens": c_read,
+        "cache_write_tokens": c_write, "output_tokens": completion,
+        "reasoning_tokens": reasoning, **money(cents),
+    } for hour, model, turns, prompt, completion, reasoning, c_read, c_write, cents
+        in conn.execute(
+            f"SELECT hour, model, turns, prompt_tokens, completion_tokens, reasoning_tokens, "
+            f"cache_read_tokens, cache_write_tokens, cost_cents FROM {HOURLY_TABLE} "
+            "WHERE session_id = ? ORDER BY hour, model", (session_id,))]
+    return {"session": _session(row), "hours": hours}
+
+
+def filter_values(conn: sqlite3.Connection) -> dict[str, list[str]]:
+    """The values the table's filters offer (each read from an index)."""
+    def distinct(sql: str) -> list[str]:
+        return [str(r[0]) for r in conn.execute(sql) if r[0] is not None]
+
+    return {
+        "status": list(STATUSES),
+        "agent": distinct(f"SELECT DISTINCT agent FROM {LABELS_TABLE} ORDER BY agent"),
+        "user": distinct(f"SELECT DISTINCT user_name FROM {LABELS_TABLE} ORDER BY user_name"),
+        "host": distinct(f"SELECT DISTINCT host FROM {LABELS_TABLE} ORDER BY host"),
+        "model": [m or NO_MODEL_LABEL for m in distinct(
+            "SELECT DISTINCT model FROM agent_sessions ORDER BY model")],
+    }
+
+
+CSV_COLUMNS = ("id", "agent", "agent_version", "user", "host", "status", "kind", "channel",
+               "model", "created_at", "last_active_at", "turns", "prompt_tokens",
+               "completion_tokens", "reasoning_tokens", "total_tokens", "cost_usd")

@@ -1,0 +1,368 @@
+"""The fleet view against a real daemon fed through its OTLP receivers, read back from the DB.
+
+The API is checked number by number against SQLite; the page is loaded in a real headless
+Chromium (Debian's `chromium`, driven by Playwright: no browser download) and what it shows is
+compared with the database, after filters, and after a live update.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sqlite3
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from collector import cli
+from collector.report import format_usd
+from tests.conftest import Daemon, make_span
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+AGENTS = (("support-bot", "2.1.0", "ana@example.com", "build-1"),
+          ("triage-agent", "0.169.0", "bo@example.com", "laptop-2"),
+          ("review-agent", "0.61.0", "ana@example.com", "build-1"))
+MODELS = ("claude-sonnet-4", "gpt-5", "gemini-2.5-pro")
+SESSIONS = 12
+UI_TIMEOUT_MS = 20_000
+
+_trace = iter(range(1, 10**9))
+
+
+def turn(session: str, agent: int, at: int, *, cost: float, cache_read: int = 0,
+         status: str | None = None) -> list[Any]:
+    """An agent span and its model call, as a GenAI-instrumented agent emits them."""
+    name, version, user, host = AGENTS[agent]
+    resource = {"service.name": name, "service.version": version, "user.email": user,
+                "host.name": host}
+    trace = next(_trace)
+    agent_attrs: dict[str, Any] = {"gen_ai.operation.name": "invoke_agent",
+                                   "gen_ai.conversation.id": session}
+    if status:
+        agent_attrs["agent.session.status"] = status
+    call = {"gen_ai.operation.name": "chat", "gen_ai.conversation.id": session,
+            "gen_ai.request.model": MODELS[agent], "gen_ai.usage.input_tokens": 1200,
+            "gen_ai.usage.output_tokens": 300 + 10 * cache_read // 100,
+            "gen_ai.usage.reasoning.output_tokens": 50,
+            "gen_ai.usage.cache_read.input_tokens": cache_read, "gen_ai.usage.cost": cost}
+    return [make_span(trace_id=trace, span_id=2, parent_id=1, attrs=call, resource=resource,
+                      start=at, end=at + 1_000_000),
+            make_span(trace_id=trace, span_id=1, attrs=agent_attrs, resource=resource,
+                      start=at, end=at + 2_000_000)]
+
+
+def get(url: str, *, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=20) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+def get_json(daemon: Daemon, path: str) -> Any:
+    status, _, body = get(daemon.web_url + path)
+    assert status == 200, body
+    return json.loads(body)
+
+
+def db(daemon: Daemon, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(daemon.db_path)
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """A running daemon fed, over both transports, 12 sessions of 3 agents over 3 days."""
+    daemon = Daemon(tmp_path_factory.mktemp("web"), "[sessions]\nstale_after_s = 86400000\n")
+    daemon.start()
+    now = time.time_ns()
+    spans: list[Any] = []
+    for i in range(SESSIONS):
+        at = now - (i % 3) * 86_400 * 10**9 - (i + 1) * 60 * 10**9
+        for k in range(1 + i % 4):
+            spans += turn(f"web-{i:02d}", i % 3, at + k * 1000, cost=0.01 * (i + 1) + 0.001 * k,
+                          cache_read=100 * k, status="completed" if i % 5 == 4 else None)
+    daemon.export_grpc(spans[: len(spans) // 2])
+    daemon.export_http(spans[len(spans) // 2:])
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+# -- the API, against the database ----------------------------------------------------------
+
+def test_overview_equals_the_database(fleet: Daemon) -> None:
+    data = get_json(fleet, "/api/overview")
+    (total_cents,) = db(fleet, "SELECT sum(cost_cents) FROM collector_usage_hourly")[0]
+    (session_cents,) = db(fleet, "SELECT sum(cost_cents) FROM agent_sessions")[0]
+    assert data["spend"]["30d"]["cost_cents"] == pytest.approx(total_cents)
+    assert total_cents == pytest.approx(session_cents)
+    assert data["spend"]["30d"]["cost_text"] == format_usd(total_cents)
+    today = data["spend"]["today"]["since"]
+    (today_cents,) = db(fleet, "SELECT coalesce(sum(cost_cents), 0) FROM collector_usage_hourly "
+                               "WHERE hour >= ?", today + "T00:00:00.000Z")[0]
+    assert data["spend"]["today"]["cost_cents"] == pytest.approx(today_cents)
+    assert 0 < today_cents < total_cents
+    tokens = data["tokens"]
+    prompt, completion, cache_read = db(
+        fleet, "SELECT sum(prompt_tokens), sum(completion_tokens), sum(cache_read_tokens) "
+               "FROM collector_usage_hourly")[0]
+    assert tokens["input_tokens"] + tokens["cache_read_tokens"] == prompt
+    assert tokens["output_tokens"] == completion > 0 and tokens["cache_read_tokens"] == cache_read
+    assert tokens["reasoning_tokens"] > 0
+    assert tokens["cache_hit_rate"] == pytest.approx(cache_read / prompt)
+    # Stacked by model and by agent: each stack sums to the same spend.
+    for key in ("by_model", "by_agent"):
+        assert sum(sum(s["cost_usd"]) for s in data["series"][key]) == pytest.approx(
+            total_cents / 100)
+    assert {s["name"] for s in data["series"]["by_agent"]} == {a[0] for a in AGENTS}
+    (active,) = db(fleet, "SELECT count(*) FROM agent_sessions WHERE status = 'active'")[0]
+    assert data["active"]["count"] == active == SESSIONS - 2
+    # Turns counted under their model calls' model (agent spans name none).
+    assert "(none)" not in {s["name"] for s in data["series"]["by_model"]}
+
+
+def test_sessions_pages_cover_every_session_once_in_order(fleet: Daemon) -> None:
+    for sort in ("last_active_at", "cost", "turns", "tokens", "id"):
+        for order in ("desc", "asc"):
+            seen: list[dict[str, Any]] = []
+            cursor = ""
+            while True:
+                page = get_json(fleet, f"/api/sessions?limit=5&sort={sort}&order={order}"
+                                       f"&cursor={cursor}")
+                assert page["total"] == SESSIONS
+                seen += page["sessions"]
+                if not page["next"]:
+                    break
+                cursor = urllib.parse.quote(page["next"])
+            assert len(seen) == SESSIONS == len({s["id"] for s in seen})
+            key = {"cost": "cost_cents", "tokens": "total_tokens"}.get(sort, sort)
+            values = [(s[key], s["id"]) for s in seen]
+            assert values == sorted(values, reverse=order == "desc")
+    rows = {r[0]: r for r in db(fleet, "SELECT id, turns, cost_cents, model FROM agent_sessions")}
+    for s in seen:
+        assert (s["turns"], s["cost_cents"], s["model"]) == rows[s["id"]][1:]
+        assert s["cost_text"] == format_usd(rows[s["id"]][2])
+
+
+def test_session_filters_and_search(fleet: Daemon) -> None:
+    labels = db(fleet, "SELECT id, agent, user_name, host FROM collector_session_labels")
+    page = get_json(fleet, "/api/sessions?agent=triage-agent&limit=500")
+    assert {s["id"] for s in page["sessions"]} == {r[0] for r in labels if r[1] == "triage-agent"}
+    page = get_json(fleet, "/api/sessions?user=ana%40example.com&status=active&limit=500")
+    statuses = dict(db(fleet, "SELECT id, status FROM agent_sessions"))
+    assert {s["id"] for s in page["sessions"]} == {
+        r[0] for r in labels if r[2] == "ana@example.com" and statuses[r[0]] == "active"}
+    page = get_json(fleet, "/api/sessions?model=gpt-5&q=web-0")
+    assert {s["id"] for s in page["sessions"]} == {"web-01", "web-04", "web-07"}
+    assert get_json(fleet, "/api/filters")["agent"] == sorted(a[0] for a in AGENTS)
+    for bad in ("status=sleeping", "sort=colour", "limit=0", "cursor=%%%", "order=up"):
+        status, _, body = get(fleet.web_url + "/api/sessions?" + bad)
+        assert status == 400 and json.loads(body)["error"], bad
+
+
+def test_session_detail_is_its_hourly_rollup(fleet: Daemon) -> None:
+    data = get_json(fleet, "/api/sessions/web-03")
+    assert data["session"]["agent"] == "support-bot" and data["session"]["host"] == "build-1"
+    rows = db(fleet, "SELECT hour, model, turns, cost_cents FROM collector_usage_hourly WHERE "
+                     "session_id = 'web-03' ORDER BY hour, model")
+    assert [(h["hour"], h["model"], h["turns"]) for h in data["hours"]] == [r[:3] for r in rows]
+    assert [h["cost_text"] for h in data["hours"]] == [format_usd(r[3]) for r in rows]
+    status, _, _ = get(fleet.web_url + "/api/sessions/nope")
+    assert status == 404
+
+
+def test_csv_export_is_the_filtered_table(fleet: Daemon) -> None:
+    status, headers, body = get(fleet.web_url + "/api/sessions.csv?agent=review-agent&sort=id"
+                                                "&order=asc")
+    assert status == 200 and headers["Content-Type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(body.decode())))
+    expected = db(fleet, "SELECT s.id, s.turns, s.cost_cents FROM agent_sessions s JOIN "
+                         "collector_session_labels l ON l.id = s.id WHERE l.agent = "
+                         "'review-agent' ORDER BY s.id")
+    assert [(r["id"], int(r["turns"]), float(r["cost_usd"])) for r in rows] == [
+        (i, t, round(c / 100, 8)) for i, t, c in expected]
+
+
+def test_who_spends_api_equals_the_report_command(fleet: Daemon,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    for kind in ("agent", "user", "host"):
+        data = get_json(fleet, f"/api/who/{kind}")
+        assert cli.main(["report", kind, "--config", str(fleet.config_path), "--json"]) == 0
+        printed = json.loads(capsys.readouterr().out)
+        for line in data["lines"]:
+            line.pop("cost_text")
+        data["totals"].pop("cost_text")
+        assert data == printed
+    users = {line["user"]: line for line in printed_user_report(fleet, capsys)}
+    cents = dict(db(fleet, "SELECT l.user_name, sum(s.cost_cents) FROM agent_sessions s JOIN "
+                           "collector_session_labels l ON l.id = s.id GROUP BY l.user_name"))
+    assert {u: line["cost_usd"] for u, line in users.items()} == pytest.approx(
+        {u: c / 100 for u, c in cents.items()})
+
+
+def printed_user_report(daemon: Daemon, capsys: pytest.CaptureFixture[str]) -> list[Any]:
+    assert cli.main(["report", "user", "--config", str(daemon.config_path), "--json"]) == 0
+    lines: list[Any] = json.loads(capsys.readouterr().out)["lines"]
+    return lines
+
+
+# -- auth -----------------------------------------------------------------------------------
+
+def test_with_a_token_the_view_asks_for_it(tmp_path: Path) -> None:
+    token = "s3cret-token-for-the-view"
+    (tmp_path / "token.txt").write_text(token + "\n")
+    daemon = Daemon(tmp_path, f'[auth]\ntoken_file = "{tmp_path / "token.txt"}"\n')
+    daemon.start()
+    try:
+        status, headers, _ = get(daemon.web_url + "/api/overview")
+        assert status == 401 and headers["WWW-Authenticate"] == "Bearer"
+        status, _, _ = get(daemon.web_url + "/api/overview",
+                           headers={"Authorization": f"Bearer {token}"})
+        assert status == 200
+        opener = urllib.request.build_opener(_NoRedirect)
+        page = _post(opener, daemon.web_url + "/login", {"token": "wrong"})
+        assert page.status == 303 and page.headers["Location"] == "/login?failed=1"
+        assert "Set-Cookie" not in page.headers
+        signed = _post(opener, daemon.web_url + "/login", {"token": token})
+        cookie = signed.headers["Set-Cookie"]
+        assert signed.status == 303 and "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        assert token not in cookie
+        value = cookie.split(";")[0]
+        status, _, _ = get(daemon.web_url + "/api/overview", headers={"Cookie": value})
+        assert status == 200
+        status, _, _ = get(daemon.web_url + "/api/overview", headers={"Cookie": value + "x"})
+        assert status == 401
+        # The page itself sends the browser to the sign-in form.
+        first = _open(opener, daemon.web_url + "/")
+        assert first.status == 303 and first.headers["Location"] == "/login"
+    finally:
+        daemon.stop()
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def _post(opener: urllib.request.OpenerDirector, url: str, form: dict[str, str]) -> Any:
+    data = urllib.parse.urlencode(form).encode()
+    return _open(opener, url, data)
+
+
+def _open(opener: urllib.request.OpenerDirector, url: str, data: bytes | None = None) -> Any:
+    try:
+        return opener.open(urllib.request.Request(url, data=data), timeout=20)
+    except urllib.error.HTTPError as exc:
+        return exc
+
+
+# -- the page in a real browser -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (.ci/deps does)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    """A fresh page that records console errors and failed requests; none are allowed."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}")
+            if m.type in ("error", "warning") else None)
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
+    page.set_default_timeout(UI_TIMEOUT_MS)
+    yield page
+    context.close()
+    assert problems == []
+
+
+def test_overview_page_shows_the_database(fleet: Daemon, page: Any) -> None:
+    page.goto(fleet.web_url + "/")
+    (cents,) = db(fleet, "SELECT sum(cost_cents) FROM collector_usage_hourly")[0]
+    spend = page.get_by_test_id("spend-30d")
+    spend.wait_for()
+    assert spend.inner_text() == format_usd(cents)
+    (active,) = db(fleet, "SELECT count(*) FROM agent_sessions WHERE status = 'active'")[0]
+    assert page.get_by_test_id("active-count").inner_text() == str(active)
+    (prompt, cache_read, completion) = db(
+        fleet, "SELECT sum(prompt_tokens), sum(cache_read_tokens), sum(completion_tokens) "
+               "FROM collector_usage_hourly")[0]
+    assert page.locator('[data-kind="cache read"]').inner_text() == f"{cache_read:,}"
+    assert page.locator('[data-kind="output"]').inner_text() == f"{completion:,}"
+    assert page.get_by_test_id("cache-hit-rate").inner_text() == (
+        f"{cache_read / prompt * 100:.1f} %")
+    # Both charts drew (Chart.js sized its canvas).
+    for chart in ("chart-model", "chart-agent"):
+        assert page.get_by_test_id(chart).bounding_box()["height"] > 100
+
+
+def test_sessions_page_filters_sorts_and_opens_a_session(fleet: Daemon, page: Any) -> None:
+    page.goto(fleet.web_url + "/#/sessions")
+    rows = page.locator("[data-testid=sessions-table] tbody tr")
+    page.get_by_test_id("total").wait_for()
+    assert rows.count() == SESSIONS
+    page.locator("select[data-filter=agent]").select_option("triage-agent")
+    codex = {r[0] for r in db(fleet, "SELECT id FROM collector_session_labels WHERE agent = "
+                                     "'triage-agent'")}
+    page.wait_for_function(f"document.querySelectorAll('tbody tr').length === {len(codex)}")
+    assert {rows.nth(i).get_attribute("data-session") for i in range(rows.count())} == codex
+    assert page.get_by_test_id("total").inner_text() == f"{len(codex)} sessions"
+    page.locator("th[data-sort=cost]").click()
+    page.wait_for_function("location.hash.includes('sort=cost')")
+    page.wait_for_selector("th.sorted[data-sort=cost]")
+    costs = dict(db(fleet, "SELECT id, cost_cents FROM agent_sessions"))
+    shown = [rows.nth(i).get_attribute("data-session") for i in range(rows.count())]
+    assert shown == sorted(codex, key=lambda s: (costs[s], s), reverse=True)
+    first = rows.nth(0).locator("td[data-col=cost_text]").inner_text()
+    assert first == format_usd(costs[shown[0]])
+    rows.nth(0).get_by_test_id("session-link").click()
+    page.get_by_test_id("session-id").wait_for()
+    assert page.get_by_test_id("session-id").inner_text() == shown[0]
+    assert page.locator('[data-fact="cost (USD)"]').inner_text() == format_usd(costs[shown[0]])
+    hours = db(fleet, "SELECT count(*) FROM collector_usage_hourly WHERE session_id = ?",
+               shown[0])[0][0]
+    assert page.locator("[data-testid=hours-table] tbody tr").count() == hours
+
+
+def test_the_page_follows_new_commits_without_a_reload(fleet: Daemon, page: Any) -> None:
+    page.goto(fleet.web_url + "/")
+    spend = page.get_by_test_id("spend-today")
+    spend.wait_for()
+    page.wait_for_selector("#live.on")
+    page.evaluate("window.__loaded = true")  # gone if the page reloads
+    before = spend.inner_text()
+    fleet.export_http(turn("web-live", 1, time.time_ns(), cost=12.5))
+    (cents,) = db(fleet, "SELECT coalesce(sum(cost_cents), 0) FROM collector_usage_hourly WHERE "
+                         "hour >= strftime('%Y-%m-%dT00:00:00.000Z', 'now')")[0]
+    expected = format_usd(cents)
+    assert expected != before
+    page.wait_for_function(
+        "t => document.querySelector('[data-testid=spend-today]').textContent === t", arg=expected)
+    assert page.evaluate("window.__loaded") is True

@@ -186,6 +186,9 @@ def start_collector(work: Path, tag: str, settings: Settings, *,
         "[log]\n"
         f'level = "{log_level}"\n'
         "[ops]\n"
+        'endpoint = ""\n'
+        # The fleet view listens on a fixed default port: off, so runs side by side work.
+        "[web]\n"
         'endpoint = ""\n')
     return Server("collector", [PYTHON, "-m", "collector", "serve", "--config", str(config)],
                   http_port=http, grpc_port=grpc_port, log=work / f"collector-{tag}.log", db=db,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import sqlite3
 import time
 import urllib.error
@@ -23,6 +24,8 @@ import pytest
 
 from collector import cli
 from collector.report import format_usd
+from collector.store.sqlite import DAILY_TABLE, DAILY_TRIGGERS, SCHEMA_SCRIPT
+from collector.web import queries
 from tests.conftest import Daemon, make_span
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -175,6 +178,166 @@ def test_session_filters_and_search(fleet: Daemon) -> None:
         assert status == 400 and json.loads(body)["error"], bad
 
 
+DAILY_FROM_ROLLUP = (
+    "SELECT substr(h.hour, 1, 10) AS day, h.model, coalesce(l.agent, '') AS agent, "
+    "sum(h.turns), sum(h.prompt_tokens), sum(h.completion_tokens), sum(h.reasoning_tokens), "
+    "sum(h.cache_read_tokens), sum(h.cache_write_tokens), sum(h.cost_cents) "
+    "FROM collector_usage_hourly AS h LEFT JOIN collector_session_labels AS l "
+    "ON l.id = h.session_id GROUP BY day, h.model, agent ORDER BY day, h.model, agent")
+DAILY_ROWS = (f"SELECT day, model, agent, turns, prompt_tokens, completion_tokens, "
+              f"reasoning_tokens, cache_read_tokens, cache_write_tokens, cost_cents "
+              f"FROM {DAILY_TABLE} ORDER BY day, model, agent")
+
+
+def assert_daily_is_the_rollup(conn: sqlite3.Connection) -> None:
+    want = conn.execute(DAILY_FROM_ROLLUP).fetchall()
+    got = conn.execute(DAILY_ROWS).fetchall()
+    assert [w[:9] for w in want] == [g[:9] for g in got]
+    assert [g[9] for g in got] == pytest.approx([w[9] for w in want], abs=1e-9)
+
+
+def test_daily_table_is_the_rollup_per_day_model_and_current_agent(fleet: Daemon) -> None:
+    conn = sqlite3.connect(fleet.db_path)
+    try:
+        assert conn.execute(f"SELECT count(*) FROM {DAILY_TABLE}").fetchone()[0] > 0
+        assert_daily_is_the_rollup(conn)
+    finally:
+        conn.close()
+
+
+def test_daily_table_follows_every_write_to_the_rollup_and_labels() -> None:
+    """The triggers against a real SQLite, under a random mix of what writers do: rollup
+    upserts, labels set, changed and cleared, rows deleted."""
+    import random
+
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    conn.executescript(SCHEMA_SCRIPT)
+    rng = random.Random(13)
+    for i in range(2000):
+        sid = f"s{rng.randrange(30)}"
+        op = rng.random()
+        if op < 0.55:
+            conn.execute(
+                "INSERT INTO collector_usage_hourly (hour, session_id, model, turns, "
+                "prompt_tokens, cache_read_tokens, cost_cents) VALUES (?, ?, ?, 1, ?, ?, ?) "
+                "ON CONFLICT DO UPDATE SET turns = turns + 1, "
+                "prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
+                "cache_read_tokens = cache_read_tokens + excluded.cache_read_tokens, "
+                "cost_cents = cost_cents + excluded.cost_cents",
+                (f"2026-11-0{rng.randrange(1, 4)}T{rng.randrange(24):02d}:00:00.000Z", sid,
+                 rng.choice(("m1", "m2", "")), rng.randrange(1000), rng.randrange(100),
+                 rng.random()))
+        elif op < 0.85:
+            conn.execute(
+                "INSERT INTO collector_session_labels (id, agent, agent_ns) VALUES (?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET agent = CASE WHEN excluded.agent IS NOT NULL "
+                "AND excluded.agent_ns >= agent_ns THEN excluded.agent ELSE agent END, "
+                "agent_ns = max(agent_ns, excluded.agent_ns)",
+                (sid, rng.choice(("a", "b", None)), i))
+        elif op < 0.92:
+            conn.execute("DELETE FROM collector_session_labels WHERE id = ?", (sid,))
+        else:
+            conn.execute("DELETE FROM collector_usage_hourly WHERE session_id = ? AND "
+                         "hour < '2026-11-02'", (sid,))
+        if i % 50 == 0:
+            assert_daily_is_the_rollup(conn)
+    assert_daily_is_the_rollup(conn)
+    assert {r[0] for r in conn.execute(f"SELECT DISTINCT agent FROM {DAILY_TABLE}")} == {
+        r[0] for r in conn.execute(DAILY_FROM_ROLLUP.replace(
+            "SELECT substr", "SELECT DISTINCT coalesce(l.agent, ''), substr"))}
+
+
+def test_a_session_changing_agent_moves_its_spend(tmp_path: Path) -> None:
+    """Latest agent wins for the whole session, in the overview as in `report agent`."""
+    daemon = Daemon(tmp_path, "[sessions]\nstale_after_s = 86400000\n")
+    daemon.start()
+    try:
+        now = time.time_ns()
+        daemon.export_http(turn("moving", 0, now - 3_600 * 10**9, cost=0.5))
+        daemon.export_http(turn("staying", 2, now - 3_600 * 10**9, cost=0.25))
+        by_agent = {s["name"] for s in get_json(daemon, "/api/overview")["series"]["by_agent"]}
+        assert by_agent == {AGENTS[0][0], AGENTS[2][0]}
+        daemon.export_grpc(turn("moving", 1, now - 60 * 10**9, cost=0.125))
+        data = get_json(daemon, "/api/overview")
+        spend = {s["name"]: sum(s["cost_usd"]) for s in data["series"]["by_agent"]}
+        assert spend == pytest.approx({AGENTS[1][0]: 0.625, AGENTS[2][0]: 0.25})
+        conn = sqlite3.connect(daemon.db_path)
+        try:
+            assert_daily_is_the_rollup(conn)
+        finally:
+            conn.close()
+    finally:
+        daemon.stop()
+
+
+def test_a_database_from_before_the_daily_table_gets_it_filled(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path, "")
+    daemon.start()
+    now = time.time_ns()
+    daemon.export_http(turn("old-1", 0, now - 7_200 * 10**9, cost=0.75) + turn(
+        "old-2", 1, now - 60 * 10**9, cost=0.5))
+    daemon.stop()
+    conn = sqlite3.connect(daemon.db_path)
+    for trigger in DAILY_TRIGGERS:
+        conn.execute("DROP TRIGGER " + trigger.split()[5])
+    conn.execute(f"DROP TABLE {DAILY_TABLE}")
+    conn.commit()
+    conn.close()
+    daemon.start()
+    try:
+        data = get_json(daemon, "/api/overview")
+        assert data["spend"]["30d"]["cost_cents"] == pytest.approx(125)
+        daemon.export_http(turn("old-2", 1, now, cost=0.25))
+        conn = sqlite3.connect(daemon.db_path)
+        try:
+            assert_daily_is_the_rollup(conn)
+            assert conn.execute(f"SELECT sum(cost_cents) FROM {DAILY_TABLE}").fetchone()[
+                0] == pytest.approx(150)
+        finally:
+            conn.close()
+    finally:
+        daemon.stop()
+
+
+def test_both_ways_to_a_page_give_the_same_rows(fleet: Daemon,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Filters matching few sessions sort their matches; broad ones walk the order's index:
+    the two plans must give the same pages, and a capped count says it is one."""
+    conn = sqlite3.connect(f"{Path(fleet.db_path).resolve().as_uri()}?mode=ro", uri=True)
+    filters = ({}, {"status": "active"}, {"agent": "triage-agent"}, {"q": "web-0"},
+               {"user": "ana@example.com", "model": "claude-sonnet-4"}, {"q": "web-1", "status":
+               "completed"}, {"host": "nowhere"})
+
+    def pages(params: dict[str, str]) -> list[list[str]]:
+        out = []
+        cursor = ""
+        while True:
+            page = queries.sessions_page(conn, queries.SessionQuery.parse(
+                {**params, "limit": "3", "cursor": cursor}))
+            out.append([s["id"] for s in page["sessions"]])
+            if not page["next"]:
+                return out
+            cursor = page["next"]
+
+    try:
+        for f in filters:
+            for sort in queries.SORTS:
+                for order in ("asc", "desc"):
+                    params = {**f, "sort": sort, "order": order}
+                    monkeypatch.setattr(queries, "SMALL_MATCH", 10**9)
+                    sorted_matches = pages(params)
+                    monkeypatch.setattr(queries, "SMALL_MATCH", 0)
+                    walked = pages(params)
+                    assert sorted_matches == walked, params
+        monkeypatch.setattr(queries, "COUNT_CAP", 2)
+        page = queries.sessions_page(conn, queries.SessionQuery.parse({"agent": "triage-agent"}))
+        assert (page["total"], page["total_exact"]) == (2, False)
+        page = queries.sessions_page(conn, queries.SessionQuery.parse({}))
+        assert (page["total"], page["total_exact"]) == (SESSIONS, True)
+    finally:
+        conn.close()
+
+
 def test_session_detail_is_its_hourly_rollup(fleet: Daemon) -> None:
     data = get_json(fleet, "/api/sessions/web-03")
     assert data["session"]["agent"] == "support-bot" and data["session"]["host"] == "build-1"
@@ -324,6 +487,10 @@ def test_overview_page_shows_the_database(fleet: Daemon, page: Any) -> None:
 
 
 def test_sessions_page_filters_sorts_and_opens_a_session(fleet: Daemon, page: Any) -> None:
+    # Locator assertions, not wait_for_function: a string predicate that is not true at once
+    # is polled through eval, which the page's Content-Security-Policy forbids.
+    from playwright.sync_api import expect
+
     page.goto(fleet.web_url + "/#/sessions")
     rows = page.locator("[data-testid=sessions-table] tbody tr")
     page.get_by_test_id("total").wait_for()
@@ -331,11 +498,11 @@ def test_sessions_page_filters_sorts_and_opens_a_session(fleet: Daemon, page: An
     page.locator("select[data-filter=agent]").select_option("triage-agent")
     codex = {r[0] for r in db(fleet, "SELECT id FROM collector_session_labels WHERE agent = "
                                      "'triage-agent'")}
-    page.wait_for_function(f"document.querySelectorAll('tbody tr').length === {len(codex)}")
+    expect(rows).to_have_count(len(codex), timeout=UI_TIMEOUT_MS)
     assert {rows.nth(i).get_attribute("data-session") for i in range(rows.count())} == codex
     assert page.get_by_test_id("total").inner_text() == f"{len(codex)} sessions"
     page.locator("th[data-sort=cost]").click()
-    page.wait_for_function("location.hash.includes('sort=cost')")
+    expect(page).to_have_url(re.compile("sort=cost"), timeout=UI_TIMEOUT_MS)
     page.wait_for_selector("th.sorted[data-sort=cost]")
     costs = dict(db(fleet, "SELECT id, cost_cents FROM agent_sessions"))
     shown = [rows.nth(i).get_attribute("data-session") for i in range(rows.count())]
@@ -352,6 +519,8 @@ def test_sessions_page_filters_sorts_and_opens_a_session(fleet: Daemon, page: An
 
 
 def test_the_page_follows_new_commits_without_a_reload(fleet: Daemon, page: Any) -> None:
+    from playwright.sync_api import expect
+
     page.goto(fleet.web_url + "/")
     spend = page.get_by_test_id("spend-today")
     spend.wait_for()
@@ -363,6 +532,5 @@ def test_the_page_follows_new_commits_without_a_reload(fleet: Daemon, page: Any)
                          "hour >= strftime('%Y-%m-%dT00:00:00.000Z', 'now')")[0]
     expected = format_usd(cents)
     assert expected != before
-    page.wait_for_function(
-        "t => document.querySelector('[data-testid=spend-today]').textContent === t", arg=expected)
+    expect(spend).to_have_text(expected, timeout=UI_TIMEOUT_MS)
     assert page.evaluate("window.__loaded") is True

@@ -20,6 +20,10 @@ Tables besides ``agent_sessions`` (whose columns are fixed by its readers):
 * ``collector_session_labels``: who spends, per session (agent, its version, user, host),
   each the latest value given with the end time of the span that gave it; kept apart because
   ``agent_sessions`` has fixed columns;
+* ``collector_usage_daily``: the rollup summed per (UTC day, model, agent), for the fleet
+  view's overview. Triggers keep it equal to the rollup grouped by the session's current agent
+  label in every statement that writes either (so in the flush transaction, whatever writes
+  them), including when a session's agent changes;
 * ``collector_held_usage``: usage whose span names no session, waiting for a span of its
   trace to name one (collector.accounting.traces); inserted in the transaction that records
   its key as accounted, and deleted in the one that adds it to its session;
@@ -138,6 +142,27 @@ CREATE INDEX IF NOT EXISTS collector_session_labels_user ON collector_session_la
 CREATE INDEX IF NOT EXISTS collector_session_labels_host ON collector_session_labels (host);
 CREATE INDEX IF NOT EXISTS collector_usage_hourly_session
     ON collector_usage_hourly (session_id, hour);
+-- The fleet view's sort orders, each with the id as tiebreak, so a page (and the page after a
+-- keyset cursor) is an index range, never a sort of every session.
+CREATE INDEX IF NOT EXISTS agent_sessions_created_at ON agent_sessions (created_at, id);
+CREATE INDEX IF NOT EXISTS agent_sessions_cost ON agent_sessions (cost_cents, id);
+CREATE INDEX IF NOT EXISTS agent_sessions_turns ON agent_sessions (turns, id);
+CREATE INDEX IF NOT EXISTS agent_sessions_tokens
+    ON agent_sessions ((prompt_tokens + completion_tokens), id);
+CREATE INDEX IF NOT EXISTS agent_sessions_model ON agent_sessions (model);
+CREATE TABLE IF NOT EXISTS collector_usage_daily (
+    day TEXT NOT NULL,
+    model TEXT NOT NULL,
+    agent TEXT NOT NULL,
+    turns INTEGER NOT NULL DEFAULT 0,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    reasoning_tokens INTEGER NOT NULL DEFAULT 0,
+    cache_read_tokens INTEGER NOT NULL DEFAULT 0,
+    cache_write_tokens INTEGER NOT NULL DEFAULT 0,
+    cost_cents REAL NOT NULL DEFAULT 0.0,
+    PRIMARY KEY (day, model, agent)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS collector_metric_series (
     series BLOB PRIMARY KEY,
     start_ns INTEGER NOT NULL,
@@ -169,6 +194,94 @@ LINKS_TABLE = "collector_trace_links"
 DEFAULT_RESOLVE_WINDOW_S = 600
 LABELS_TABLE = "collector_session_labels"
 HOURLY_TABLE = "collector_usage_hourly"
+DAILY_TABLE = "collector_usage_daily"
+_SUMS = ("turns", "prompt_tokens", "completion_tokens", "reasoning_tokens", "cache_read_tokens",
+         "cache_write_tokens", "cost_cents")
+
+
+def _add_daily(select: str) -> str:
+    """An upsert adding `select`'s rows (day, model, agent, then the sums) to the daily table."""
+    return (f"INSERT INTO {DAILY_TABLE} (day, model, agent, {', '.join(_SUMS)}) {select} "
+            "ON CONFLICT (day, model, agent) DO UPDATE SET "
+            + ", ".join(f"{c} = {c} + excluded.{c}" for c in _SUMS))
+
+
+def _row_sums(row: str, sign: str = "") -> str:
+    return ", ".join(f"{sign}{row}.{c}" for c in _SUMS)
+
+
+def _agent_of(session: str) -> str:
+    return f"coalesce((SELECT agent FROM {LABELS_TABLE} WHERE id = {session}), '')"
+
+
+def _move_session(session: str, old_agent: str, new_agent: str) -> str:
+    """Statements moving a session's rollup rows from one agent's daily rows to another's,
+    then dropping the rows left empty (their cost may keep float noise of ~1e-15 cents)."""
+    sums = ", ".join(f"{{sign}}sum({c})" for c in _SUMS)
+    source = (f"FROM {HOURLY_TABLE} WHERE session_id = {session} "
+              "GROUP BY substr(hour, 1, 10), model")
+    empty = " AND ".join(f"{c} = 0" for c in _SUMS[:-1])
+    return (
+        _add_daily(f"SELECT substr(hour, 1, 10), model, {old_agent}, "
+                   f"{sums.format(sign='-')} {source}") + ";\n"
+        + _add_daily(f"SELECT substr(hour, 1, 10), model, {new_agent}, "
+                     f"{sums.format(sign='')} {source}") + ";\n"
+        + f"DELETE FROM {DAILY_TABLE} WHERE agent = {old_agent} AND day >= coalesce(("
+          f"SELECT substr(min(hour), 1, 10) FROM {HOURLY_TABLE} WHERE session_id = {session}"
+          f"), '9') AND {empty} AND abs(cost_cents) < 1e-6;")
+
+
+# Rollup rows only ever get added to (their key never changes); the general cases are covered
+# anyway so that no statement can leave the daily table out of step.
+DAILY_TRIGGERS = (
+    f"""CREATE TRIGGER IF NOT EXISTS collector_daily_hourly_insert
+AFTER INSERT ON {HOURLY_TABLE} BEGIN
+{_add_daily(f"SELECT substr(new.hour, 1, 10), new.model, {_agent_of('new.session_id')}, "
+            f"{_row_sums('new')} WHERE true")};
+END""",
+    f"""CREATE TRIGGER IF NOT EXISTS collector_daily_hourly_update
+AFTER UPDATE ON {HOURLY_TABLE}
+WHEN new.hour = old.hour AND new.model = old.model AND new.session_id = old.session_id BEGIN
+{_add_daily(f"SELECT substr(new.hour, 1, 10), new.model, {_agent_of('new.session_id')}, "
+            + ", ".join(f"new.{c} - old.{c}" for c in _SUMS) + " WHERE true")};
+END""",
+    f"""CREATE TRIGGER IF NOT EXISTS collector_daily_hourly_rekey
+AFTER UPDATE ON {HOURLY_TABLE}
+WHEN new.hour != old.hour OR new.model != old.model OR new.session_id != old.session_id BEGIN
+{_add_daily(f"SELECT substr(old.hour, 1, 10), old.model, {_agent_of('old.session_id')}, "
+            f"{_row_sums('old', '-')} WHERE true")};
+{_add_daily(f"SELECT substr(new.hour, 1, 10), new.model, {_agent_of('new.session_id')}, "
+            f"{_row_sums('new')} WHERE true")};
+END""",
+    f"""CREATE TRIGGER IF NOT EXISTS collector_daily_hourly_delete
+AFTER DELETE ON {HOURLY_TABLE} BEGIN
+{_add_daily(f"SELECT substr(old.hour, 1, 10), old.model, {_agent_of('old.session_id')}, "
+            f"{_row_sums('old', '-')} WHERE true")};
+END""",
+    f"""CREATE TRIGGER IF NOT EXISTS collector_daily_agent_insert
+AFTER INSERT ON {LABELS_TABLE} WHEN coalesce(new.agent, '') != '' BEGIN
+{_move_session('new.id', "''", 'new.agent')}
+END""",
+    f"""CREATE TRIGGER IF NOT EXISTS collector_daily_agent_update
+AFTER UPDATE OF id, agent ON {LABELS_TABLE}
+WHEN coalesce(old.agent, '') != coalesce(new.agent, '') OR old.id != new.id BEGIN
+{_move_session('old.id', "coalesce(old.agent, '')", "''")}
+{_move_session('new.id', "''", "coalesce(new.agent, '')")}
+END""",
+    f"""CREATE TRIGGER IF NOT EXISTS collector_daily_agent_delete
+AFTER DELETE ON {LABELS_TABLE} WHEN coalesce(old.agent, '') != '' BEGIN
+{_move_session('old.id', 'old.agent', "''")}
+END""",
+)
+SCHEMA_SCRIPT = SCHEMA + ";\n".join(("", *DAILY_TRIGGERS, ""))
+"""The whole schema, triggers included, for `executescript` (benchmarks building files)."""
+
+# A database written before the daily table existed: filled once from the rollup.
+BACKFILL_DAILY = _add_daily(
+    "SELECT substr(h.hour, 1, 10) AS day, h.model, coalesce(l.agent, '') AS agent, "
+    + ", ".join(f"sum(h.{c})" for c in _SUMS)
+    + f" FROM {HOURLY_TABLE} AS h LEFT JOIN {LABELS_TABLE} AS l ON l.id = h.session_id "
+    "WHERE true GROUP BY day, h.model, agent")
 
 
 def _json_rows(columns: str, constants: dict[str, str] | None = None) -> str:
@@ -575,6 +688,9 @@ class SQLiteStore:
                 had_rollup = db.execute(
                     "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
                     (HOURLY_TABLE,)).fetchone()
+                had_daily = db.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                    (DAILY_TABLE,)).fetchone()
                 for statement in SCHEMA.split(";"):
                     if statement.strip():
                         db.execute(statement)
@@ -582,6 +698,10 @@ class SQLiteStore:
                     backfilled = db.execute(BACKFILL_HOURLY).rowcount
                     if backfilled > 0:
                         log.info("hourly rollup created from %d existing sessions", backfilled)
+                if not had_daily:  # before the triggers exist, so nothing is added twice
+                    db.execute(BACKFILL_DAILY)
+                for trigger in DAILY_TRIGGERS:
+                    db.execute(trigger)
                 for name, table in ((SEEN_CURRENT_COUNT, "collector_seen_current"),
                                     (SEEN_PREVIOUS_COUNT, "collector_seen_previous")):
                     db.execute(INIT_SEEN_COUNT.format(table=table), (name,))

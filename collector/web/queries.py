@@ -5,9 +5,11 @@ values, so the numbers the page shows are tested against the database without a 
 Sums come from the same tables the reports read (`collector_usage_hourly` for anything over
 time, `agent_sessions` for a session's totals), so the page and `collector report` agree.
 
-Every query is bounded for a fleet of 100,000 sessions and a million turns: time windows read a
-key range of the rollup, the sessions table pages by keyset on an index or a bounded top-N,
-and a session's hours come from the rollup's session index.
+Every query is bounded for a fleet of 100,000 sessions and a million turns: the overview reads
+the daily table (`collector_usage_daily`, the rollup per UTC day, model and agent, kept equal to
+it by triggers) and the last two hours of the rollup; the sessions table pages by keyset on an
+index per sort order, or, when the filters match few sessions, sorts just those; counts beyond
+COUNT_CAP are not counted; and a session's hours come from the rollup's session index.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from collector.report import NO_MODEL_LABEL, format_usd
-from collector.store.sqlite import HOURLY_TABLE, LABELS_TABLE
+from collector.store.sqlite import DAILY_TABLE, HOURLY_TABLE, LABELS_TABLE
 
 DAY = dt.timedelta(days=1)
 HOUR = dt.timedelta(hours=1)
@@ -36,8 +38,16 @@ MAX_PAGE = 500
 STATUSES = ("active", "completed", "failed", "cancelled", "unknown")
 LABEL_COLUMNS = {"agent": "l.agent", "user": "l.user_name", "host": "l.host"}
 
-# Sort keys of the sessions table -> SQL expression. last_active_at walks its index; the others
-# are a top-N over the filtered rows (a bounded sort, about 30 ms over 100,000 sessions).
+# A filtered count reads at most this many sessions of its leading index; beyond, the total
+# is a lower bound ("at least"): counting every match of a broad filter costs a row each.
+COUNT_CAP = 10_000
+# Filters matching at most this many sessions are read through their own index and sorted
+# (a bounded sort); broader ones walk the sort order's index and skip non-matching rows,
+# which finds a page after about limit * sessions / matches rows.
+SMALL_MATCH = 2_000
+
+# Sort keys of the sessions table -> SQL expression; each has an index (expr, id), or is
+# last_active_at's index (ties, rare outside benchmarks, are sorted by id within the index walk).
 SORTS = {
     "last_active_at": "s.last_active_at",
     "created_at": "s.created_at",
@@ -92,7 +102,6 @@ def overview(conn: sqlite3.Connection, now: dt.datetime) -> dict[str, Any]:
     and the sessions active now. Days are UTC days, as `collector report daily` draws them."""
     today = now.astimezone(dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     first_day = today - (SERIES_DAYS - 1) * DAY
-    lo = iso_hour(first_day)
     days = [(first_day + i * DAY).date().isoformat() for i in range(SERIES_DAYS)]
     day_index = {d: i for i, d in enumerate(days)}
 
@@ -103,19 +112,13 @@ def overview(conn: sqlite3.Connection, now: dt.datetime) -> dict[str, Any]:
                      for name, n in SPEND_WINDOWS.items()}
     tokens = {"turns": 0, "input_tokens": 0, "cache_read_tokens": 0, "cache_write_tokens": 0,
               "output_tokens": 0, "reasoning_tokens": 0}
-    # One pass over the window's slice of the rollup (its key starts with the hour), summed
-    # per (day, model, agent) inside SQLite; the labels are one primary-key lookup per row.
+    # The window's slice of the daily table: at most days x models x agents rows.
     rows = conn.execute(
-        f"SELECT substr(h.hour, 1, 10) AS day, h.model, coalesce(l.agent, '') AS agent, "
-        f"sum(h.turns), sum(h.prompt_tokens), sum(h.completion_tokens), "
-        f"sum(h.reasoning_tokens), sum(h.cache_read_tokens), sum(h.cache_write_tokens), "
-        f"sum(h.cost_cents) FROM {HOURLY_TABLE} AS h "
-        f"LEFT JOIN {LABELS_TABLE} AS l ON l.id = h.session_id "
-        f"WHERE h.hour >= ? GROUP BY day, h.model, agent", (lo,))
+        f"SELECT day, model, agent, turns, prompt_tokens, completion_tokens, reasoning_tokens, "
+        f"cache_read_tokens, cache_write_tokens, cost_cents FROM {DAILY_TABLE} "
+        f"WHERE day >= ? AND day <= ?", (days[0], days[-1]))
     for day, model, agent, turns, prompt, completion, reasoning, c_read, c_write, cents in rows:
-        i = day_index.get(day)
-        if i is None:  # usage stamped in the future (a skewed clock): not in the window
-            continue
+        i = day_index[day]
         by_model.setdefault(model, [0.0] * SERIES_DAYS)[i] += cents
         by_agent.setdefault(agent, [0.0] * SERIES_DAYS)[i] += cents
         for name, start in window_starts.items():
@@ -139,8 +142,10 @@ def overview(conn: sqlite3.Connection, now: dt.datetime) -> dict[str, Any]:
                     + tokens["cache_write_tokens"])
     active_count = conn.execute(
         "SELECT count(*) FROM agent_sessions WHERE status = 'active'").fetchone()[0]
+    # Active sessions are the recently active ones (the stale sweep ends the others): walk
+    # the last_active_at index from the newest instead of sorting every active session.
     active = [_session(r) for r in conn.execute(
-        f"SELECT {SESSION_COLUMNS} FROM {SESSION_FROM} WHERE s.status = 'active' "
+        f"SELECT {SESSION_COLUMNS} FROM {SESSION_FROM} WHERE +s.status = 'active' "
         "ORDER BY s.last_active_at DESC, s.id LIMIT ?", (ACTIVE_SHOWN,))]
     return {
         "now": now.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
@@ -217,23 +222,34 @@ class SessionQuery:
                    model=text("model"), search=text("q"), sort=sort,
                    descending=order == "desc", cursor=cursor, limit=limit)
 
-    def where(self) -> tuple[list[str], list[Any]]:
-        clauses: list[str] = []
-        params: list[Any] = []
+    def conditions(self) -> list[tuple[str, list[Any]]]:
+        """Each filter as (SQL condition, its parameters); each has an index to lead with."""
+        out: list[tuple[str, list[Any]]] = []
         if self.status is not None:
-            clauses.append("s.status = ?")
-            params.append(self.status)
+            out.append(("s.status = ?", [self.status]))
         for name, column in LABEL_COLUMNS.items():
             value = getattr(self, name)
             if value is not None:
-                clauses.append(f"{column} = ?")
-                params.append(value)
+                out.append((f"{column} = ?", [value]))
         if self.model is not None:
-            clauses.append("s.model = ?")
-            params.append("" if self.model == NO_MODEL_LABEL else self.model)
+            out.append(("s.model = ?", ["" if self.model == NO_MODEL_LABEL else self.model]))
         if self.search is not None:
-            clauses.append("instr(s.id, ?) > 0")
-            params.append(self.search)
+            # A prefix of the id, as an index range (UTF-8 sorts as code points).
+            last = ord(self.search[-1])
+            if last < 0x10FFFF:
+                out.append(("s.id >= ? AND s.id < ?",
+                            [self.search, self.search[:-1] + chr(last + 1)]))
+            else:
+                out.append(("s.id >= ? AND substr(s.id, 1, ?) = ?",
+                            [self.search, len(self.search), self.search]))
+        return out
+
+    def where(self) -> tuple[list[str], list[Any]]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        for clause, values in self.conditions():
+            clauses.append(clause)
+            params += values
         return clauses, params
 
 
@@ -251,32 +267,88 @@ def decode_cursor(raw: str) -> tuple[Any, str]:
     return value, session_id
 
 
+def _no_index(clause: str) -> str:
+    """The same condition, written so SQLite cannot lead with its index (a unary + on each
+    column), so that the index chosen here leads instead."""
+    return " AND ".join("+" + part for part in clause.split(" AND "))
+
+
+def _candidates(conn: sqlite3.Connection, clause: str, params: list[Any]) -> int:
+    """Sessions one filter's index holds, counted up to COUNT_CAP + 1 (an index-only read)."""
+    table = (f"{LABELS_TABLE} AS l" if clause.startswith("l.") else "agent_sessions AS s")
+    return int(conn.execute(f"SELECT count(*) FROM (SELECT 1 FROM {table} WHERE {clause} "
+                            "LIMIT ?)", [*params, COUNT_CAP + 1]).fetchone()[0])
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    total: int  # matching sessions, or a lower bound when not exact
+    exact: bool
+    clauses: list[str]  # the filters, all but the leading one written without their index
+    params: list[Any]
+    lead: str | None  # the filter to read through its index, None: walk the order's index
+
+
+def _plan(conn: sqlite3.Connection, query: SessionQuery) -> _Plan:
+    """Count the matches and choose the leading index: SQLite has no statistics on a
+    read-only file, so it cannot tell a filter matching 80 sessions from one matching 20,000.
+
+    The most selective filter (fewest sessions in its index, counted up to COUNT_CAP) leads.
+    With at most COUNT_CAP candidates the count is exact; beyond, the matches among the first
+    COUNT_CAP candidates are a lower bound. A page is then the few matches sorted (exact and
+    at most SMALL_MATCH), or a walk of the sort order's index skipping non-matches."""
+    conditions = query.conditions()
+    if not conditions:
+        n = int(conn.execute("SELECT count(*) FROM agent_sessions").fetchone()[0])
+        return _Plan(n, True, [], [], None)
+    sizes = [_candidates(conn, clause, params) for clause, params in conditions]
+    lead = min(range(len(conditions)), key=sizes.__getitem__)
+    clauses = [c if i == lead else _no_index(c) for i, (c, _) in enumerate(conditions)]
+    params = [v for _, values in conditions for v in values]
+    if len(conditions) == 1:
+        total = sizes[0]
+    else:
+        total = int(conn.execute(
+            f"SELECT count(*) FROM (SELECT 1 FROM {SESSION_FROM} WHERE {' AND '.join(clauses)} "
+            "LIMIT ?)", [*params, COUNT_CAP + 1]).fetchone()[0])
+    exact = sizes[lead] <= COUNT_CAP
+    total = min(total, COUNT_CAP)
+    if exact and total <= SMALL_MATCH:
+        return _Plan(total, True, clauses, params, conditions[lead][0])
+    return _Plan(total, exact, [_no_index(c) for c, _ in conditions], params, None)
+
+
 def sessions_page(conn: sqlite3.Connection, query: SessionQuery) -> dict[str, Any]:
     """One page of sessions in the query's order, the cursor of the next page (keyset: the
     page after a row is found by its sort value and id, never by an offset) and the count of
-    all sessions matching the filters."""
-    clauses, params = query.where()
-    count = conn.execute(f"SELECT count(*) FROM {SESSION_FROM}"
-                         + (" WHERE " + " AND ".join(clauses) if clauses else ""),
-                         params).fetchone()[0]
+    the sessions matching the filters (`total`, exact when `total_exact`, else a lower bound).
+
+    Which index leads is chosen here, not left to SQLite's guess: filters matching few
+    sessions are read through their own index and those rows sorted; otherwise the sort
+    order's index is walked from the cursor and rows not matching are skipped."""
+    plan = _plan(conn, query)
+    clauses, params = plan.clauses, plan.params
     expr = SORTS[query.sort]
     direction = "DESC" if query.descending else "ASC"
-    page_clauses = list(clauses)
-    page_params = list(params)
+    order = f"{expr} {direction}, s.id {direction}"
+    if plan.lead is not None:
+        order = f"+{expr} {direction}, +s.id {direction}"  # sort the few matches
     if query.cursor is not None:
         value, last_id = query.cursor
         op = "<" if query.descending else ">"
-        page_clauses.append(f"({expr} {op} ? OR ({expr} = ? AND s.id {op} ?))")
-        page_params += [value, value, last_id]
+        # A row-value range: one index range on (expr, id).
+        clauses = [*clauses, f"({expr}, s.id) {op} (?, ?)"]
+        params = [*params, value, last_id]
     sql = f"SELECT {SESSION_COLUMNS}, {expr} AS sort_value FROM {SESSION_FROM}"
-    if page_clauses:
-        sql += " WHERE " + " AND ".join(page_clauses)
-    sql += f" ORDER BY {expr} {direction}, s.id {direction} LIMIT ?"
-    rows = conn.execute(sql, [*page_params, query.limit + 1]).fetchall()
+    if clauses:
+        sql += " WHERE " + " AND ".join(clauses)
+    sql += f" ORDER BY {order} LIMIT ?"
+    rows = conn.execute(sql, [*params, query.limit + 1]).fetchall()
     more = len(rows) > query.limit
     rows = rows[:query.limit]
     next_cursor = encode_cursor(rows[-1][-1], rows[-1][0]) if more and rows else None
-    return {"sessions": [_session(r[:-1]) for r in rows], "next": next_cursor, "total": count}
+    return {"sessions": [_session(r[:-1]) for r in rows], "next": next_cursor,
+            "total": plan.total, "total_exact": plan.exact}
 
 
 def all_sessions(conn: sqlite3.Connection, query: SessionQuery) -> Iterator[dict[str, Any]]:
@@ -311,18 +383,23 @@ def session_detail(conn: sqlite3.Connection, session_id: str) -> dict[str, Any] 
     return {"session": _session(row), "hours": hours}
 
 
+def _distinct(conn: sqlite3.Connection, table: str, column: str) -> list[str]:
+    """A column's distinct values in order, one index seek each (a loose index scan), so the
+    cost grows with the values, not with the sessions."""
+    sql = (f"WITH RECURSIVE v(x) AS (SELECT min({column}) FROM {table} UNION ALL "
+           f"SELECT (SELECT min({column}) FROM {table} WHERE {column} > v.x) FROM v "
+           "WHERE v.x IS NOT NULL) SELECT x FROM v WHERE x IS NOT NULL")
+    return [str(r[0]) for r in conn.execute(sql)]
+
+
 def filter_values(conn: sqlite3.Connection) -> dict[str, list[str]]:
     """The values the table's filters offer (each read from an index)."""
-    def distinct(sql: str) -> list[str]:
-        return [str(r[0]) for r in conn.execute(sql) if r[0] is not None]
-
     return {
         "status": list(STATUSES),
-        "agent": distinct(f"SELECT DISTINCT agent FROM {LABELS_TABLE} ORDER BY agent"),
-        "user": distinct(f"SELECT DISTINCT user_name FROM {LABELS_TABLE} ORDER BY user_name"),
-        "host": distinct(f"SELECT DISTINCT host FROM {LABELS_TABLE} ORDER BY host"),
-        "model": [m or NO_MODEL_LABEL for m in distinct(
-            "SELECT DISTINCT model FROM agent_sessions ORDER BY model")],
+        "agent": _distinct(conn, LABELS_TABLE, "agent"),
+        "user": _distinct(conn, LABELS_TABLE, "user_name"),
+        "host": _distinct(conn, LABELS_TABLE, "host"),
+        "model": [m or NO_MODEL_LABEL for m in _distinct(conn, "agent_sessions", "model")],
     }
 
 

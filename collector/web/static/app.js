@@ -186,7 +186,8 @@ async function sessions() {
         setHash("#/sessions", next);
       },
     }, "← newer"),
-    el("span", { "data-testid": "total", class: "muted" }, int(page.total) + " sessions"),
+    el("span", { "data-testid": "total", class: "muted" },
+      (page.total_exact ? "" : "at least ") + int(page.total) + " sessions"),
     el("button", {
       "data-testid": "next", disabled: !page.next,
       onclick: () => {

@@ -32,7 +32,9 @@ DEFAULT_POSTGRES_COMMIT_TIMEOUT_S = 4
 MAX_PASSWORD_FILE_BYTES = 4096
 # flush.interval_ms: the most a batch may wait for more requests before its commit starts.
 # 0: commit as soon as the writer is free (group commit: requests arriving during a commit
-# form the next one), so an idle collector answers after one commit. A larger value trades
+# form the next one), so an idle collector answers after one commit; only the pipeline's
+# adaptive wait (collector.pipeline.ADAPTIVE_GATHER_COMMITS) holds a batch back, for requests
+# that were in flight around the last commit and are expected back. A larger value trades
 # answer latency for fewer, larger commits (fewer fsyncs: worth it on a slow disk). Before
 # group commit this key was a fixed flush period (200 ms by default); such configs keep working,
 # with each batch then waiting at most that long.

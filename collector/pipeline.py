@@ -13,10 +13,15 @@ lost and nothing is counted twice.
 
 Group commit: a batch is committed as soon as the writer is free, so an idle collector answers
 after one commit, and the requests that arrive while a commit runs form the next batch (batches
-grow with load by themselves). `flush_interval_s` is the most a batch may wait for more
-requests before its commit starts (0: none); a full batch (EARLY_FLUSH_SPANS or
-EARLY_FLUSH_SESSIONS) and shutdown never wait. Nothing wakes the loop while idle but new data,
-shutdown and the stale sweep's own timer.
+grow with load by themselves). `flush_interval_s`, when not 0, is a fixed gathering time: a
+batch waits that long after its first request before its commit starts. With 0 (the default)
+there is no fixed wait, only the adaptive one: when the writer becomes free with fewer requests
+waiting than were waiting around the last commit, the batch waits for that many, at most one
+commit's duration (ADAPTIVE_GATHER_COMMITS, MAX_ADAPTIVE_GATHER_S). Without it, closed-loop
+exporters split into two groups that alternate on the writer, each commit paying for nearly
+every session at half the batch; with it they stay one group. One request in flight never
+waits. A full batch (EARLY_FLUSH_SPANS or EARLY_FLUSH_SESSIONS) and shutdown never wait.
+Nothing wakes the loop while idle but new data, shutdown and the stale sweep's own timer.
 
 Lifecycle: `start` returns at once; `begin_shutdown` refuses new exports; `shutdown` commits
 everything accepted and is safe to call even if `start` never ran.
@@ -63,6 +68,17 @@ EARLY_FLUSH_SESSIONS = 8192
 # waits for it. Big enough that a commit's fixed costs (a transaction, an fsync) stay small
 # per span.
 EARLY_FLUSH_SPANS = 16384
+# The adaptive wait (flush_interval_s = 0): a batch holding fewer requests than were waiting
+# around the last commit waits for the rest at most this many times the last commit's
+# duration, counted from when the writer became free. One commit's duration: a request's
+# answer then takes at most about twice as long as without the wait, and the wait pays for
+# itself whenever the requests it gathers would otherwise need a commit of their own (a commit
+# costs per session touched, and requests of one fleet touch mostly the same sessions).
+ADAPTIVE_GATHER_COMMITS = 1.0
+# And never longer than this, whatever one slow commit (a WAL checkpoint, a stalled disk) took:
+# the flush period the collector had before group commit, so no answer waits longer to gather
+# than it did then.
+MAX_ADAPTIVE_GATHER_S = 0.2
 # While usage is held waiting for its session, a flush runs at least this often (resolve
 # window / 10, within these bounds) to resolve what waited a whole window, even when idle.
 MIN_RESOLVE_CHECK_S = 0.5
@@ -162,12 +178,14 @@ class Pipeline:
         stale_after_s: float,
         max_items_per_request: int = 10_000,
         clock: Callable[[], int] = time.time_ns,
+        monotonic: Callable[[], float] = time.monotonic,
         on_flush: Callable[[float, int], None] | None = None,
         resolve_window_s: float = 600.0,
     ) -> None:
         """`max_items_per_request` bounds the spans, log records or data points of one request
         (config: limits.max_spans_per_request). `on_flush(seconds, rows)` is called after each
-        committed flush (for the metrics)."""
+        committed flush (for the metrics). `monotonic` times gathering and commits (tests
+        make a commit look as long as they need)."""
         self._store = store
         self._options = options
         self._interval = flush_interval_s
@@ -181,6 +199,7 @@ class Pipeline:
             min(max(resolve_window_s / 10, MIN_RESOLVE_CHECK_S), MAX_RESOLVE_CHECK_S) * 1e9)
         self._next_resolve_ns = 0
         self._clock = clock
+        self._monotonic = monotonic
         self._on_flush = on_flush
         self.stats = Stats(held_now=getattr(store, "held_now", 0))
         self._pending = Batch()
@@ -191,6 +210,13 @@ class Pipeline:
         self._wake = asyncio.Event()
         self._closed = asyncio.Event()  # shutdown began: cuts a failure backoff short
         self._gathering_since = 0.0  # monotonic time the pending batch got its first span
+        # The adaptive wait's inputs: requests waiting for the pending batch's commit; requests
+        # that were waiting around the last commit (in it, or arriving during it); when the
+        # writer last became free, and how long that commit took.
+        self._waiting = 0
+        self._concurrency = 0
+        self._writer_free_at = 0.0
+        self._last_commit_s = 0.0
         self.wakeups = 0  # times the flush loop woke up (tests: no wake-ups while idle)
         self._task: asyncio.Task[None] | None = None
         self._failing_since: float | None = None
@@ -296,14 +322,18 @@ class Pipeline:
         if result.records or result.cumulative or result.held or result.links:
             pending = self._pending
             if not pending:
-                self._gathering_since = time.monotonic()
+                self._gathering_since = self._monotonic()
                 self._wake.set()
             pending.add(result.records)
             pending.cumulative.extend(result.cumulative)
             if result.held or result.links:
                 pending.hold(result.held, result.links)
-            if self._interval and self._full(pending):
-                self._wake.set()
+            self._waiting += 1
+            if self._interval:
+                if self._full(pending):
+                    self._wake.set()
+            elif self._waiting == self._concurrency:
+                self._wake.set()  # the group is complete: end an adaptive wait
             ticket = self._current_ticket()
             log.debug("request with %d usage records waiting for commit",
                       len(result.records) + len(result.cumulative) + len(result.held))
@@ -369,7 +399,7 @@ class Pipeline:
         is due, or shutdown began. Sleeps without a timeout's wake-ups while idle, except at
         the sweep's time."""
         while not self._closing:
-            wait = self.next_commit_in(time.monotonic(), self._clock())
+            wait = self.next_commit_in(self._monotonic(), self._clock())
             if wait <= 0:
                 return
             # No await between the check above and this clear: nothing can slip in between.
@@ -379,18 +409,25 @@ class Pipeline:
             self.wakeups += 1
 
     def next_commit_in(self, now_s: float, now_ns: int) -> float:
-        """Seconds until the next commit is due at monotonic `now_s`, wall clock `now_ns`: 0
-        for a pending batch done gathering, else the earlier of its gathering's end and the
-        stale sweep (or, while usage is held, the next look for held usage whose window ended)."""
+        """Seconds until the next commit is due at monotonic `now_s`, wall clock `now_ns`, once
+        the writer is free: 0 for a pending batch done gathering, else the earlier of its
+        gathering's end and the stale sweep (or, while usage is held, the next look for held
+        usage whose window ended)."""
         sweep_in = (self._next_sweep_ns - now_ns) / 1e9
         if self._store.held_now:
             sweep_in = min(sweep_in, (self._next_resolve_ns - now_ns) / 1e9)
         pending = self._pending
         if not pending:
             return max(sweep_in, 0.0)
-        if not self._interval or self._full(pending):
+        if self._full(pending):
             return 0.0
-        return max(min(self._gathering_since + self._interval - now_s, sweep_in), 0.0)
+        if self._interval:
+            return max(min(self._gathering_since + self._interval - now_s, sweep_in), 0.0)
+        if self._waiting >= self._concurrency:
+            return 0.0
+        gather = min(self._last_commit_s * ADAPTIVE_GATHER_COMMITS, MAX_ADAPTIVE_GATHER_S)
+        since = max(self._gathering_since, self._writer_free_at)
+        return max(min(since + gather - now_s, sweep_in), 0.0)
 
     @staticmethod
     def _full(batch: Batch) -> bool:
@@ -406,8 +443,9 @@ class Pipeline:
             return True
         batch, ticket = self._pending, self._ticket
         self._pending, self._ticket = Batch(), None
+        committing, self._waiting = self._waiting, 0
         self._in_flush = len(batch)
-        started = time.monotonic()
+        started = self._monotonic()
         try:
             result, applied = await self._store.commit(batch, now_ns=now,
                                                        sweep_before_ns=sweep_before)
@@ -417,6 +455,7 @@ class Pipeline:
             batch.absorb(self._pending)
             self._pending = batch
             self._gathering_since = 0.0  # it has gathered already: due once the backoff ends
+            self._concurrency = 0  # its requests were answered: wait for none of them
             self._note_failure(exc, len(batch))
             if ticket is not None:
                 ticket.set_exception(ExportError(
@@ -439,7 +478,12 @@ class Pipeline:
         if sweep_before is not None:
             self._next_sweep_ns = now + self._sweep_every_ns
         self._next_resolve_ns = now + self._resolve_every_ns
-        self._note_success(result, applied, time.monotonic() - started)
+        self._writer_free_at = self._monotonic()
+        self._last_commit_s = self._writer_free_at - started
+        # Requests in this commit come back soon when their exporters run a closed loop;
+        # those that arrived during it are waiting already.
+        self._concurrency = committing + self._waiting
+        self._note_success(result, applied, self._last_commit_s)
         if ticket is not None:
             ticket.set_result(result)
         return True

@@ -49,15 +49,30 @@ async def make(tmp_path: Path, **kwargs: Any) -> tuple[SQLiteStore, Pipeline]:
     return store, pipeline
 
 
+class Monotonic:
+    """A monotonic clock that moves only when told: a pipeline's gathering and commit
+    durations as the test wants them, whatever the machine's speed."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class Commits:
     """Wraps the real store's commit: records each batch (spans, sessions) it is handed, and
-    while `hold` is clear keeps a commit of spans from starting until it is set."""
+    while `hold` is clear keeps a commit of spans from starting until it is set. With a
+    `clock`, every commit of spans takes `takes` seconds by that clock."""
 
-    def __init__(self, store: SQLiteStore) -> None:
+    def __init__(self, store: SQLiteStore, clock: Monotonic | None = None,
+                 takes: float = 0.0) -> None:
         self.batches: list[tuple[int, frozenset[str]]] = []
         self.started = asyncio.Event()
         self.hold = asyncio.Event()
         self.hold.set()
+        self._clock = clock
+        self._takes = takes
         self._commit: Callable[..., Awaitable[Any]] = store.commit
         store.commit = self.commit  # type: ignore[method-assign]
 
@@ -66,6 +81,8 @@ class Commits:
             self.batches.append((len(batch), frozenset(batch.sessions)))
             self.started.set()
             await self.hold.wait()
+            if self._clock is not None:
+                self._clock.now += self._takes
         return await self._commit(batch, **kwargs)
 
 
@@ -203,13 +220,160 @@ async def test_requests_arriving_during_a_commit_are_committed_together_next(
         await asyncio.sleep(0)
     assert not first.done() and not any(task.done() for task in later)
     assert pipeline.pending_spans == 4  # a in the commit, b, c and d waiting for the next
-    # The writer is busy, so they wait for it; once it is free they are due at once.
+    # The writer is busy, so they wait for it. No requests were waiting around the last
+    # commit (the start's sweep), so nothing says more are coming: no adaptive wait is due.
+    # (Once a's commit ends, four were waiting around it: b, c and d then wait for a to come
+    # back, at most one commit's duration, and a does not come back here.)
     assert pipeline.next_commit_in(time.monotonic(), time.time_ns()) == 0
     commits.hold.set()
     await asyncio.wait_for(asyncio.gather(first, *later), 60)
     assert commits.batches == [(1, frozenset({"a"})), (3, frozenset({"b", "c", "d"}))]
     rows = read_rows(store.path)
     assert {name: rows[name]["turns"] for name in "abcd"} == dict.fromkeys("abcd", 1)
+    await pipeline.shutdown()
+    await store.close()
+
+
+async def settle(condition: Callable[[], bool]) -> None:
+    """Give the event loop turns until `condition` holds (it must, within 1,000 turns)."""
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("the pipeline did not get there")
+
+
+async def test_closed_loop_exporters_stay_one_group_instead_of_alternating_halves(
+        tmp_path: Path) -> None:
+    """Four exporters, each sending its next request once the last is answered. The first
+    commit holds one request and the other three arrive during it: without the adaptive wait
+    the three would be committed next, while the first exporter's next request waits for a
+    third commit, and the two groups would alternate from then on. With it, the writer, once
+    free, waits for the first exporter to come back (by this test's clock the commit took an
+    hour and the clock stands still, so nothing but the group's completion can end the wait),
+    and every later commit holds all four exporters' requests."""
+    clock = Monotonic()
+    kwargs: dict[str, Any] = {"flush_interval_s": 0, "monotonic": clock}
+    flushed = flush_event(kwargs)
+    store, pipeline = await make(tmp_path, **kwargs)
+    commits = Commits(store, clock, takes=3600)
+    await pipeline.start()
+    await asyncio.wait_for(flushed.wait(), 60)  # the first sweep, at start
+    rounds = 4
+
+    async def exporter(name: str) -> None:
+        for i in range(rounds):  # span ids unique across exporters: 1-4, 11-14, ...
+            await pipeline.export(Signal.TRACES, request(name, 10 * "abcd".index(name) + i + 1))
+
+    commits.hold.clear()
+    first = asyncio.create_task(exporter("a"))
+    await asyncio.wait_for(commits.started.wait(), 60)  # a's first commit begun, and held
+    others = [asyncio.create_task(exporter(name)) for name in "bcd"]
+    await settle(lambda: pipeline.pending_sessions == 3)
+    commits.hold.set()
+    await asyncio.wait_for(first, 60)
+    assert commits.batches == [(1, frozenset("a"))] + [(4, frozenset("abcd"))] * (rounds - 1)
+    # a is done; b, c and d's last requests wait for it in vain, until shutdown.
+    await settle(lambda: pipeline.pending_sessions == 3)
+    assert not any(task.done() for task in others)
+    await pipeline.shutdown()
+    await asyncio.wait_for(asyncio.gather(*others), 60)
+    assert commits.batches[rounds:] == [(3, frozenset("bcd"))]
+    rows = read_rows(store.path)
+    assert {name: rows[name]["turns"] for name in "abcd"} == dict.fromkeys("abcd", rounds)
+    await store.close()
+
+
+async def test_one_request_in_flight_never_waits_to_gather(tmp_path: Path) -> None:
+    """One exporter, one request at a time, every commit taking an hour by a clock that then
+    stands still: were any commit to wait for a second request, it would wait forever. Each
+    request wakes the loop once and is committed on its own."""
+    clock = Monotonic()
+    kwargs: dict[str, Any] = {"flush_interval_s": 0, "monotonic": clock}
+    flushed = flush_event(kwargs)
+    store, pipeline = await make(tmp_path, **kwargs)
+    commits = Commits(store, clock, takes=3600)
+    await pipeline.start()
+    await asyncio.wait_for(flushed.wait(), 60)
+    for i in range(5):
+        wakeups = pipeline.wakeups
+        await asyncio.wait_for(pipeline.export(Signal.TRACES, request("solo", i + 1)), 60)
+        assert pipeline.wakeups == wakeups + 1
+    assert commits.batches == [(1, frozenset({"solo"}))] * 5
+    assert read_rows(store.path)["solo"]["turns"] == 5
+    await pipeline.shutdown()
+    await store.close()
+
+
+@pytest.mark.parametrize("commit_s", [0.05, 3600])
+async def test_an_adaptive_wait_lasts_at_most_one_commit_and_shutdown_cuts_it(
+        tmp_path: Path, commit_s: float) -> None:
+    """Three requests were waiting around the last commit, but only one comes back: its batch
+    waits for the others at most the last commit's duration (and never more than
+    MAX_ADAPTIVE_GATHER_S), counted from when the writer became free; the clock standing
+    still, it is still waiting when shutdown begins, which commits it at once."""
+    from collector.pipeline import ADAPTIVE_GATHER_COMMITS, MAX_ADAPTIVE_GATHER_S
+
+    clock = Monotonic()
+    kwargs: dict[str, Any] = {"flush_interval_s": 0, "monotonic": clock}
+    flushed = flush_event(kwargs)
+    store, pipeline = await make(tmp_path, **kwargs)
+    commits = Commits(store, clock, takes=commit_s)
+    await pipeline.start()
+    await asyncio.wait_for(flushed.wait(), 60)
+    commits.hold.clear()
+    first = asyncio.create_task(pipeline.export(Signal.TRACES, request("a")))
+    await asyncio.wait_for(commits.started.wait(), 60)
+    later = [asyncio.create_task(pipeline.export(Signal.TRACES, request(name, span_id)))
+             for span_id, name in ((2, "b"), (3, "c"))]
+    await settle(lambda: pipeline.pending_sessions == 2)
+    commits.hold.set()
+    await asyncio.wait_for(first, 60)
+    # b and c wait for a, which comes back: the three go together.
+    await pipeline.export(Signal.TRACES, request("a", 4))
+    await asyncio.wait_for(asyncio.gather(*later), 60)
+    assert commits.batches == [(1, frozenset("a")), (3, frozenset("abc"))]
+    free_at = clock.now
+    # Three were waiting around that commit; one comes back.
+    back = asyncio.create_task(pipeline.export(Signal.TRACES, request("a", 5)))
+    await settle(lambda: pipeline.pending_sessions == 1)
+    bound = min(commit_s * ADAPTIVE_GATHER_COMMITS, MAX_ADAPTIVE_GATHER_S)
+    assert pipeline.next_commit_in(free_at, time.time_ns()) == pytest.approx(bound)
+    assert pipeline.next_commit_in(free_at + bound, time.time_ns()) == 0
+    for _ in range(100):  # the loop gets its turns; by its clock the wait has not ended
+        await asyncio.sleep(0)
+    assert len(commits.batches) == 2 and not back.done()
+    await pipeline.shutdown()
+    await asyncio.wait_for(back, 60)
+    assert commits.batches[2:] == [(1, frozenset("a"))]
+    assert read_rows(store.path)["a"]["turns"] == 3
+    await store.close()
+
+
+async def test_an_adaptive_wait_ends_when_its_time_is_up(tmp_path: Path) -> None:
+    """b arrives while a's commit runs; a does not come back. Once the clock has moved past
+    the bound, the loop commits b alone when its timer fires, without any other request or
+    shutdown."""
+    from collector.pipeline import MAX_ADAPTIVE_GATHER_S
+
+    clock = Monotonic()
+    kwargs: dict[str, Any] = {"flush_interval_s": 0, "monotonic": clock}
+    flushed = flush_event(kwargs)
+    store, pipeline = await make(tmp_path, **kwargs)
+    commits = Commits(store, clock, takes=3600)
+    await pipeline.start()
+    await asyncio.wait_for(flushed.wait(), 60)
+    commits.hold.clear()
+    first = asyncio.create_task(pipeline.export(Signal.TRACES, request("a")))
+    await asyncio.wait_for(commits.started.wait(), 60)
+    second = asyncio.create_task(pipeline.export(Signal.TRACES, request("b", 2)))
+    await settle(lambda: pipeline.pending_sessions == 1)
+    commits.hold.set()
+    await asyncio.wait_for(first, 60)
+    assert not second.done()
+    clock.now += MAX_ADAPTIVE_GATHER_S
+    await asyncio.wait_for(second, 60)
+    assert commits.batches == [(1, frozenset("a")), (1, frozenset("b"))]
     await pipeline.shutdown()
     await store.close()
 

@@ -253,3 +253,32 @@ async def test_who_spends_is_stored_beside_the_session_latest_value_wins(
     conn.close()
     assert rows == [("s", "a-new", "1", "u1", "h2")]
     assert len(columns) == 13
+
+
+async def test_plain_and_full_session_rows_follow_the_same_latest_value_rules(
+        store: SQLiteStore) -> None:
+    """A session whose spans set only a model, times and sums goes through the narrower
+    statements (UPSERT_SESSION_PLAIN, UPSERT_MARKS_PLAIN); one whose spans set a status goes
+    through the full ones. Mixed in one flush and across flushes, a later span's value wins
+    and an older one's never does, whichever statement carried either."""
+    await store.commit(batch(rec(1, "x", t=T0 + 5 * SECOND, model="m-new", status="completed"),
+                             rec(2, "y", model="m1"),
+                             rec(3, "z", model="m1")), now_ns=T0)
+    # x: an older plain span keeps neither its model nor a status; y: a full row after plain.
+    await store.commit(batch(rec(4, "x", t=T0 + SECOND, model="m-old"),
+                             rec(5, "y", t=T0 + 2 * SECOND, model="m2", status="failed")),
+                       now_ns=T0)
+    # z goes silent and is swept; an older plain span does not revive it, a later one does.
+    await store.commit(batch(), now_ns=T0, sweep_before_ns=T0 + 3 * SECOND)
+    await store.commit(batch(rec(6, "z", t=T0 - SECOND, model="m0")), now_ns=T0)
+    assert read_rows(store.path)["z"]["status"] == "unknown"
+    await store.commit(batch(rec(7, "z", t=T0 + 4 * SECOND, model="m3")), now_ns=T0)
+    rows = read_rows(store.path)
+    got = {k: (v["model"], v["status"], v["kind"], v["channel"], v["turns"], v["created_at"])
+           for k, v in rows.items()}
+    assert got == {
+        "x": ("m-new", "completed", "interactive", "cli", 2, "2026-01-01T00:00:01.000Z"),
+        "y": ("m2", "failed", "interactive", "cli", 2, "2026-01-01T00:00:00.000Z"),
+        "z": ("m3", "active", "interactive", "cli", 3, "2025-12-31T23:59:59.000Z"),
+    }
+    assert rows["x"]["last_active_at"] == "2026-01-01T00:00:05.001Z"

@@ -46,7 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from collector.accounting.aggregate import Batch
+from collector.accounting.aggregate import Batch, HourDelta, SessionDelta
 from collector.signals.metrics import CumulativePoint
 from collector.signals.traces import KEY_BYTES, TRACE_ID_BYTES
 from collector.store.base import (
@@ -75,7 +75,9 @@ from collector.store.base import (
     hold_and_resolve,
     iso_utc,
     links_kept_since,
+    mark_params,
     resolve_cumulative,
+    session_params,
 )
 from collector.store.base import schema_problem as _schema_problem
 
@@ -283,14 +285,24 @@ BACKFILL_DAILY = _add_daily(
     "WHERE true GROUP BY day, h.model, agent")
 
 
-def _json_rows(columns: str) -> str:
+def _json_rows(columns: str, constants: dict[str, str] | None = None) -> str:
     """A batch's rows arrive as one JSON array of arrays, bound as one parameter and split
     inside SQLite: the statement is one step, so the writer thread takes the GIL once per
     statement instead of once per row. With the export path holding the GIL most of the time,
     per-row hand-offs made a flush of 1,000 sessions take 4x longer under load than idle.
-    JSON carries integers and doubles exactly (17 significant digits round-trip)."""
+    JSON carries integers and doubles exactly (17 significant digits round-trip).
+
+    `constants`: columns the rows do not carry, as SQL literals. Each `json_extract` parses
+    its whole row, and SQLite repeats it wherever the statement names the column, so the
+    splitting grows with columns times row length: most of an upsert's time in SQLite. Rows
+    that leave most columns at one value are sent without them."""
     names = [name.strip() for name in columns.split(",")]
-    return ", ".join(f"json_extract(value, '$[{i}]') AS {name}" for i, name in enumerate(names))
+    constants = constants or {}
+    carried = [name for name in names if name not in constants]
+    index = {name: i for i, name in enumerate(carried)}
+    return ", ".join(f"{constants[name]} AS {name}" if name in constants
+                     else f"json_extract(value, '$[{index[name]}]') AS {name}"
+                     for name in names)
 
 
 # `hour` is the start of the UTC hour in agent_sessions' time format. The key is (hour, model,
@@ -370,9 +382,21 @@ def _latest(column: str, default: str, mark: str | None = None) -> str:
             f"THEN b.{column} ELSE s.{column} END")
 
 
-# The whole new row is computed from the batch (b), the stored row (s) and the session's marks
-# (m) read before this flush updates them; the conflict clause then takes it as it is.
-UPSERT_SESSION = f"""
+SESSION_ROW = ("id, kind, kind_ns, status, status_ns, channel, channel_ns, model, model_ns, "
+               "created_at, last_active_at, turns, prompt_tokens, completion_tokens, "
+               "reasoning_tokens, cost_cents, goal_text, goal_text_ns")
+# What nearly every span sets of a session: its model, times and sums, not its kind, status,
+# channel or goal. Such sessions' rows leave those out (10 columns of 18; session_params).
+PLAIN_CONSTANTS = {"kind": "NULL", "kind_ns": "-1", "status": "NULL", "status_ns": "-1",
+                   "channel": "NULL", "channel_ns": "-1", "goal_text": "NULL",
+                   "goal_text_ns": "-1"}
+
+
+def _upsert_session(constants: dict[str, str] | None = None) -> str:
+    """The whole new row is computed from the batch (b), the stored row (s) and the session's
+    marks (m) read before this flush updates them; the conflict clause then takes it as it
+    is."""
+    return f"""
 INSERT INTO agent_sessions (id, kind, status, channel, model, created_at, last_active_at, turns,
     prompt_tokens, completion_tokens, reasoning_tokens, cost_cents, goal_text)
 SELECT b.id,
@@ -392,10 +416,7 @@ SELECT b.id,
     coalesce(s.reasoning_tokens, 0) + b.reasoning_tokens,
     coalesce(s.cost_cents, 0.0) + b.cost_cents,
     {_latest("goal_text", "NULL", mark="goal_ns")}
-FROM (SELECT {_json_rows("id, kind, kind_ns, status, status_ns, channel, channel_ns, model, "
-                         "model_ns, created_at, last_active_at, turns, prompt_tokens, "
-                         "completion_tokens, reasoning_tokens, cost_cents, goal_text, "
-                         "goal_text_ns")} FROM json_each(?1)) AS b
+FROM (SELECT {_json_rows(SESSION_ROW, constants)} FROM json_each(?1)) AS b
 LEFT JOIN agent_sessions AS s ON s.id = b.id
 LEFT JOIN collector_session_marks AS m ON m.id = b.id
 WHERE true
@@ -408,10 +429,16 @@ ON CONFLICT (id) DO UPDATE SET
     goal_text = excluded.goal_text
 """
 
-UPSERT_MARKS = f"""
+
+UPSERT_SESSION = _upsert_session()
+UPSERT_SESSION_PLAIN = _upsert_session(PLAIN_CONSTANTS)
+MARKS_ROW = "id, model_ns, kind_ns, status_ns, channel_ns, goal_ns"
+
+
+def _upsert_marks(constants: dict[str, str] | None = None) -> str:
+    return f"""
 INSERT INTO collector_session_marks (id, model_ns, kind_ns, status_ns, channel_ns, goal_ns)
-SELECT * FROM (SELECT {_json_rows("id, model_ns, kind_ns, status_ns, channel_ns, goal_ns")}
-               FROM json_each(?1))
+SELECT * FROM (SELECT {_json_rows(MARKS_ROW, constants)} FROM json_each(?1))
 WHERE true
 ON CONFLICT (id) DO UPDATE SET
     model_ns = max(model_ns, excluded.model_ns),
@@ -420,6 +447,12 @@ ON CONFLICT (id) DO UPDATE SET
     channel_ns = max(channel_ns, excluded.channel_ns),
     goal_ns = max(goal_ns, excluded.goal_ns)
 """
+
+
+UPSERT_MARKS = _upsert_marks()
+# A plain session's marks: only its model's moves.
+UPSERT_MARKS_PLAIN = _upsert_marks({"kind_ns": "-1", "status_ns": "-1", "channel_ns": "-1",
+                                    "goal_ns": "-1"})
 
 UPSERT_LABELS = f"""
 INSERT INTO collector_session_labels (id, agent, agent_ns, agent_version, agent_version_ns,
@@ -476,6 +509,47 @@ def _execute_rows(db: sqlite3.Connection, sql: str, rows: Iterable[tuple[Any, ..
     rows = iter(rows)
     while chunk := list(itertools.islice(rows, ROWS_PER_STATEMENT)):
         db.execute(sql, (_json_dumps(chunk),))
+
+
+def is_plain(d: SessionDelta) -> bool:
+    """Whether the batch sets nothing of the session but its model, times and sums."""
+    return d.kind is None and d.status is None and d.channel is None and d.goal is None
+
+
+def plain_session_params(d: SessionDelta, t: HourDelta) -> tuple[Any, ...]:
+    """A plain session's row (UPSERT_SESSION_PLAIN): SESSION_ROW without PLAIN_CONSTANTS."""
+    return (d.session_id, d.model, d.model_ns, iso_utc(d.created_ns), iso_utc(d.last_ns),
+            t.turns, t.prompt_tokens, t.completion_tokens, t.reasoning_tokens, t.cost_cents)
+
+
+def write_sessions(db: sqlite3.Connection, applied: Batch,
+                   execute: Callable[[sqlite3.Connection, str, Iterable[tuple[Any, ...]]],
+                                     None] | None = None) -> int:
+    """Upsert the batch's tables in BATCH_WRITES order; the sessions written.
+
+    Plain sessions (most of them: spans setting a model, times and sums) go through the
+    narrower session and marks statements. Every session upsert runs before any marks upsert:
+    each reads the marks as they were before this flush. `execute` is _execute_rows unless a
+    profiler wraps it."""
+    run = execute or _execute_rows
+    deltas = list(applied.sessions.values())
+    if not deltas:
+        return 0
+    totals = applied.totals()
+    plain = [d for d in deltas if is_plain(d)]
+    full = [d for d in deltas if not is_plain(d)] if len(plain) < len(deltas) else []
+    for write in BATCH_WRITES:
+        if write.table == "agent_sessions":
+            run(db, UPSERT_SESSION_PLAIN,
+                (plain_session_params(d, totals[d.session_id]) for d in plain))
+            run(db, UPSERT_SESSION, (session_params(d, totals[d.session_id]) for d in full))
+        elif write.table == "collector_session_marks":
+            run(db, UPSERT_MARKS_PLAIN,
+                ((d.session_id, d.model_ns) for d in plain if d.model_ns >= 0))
+            run(db, UPSERT_MARKS, (mark_params(d) for d in full))
+        else:
+            run(db, BATCH_STATEMENTS[write.table], write.rows(applied))
+    return len(deltas)
 
 
 def prepare_file(path: Path) -> None:
@@ -623,9 +697,7 @@ class SQLiteStore:
             traced = None
             if applied.held or applied.links or self.held_now or _held_count(db):
                 applied, traced = _with_traces(db, applied, now_ns, self._resolve_window_ns)
-            if applied.sessions:
-                for write in BATCH_WRITES:
-                    _execute_rows(db, BATCH_STATEMENTS[write.table], write.rows(applied))
+            write_sessions(db, applied)
             swept = 0
             if sweep_before_ns is not None:
                 swept = max(db.execute(SWEEP_STALE, (iso_utc(sweep_before_ns),)).rowcount, 0)

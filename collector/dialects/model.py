@@ -35,7 +35,8 @@ ATTRIBUTES = (
     "session_id", "model", *COUNTS, "cost_usd", "request_id", "prompt_id", "user",
 )
 # What one metric point can add: a token count or the cost in USD.
-METRIC_FIELDS = (*COUNTS, "cost_usd")
+COST_USD = "cost_usd"
+METRIC_FIELDS = (*COUNTS, COST_USD)
 # The attribute holding a log record's event name (besides its event_name field and body).
 EVENT_NAME = "event.name"
 # Who spends, besides the dialect's user attribute: the resource's agent, its version, host.
@@ -116,6 +117,11 @@ class Dialect:
     # Whether one call may arrive on several signals: only then is a request id its identity
     # (otherwise the record's own key serves, and it does not depend on the session).
     shared_calls: bool = dc_field(init=False, compare=False, repr=False, default=False)
+    # Whether one turn may arrive on several signals: then the span context (else the prompt
+    # id) is its identity, not the record's bytes.
+    shared_turns: bool = dc_field(init=False, compare=False, repr=False, default=False)
+    # Whether a metric carries the cost: then token points are not priced (metric source).
+    metric_cost: bool = dc_field(init=False, compare=False, repr=False, default=False)
 
     def __post_init__(self) -> None:
         names = {name for role in self.attributes.values() for name in role}
@@ -123,6 +129,9 @@ class Dialect:
         names.update(LABEL_ATTRIBUTES)
         object.__setattr__(self, "read_attributes", frozenset(names))
         object.__setattr__(self, "shared_calls", len({c.signal for c in self.calls}) > 1)
+        object.__setattr__(self, "shared_turns", len({t.signal for t in self.turns}) > 1)
+        object.__setattr__(self, "metric_cost", any(
+            r.fixed == COST_USD or COST_USD in r.types.values() for r in self.metrics.values()))
 
     def names_for(self, role: str) -> tuple[str, ...]:
         return self.attributes.get(role, ())

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from collector.dialects.model import METRICS, Dialect, MetricRule
+from collector.dialects.model import COST_USD, METRICS, Dialect, MetricRule
 from collector.signals import values
-from collector.signals.logs import service_name
 from collector.signals.records import (
     CENTS_PER_USD,
     NO_TIME_PREFIX,
@@ -30,15 +29,15 @@ from collector.signals.records import (
     content_key,
     digest,
     labels_of,
-    lookup,
+    model_of,
     session_of,
     usage,
 )
+from collector.signals.scan import service_name
 from collector.signals.traces import MappingOptions, MappingResult, SpanUsage
 
 DELTA = 1  # AggregationTemporality values of the OTLP metrics protocol
 CUMULATIVE = 2
-COST = "cost_usd"
 
 
 class Unit(NamedTuple):
@@ -128,14 +127,11 @@ def _map_point(dialect: Dialect, rule: MetricRule, kind: str, temporality: int, 
         raw: Any = point.sum
     else:
         raw = point.as_int if point.WhichOneof("value") == "as_int" else point.as_double
-    is_cost = field == COST
+    is_cost = field == COST_USD
     amount: float = values.cost_usd(raw, name, ref) if is_cost else float(
         values.count(raw, name, ref))
-    model_value = values.text(lookup(dialect, record, "model"))
-    model = values.bounded(model_value, "model", ref, options.max_attribute_value_bytes) or None
-    has_cost_metric = any(r.fixed == COST or COST in r.types.values()
-                          for r in dialect.metrics.values())
-    unit = unit_of(dialect, field, model or "", options, priced=not has_cost_metric)
+    model = model_of(dialect, record, options)
+    unit = unit_of(dialect, field, model or "", options, priced=not dialect.metric_cost)
     labels = labels_of(dialect, record, options)
     if temporality == CUMULATIVE:
         series = NO_TIME_PREFIX + digest(
@@ -158,7 +154,7 @@ def _key(item: tuple[str, Any]) -> str:
 def unit_of(dialect: Dialect, field: str, model: str, options: MappingOptions, *,
             priced: bool) -> Unit:
     """What one unit of `field` adds under the dialect's cache and reasoning semantics."""
-    if field == COST:
+    if field == COST_USD:
         return Unit(0, 0, 0, 0, 0, CENTS_PER_USD, True)
     rates = options.pricer.rates_for(model) if priced and model else None
     known = rates is not None or not priced

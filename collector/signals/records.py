@@ -184,8 +184,7 @@ def labels_of(dialect: Dialect, record: Record, options: MappingOptions) -> Labe
     limit = options.max_attribute_value_bytes
 
     def label(value: Any, name: str) -> str | None:
-        return values.bounded(values.text(value), name, record.ref, limit) or None \
-            if value is not None else None
+        return values.bounded_text(value, name, record.ref, limit)
 
     def attribute(name: str) -> Any:
         value = record.attributes.get(name)
@@ -233,7 +232,7 @@ def _hold(dialect: Dialect, record: Record, role: str, options: MappingOptions, 
             return
         usage = _call(dialect, record, UNRESOLVED, options, now_ns)
     else:
-        if len({s.signal for s in dialect.turns}) > 1 and not any(record.span_id):
+        if dialect.shared_turns and not any(record.span_id):
             return
         usage = _turn(dialect, record, UNRESOLVED, options, now_ns)
     if usage is not None:
@@ -258,18 +257,15 @@ def _times(record: Record, now_ns: int) -> tuple[int, int]:
     return start, end
 
 
-def _model(dialect: Dialect, record: Record, options: MappingOptions) -> str | None:
-    value = lookup(dialect, record, "model")
-    if value is None:
-        return None
-    model = values.text(value)
-    return values.bounded(model, "model", record.ref, options.max_attribute_value_bytes) or None
+def model_of(dialect: Dialect, record: Record, options: MappingOptions) -> str | None:
+    return values.bounded_text(lookup(dialect, record, "model"), "model", record.ref,
+                               options.max_attribute_value_bytes)
 
 
 def _turn(dialect: Dialect, record: Record, session: str, options: MappingOptions,
           now_ns: int) -> SpanUsage:
     key: bytes | None = None
-    if len({s.signal for s in dialect.turns}) > 1:
+    if dialect.shared_turns:
         # Reported on several signals: the span context they share, else the prompt id.
         if len(record.trace_id) == 16 and len(record.span_id) == 8 and any(record.span_id):
             key = NO_TIME_PREFIX + digest("turn-context", record.trace_id, record.span_id)
@@ -279,7 +275,7 @@ def _turn(dialect: Dialect, record: Record, session: str, options: MappingOption
                 key = NO_TIME_PREFIX + digest("turn-prompt", dialect.name, session, prompt)
     start, end = _times(record, now_ns)
     return usage(key or content_key(record), session, start, end, turns=1,
-                 model=_model(dialect, record, options),
+                 model=model_of(dialect, record, options),
                  labels=labels_of(dialect, record, options))
 
 
@@ -298,7 +294,7 @@ def _call(dialect: Dialect, record: Record, session: str, options: MappingOption
     cost_found = lookup_named(dialect, record, "cost_usd")
     if not counts and cost_found is None:
         return None  # e.g. Codex's response.completed event without its usage
-    model = _model(dialect, record, options)
+    model = model_of(dialect, record, options)
     prompt, completion, reasoning, cache_read, cache_write, uncached = tokens(
         dialect, counts.get("input", 0), counts.get("output", 0), counts.get("reasoning", 0),
         counts.get("cache_read", 0), counts.get("cache_write", 0))

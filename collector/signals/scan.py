@@ -125,6 +125,16 @@ class Scanner:
         return slots, len(attributes), deep_key
 
 
+def service_name(attributes: Any) -> str:
+    """A resource's service.name without decoding its other attributes (what recognises an
+    agent's dialect, per resource, on every signal)."""
+    for kv in attributes:
+        if kv.key == "service.name":
+            text: str = kv.value.string_value
+            return text
+    return ""
+
+
 def any_value(value: Any) -> Any:
     which = value.WhichOneof("value")
     if which is None:

@@ -86,6 +86,12 @@ def bounded(value: str, name: str, ref: str, limit: int) -> str:
     return value
 
 
+def bounded_text(value: Any, name: str, ref: str, limit: int) -> str | None:
+    """A stored text value from an attribute (text or an integer id): None when absent, empty
+    or of another type; longer than the byte limit rejects the record."""
+    return bounded(text(value), name, ref, limit) or None
+
+
 def session_id(value: str, ref: str, max_length: int) -> str:
     """A session id as stored; too long or with control characters rejects the record."""
     if len(value) > max_length:

@@ -345,3 +345,30 @@ def test_vercel_ai_sdk_call_without_a_session_waits_for_its_trace() -> None:
     (held,) = result.held
     assert (held.usage.prompt_tokens, held.parent_id) == (900, b"\x01" * 8)
     assert held.usage.key[8:] == bytes(range(1, 17)) + b"\x02" * 8
+
+
+def test_each_dialect_reads_its_own_attributes_of_a_shared_resource() -> None:
+    """Two agents' scopes under one resource: each dialect finds the resource attributes it
+    names (Claude Code's user is user.id, Gemini CLI's installation.id)."""
+    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
+        ExportLogsServiceRequest,
+    )
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+
+    def kv(key: str, value: str) -> KeyValue:
+        return KeyValue(key=key, value=AnyValue(string_value=value))
+
+    request = ExportLogsServiceRequest()
+    rl = request.resource_logs.add()
+    rl.resource.attributes.extend([kv("service.name", "wrapper"), kv("user.id", "u-9"),
+                                   kv("installation.id", "inst-1")])
+    for scope, event, session in (("com.anthropic.claude_code.events",
+                                   "claude_code.user_prompt", "s-claude"),
+                                  ("gemini-cli", "gemini_cli.user_prompt", "s-gemini")):
+        sl = rl.scope_logs.add()
+        sl.scope.name = scope
+        sl.log_records.add(time_unix_nano=T0, body=AnyValue(string_value=event),
+                           attributes=[kv("session.id", session)])
+    result = map_signal(Signal.LOGS, request, OPTIONS, T0)
+    assert {r.session_id: r.user for r in result.records} == {"s-claude": "u-9",
+                                                             "s-gemini": "inst-1"}

@@ -13,19 +13,9 @@ from typing import Any
 
 from collector.dialects.model import EVENT_NAME, LOGS
 from collector.signals.records import Record, attributes_of, map_record
+from collector.signals.scan import service_name
 from collector.signals.traces import MappingOptions, MappingResult
 from collector.signals.values import InvalidRecord
-
-SERVICE_NAME = "service.name"
-
-
-def service_name(attributes: Any) -> str:
-    """The resource's service.name without decoding its other attributes."""
-    for kv in attributes:
-        if kv.key == SERVICE_NAME:
-            text: str = kv.value.string_value
-            return text
-    return ""
 
 
 def map_logs_request(request: Any, options: MappingOptions, now_ns: int) -> MappingResult:
@@ -34,7 +24,8 @@ def map_logs_request(request: Any, options: MappingOptions, now_ns: int) -> Mapp
     dialects = options.dialects
     for rl in request.resource_logs:
         service = service_name(rl.resource.attributes)
-        resource: dict[str, Any] | None = None
+        # Decoded once per dialect: each reads its own attributes of the resource.
+        resources: dict[str, dict[str, Any]] = {}
         for sl in rl.scope_logs:
             n = len(sl.log_records)
             result.spans += n
@@ -43,10 +34,11 @@ def map_logs_request(request: Any, options: MappingOptions, now_ns: int) -> Mapp
                                           for s in dialect.calls + dialect.turns):
                 result.ignored += n
                 continue
+            resource = resources.get(dialect.name)
             if resource is None:
                 try:
-                    resource = attributes_of(rl.resource.attributes, options, "resource",
-                                             dialect.read_attributes)
+                    resource = resources[dialect.name] = attributes_of(
+                        rl.resource.attributes, options, "resource", dialect.read_attributes)
                 except InvalidRecord as exc:
                     for _ in range(n):
                         result.reject(str(exc))

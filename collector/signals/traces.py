@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 from collector.accounting.pricing import Pricer
 from collector.dialects import DialectSet, effective_dialects
 from collector.signals import values
-from collector.signals.scan import Scanner, SpanScan
+from collector.signals.scan import Scanner, SpanScan, service_name
 from collector.signals.values import (
     MAX_ERROR_MESSAGES,
     MAX_TIME_NS,
@@ -331,11 +331,7 @@ def map_request(request: Any, options: MappingOptions, now_ns: int,
 def _dialect_scopes(resource_spans: Any, dialects: DialectSet) -> list[Any] | None:
     """Per scope of the resource, the dialect that reads it; None when none does (the common
     case, decided from the service name and scope names alone)."""
-    service = ""
-    for kv in resource_spans.resource.attributes:
-        if kv.key == "service.name":
-            service = kv.value.string_value
-            break
+    service = service_name(resource_spans.resource.attributes)
     found = [dialects.find(service, ss.scope.name) for ss in resource_spans.scope_spans]
     return found if any(d is not None for d in found) else None
 
@@ -347,7 +343,8 @@ def _map_dialect_scopes(resource_spans: Any, scopes: list[Any], spans: list[Span
     others (same resource, other instrumentation) through the generic mapping."""
     from collector.signals import records as dialect_records  # it builds on this module
 
-    resource: dict[str, Any] | None = None
+    # Decoded once per dialect: each reads its own attributes of the resource.
+    resources: dict[str, dict[str, Any]] = {}
     offset = 0
     for dialect, ss in zip(scopes, resource_spans.scope_spans, strict=True):
         scanned = spans[offset:offset + len(ss.spans)]
@@ -363,8 +360,9 @@ def _map_dialect_scopes(resource_spans: Any, scopes: list[Any], spans: list[Span
                                          options, now_ns, result)
                         continue
                 else:
+                    resource = resources.get(dialect.name)
                     if resource is None:
-                        resource = dialect_records.attributes_of(
+                        resource = resources[dialect.name] = dialect_records.attributes_of(
                             resource_spans.resource.attributes, options, "resource",
                             dialect.read_attributes)
                     ref = f"span {_ref(span.span_id)}"
@@ -650,12 +648,7 @@ def _label(value: Any, slot: int, who: str, limit: int) -> str | None:
     """A who-spends value: text or an integer id; None when empty or of another type. Longer
     than the byte limit rejects the span (all of the resource's, for a resource's value), as a
     long model does."""
-    text = _text(value)
-    if not text:
-        return None
-    if len(text) > limit or (not text.isascii() and len(text.encode()) > limit):
-        raise InvalidSpan(f"{who}: {SLOT_NAMES[slot]} is longer than {limit} bytes")
-    return text
+    return values.bounded_text(value, SLOT_NAMES[slot], who, limit)
 
 
 def _check_session_id(session_id: str, span_id: bytes, max_length: int) -> None:

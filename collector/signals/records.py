@@ -39,15 +39,14 @@ from collector.signals import values
 from collector.signals.scan import EMPTY, NESTED, any_value, nesting_depth
 from collector.signals.traces import (
     KEY_BYTES,
-    NO_SUCH_SPAN,
     SPAN_ID_BYTES,
     TRACE_ID_BYTES,
     UNRESOLVED,
-    HeldUsage,
     MappingOptions,
     MappingResult,
     SpanUsage,
     TraceLink,
+    stored_parent,
 )
 
 _pack_time = struct.Struct(">Q").pack
@@ -211,10 +210,8 @@ def map_record(dialect: Dialect, record: Record, options: MappingOptions, now_ns
         return None
     if spans:
         # A span naming a session names it for its trace's spans that do not.
-        parent = record.parent_id
         result.links.append(TraceLink(record.trace_id, record.span_id,
-                                      parent if len(parent) in (0, SPAN_ID_BYTES)
-                                      else NO_SUCH_SPAN, session))
+                                      stored_parent(record.parent_id), session))
     if role == CALL:
         return _call(dialect, record, session, options, now_ns)
     return _turn(dialect, record, session, options, now_ns)
@@ -236,12 +233,7 @@ def _hold(dialect: Dialect, record: Record, role: str, options: MappingOptions, 
             return
         usage = _turn(dialect, record, UNRESOLVED, options, now_ns)
     if usage is not None:
-        parent = record.parent_id
-        if parent and len(parent) != SPAN_ID_BYTES:
-            parent = NO_SUCH_SPAN
-        result.held.append(HeldUsage(usage, record.trace_id, record.span_id, parent))
-        if not usage.priced:
-            result.unpriced += 1
+        result.hold(usage, record.trace_id, record.span_id, record.parent_id)
 
 
 def _times(record: Record, now_ns: int) -> tuple[int, int]:

@@ -162,6 +162,12 @@ UNRESOLVED = "\x00unresolved"
 NO_SUCH_SPAN = bytes(SPAN_ID_BYTES)
 
 
+def stored_parent(parent_id: bytes) -> bytes:
+    """A parent span id as held and linked: empty for a root, NO_SUCH_SPAN when malformed (its
+    ancestors cannot be found)."""
+    return parent_id if len(parent_id) in (0, SPAN_ID_BYTES) else NO_SUCH_SPAN
+
+
 class HeldUsage(NamedTuple):
     """Usage whose span names no session: it waits, on disk, for a span of its trace to name
     one. `usage.session_id` is UNRESOLVED; the chain to its ancestors starts at `parent_id`
@@ -242,6 +248,13 @@ class MappingResult:
             self.records.append(record)
             if not record.priced:
                 self.unpriced += 1
+
+    def hold(self, usage: SpanUsage, trace_id: bytes, span_id: bytes, parent_id: bytes) -> None:
+        """Keep usage whose span names no session until its trace names one."""
+        self.held.append(HeldUsage(usage._replace(session_id=UNRESOLVED), trace_id, span_id,
+                                   stored_parent(parent_id)))
+        if not usage.priced:
+            self.unpriced += 1
 
     def reject(self, message: str) -> None:
         self.rejected += 1
@@ -574,8 +587,7 @@ def _without_session(span: SpanScan, parent_id: bytes,
     (it names none), else a trace link when it can help resolve another span, else ignored.
     Raises InvalidSpan as map_span does."""
     v, trace_id, span_id = span[0], span[1], span[2]
-    if parent_id and len(parent_id) != SPAN_ID_BYTES:
-        parent_id = NO_SUCH_SPAN  # a broken parent id: its ancestors cannot be found
+    parent_id = stored_parent(parent_id)
     ids_valid = len(trace_id) == TRACE_ID_BYTES and len(span_id) == SPAN_ID_BYTES
     named = v[_first(v, SESSION_SLOTS)]  # map_span applied the resource's values already
     session = _text(named) if named is not None else ""
@@ -601,10 +613,7 @@ def _without_session(span: SpanScan, parent_id: bytes,
             result.links.append(TraceLink(trace_id, span_id, parent_id, None))
         result.ignored += 1
         return
-    result.held.append(HeldUsage(usage._replace(session_id=UNRESOLVED), trace_id, span_id,
-                                 parent_id))
-    if not usage.priced:
-        result.unpriced += 1
+    result.hold(usage, trace_id, span_id, parent_id)
 
 
 def _first(values: list[Any], group: tuple[int, ...]) -> int:

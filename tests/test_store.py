@@ -1,4 +1,6 @@
-"""The SQLite store on a real file: whole-or-nothing commits, exactly-once ids, schema rules."""
+"""The SQLite store on a real file: whole-or-nothing commits, exactly-once ids, schema rules.
+The rules every backend shares are also in tests/test_store_contract.py, which runs on SQLite
+too; the tests that were the same there were dropped here."""
 
 from __future__ import annotations
 
@@ -51,24 +53,6 @@ async def test_file_is_owner_only_in_wal_mode(store: SQLiteStore) -> None:
     assert {"agent_sessions_status", "agent_sessions_last_active_at"} <= indexes
 
 
-async def test_commit_adds_to_what_is_stored(store: SQLiteStore) -> None:
-    result, _ = await store.commit(batch(rec(1), rec(2, "other")), now_ns=T0)
-    assert (result.spans, result.sessions, result.duplicates) == (2, 2, 0)
-    await store.commit(batch(rec(3, t=T0 + SECOND)), now_ns=T0)
-    row = read_rows(store.path)["s"]
-    assert (row["turns"], row["prompt_tokens"], row["completion_tokens"]) == (2, 20, 4)
-    assert (row["reasoning_tokens"], row["cost_cents"]) == (2, 1.0)
-    assert row["last_active_at"] == "2026-01-01T00:00:01.001Z"
-
-
-async def test_ids_already_accounted_are_skipped_exactly(store: SQLiteStore) -> None:
-    await store.commit(batch(rec(1), rec(2)), now_ns=T0)
-    result, applied = await store.commit(batch(rec(2), rec(3), rec(1), rec(4)), now_ns=T0)
-    assert (result.spans, result.duplicates) == (2, 2)
-    assert {r.key for r in applied.records} == {(3).to_bytes(32, "big"), (4).to_bytes(32, "big")}
-    assert read_rows(store.path)["s"]["turns"] == 4
-
-
 async def test_a_second_store_on_the_same_file_shares_the_dedupe(store: SQLiteStore,
                                                                   tmp_path: Path) -> None:
     await store.commit(batch(rec(1)), now_ns=T0)
@@ -80,18 +64,6 @@ async def test_a_second_store_on_the_same_file_shares_the_dedupe(store: SQLiteSt
         await other.close()
     assert (result.spans, result.duplicates) == (1, 1)
     assert read_rows(store.path)["s"]["turns"] == 2
-
-
-async def test_dedupe_window_rotates_after_the_retention(store: SQLiteStore) -> None:
-    await store.commit(batch(rec(1)), now_ns=T0)
-    # One retention later, id 1 moves to the previous generation: still remembered.
-    await store.commit(batch(rec(2)), now_ns=T0 + 100 * SECOND)
-    result, _ = await store.commit(batch(rec(1)), now_ns=T0 + 150 * SECOND)
-    assert result.duplicates == 1
-    # Two retentions later it is forgotten, as documented.
-    await store.commit(batch(), now_ns=T0 + 200 * SECOND)
-    result, _ = await store.commit(batch(rec(1)), now_ns=T0 + 201 * SECOND)
-    assert (result.spans, result.duplicates) == (1, 0)
 
 
 async def test_a_locked_database_commits_nothing_and_the_retry_commits_once(

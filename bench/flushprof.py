@@ -49,21 +49,25 @@ def main() -> int:
         yield
         seconds[name] += time.perf_counter() - started
 
-    names = {store.UPSERT_SESSION_PLAIN: "sessions (plain)", store.UPSERT_SESSION: "sessions",
-             store.UPSERT_MARKS_PLAIN: "marks (plain)", store.UPSERT_MARKS: "marks",
-             store.UPSERT_LABELS: "labels", store.UPSERT_HOURLY: "hourly"}
+    names = {id(store.UPSERT_SESSION_PLAIN): "sessions (plain)",
+             id(store.UPSERT_SESSION): "sessions",
+             id(store.UPSERT_MARKS_PLAIN): "marks (plain)", id(store.UPSERT_MARKS): "marks",
+             id(store.UPSERT_LABELS): "labels", id(store.UPSERT_HOURLY): "hourly",
+             id(store.UPSERT_SESSION_PLAIN_REST): "sessions (plain, rest)",
+             id(store.UPSERT_SESSION_REST): "sessions (rest)",
+             id(store.UPSERT_LABELS_REST): "labels (rest)"}
 
-    def execute(db: sqlite3.Connection, sql: str, rows: Iterable[tuple[Any, ...]]) -> None:
-        """store._execute_rows, with its three parts timed apart."""
-        name = names[sql]
+    def execute(db: sqlite3.Connection, statement: store.RowsStatement,
+                rows: Iterable[tuple[Any, ...]]) -> int:
+        """RowsStatement.run, with its three parts timed apart."""
+        name = names[id(statement)]
         with stage(f"{name}: params"):
             built = list(rows)
-        with stage(f"{name}: JSON encode"):
-            chunks = [store._json_dumps(built[i:i + store.ROWS_PER_STATEMENT])
-                      for i in range(0, len(built), store.ROWS_PER_STATEMENT)]
+        with stage(f"{name}: bind"):
+            chunks = [statement.bind(built[i:i + store.MAX_ROWS_PER_STATEMENT])
+                      for i in range(0, len(built), store.MAX_ROWS_PER_STATEMENT)]
         with stage(f"{name}: SQLite"):
-            for chunk in chunks:
-                db.execute(sql, (chunk,))
+            return sum(db.execute(sql, params).rowcount for sql, params in chunks)
 
     spans = 0
     sessions = 0

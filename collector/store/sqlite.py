@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
 import os
 import sqlite3
@@ -285,24 +284,77 @@ BACKFILL_DAILY = _add_daily(
     "WHERE true GROUP BY day, h.model, agent")
 
 
-def _json_rows(columns: str, constants: dict[str, str] | None = None) -> str:
-    """A batch's rows arrive as one JSON array of arrays, bound as one parameter and split
-    inside SQLite: the statement is one step, so the writer thread takes the GIL once per
-    statement instead of once per row. With the export path holding the GIL most of the time,
-    per-row hand-offs made a flush of 1,000 sessions take 4x longer under load than idle.
-    JSON carries integers and doubles exactly (17 significant digits round-trip).
+BATCH_ROWS = "__batch_rows__"
+"""Where a RowsStatement's template reads the batch's rows, as a subquery."""
+BATCH_WITH = "__batch_with__"
+"""Where a RowsStatement's template defines them: before its SELECT, after INSERT INTO, so the
+statement still starts with INSERT and the driver reports its rowcount."""
+MAX_ROWS_PER_STATEMENT = 512
 
-    `constants`: columns the rows do not carry, as SQL literals. Each `json_extract` parses
-    its whole row, and SQLite repeats it wherever the statement names the column, so the
-    splitting grows with columns times row length: most of an upsert's time in SQLite. Rows
-    that leave most columns at one value are sent without them."""
-    names = [name.strip() for name in columns.split(",")]
-    constants = constants or {}
-    carried = [name for name in names if name not in constants]
-    index = {name: i for i, name in enumerate(carried)}
-    return ", ".join(f"{constants[name]} AS {name}" if name in constants
-                     else f"json_extract(value, '$[{index[name]}]') AS {name}"
-                     for name in names)
+
+class RowsStatement:
+    """A statement over a batch's rows, bound as one multi-row VALUES list.
+
+    The statement is one step, so the writer thread takes the GIL back once per statement, not
+    once per row: with the export path holding the GIL most of the time, per-row hand-offs
+    (executemany) made a flush of 1,000 sessions take 4x longer under load than idle. The
+    rows were once sent as a single JSON parameter split by json_extract, which is also one
+    step, but each json_extract parses its whole row again: most of an upsert's time went to
+    splitting. Bound parameters cost SQLite nothing to read.
+
+    A chunk of n rows is padded with rows of NULLs to the next power of two (at most
+    MAX_ROWS_PER_STATEMENT) and the template reads only rows whose first column is not NULL,
+    so one statement serves every size with at most ten texts to prepare, all of which stay in
+    the connection's statement cache.
+
+    `constants`: columns the rows do not carry, as SQL literals (most sessions leave their
+    kind, status, channel and goal alone; their rows are sent without them)."""
+
+    def __init__(self, columns: str, template: str,
+                 constants: dict[str, str] | None = None) -> None:
+        names = [name.strip() for name in columns.split(",")]
+        constants = constants or {}
+        carried = [name for name in names if name not in constants]
+        self.width = len(carried)
+        select = ", ".join(f"{constants[name]} AS {name}" if name in constants else name
+                           for name in names)
+        if template.count(BATCH_WITH) != 1 or BATCH_ROWS not in template:
+            raise ValueError("a rows statement reads its rows where it defines them")
+        self.template = template
+        head, body = template.replace(
+            BATCH_ROWS, f"(SELECT {select} FROM batch_rows WHERE {carried[0]} IS NOT NULL)"
+        ).split(BATCH_WITH)
+        self._head = f"{head}WITH batch_rows ({', '.join(carried)}) AS (VALUES "
+        self._body = ")\n" + body
+        self._texts: dict[int, str] = {}
+
+    def sql(self, rows: int) -> str:
+        """The statement's text for a chunk padded to `rows` rows."""
+        text = self._texts.get(rows)
+        if text is None:
+            one = "(" + ",".join("?" * self.width) + ")"
+            text = self._texts[rows] = self._head + ",".join([one] * rows) + self._body
+        return text
+
+    def run(self, db: sqlite3.Connection, rows: Iterable[tuple[Any, ...]]) -> int:
+        """Run over `rows`, MAX_ROWS_PER_STATEMENT at a time; the rows it inserted or updated
+        (the statement's own, not its triggers'). A flush touching many sessions never holds
+        more than one chunk's parameters (a whole flush's, built at once, raised peak RSS by
+        ~30 MB)."""
+        rows = iter(rows)
+        changed = 0
+        while chunk := list(itertools.islice(rows, MAX_ROWS_PER_STATEMENT)):
+            changed += db.execute(*self.bind(chunk)).rowcount
+        return changed
+
+    def bind(self, chunk: list[tuple[Any, ...]]) -> tuple[str, list[Any]]:
+        """The text and parameters of one chunk."""
+        padded = 1 << (len(chunk) - 1).bit_length()
+        params = [value for row in chunk for value in row]
+        if len(params) != self.width * len(chunk):
+            raise ValueError(f"rows must have {self.width} values")
+        params.extend(itertools.repeat(None, (padded - len(chunk)) * self.width))
+        return self.sql(padded), params
 
 
 # `hour` is the start of the UTC hour in agent_sessions' time format. The key is (hour, model,
@@ -314,18 +366,19 @@ def _json_rows(columns: str, constants: dict[str, str] | None = None) -> str:
 # first: the model of the session's latest model call. Children end, and are exported, no
 # later than their agent span, so the turn lands under the model its calls used; only a
 # session with no model call yet keeps it under '' ("(none)" in reports).
-UPSERT_HOURLY = f"""
+HOURLY_ROW = ("hour, session_id, model, turns, prompt_tokens, completion_tokens, reasoning_tokens, "
+              "cache_read_tokens, cache_write_tokens, cost_cents")
+UPSERT_HOURLY = RowsStatement(HOURLY_ROW, f"""
 INSERT INTO collector_usage_hourly (hour, session_id, model, turns, prompt_tokens,
     completion_tokens, reasoning_tokens, cache_read_tokens, cache_write_tokens, cost_cents)
+{BATCH_WITH}
 SELECT hour, session_id,
     CASE WHEN model != '' THEN model
         ELSE coalesce((SELECT s.model FROM agent_sessions AS s WHERE s.id = session_id), '')
         END,
     turns, prompt_tokens, completion_tokens, reasoning_tokens, cache_read_tokens,
     cache_write_tokens, cost_cents
-FROM (SELECT {_json_rows("hour, session_id, model, turns, prompt_tokens, "
-                         "completion_tokens, reasoning_tokens, cache_read_tokens, "
-                         "cache_write_tokens, cost_cents")} FROM json_each(?1))
+FROM {BATCH_ROWS}
 WHERE true
 ON CONFLICT (hour, model, session_id) DO UPDATE SET
     turns = turns + excluded.turns,
@@ -335,7 +388,7 @@ ON CONFLICT (hour, model, session_id) DO UPDATE SET
     cache_read_tokens = cache_read_tokens + excluded.cache_read_tokens,
     cache_write_tokens = cache_write_tokens + excluded.cache_write_tokens,
     cost_cents = cost_cents + excluded.cost_cents
-"""
+""")
 
 # A database written before the rollup existed: each session's sums go to the hour of its last
 # activity (its cache split is unknown, so 0), which keeps reports equal to agent_sessions.
@@ -392,13 +445,36 @@ PLAIN_CONSTANTS = {"kind": "NULL", "kind_ns": "-1", "status": "NULL", "status_ns
                    "goal_text_ns": "-1"}
 
 
-def _upsert_session(constants: dict[str, str] | None = None) -> str:
+# What a session upsert changes of a stored row nearly every time: its last activity and sums.
+# The other columns are set only where their new value differs, and those of them that are
+# indexed (status, model, created_at) then have their index entries rewritten.
+_SESSION_MOVES = ("last_active_at", "turns", "prompt_tokens", "completion_tokens",
+                  "reasoning_tokens", "cost_cents")
+_SESSION_KEEPS = ("kind", "status", "channel", "model", "created_at", "goal_text")
+_UNCHANGED = " AND ".join(f"excluded.{c} IS {c}" for c in _SESSION_KEEPS)
+
+
+def _upsert_session(constants: dict[str, str] | None = None, *,
+                    rest: bool = False) -> RowsStatement:
     """The whole new row is computed from the batch (b), the stored row (s) and the session's
-    marks (m) read before this flush updates them; the conflict clause then takes it as it
-    is."""
-    return f"""
+    marks (m) read before this flush updates them.
+
+    Two steps, because SQLite rewrites the index entries of every column a conflict clause
+    sets, changed or not: the first (`rest` False) sets only the columns that move and
+    applies where nothing else changes; the second (`rest` True; write_sessions runs it only
+    when the first left rows alone) sets the whole row where anything else changes. A row the
+    first updated is left alone by the second: the values it compares depend on the batch,
+    the marks and the columns the first did not set."""
+    if rest:
+        update = ", ".join(f"{c} = excluded.{c}" for c in _SESSION_MOVES + _SESSION_KEEPS)
+        update += f" WHERE NOT ({_UNCHANGED})"
+    else:
+        update = ", ".join(f"{c} = excluded.{c}" for c in _SESSION_MOVES)
+        update += f" WHERE {_UNCHANGED}"
+    return RowsStatement(SESSION_ROW, f"""
 INSERT INTO agent_sessions (id, kind, status, channel, model, created_at, last_active_at, turns,
     prompt_tokens, completion_tokens, reasoning_tokens, cost_cents, goal_text)
+{BATCH_WITH}
 SELECT b.id,
     {_latest("kind", "'interactive'")},
     CASE WHEN s.id IS NULL THEN coalesce(b.status, 'active')
@@ -416,29 +492,26 @@ SELECT b.id,
     coalesce(s.reasoning_tokens, 0) + b.reasoning_tokens,
     coalesce(s.cost_cents, 0.0) + b.cost_cents,
     {_latest("goal_text", "NULL", mark="goal_ns")}
-FROM (SELECT {_json_rows(SESSION_ROW, constants)} FROM json_each(?1)) AS b
+FROM {BATCH_ROWS} AS b
 LEFT JOIN agent_sessions AS s ON s.id = b.id
 LEFT JOIN collector_session_marks AS m ON m.id = b.id
 WHERE true
-ON CONFLICT (id) DO UPDATE SET
-    kind = excluded.kind, status = excluded.status, channel = excluded.channel,
-    model = excluded.model, created_at = excluded.created_at,
-    last_active_at = excluded.last_active_at, turns = excluded.turns,
-    prompt_tokens = excluded.prompt_tokens, completion_tokens = excluded.completion_tokens,
-    reasoning_tokens = excluded.reasoning_tokens, cost_cents = excluded.cost_cents,
-    goal_text = excluded.goal_text
-"""
+ON CONFLICT (id) DO UPDATE SET {update}
+""", constants)
 
 
 UPSERT_SESSION = _upsert_session()
+UPSERT_SESSION_REST = _upsert_session(rest=True)
 UPSERT_SESSION_PLAIN = _upsert_session(PLAIN_CONSTANTS)
+UPSERT_SESSION_PLAIN_REST = _upsert_session(PLAIN_CONSTANTS, rest=True)
 MARKS_ROW = "id, model_ns, kind_ns, status_ns, channel_ns, goal_ns"
 
 
-def _upsert_marks(constants: dict[str, str] | None = None) -> str:
-    return f"""
+def _upsert_marks(constants: dict[str, str] | None = None) -> RowsStatement:
+    return RowsStatement(MARKS_ROW, f"""
 INSERT INTO collector_session_marks (id, model_ns, kind_ns, status_ns, channel_ns, goal_ns)
-SELECT * FROM (SELECT {_json_rows(MARKS_ROW, constants)} FROM json_each(?1))
+{BATCH_WITH}
+SELECT * FROM {BATCH_ROWS}
 WHERE true
 ON CONFLICT (id) DO UPDATE SET
     model_ns = max(model_ns, excluded.model_ns),
@@ -446,7 +519,7 @@ ON CONFLICT (id) DO UPDATE SET
     status_ns = max(status_ns, excluded.status_ns),
     channel_ns = max(channel_ns, excluded.channel_ns),
     goal_ns = max(goal_ns, excluded.goal_ns)
-"""
+""", constants)
 
 
 UPSERT_MARKS = _upsert_marks()
@@ -454,27 +527,42 @@ UPSERT_MARKS = _upsert_marks()
 UPSERT_MARKS_PLAIN = _upsert_marks({"kind_ns": "-1", "status_ns": "-1", "channel_ns": "-1",
                                     "goal_ns": "-1"})
 
-UPSERT_LABELS = f"""
+LABELS_ROW = ("id, agent, agent_ns, agent_version, agent_version_ns, user_name, user_ns, host, "
+              "host_ns")
+_LABELS = (("agent", "agent_ns"), ("user_name", "user_ns"), ("host", "host_ns"))
+_LABEL_CHANGES = " OR ".join(
+    f"(excluded.{c} IS NOT NULL AND excluded.{ns} >= {ns} AND excluded.{c} IS NOT {c})"
+    for c, ns in _LABELS)
+
+
+def _upsert_labels(*, rest: bool = False) -> RowsStatement:
+    """Each label is the latest given, with the end time of the span that gave it.
+
+    Two steps, as for sessions: agent, user and host are indexed, and nearly always arrive
+    unchanged. The first step (`rest` False) moves the end times (and the unindexed version)
+    where none of the three changes; the second sets them where one does."""
+    update = ["agent_version = CASE WHEN excluded.agent_version IS NOT NULL "
+              "AND excluded.agent_version_ns >= agent_version_ns "
+              "THEN excluded.agent_version ELSE agent_version END",
+              "agent_version_ns = max(agent_version_ns, excluded.agent_version_ns)"]
+    for column, ns in _LABELS:
+        if rest:
+            update.append(f"{column} = CASE WHEN excluded.{column} IS NOT NULL "
+                          f"AND excluded.{ns} >= {ns} THEN excluded.{column} ELSE {column} END")
+        update.append(f"{ns} = max({ns}, excluded.{ns})")
+    where = f"({_LABEL_CHANGES})" if rest else f"NOT ({_LABEL_CHANGES})"
+    return RowsStatement(LABELS_ROW, f"""
 INSERT INTO collector_session_labels (id, agent, agent_ns, agent_version, agent_version_ns,
     user_name, user_ns, host, host_ns)
-SELECT * FROM (SELECT {_json_rows("id, agent, agent_ns, agent_version, agent_version_ns, "
-                                  "user_name, user_ns, host, host_ns")} FROM json_each(?1))
+{BATCH_WITH}
+SELECT * FROM {BATCH_ROWS}
 WHERE true
-ON CONFLICT (id) DO UPDATE SET
-    agent = CASE WHEN excluded.agent IS NOT NULL AND excluded.agent_ns >= agent_ns
-        THEN excluded.agent ELSE agent END,
-    agent_ns = max(agent_ns, excluded.agent_ns),
-    agent_version = CASE WHEN excluded.agent_version IS NOT NULL
-        AND excluded.agent_version_ns >= agent_version_ns
-        THEN excluded.agent_version ELSE agent_version END,
-    agent_version_ns = max(agent_version_ns, excluded.agent_version_ns),
-    user_name = CASE WHEN excluded.user_name IS NOT NULL AND excluded.user_ns >= user_ns
-        THEN excluded.user_name ELSE user_name END,
-    user_ns = max(user_ns, excluded.user_ns),
-    host = CASE WHEN excluded.host IS NOT NULL AND excluded.host_ns >= host_ns
-        THEN excluded.host ELSE host END,
-    host_ns = max(host_ns, excluded.host_ns)
-"""
+ON CONFLICT (id) DO UPDATE SET {", ".join(update)} WHERE {where}
+""")
+
+
+UPSERT_LABELS = _upsert_labels()
+UPSERT_LABELS_REST = _upsert_labels(rest=True)
 
 # One statement per entry of collector.store.base.BATCH_WRITES, run in that order.
 BATCH_STATEMENTS = {
@@ -496,19 +584,10 @@ SWEEP_STALE = """
 UPDATE agent_sessions SET status = 'unknown' WHERE status = 'active' AND last_active_at < ?
 """
 
-ROWS_PER_STATEMENT = 1000
-# Compact, and non-ASCII text as UTF-8 rather than \u escapes (SQLite reads both).
-_json_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"),
-                               allow_nan=False).encode
 
-
-def _execute_rows(db: sqlite3.Connection, sql: str, rows: Iterable[tuple[Any, ...]]) -> None:
-    """Run a statement reading JSON rows over `rows`, ROWS_PER_STATEMENT at a time: one step
-    (one GIL hand-off) per chunk, and a flush touching many sessions never holds more than one
-    chunk's parameters (a whole flush's, built at once, raised peak RSS by ~30 MB)."""
-    rows = iter(rows)
-    while chunk := list(itertools.islice(rows, ROWS_PER_STATEMENT)):
-        db.execute(sql, (_json_dumps(chunk),))
+def _run_rows(db: sqlite3.Connection, statement: RowsStatement,
+              rows: Iterable[tuple[Any, ...]]) -> int:
+    return statement.run(db, rows)
 
 
 def is_plain(d: SessionDelta) -> bool:
@@ -523,15 +602,23 @@ def plain_session_params(d: SessionDelta, t: HourDelta) -> tuple[Any, ...]:
 
 
 def write_sessions(db: sqlite3.Connection, applied: Batch,
-                   execute: Callable[[sqlite3.Connection, str, Iterable[tuple[Any, ...]]],
-                                     None] | None = None) -> int:
+                   execute: Callable[[sqlite3.Connection, RowsStatement,
+                                      Iterable[tuple[Any, ...]]], int] | None = None) -> int:
     """Upsert the batch's tables in BATCH_WRITES order; the sessions written.
 
     Plain sessions (most of them: spans setting a model, times and sums) go through the
     narrower session and marks statements. Every session upsert runs before any marks upsert:
-    each reads the marks as they were before this flush. `execute` is _execute_rows unless a
+    each reads the marks as they were before this flush. `execute` is _run_rows unless a
     profiler wraps it."""
-    run = execute or _execute_rows
+    run = execute or _run_rows
+
+    def two_steps(quick: RowsStatement, rest: RowsStatement,
+                  rows: Iterable[tuple[Any, ...]]) -> None:
+        """The rest runs only when the quick step left rows alone (see _upsert_session)."""
+        rows = list(rows)
+        if rows and run(db, quick, rows) < len(rows):
+            run(db, rest, rows)
+
     deltas = list(applied.sessions.values())
     if not deltas:
         return 0
@@ -540,13 +627,16 @@ def write_sessions(db: sqlite3.Connection, applied: Batch,
     full = [d for d in deltas if not is_plain(d)] if len(plain) < len(deltas) else []
     for write in BATCH_WRITES:
         if write.table == "agent_sessions":
-            run(db, UPSERT_SESSION_PLAIN,
-                (plain_session_params(d, totals[d.session_id]) for d in plain))
-            run(db, UPSERT_SESSION, (session_params(d, totals[d.session_id]) for d in full))
+            two_steps(UPSERT_SESSION_PLAIN, UPSERT_SESSION_PLAIN_REST,
+                      (plain_session_params(d, totals[d.session_id]) for d in plain))
+            two_steps(UPSERT_SESSION, UPSERT_SESSION_REST,
+                      (session_params(d, totals[d.session_id]) for d in full))
         elif write.table == "collector_session_marks":
             run(db, UPSERT_MARKS_PLAIN,
                 ((d.session_id, d.model_ns) for d in plain if d.model_ns >= 0))
             run(db, UPSERT_MARKS, (mark_params(d) for d in full))
+        elif write.table == LABELS_TABLE:
+            two_steps(UPSERT_LABELS, UPSERT_LABELS_REST, write.rows(applied))
         else:
             run(db, BATCH_STATEMENTS[write.table], write.rows(applied))
     return len(deltas)
@@ -613,7 +703,8 @@ class SQLiteStore:
             raise
 
     def _open(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, isolation_level=None)
+        # Each RowsStatement prepares up to ten texts (one per padded size): room for all.
+        db = sqlite3.connect(self.path, isolation_level=None, cached_statements=256)
         try:
             db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             mode = db.execute("PRAGMA journal_mode = WAL").fetchone()

@@ -511,3 +511,61 @@ async def test_held_usage_waits_the_window_then_goes_to_the_traces_session(
         assert held_state(backend) == (1, 1)
     finally:
         await second.close()
+
+
+async def test_a_flush_mixing_unchanged_and_changed_sessions_adds_every_sum_once(
+        store: Store, backend: Backend) -> None:
+    """Many sessions in one flush, more than one statement's worth of rows (SQLite binds 512
+    a statement and pads the last chunk), where most sessions change nothing but their times
+    and sums and some change an indexed value: model, status (set, or revived from unknown),
+    created_at, agent. SQLite upserts these in two steps (only the rows with a change take the
+    second); whichever step takes a row, its sums are added exactly once."""
+    n = 600
+
+    def labelled(key: int, session: int, t: int, agent: str, **kw: Any) -> SpanUsage:
+        return rec(key, f"s{session:03d}", t=t, **kw)._replace(agent=agent, host="h")
+
+    def first(i: int) -> SpanUsage:
+        # Sessions 4 mod 5 end after the sweep's threshold below and stay active.
+        t = T0 + (3 if i % 5 == 4 else 1) * SECOND
+        return labelled(i, i, t, "a", model="m", prompt=i + 1)
+
+    await store.commit(batch(*(first(i) for i in range(n))), now_ns=T0)
+    await store.commit(batch(), now_ns=T0, sweep_before_ns=T0 + 2 * SECOND)
+    later = T0 + 10 * SECOND
+
+    def second(i: int) -> SpanUsage:
+        if i % 5 == 1:  # a newer model
+            return labelled(n + i, i, later, "a", model="m2", prompt=3)
+        if i % 5 == 2:  # an earlier start: created_at moves back; still unknown (older end)
+            return labelled(n + i, i, T0 - SECOND, "a", model=None, prompt=3)
+        if i % 5 == 3:  # a status, and another agent
+            return labelled(n + i, i, later, "b", status="completed", prompt=3)
+        if i % 5 == 4:  # nothing but its last activity and sums
+            return labelled(n + i, i, later, "a", model="m", prompt=3)
+        return labelled(n + i, i, later, "a", model="m", prompt=3)  # revived from unknown
+
+    await store.commit(batch(*(second(i) for i in range(n))), now_ns=T0)
+    got = rows(backend)
+    assert len(got) == n
+    for i in range(n):
+        row = got[f"s{i:03d}"]
+        assert (row["turns"], row["prompt_tokens"]) == (2, i + 1 + 3), i
+        assert row["model"] == ("m2" if i % 5 == 1 else "m"), i
+        assert row["status"] == ("unknown" if i % 5 == 2 else
+                                 "completed" if i % 5 == 3 else "active"), i
+        assert row["created_at"] == {2: "2025-12-31T23:59:59.000Z",
+                                     4: "2026-01-01T00:00:03.000Z"}.get(
+                                         i % 5, "2026-01-01T00:00:01.000Z"), i
+        assert row["last_active_at"] == ("2026-01-01T00:00:01.001Z" if i % 5 == 2
+                                         else "2026-01-01T00:00:10.001Z"), i
+    agents = dict(backend.query("SELECT id, agent FROM collector_session_labels"))
+    assert agents == {f"s{i:03d}": "b" if i % 5 == 3 else "a" for i in range(n)}
+    # The daily rollup follows the agents: session sums per agent, nothing lost or doubled.
+    daily = dict(backend.query("SELECT agent, sum(prompt_tokens) FROM collector_usage_daily "
+                               "GROUP BY agent"))
+    expected: dict[str, int] = {}
+    for i in range(n):
+        agent = "b" if i % 5 == 3 else "a"
+        expected[agent] = expected.get(agent, 0) + i + 1 + 3
+    assert {k: int(v) for k, v in daily.items()} == expected

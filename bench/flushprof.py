@@ -99,7 +99,7 @@ def main() -> int:
     print("| stage | ms a flush | µs a span | share |")
     print("|---|---:|---:|---:|")
     total = seconds["total"]
-    seconds["rest (Batch.totals, row split)"] = total - sum(
+    seconds["rest: Python (Batch.totals, session rows)"] = total - sum(
         v for k, v in seconds.items() if k != "total")
     for name, value in sorted(seconds.items(), key=lambda kv: -kv[1]):
         if name != "total":

@@ -17,6 +17,7 @@ Phases:
 4. profile: py-spy samples the collector under HTTP load (skipped if py-spy is missing);
 5. sweep: closed loop at 1, 8 and 64 requests in flight, per
    transport, baseline and collector back to back at each level; ratios and the p50 ack gap.
+   Twice: with the spans of a request in 512 sessions (the fan-out above) and in 8.
 
 Results: a markdown report on stdout and, with the raw JSON, in bench/results/ (git-ignored).
 """
@@ -83,6 +84,10 @@ class Settings:
     flush_interval_ms: int
     sweep_s: float = 10
     sessions: int = 1000
+    # The sweep's request shapes: the benchmark's fan-out (a request's 512 spans in 512
+    # sessions, as a gateway batching a whole fleet sends) and spans in a handful of sessions
+    # (as one agent process's SDK exporter sends).
+    sweep_sessions: tuple[int, ...] = (1000, 8)
     scaling_sessions: tuple[int, int] = (100, 100_000)
     collector_src: str | None = None  # a directory holding another `collector` package
 
@@ -280,27 +285,33 @@ def phase_latency(work: Path, s: Settings, throughput: dict[str, Any]) -> dict[s
 
 
 def phase_sweep(work: Path, s: Settings) -> dict[str, Any]:
-    """Closed loop at each of SWEEP_LEVELS requests in flight. At each level the baseline and
-    the collector run back to back, so the noise of a shared machine drifts less between the
-    two halves of a ratio than it would across a whole transport's runs."""
+    """Closed loop at each of SWEEP_LEVELS requests in flight, for each request shape
+    (`sweep_sessions`). At each level the baseline and the collector run back to back, so the
+    noise of a shared machine drifts less between the two halves of a ratio than it would
+    across a whole transport's runs."""
     results: dict[str, Any] = {}
-    for transport in ("http", "grpc"):
-        for level in SWEEP_LEVELS:
-            tag = f"sw-{transport}-{level}"
-            _say(f"sweep {transport}, {level} in flight: baseline")
-            with running(lambda tag=tag: start_baseline(work, tag)) as base:
-                b = loadgen(work, f"{tag}-baseline", base, transport, concurrency=level,
-                            sessions=s.sessions, duration_s=s.sweep_s, warmup_s=s.warmup_s)
-            _say(f"sweep {transport}, {level} in flight: collector")
-            with running(lambda tag=tag: start_collector(work, tag, s)) as col:
-                c = loadgen(work, f"{tag}-collector", col, transport, concurrency=level,
-                            sessions=s.sessions, duration_s=s.sweep_s, warmup_s=s.warmup_s,
-                            verify_db=col.db)
-            assert isinstance(b, dict) and isinstance(c, dict)
-            results[f"{transport}/{level}"] = {
-                "transport": transport, "in_flight": level, "baseline": b, "collector": c,
-                "ratio": c["spans_per_s"] / b["spans_per_s"],
-                "p50_gap_ms": round(c["latency_ms"]["p50"] - b["latency_ms"]["p50"], 1)}
+    for sessions in s.sweep_sessions:
+        for transport in ("http", "grpc"):
+            for level in SWEEP_LEVELS:
+                tag = f"sw-{sessions}-{transport}-{level}"
+                _say(f"sweep over {sessions:,} sessions, {transport}, {level} in flight: "
+                     f"baseline")
+                with running(lambda tag=tag: start_baseline(work, tag)) as base:
+                    b = loadgen(work, f"{tag}-baseline", base, transport, concurrency=level,
+                                sessions=sessions, duration_s=s.sweep_s,
+                                warmup_s=s.warmup_s)
+                _say(f"sweep over {sessions:,} sessions, {transport}, {level} in flight: "
+                     f"collector")
+                with running(lambda tag=tag: start_collector(work, tag, s)) as col:
+                    c = loadgen(work, f"{tag}-collector", col, transport, concurrency=level,
+                                sessions=sessions, duration_s=s.sweep_s,
+                                warmup_s=s.warmup_s, verify_db=col.db)
+                assert isinstance(b, dict) and isinstance(c, dict)
+                results[f"{sessions}/{transport}/{level}"] = {
+                    "transport": transport, "in_flight": level, "sessions": sessions,
+                    "baseline": b, "collector": c,
+                    "ratio": c["spans_per_s"] / b["spans_per_s"],
+                    "p50_gap_ms": round(c["latency_ms"]["p50"] - b["latency_ms"]["p50"], 1)}
     return results
 
 
@@ -622,16 +633,19 @@ def report(results: dict[str, Any], s: Settings, command: str) -> str:
     if "sweep" in results:
         out.append(f"### Concurrency sweep (closed loop, {s.warmup_s:.0f} s warm-up + "
                    f"{s.sweep_s:.0f} s measured per run)\n")
-        out.append("| transport | in flight | baseline spans/s | collector spans/s | ratio "
+        out.append("Sessions: how many sessions the requests' spans cycle through; at 1,000 each "
+                   "request of 512 spans touches 512 sessions, at 8 each touches 8.\n")
+        out.append("| sessions | transport | in flight | baseline spans/s | collector spans/s "
+                   "| ratio "
                    "| baseline p50 ms | collector p50 ms | p50 gap ms | collector p99 ms "
                    "| goal | met | sums |")
-        out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|")
+        out.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|")
         for r in results["sweep"].values():
             b, c = r["baseline"], r["collector"]
             goal = _sweep_goal(r)
             met = "" if goal is None else ("yes" if goal[1] else "**no**")
-            out.append(f"| {names[r['transport']]} | {r['in_flight']} | "
-                       f"{b['spans_per_s']:,.0f} | {c['spans_per_s']:,.0f} | "
+            out.append(f"| {r.get('sessions', s.sessions):,} | {names[r['transport']]} | "
+                       f"{r['in_flight']} | {b['spans_per_s']:,.0f} | {c['spans_per_s']:,.0f} | "
                        f"{r['ratio']:.2f}x | {b['latency_ms']['p50']} | "
                        f"{c['latency_ms']['p50']} | {r['p50_gap_ms']} | "
                        f"{c['latency_ms']['p99']} | {goal[0] if goal else ''} | {met} | "
@@ -657,7 +671,8 @@ def report(results: dict[str, Any], s: Settings, command: str) -> str:
         if goal is not None:
             measured = (f"{r['p50_gap_ms']} ms" if r["in_flight"] == 1
                         else f"{r['ratio']:.2f}x")
-            out.append(f"| {names[r['transport']]} at {r['in_flight']} in flight: {goal[0]} | "
+            out.append(f"| {names[r['transport']]} at {r['in_flight']} in flight, "
+                       f"{r.get('sessions', s.sessions):,} sessions: {goal[0]} | "
                        f"{measured} | {'yes' if goal[1] else '**no**'} |")
     ok = all(r.get("verification", {}).get("ok", True) for r in _all_runs(results))
     out.append(f"| committed sums exact in every collector run | "

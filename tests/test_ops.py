@@ -111,7 +111,9 @@ def test_readyz_reports_failing_storage_and_recovers(start_daemon: StartDaemon) 
     daemon = start_daemon(NO_SWEEP + "\n[flush]\ninterval_ms = 50\n")
     assert get(daemon, "/healthz")[:1] == (200,)
     assert get(daemon, "/readyz")[0] == 200
-    blocker = sqlite3.connect(daemon.db_path, timeout=0)
+    # Waits out a transaction of the daemon's own that may be running (under a loaded
+    # machine one did, and a zero timeout failed the test), then holds the database.
+    blocker = sqlite3.connect(daemon.db_path, timeout=10)
     blocker.execute("BEGIN IMMEDIATE")  # another writer holds the database
     try:
         body = request_bytes(make_span(trace_id=new_trace(), attrs=usage("ready")))

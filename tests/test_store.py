@@ -13,7 +13,16 @@ import pytest
 
 from collector.accounting.aggregate import Batch
 from collector.signals.traces import SpanUsage
-from collector.store.sqlite import SchemaError, SQLiteStore, StorageError, iso_utc, read_usage
+from collector.store.sqlite import (
+    BATCH_ROWS,
+    BATCH_WITH,
+    RowsStatement,
+    SchemaError,
+    SQLiteStore,
+    StorageError,
+    iso_utc,
+    read_usage,
+)
 from tests.conftest import MS, SECOND, T0, read_rows
 
 
@@ -254,3 +263,24 @@ async def test_plain_and_full_session_rows_follow_the_same_latest_value_rules(
         "z": ("m3", "active", "interactive", "cli", 3, "2025-12-31T23:59:59.000Z"),
     }
     assert rows["x"]["last_active_at"] == "2026-01-01T00:00:05.001Z"
+
+
+def test_rows_statement_pads_each_chunk_and_reads_only_real_rows() -> None:
+    """Chunks are padded with NULL rows to a power of two (few statement texts to prepare);
+    the padding is never read, a row of the wrong width is refused, and a run over more rows
+    than a chunk holds inserts each row once."""
+    db = sqlite3.connect(":memory:")
+    db.execute("CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER NOT NULL, tag TEXT NOT NULL)")
+    statement = RowsStatement("id, n, tag", f"INSERT INTO t (id, n, tag) {BATCH_WITH} "
+                              f"SELECT * FROM {BATCH_ROWS} WHERE true",
+                              constants={"tag": "'c'"})
+    sql, params = statement.bind([("a", 1), ("b", 2), ("c", 3)])
+    assert params == ["a", 1, "b", 2, "c", 3, None, None]
+    assert sql == statement.bind([("x", 0)] * 4)[0] != statement.bind([("x", 0)] * 5)[0]
+    with pytest.raises(ValueError, match="2 values"):
+        statement.bind([("a", 1, "extra")])
+    rows = [(f"r{i:04d}", i) for i in range(1100)]  # chunks of 512, 512 and 76 (padded to 128)
+    assert statement.run(db, rows) == 1100
+    assert db.execute("SELECT count(*), sum(n), min(tag), max(tag) FROM t").fetchone() == (
+        1100, sum(range(1100)), "c", "c")
+    assert db.execute("SELECT count(*) FROM t WHERE id IS NULL").fetchone() == (0,)

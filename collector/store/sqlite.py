@@ -320,7 +320,6 @@ class RowsStatement:
                            for name in names)
         if template.count(BATCH_WITH) != 1 or BATCH_ROWS not in template:
             raise ValueError("a rows statement reads its rows where it defines them")
-        self.template = template
         head, body = template.replace(
             BATCH_ROWS, f"(SELECT {select} FROM batch_rows WHERE {carried[0]} IS NOT NULL)"
         ).split(BATCH_WITH)

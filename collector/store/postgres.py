@@ -53,6 +53,7 @@ from collector.signals.traces import KEY_BYTES
 from collector.store.base import (
     BATCH_WRITES,
     COLUMN_NAMES,
+    COLUMNS,
     DAILY_SUMS,
     DAILY_TABLE,
     DEFAULT_RESOLVE_WINDOW_S,
@@ -91,22 +92,9 @@ GENERATION_LOCK = 0x636F_6C6C_0002
 # this many times in all before the pipeline hears of it (and retries after its backoff).
 TRANSACTION_ATTEMPTS = 3
 
-PG_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("id", "TEXT"),
-    ("kind", "TEXT"),
-    ("status", "TEXT"),
-    ("channel", "TEXT"),
-    ("model", "TEXT"),
-    ("created_at", "TEXT"),
-    ("last_active_at", "TEXT"),
-    ("turns", "BIGINT"),
-    ("prompt_tokens", "BIGINT"),
-    ("completion_tokens", "BIGINT"),
-    ("reasoning_tokens", "BIGINT"),
-    ("cost_cents", "DOUBLE PRECISION"),
-    ("goal_text", "TEXT"),
-)
-assert tuple(n for n, _ in PG_COLUMNS) == COLUMN_NAMES
+# agent_sessions' columns with PostgreSQL's types: SQLite's INTEGER and REAL are 64-bit.
+PG_TYPES = {"INTEGER": "BIGINT", "REAL": "DOUBLE PRECISION"}
+PG_COLUMNS = tuple((name, PG_TYPES.get(kind, kind)) for name, kind in COLUMNS)
 
 # Text keys and times are COLLATE "C": byte order, as in SQLite, so reports list sessions in
 # the same order on both backends and lock order does not depend on the server's locale.

@@ -52,10 +52,7 @@ def main() -> int:
     names = {id(store.UPSERT_SESSION_PLAIN): "sessions (plain)",
              id(store.UPSERT_SESSION): "sessions",
              id(store.UPSERT_MARKS_PLAIN): "marks (plain)", id(store.UPSERT_MARKS): "marks",
-             id(store.UPSERT_LABELS): "labels", id(store.UPSERT_HOURLY): "hourly",
-             id(store.UPSERT_SESSION_PLAIN_REST): "sessions (plain, rest)",
-             id(store.UPSERT_SESSION_REST): "sessions (rest)",
-             id(store.UPSERT_LABELS_REST): "labels (rest)"}
+             id(store.UPSERT_LABELS): "labels", id(store.UPSERT_HOURLY): "hourly"}
 
     def execute(db: sqlite3.Connection, statement: store.RowsStatement,
                 rows: Iterable[tuple[Any, ...]]) -> int:
@@ -64,10 +61,11 @@ def main() -> int:
         with stage(f"{name}: params"):
             built = list(rows)
         with stage(f"{name}: bind"):
-            chunks = [statement.bind(built[i:i + store.MAX_ROWS_PER_STATEMENT])
+            chunks = [built[i:i + store.MAX_ROWS_PER_STATEMENT]
                       for i in range(0, len(built), store.MAX_ROWS_PER_STATEMENT)]
+            bound = [(len(chunk), *statement.bind(chunk)) for chunk in chunks]
         with stage(f"{name}: SQLite"):
-            return sum(db.execute(sql, params).rowcount for sql, params in chunks)
+            return sum(statement.execute(db, *args) for args in bound)
 
     spans = 0
     sessions = 0

@@ -308,14 +308,22 @@ class RowsStatement:
     the connection's statement cache.
 
     `constants`: columns the rows do not carry, as SQL literals (most sessions leave their
-    kind, status, channel and goal alone; their rows are sent without them)."""
+    kind, status, channel and goal alone; their rows are sent without them).
+
+    `rest`: a second statement over the same rows, run on a chunk only when this one left some
+    of its rows alone (an upsert whose conflict clause applies where a condition holds; see
+    _upsert_session). It takes the chunk's parameters as they were bound for this one."""
 
     def __init__(self, columns: str, template: str,
-                 constants: dict[str, str] | None = None) -> None:
+                 constants: dict[str, str] | None = None, *,
+                 rest: RowsStatement | None = None) -> None:
         names = [name.strip() for name in columns.split(",")]
         constants = constants or {}
         carried = [name for name in names if name not in constants]
         self.width = len(carried)
+        if rest is not None and rest.width != self.width:
+            raise ValueError("a rest statement reads the same rows")
+        self.rest = rest
         select = ", ".join(f"{constants[name]} AS {name}" if name in constants else name
                            for name in names)
         if template.count(BATCH_WITH) != 1 or BATCH_ROWS not in template:
@@ -336,14 +344,22 @@ class RowsStatement:
         return text
 
     def run(self, db: sqlite3.Connection, rows: Iterable[tuple[Any, ...]]) -> int:
-        """Run over `rows`, MAX_ROWS_PER_STATEMENT at a time; the rows it inserted or updated
-        (the statement's own, not its triggers'). A flush touching many sessions never holds
-        more than one chunk's parameters (a whole flush's, built at once, raised peak RSS by
-        ~30 MB)."""
+        """Run over `rows`, MAX_ROWS_PER_STATEMENT at a time; the rows it (or its rest)
+        inserted or updated, not counting its triggers'. A flush touching many sessions never
+        holds more than one chunk's parameters (a whole flush's, built at once, raised peak
+        RSS by ~30 MB)."""
         rows = iter(rows)
         changed = 0
         while chunk := list(itertools.islice(rows, MAX_ROWS_PER_STATEMENT)):
-            changed += db.execute(*self.bind(chunk)).rowcount
+            changed += self.execute(db, len(chunk), *self.bind(chunk))
+        return changed
+
+    def execute(self, db: sqlite3.Connection, rows: int, sql: str, params: list[Any]) -> int:
+        """Run one bound chunk of `rows` rows, and the rest statement on it if this one left
+        some alone; the rows inserted or updated."""
+        changed: int = db.execute(sql, params).rowcount
+        if self.rest is not None and changed < rows:
+            changed += db.execute(self.rest.sql(len(params) // self.width), params).rowcount
         return changed
 
     def bind(self, chunk: list[tuple[Any, ...]]) -> tuple[str, list[Any]]:
@@ -453,24 +469,29 @@ _SESSION_KEEPS = ("kind", "status", "channel", "model", "created_at", "goal_text
 _UNCHANGED = " AND ".join(f"excluded.{c} IS {c}" for c in _SESSION_KEEPS)
 
 
-def _upsert_session(constants: dict[str, str] | None = None, *,
-                    rest: bool = False) -> RowsStatement:
+def _upsert_session(constants: dict[str, str] | None = None) -> RowsStatement:
     """The whole new row is computed from the batch (b), the stored row (s) and the session's
     marks (m) read before this flush updates them.
 
     Two steps, because SQLite rewrites the index entries of every column a conflict clause
-    sets, changed or not: the first (`rest` False) sets only the columns that move and
-    applies where nothing else changes; the second (`rest` True; write_sessions runs it only
-    when the first left rows alone) sets the whole row where anything else changes. A row the
-    first updated is left alone by the second: the values it compares depend on the batch,
-    the marks and the columns the first did not set."""
+    sets, changed or not: the statement returned sets only the columns that move and applies
+    where nothing else changes; its rest (run on a chunk only when the first left rows alone)
+    sets the whole row where anything else changes. A row the first updated is left alone by
+    the rest: the values it compares depend on the batch, the marks and the columns the first
+    did not set."""
+    return RowsStatement(SESSION_ROW, _session_template(rest=False), constants,
+                         rest=RowsStatement(SESSION_ROW, _session_template(rest=True),
+                                            constants))
+
+
+def _session_template(*, rest: bool) -> str:
     if rest:
         update = ", ".join(f"{c} = excluded.{c}" for c in _SESSION_MOVES + _SESSION_KEEPS)
         update += f" WHERE NOT ({_UNCHANGED})"
     else:
         update = ", ".join(f"{c} = excluded.{c}" for c in _SESSION_MOVES)
         update += f" WHERE {_UNCHANGED}"
-    return RowsStatement(SESSION_ROW, f"""
+    return f"""
 INSERT INTO agent_sessions (id, kind, status, channel, model, created_at, last_active_at, turns,
     prompt_tokens, completion_tokens, reasoning_tokens, cost_cents, goal_text)
 {BATCH_WITH}
@@ -496,13 +517,11 @@ LEFT JOIN agent_sessions AS s ON s.id = b.id
 LEFT JOIN collector_session_marks AS m ON m.id = b.id
 WHERE true
 ON CONFLICT (id) DO UPDATE SET {update}
-""", constants)
+"""
 
 
 UPSERT_SESSION = _upsert_session()
-UPSERT_SESSION_REST = _upsert_session(rest=True)
 UPSERT_SESSION_PLAIN = _upsert_session(PLAIN_CONSTANTS)
-UPSERT_SESSION_PLAIN_REST = _upsert_session(PLAIN_CONSTANTS, rest=True)
 MARKS_ROW = "id, model_ns, kind_ns, status_ns, channel_ns, goal_ns"
 
 
@@ -534,12 +553,12 @@ _LABEL_CHANGES = " OR ".join(
     for c, ns in _LABELS)
 
 
-def _upsert_labels(*, rest: bool = False) -> RowsStatement:
+def _labels_template(*, rest: bool) -> str:
     """Each label is the latest given, with the end time of the span that gave it.
 
     Two steps, as for sessions: agent, user and host are indexed, and nearly always arrive
     unchanged. The first step (`rest` False) moves the end times (and the unindexed version)
-    where none of the three changes; the second sets them where one does."""
+    where none of the three changes; its rest sets them where one does."""
     update = ["agent_version = CASE WHEN excluded.agent_version IS NOT NULL "
               "AND excluded.agent_version_ns >= agent_version_ns "
               "THEN excluded.agent_version ELSE agent_version END",
@@ -550,18 +569,18 @@ def _upsert_labels(*, rest: bool = False) -> RowsStatement:
                           f"AND excluded.{ns} >= {ns} THEN excluded.{column} ELSE {column} END")
         update.append(f"{ns} = max({ns}, excluded.{ns})")
     where = f"({_LABEL_CHANGES})" if rest else f"NOT ({_LABEL_CHANGES})"
-    return RowsStatement(LABELS_ROW, f"""
+    return f"""
 INSERT INTO collector_session_labels (id, agent, agent_ns, agent_version, agent_version_ns,
     user_name, user_ns, host, host_ns)
 {BATCH_WITH}
 SELECT * FROM {BATCH_ROWS}
 WHERE true
 ON CONFLICT (id) DO UPDATE SET {", ".join(update)} WHERE {where}
-""")
+"""
 
 
-UPSERT_LABELS = _upsert_labels()
-UPSERT_LABELS_REST = _upsert_labels(rest=True)
+UPSERT_LABELS = RowsStatement(LABELS_ROW, _labels_template(rest=False),
+                              rest=RowsStatement(LABELS_ROW, _labels_template(rest=True)))
 
 # One statement per entry of collector.store.base.BATCH_WRITES, run in that order.
 BATCH_STATEMENTS = {
@@ -610,14 +629,6 @@ def write_sessions(db: sqlite3.Connection, applied: Batch,
     each reads the marks as they were before this flush. `execute` is _run_rows unless a
     profiler wraps it."""
     run = execute or _run_rows
-
-    def two_steps(quick: RowsStatement, rest: RowsStatement,
-                  rows: Iterable[tuple[Any, ...]]) -> None:
-        """The rest runs only when the quick step left rows alone (see _upsert_session)."""
-        rows = list(rows)
-        if rows and run(db, quick, rows) < len(rows):
-            run(db, rest, rows)
-
     deltas = list(applied.sessions.values())
     if not deltas:
         return 0
@@ -626,16 +637,13 @@ def write_sessions(db: sqlite3.Connection, applied: Batch,
     full = [d for d in deltas if not is_plain(d)] if len(plain) < len(deltas) else []
     for write in BATCH_WRITES:
         if write.table == "agent_sessions":
-            two_steps(UPSERT_SESSION_PLAIN, UPSERT_SESSION_PLAIN_REST,
-                      (plain_session_params(d, totals[d.session_id]) for d in plain))
-            two_steps(UPSERT_SESSION, UPSERT_SESSION_REST,
-                      (session_params(d, totals[d.session_id]) for d in full))
+            run(db, UPSERT_SESSION_PLAIN,
+                (plain_session_params(d, totals[d.session_id]) for d in plain))
+            run(db, UPSERT_SESSION, (session_params(d, totals[d.session_id]) for d in full))
         elif write.table == "collector_session_marks":
             run(db, UPSERT_MARKS_PLAIN,
                 ((d.session_id, d.model_ns) for d in plain if d.model_ns >= 0))
             run(db, UPSERT_MARKS, (mark_params(d) for d in full))
-        elif write.table == LABELS_TABLE:
-            two_steps(UPSERT_LABELS, UPSERT_LABELS_REST, write.rows(applied))
         else:
             run(db, BATCH_STATEMENTS[write.table], write.rows(applied))
     return len(deltas)

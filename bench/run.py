@@ -633,8 +633,9 @@ def report(results: dict[str, Any], s: Settings, command: str) -> str:
     if "sweep" in results:
         out.append(f"### Concurrency sweep (closed loop, {s.warmup_s:.0f} s warm-up + "
                    f"{s.sweep_s:.0f} s measured per run)\n")
-        out.append("Sessions: how many sessions the requests' spans cycle through; at 1,000 each "
-                   "request of 512 spans touches 512 sessions, at 8 each touches 8.\n")
+        out.append("Sessions: how many sessions the requests' spans cycle through; a request of "
+                   f"{SPANS_PER_REQUEST} spans touches that many or {SPANS_PER_REQUEST}, "
+                   "whichever is fewer.\n")
         out.append("| sessions | transport | in flight | baseline spans/s | collector spans/s "
                    "| ratio "
                    "| baseline p50 ms | collector p50 ms | p50 gap ms | collector p99 ms "
@@ -644,7 +645,7 @@ def report(results: dict[str, Any], s: Settings, command: str) -> str:
             b, c = r["baseline"], r["collector"]
             goal = _sweep_goal(r)
             met = "" if goal is None else ("yes" if goal[1] else "**no**")
-            out.append(f"| {r.get('sessions', s.sessions):,} | {names[r['transport']]} | "
+            out.append(f"| {r['sessions']:,} | {names[r['transport']]} | "
                        f"{r['in_flight']} | {b['spans_per_s']:,.0f} | {c['spans_per_s']:,.0f} | "
                        f"{r['ratio']:.2f}x | {b['latency_ms']['p50']} | "
                        f"{c['latency_ms']['p50']} | {r['p50_gap_ms']} | "
@@ -672,7 +673,7 @@ def report(results: dict[str, Any], s: Settings, command: str) -> str:
             measured = (f"{r['p50_gap_ms']} ms" if r["in_flight"] == 1
                         else f"{r['ratio']:.2f}x")
             out.append(f"| {names[r['transport']]} at {r['in_flight']} in flight, "
-                       f"{r.get('sessions', s.sessions):,} sessions: {goal[0]} | "
+                       f"{r['sessions']:,} sessions: {goal[0]} | "
                        f"{measured} | {'yes' if goal[1] else '**no**'} |")
     ok = all(r.get("verification", {}).get("ok", True) for r in _all_runs(results))
     out.append(f"| committed sums exact in every collector run | "

@@ -49,6 +49,7 @@ from collector.signals import Signal, count_items
 from collector.signals.traces import (
     ATTRIBUTE_SLOTS,
     ROLE_CALL,
+    ROLE_NAMED,
     ROLE_OWN,
     HeldUsage,
     MappingOptions,
@@ -562,7 +563,7 @@ class Ledger:
         roots = {root.key[8:24] for root in result.roots}
         for trace in sorted(roots):
             for (t, session), flags in sorted(self.turn_flags.items()):
-                if t != trace or "rooted" in flags:
+                if t != trace or "rooted" in flags or not flags & {"usage", "counted"}:
                     continue
                 if "counted" not in flags:
                     self._row(session)["turns"] += 1
@@ -577,6 +578,8 @@ class Ledger:
             flags = self.turn_flags.setdefault((r.key[8:24], r.session_id), set())
             if r.role == ROLE_CALL:
                 flags.add("usage")
+            elif r.role == ROLE_NAMED:
+                flags.add("named")
             elif "counted" in flags:
                 r = r._replace(turns=0)
             elif r.turns:

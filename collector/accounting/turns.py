@@ -11,6 +11,8 @@ or to another collector), so a turn is decided per trace and session, not per sp
   first to arrive takes it, the others are part of it. A sub-agent naming a session of its
   own is its own session's turn;
 * a model call inside a trace (ROLE_CALL) says the trace carried usage in its session;
+* a dialect's span under a parent (ROLE_NAMED) keeps its dialect's turns; it only tells
+  which session the trace named, for its spans that name none (collector.store.base);
 * the trace's root span, when it is not usage itself (a workflow or graph span, an HTTP
   request), is the turn of every session the trace carried usage in and no turn span
   counted, and its times are the turn's: they widen each such session's created_at and
@@ -34,6 +36,7 @@ from collector.signals.traces import ROLE_CALL, ROLE_TURN, SpanUsage, TraceRoot
 COUNTED = 1  # its turn was counted (by a turn span or by the root)
 USAGE = 2  # the trace carried usage in this session
 ROOTED = 4  # the root's times were added to the session
+NAMED = 8  # a span of the trace named the session (a dialect's, whose turns are its own)
 
 
 def root_record(root: TraceRoot, session_id: str, turns: int) -> SpanUsage:
@@ -61,12 +64,14 @@ def decide_turns(stored: Mapping[str, int], records: Iterable[SpanUsage],
                 bits |= COUNTED
         elif record.role == ROLE_CALL:
             bits |= USAGE
+        else:
+            bits |= NAMED
         state[record.session_id] = bits
         out.append(record)
     if root is not None:
         for session_id in sorted(state):
             bits = state[session_id]
-            if bits & ROOTED:
+            if bits & ROOTED or not bits & (USAGE | COUNTED):
                 continue
             out.append(root_record(root, session_id, 0 if bits & COUNTED else 1))
             state[session_id] = bits | ROOTED | COUNTED

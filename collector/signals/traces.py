@@ -136,6 +136,7 @@ class SpanUsage(NamedTuple):
 ROLE_OWN = 0  # a root model call, a session update, a dialect's record: counted as mapped
 ROLE_TURN = 1  # an agent span (or usage of no known kind): its trace's turn in its session
 ROLE_CALL = 2  # a model call with a parent: its trace carried usage in its session
+ROLE_NAMED = 3  # a dialect's span under a parent: counted as mapped; names its trace's session
 
 
 class TraceRoot(NamedTuple):

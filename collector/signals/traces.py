@@ -17,16 +17,22 @@ This module is the specification of what a span means to the collector:
 
 Each value is looked up on the span's attributes first and on its resource's second.
 
-Which spans count as what:
+Which spans count as what (a record's `turns` is what the span claims; its `role` says how
+the store settles it across the trace, collector.accounting.turns: one turn per trace and
+session):
 
-* agent span (``gen_ai.operation.name = invoke_agent`` or OpenInference kind ``AGENT``): one
-  turn; its tokens are roll-ups of its children and are ignored unless ``agent_span_tokens``;
+* agent span (``gen_ai.operation.name = invoke_agent`` or OpenInference kind ``AGENT``): a turn
+  candidate (ROLE_TURN); its tokens are roll-ups of its children and are ignored unless
+  ``agent_span_tokens``;
 * model call (``chat``, ``text_completion``, ``generate_content`` or kind ``LLM``): tokens, cost
-  and model; also a turn when it has no parent span;
+  and model; a turn of its own when it has no parent span (ROLE_OWN), else usage inside its
+  trace (ROLE_CALL);
 * a span's GenAI operation name, when present, decides its kind; the OpenInference span kind
   is consulted only without one;
-* any other span with a session id and token counts: one turn plus its tokens;
+* any other span with a session id and token counts: its tokens, and a turn of its own at the
+  root, else a turn candidate;
 * a span with a session id and session attributes only: updates the session;
+* a root span that is none of these: a TraceRoot, the turn of its trace's sessions with usage;
 * anything else is not usage and is ignored.
 """
 

@@ -694,3 +694,29 @@ async def test_a_held_root_resolves_at_once_to_the_session_its_model_calls_named
         1, 1, 0, 0)
     row = rows(backend)["oc"]
     assert (row["turns"], row["prompt_tokens"]) == (1, 40)
+
+
+async def test_migrate_sqlite_carries_what_a_trace_waits_for_its_turn(
+        tmp_path: Path, pg_server: Any) -> None:
+    path = tmp_path / "old.sqlite"
+    old = SQLiteStore(path, retention_s=100)
+    await old.open()
+    await old.commit(batch(span_rec(1, 2, "s", ROLE_CALL, prompt=5),
+                           span_rec(2, 2, "t", ROLE_TURN)), now_ns=T0)
+    await old.close()
+    options = ConnectOptions(pg_server.new_database())
+    moved = await asyncio.to_thread(postgres.migrate_sqlite, path, options, retention_s=100)
+    assert moved.sessions == 2
+    store = PostgresStore(options, retention_s=100, commit_timeout_s=30)
+    await store.open()
+    try:
+        await store.commit(with_roots(trace_root(1, 1, T0 - MS, T0 + SECOND),
+                                      trace_root(2, 1, T0 - MS, T0 + SECOND)),
+                           now_ns=T0 + SECOND)
+        await store.commit(batch(span_rec(2, 1, "t", ROLE_TURN, start=T0 - MS)),
+                           now_ns=T0 + SECOND)
+    finally:
+        await store.close()
+    stored = {r["id"]: r for r in PostgresReader(options).read_sessions()}
+    assert {s: (r["turns"], r["prompt_tokens"]) for s, r in stored.items()} == {
+        "s": (1, 5), "t": (1, 0)}

@@ -1226,6 +1226,15 @@ def _migrate(db: Any, conn: psycopg.Connection[Any], marker: str) -> Migration:
         conn.execute(UPSERT_LINKS, _columns(
             [(bytes(t), bytes(s), bytes(p), n, int(seen)) for t, s, p, n, seen in chunk], 5),
                      binary=True)
+    # What is known of each trace's turn: merged flag by flag with what PostgreSQL knows, so
+    # a trace's root arriving there counts the turn its SQLite-accounted calls wait for.
+    cursor = db.execute(f"SELECT trace_id, session_id, state, seen_ns FROM {TURNS_TABLE} "
+                        "ORDER BY trace_id, session_id")
+    while chunk := cursor.fetchmany(MIGRATION_CHUNK):
+        conn.execute(UPSERT_TURNS.replace("state = excluded.state",
+                                          f"state = {TURNS_TABLE}.state | excluded.state"),
+                     _columns([(bytes(t), str(n), int(b), int(seen))
+                               for t, n, b, seen in chunk], 4), binary=True)
     # Span ids stay remembered: an exporter retrying into PostgreSQL a span the SQLite
     # collector accounted is still a duplicate.
     span_ids = 0

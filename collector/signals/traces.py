@@ -446,15 +446,24 @@ def map_span(span: SpanScan, fallbacks: list[tuple[tuple[int, ...], list[Any]]],
         if all(v[s] is None for s in group):
             for slot, value in zip(group, resource_values, strict=True):
                 v[slot] = value
-    session_id = _session_of(v, span_id, options)
-    if session_id is None:
-        return None
+    session_id = v[S_CONVERSATION_ID]
+    if session_id.__class__ is not str or not session_id \
+            or len(session_id) > options.max_session_id_length or not session_id.isprintable():
+        session_id = _session_of(v, span_id, options)  # the usual case needs no call
+        if session_id is None:
+            return None
     if len(trace_id) != TRACE_ID_BYTES or len(span_id) != SPAN_ID_BYTES:
         raise InvalidSpan(f"span {_ref(span_id)}: trace id must be 16 bytes and span id 8 "
                           f"bytes")
-    what = _what_span(v, has_parent, options)
-    if what is None:
-        return None
+    operation = v[S_OPERATION]
+    calls = _MODEL_CALLS.get(operation) if operation.__class__ is str else None
+    what: SpanIs | None
+    if calls is not None:
+        what = calls[has_parent]  # the usual span, decided without a call
+    else:
+        what = _what_span(v, has_parent, options)
+        if what is None:
+            return None
     turns, counts_tokens, role, agent_span = what
     if agent_span:
         # What later spans of its trace without a session most likely belong to.
@@ -467,7 +476,8 @@ def map_span(span: SpanScan, fallbacks: list[tuple[tuple[int, ...], list[Any]]],
         _bounded(model, model_slot, span_id, limit)
     tokens = _tokens(v, span_id, model, model_slot, options) if counts_tokens else NO_TOKENS
     key_time = end_ns  # the key uses what the span says, never now
-    start_ns, end_ns = _times(start_ns, end_ns, now_ns, span_id)
+    if not 0 < start_ns <= end_ns <= MAX_TIME_NS:
+        start_ns, end_ns = _times(start_ns, end_ns, now_ns, span_id)
     if (v[S_KIND] is None and v[S_STATUS] is None and v[S_CHANNEL] is None
             and v[S_GOAL] is None):
         kind = status = channel = goal = None
@@ -513,6 +523,10 @@ _CHILD_CALL: SpanIs = (0, True, ROLE_CALL, False)
 _ROOT_USAGE: SpanIs = (1, True, ROLE_OWN, False)
 _CHILD_USAGE: SpanIs = (1, True, ROLE_TURN, False)
 _SESSION_UPDATE: SpanIs = (0, False, ROLE_OWN, False)
+
+
+# A GenAI model-call operation decides alone: (without a parent, with one).
+_MODEL_CALLS = {operation: (_ROOT_CALL, _CHILD_CALL) for operation in MODEL_CALL_OPERATIONS}
 
 
 def _what_span(v: list[Any], has_parent: bool, options: MappingOptions) -> SpanIs | None:

@@ -433,10 +433,12 @@ def map_span(span: SpanScan, fallbacks: list[tuple[tuple[int, ...], list[Any]]],
              result: MappingResult) -> SpanUsage | None:
     """Map one scanned span; None when it is not usage. Raises InvalidSpan for broken values.
 
-    It runs once per span, so each step is one call on the span's values `v` (`v[slot]` is an
-    attribute's value, None when absent; a group's first present slot wins): the session,
-    what the span is, its model, its tokens and cost, its times, its session attributes and
-    who spends.
+    Its steps, each a helper on the span's values `v` (`v[slot]` is an attribute's value, None
+    when absent; a group's first present slot wins): the session (_session_of), what the
+    span is (_what_span), its model, tokens and cost (_tokens), its times (_times), its
+    session attributes (_session_values) and who spends (_labels). It runs once per span, so
+    the usual span (a model call naming its session in `gen_ai.conversation.id`, with
+    ordinary times and no session attributes) takes each step inline, without the call.
     """
     v, trace_id, span_id, has_parent, start_ns, end_ns, count, deep_key = span
     if count > options.max_attributes_per_span or deep_key is not None:
@@ -449,7 +451,7 @@ def map_span(span: SpanScan, fallbacks: list[tuple[tuple[int, ...], list[Any]]],
     session_id = v[S_CONVERSATION_ID]
     if session_id.__class__ is not str or not session_id \
             or len(session_id) > options.max_session_id_length or not session_id.isprintable():
-        session_id = _session_of(v, span_id, options)  # the usual case needs no call
+        session_id = _session_of(v, span_id, options)
         if session_id is None:
             return None
     if len(trace_id) != TRACE_ID_BYTES or len(span_id) != SPAN_ID_BYTES:

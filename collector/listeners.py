@@ -57,13 +57,13 @@ def check_listeners(config: Config) -> None:
     if not problems:
         return
     if config.source == DEFAULTS_SOURCE:
-        where = ("these are defaults (no --config given): write a config file that sets "
-                 "them and pass it with --config")
+        where = ("no --config was given, so these are the defaults: write a config file that "
+                 "sets them and pass it with --config")
     else:
         where = f"set them in {config.source}"
     raise ListenerError(
         f"cannot listen, nothing started: {'; '.join(problems)}. Each collector on a host "
-        f"needs listeners of its own ({where}; \"\" turns ops.endpoint or web.endpoint off; "
+        f"needs listeners of its own: {where} (\"\" turns ops.endpoint or web.endpoint off; "
         "see \"Several collectors on one host\" in README.md)")
 
 

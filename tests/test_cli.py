@@ -16,7 +16,9 @@ from typing import Any
 
 import pytest
 
+from collector import __version__
 from collector.cli import literal
+from collector.config import DEFAULTS_SOURCE
 from collector.store.sqlite import COLUMN_NAMES
 from tests.conftest import SECOND, T0, Daemon, make_span
 from tests.test_receivers import new_trace
@@ -175,3 +177,25 @@ def test_literal_escapes_only_what_is_not_printable() -> None:
     assert literal("gpt-4o [x] é 模型 😀") == "gpt-4o [x] é 模型 😀"
     assert literal("a\x1bb\x00\x7f\x9b") == "a\\x1bb\\x00\\x7f\\x9b"
     assert literal("\u2028\u200b\U000e0001") == "\\u2028\\u200b\\U000e0001"
+
+
+def test_without_a_config_every_command_uses_the_defaults_under_the_working_directory(
+        tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "collector", "check-config"],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    effective = json.loads(result.stdout)
+    assert effective["sqlite_path"] == str(tmp_path / "data" / "agent_sessions.db")
+    assert effective["source"] == DEFAULTS_SOURCE
+    assert (effective["receivers"]["grpc_endpoint"], effective["web_endpoint"]) == (
+        "127.0.0.1:4317", "127.0.0.1:8889")
+    missing = subprocess.run([sys.executable, "-m", "collector", "sessions"],
+                             capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert missing.returncode == 1
+    assert str(tmp_path / "data" / "agent_sessions.db") in missing.stderr
+
+
+def test_version_is_the_packages() -> None:
+    result = subprocess.run([sys.executable, "-m", "collector", "--version"],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0 and result.stdout == f"collector {__version__}\n"

@@ -26,7 +26,7 @@ from typing import Any
 import psycopg
 
 from bench.payload import SPANS_PER_REQUEST
-from bench.run import HOST, PYTHON, ROOT, Server, free_port, loadgen
+from bench.run import PYTHON, ROOT, Server, free_port, listeners_toml, loadgen
 from tests.pg import PgServer
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -62,12 +62,9 @@ def pg_counters(url: str) -> dict[str, float]:
 def start(work: Path, tag: str, storage: str) -> Server:
     http, grpc_port = free_port(), free_port()
     config = work / f"collector-{tag}.toml"
-    config.write_text(
-        "[receivers.otlp]\n"
-        f'grpc_endpoint = "{HOST}:{grpc_port}"\n'
-        f'http_endpoint = "{HOST}:{http}"\n'
-        f"[storage]\n{storage}\n"
-        '[log]\nlevel = "info"\n[ops]\nendpoint = ""\n')
+    # Listeners of its own: the two-collector runs start two at once.
+    config.write_text(listeners_toml(grpc_port, http) +
+                      f'[storage]\n{storage}\n[log]\nlevel = "info"\n')
     return Server("collector", [PYTHON, "-m", "collector", "serve", "--config", str(config)],
                   http_port=http, grpc_port=grpc_port, log=work / f"collector-{tag}.log",
                   pythonpath=str(ROOT), cwd=work)

@@ -175,26 +175,30 @@ def start_baseline(work: Path, tag: str) -> Server:
                   http_port=http, grpc_port=grpc_port, log=work / f"baseline-{tag}.log")
 
 
+def listeners_toml(grpc_port: int, http_port: int) -> str:
+    """Every listener of one benchmarked collector: OTLP on its own free ports, and no ops or
+    web listener. Their defaults are fixed ports (8888, 8889), so a second collector on the
+    host would clash on them and refuse to start; the benchmarks measure the export path."""
+    return ("[receivers.otlp]\n"
+            f'grpc_endpoint = "{HOST}:{grpc_port}"\n'
+            f'http_endpoint = "{HOST}:{http_port}"\n'
+            '[ops]\nendpoint = ""\n'
+            '[web]\nendpoint = ""\n')
+
+
 def start_collector(work: Path, tag: str, settings: Settings, *,
                     log_level: str = "info") -> Server:
     http, grpc_port = free_port(), free_port()
     db = work / f"collector-{tag}.db"
     config = work / f"collector-{tag}.toml"
     config.write_text(
-        "[receivers.otlp]\n"
-        f'grpc_endpoint = "{HOST}:{grpc_port}"\n'
-        f'http_endpoint = "{HOST}:{http}"\n'
+        listeners_toml(grpc_port, http) +
         "[storage]\n"
         f'sqlite_path = "{db}"\n'
         "[flush]\n"
         f"interval_ms = {settings.flush_interval_ms}\n"
         "[log]\n"
-        f'level = "{log_level}"\n'
-        "[ops]\n"
-        'endpoint = ""\n'
-        # The fleet view listens on a fixed default port: off, so runs side by side work.
-        "[web]\n"
-        'endpoint = ""\n')
+        f'level = "{log_level}"\n')
     return Server("collector", [PYTHON, "-m", "collector", "serve", "--config", str(config)],
                   http_port=http, grpc_port=grpc_port, log=work / f"collector-{tag}.log", db=db,
                   pythonpath=settings.collector_src or str(ROOT),

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import datetime as dt
 import gc
+import itertools
 import json
 import logging
 import sqlite3
@@ -16,8 +17,8 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from collector import report
-from collector.config import Config, ConfigError, load_config
+from collector import __version__, report
+from collector.config import Config, ConfigError, default_config, load_config
 from collector.signals.traces import STATUSES
 from collector.store import open_reader
 from collector.store.base import Reader, SchemaError, StorageError
@@ -28,13 +29,16 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+DISTRIBUTION = "agent-usage-collector"  # the installed package --version asks about
+CONFIG_HELP = ("TOML config file (default: none, the documented defaults: data under ./data, "
+               "listeners on 127.0.0.1)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        config = load_config(args.config)
+        config = default_config() if args.config is None else load_config(args.config)
     except ConfigError as exc:
         print(f"collector: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -47,21 +51,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="collector",
                                      description="OTLP agent usage collector")
+    parser.add_argument("--version", action=_Version, help="print the installed version")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the daemon in the foreground")
-    serve.add_argument("--config", required=True, help="TOML config file")
+    serve.add_argument("--config", help=CONFIG_HELP)
     sessions = sub.add_parser("sessions", help="list sessions, most recently active first")
-    sessions.add_argument("--config", required=True, help="TOML config file")
+    sessions.add_argument("--config", help=CONFIG_HELP)
     sessions.add_argument("--status", choices=STATUSES, help="only sessions with this status")
     sessions.add_argument("--limit", type=_positive_int, help="at most this many rows")
     sessions.add_argument("--json", action="store_true", help="a JSON array of row objects")
     check = sub.add_parser("check-config", help="validate a config and print the effective one")
-    check.add_argument("--config", required=True, help="TOML config file")
+    check.add_argument("--config", help=CONFIG_HELP)
     rep = sub.add_parser("report", help="usage by day, month, session or model",
                          description="Tokens by kind, turns and cost from the hourly rollup. "
                          "Days and months are in --timezone (UTC by default).")
     rep.add_argument("kind", choices=report.REPORTS)
-    rep.add_argument("--config", required=True, help="TOML config file")
+    rep.add_argument("--config", help=CONFIG_HELP)
     rep.add_argument("--since", type=_date, help="first day included (YYYY-MM-DD)")
     rep.add_argument("--until", type=_date, help="last day included (YYYY-MM-DD)")
     rep.add_argument("--json", action="store_true", help="the same numbers as JSON")
@@ -74,10 +79,29 @@ def _parser() -> argparse.ArgumentParser:
         "to the PostgreSQL database of the config (storage.backend = \"postgres\"), in one "
         "transaction. Safe to run again: a database already moved is not added twice. Stop "
         "the collector that writes the SQLite file first.")
-    migrate.add_argument("--config", required=True, help="TOML config file")
+    migrate.add_argument("--config", help=CONFIG_HELP)
     migrate.add_argument("--from", dest="source", type=Path,
                          help="the SQLite file (default: storage.sqlite_path)")
     return parser
+
+
+class _Version(argparse.Action):
+    """`collector --version`: the installed distribution's version, looked up only when asked
+    (importlib.metadata scans sys.path, a cost every report would pay otherwise)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            installed = version(DISTRIBUTION)
+        except PackageNotFoundError:  # run from a checkout that was never installed
+            installed = f"{__version__} (not installed)"
+        print(f"collector {installed}")
+        parser.exit(EXIT_OK)
 
 
 def _migrate_sqlite(config: Config, args: argparse.Namespace) -> int:
@@ -137,14 +161,15 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
     # Imported here: the network stack (grpc, aiohttp) is slow to import and only serve needs
     # it, so `collector report` and `collector sessions` start in a fraction of the time.
     from collector.daemon import serve
+    from collector.listeners import ListenerError
     from collector.receivers.common import ReceiverError
     from collector.web.app import WebError
     from collector.web.ops import OpsError
 
     try:
         return _run(serve(config))
-    except (StorageError, SchemaError, ReceiverError, OpsError, WebError, sqlite3.Error,
-            OSError) as exc:
+    except (StorageError, SchemaError, ListenerError, ReceiverError, OpsError, WebError,
+            sqlite3.Error, OSError) as exc:
         log.error("cannot start: %s", exc)
         return EXIT_FAILURE
 
@@ -206,22 +231,51 @@ def _cell(name: str, value: Any) -> str:
 
 def _print_table(title: str, headers: Sequence[str], numeric: Sequence[bool],
                  rows: Sequence[Sequence[str]], totals: Sequence[str] | None = None) -> None:
-    """A rich table on a terminal; plain aligned text when piped (for grep and friends)."""
+    """A rich table on a terminal; plain aligned text when piped (for grep and friends).
+
+    Cells hold agent text (ids, models, users): both ways print it literally, every character
+    a terminal would act on shown as an escape (see `literal`), and on a terminal each cell is
+    a rich Text, never markup, so `[/bold]` is a model name and not a style."""
+    # One C-level scan of all cells first: a 50,000-line report of plain text is not copied.
+    if not "".join(itertools.chain.from_iterable(rows)).isprintable():
+        rows = [[literal(cell) for cell in cells] for cells in rows]
+    if totals is not None:
+        totals = [literal(cell) for cell in totals]
+    title = literal(title)
     if sys.stdout.isatty():
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
 
-        table = Table(title=title)
+        table = Table(title=Text(title))
         for header, num in zip(headers, numeric, strict=True):
-            table.add_column(header, justify="right" if num else "left")
+            table.add_column(Text(header), justify="right" if num else "left")
         for i, cells in enumerate(rows):
-            table.add_row(*cells, end_section=totals is not None and i == len(rows) - 1)
+            table.add_row(*map(Text, cells),
+                          end_section=totals is not None and i == len(rows) - 1)
         if totals is not None:
-            table.add_row(*totals, style="bold")
-        Console().print(table)
+            table.add_row(*map(Text, totals), style="bold")
+        Console(highlight=False, emoji=False, markup=False).print(table)
         return
     lines = _aligned(headers, numeric, [*rows, totals] if totals is not None else rows)
     sys.stdout.write("\n".join(lines) + "\n")  # one write: a session report has 50,000 lines
+
+
+def literal(text: str) -> str:
+    """`text` with every character that is not printable (controls such as ESC, which would
+    drive the terminal; bidi and other format characters, which would reorder or hide what
+    follows; line and paragraph separators) written as a Python-style escape: \\x1b, \\u202e.
+    Printable text is returned as it is, so the common case costs one C-level scan."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escape(c) for c in text)
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def _check_config(config: Config, args: argparse.Namespace) -> int:

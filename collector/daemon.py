@@ -1,10 +1,12 @@
 """Wiring and lifecycle of `collector serve`: one place owns startup and shutdown order.
 
-Start: store, then the operations endpoint, the fleet view, the pipeline, then receivers (so
-nothing is accepted before it can be committed; /readyz says ready once the receivers
-listen). Stop, on SIGTERM or SIGINT: refuse new exports, stop the receivers while the pipeline
-keeps committing for the requests in flight, drain the pipeline, stop the fleet view and the
-operations endpoint (it answers "shutting down" until then), close the store.
+Start: every listener's address checked first (a clash with another collector on this host is
+an error naming the key, before anything is opened), then the store, the operations endpoint,
+the fleet view, the pipeline, then receivers (so nothing is accepted before it can be
+committed; /readyz says ready once the receivers listen). Stop, on SIGTERM or SIGINT: refuse
+new exports, stop the receivers while the pipeline keeps committing for the requests in
+flight, drain the pipeline, stop the fleet view and the operations endpoint (it answers
+"shutting down" until then), close the store.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Protocol
 from collector.accounting.pricing import Pricer
 from collector.config import Config
 from collector.dialects import DialectSet
+from collector.listeners import check_listeners
 from collector.pipeline import Pipeline
 from collector.receivers.grpc import GrpcReceiver
 from collector.receivers.http import HttpReceiver
@@ -81,6 +84,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
+        check_listeners(config)
         async with AsyncExitStack() as stack:
             store = open_store(config)
             stack.push_async_callback(store.close)

@@ -102,12 +102,17 @@ class PgServer:
     def admin(self, dbname: str = "postgres") -> psycopg.Connection[Any]:
         return psycopg.connect(self.url(dbname), autocommit=True)
 
-    def new_database(self) -> str:
-        """A fresh empty database; its URL."""
+    def new_database(self, *, encoding: str | None = None) -> str:
+        """A fresh empty database; its URL. `encoding` (e.g. "SQL_ASCII", what a cluster made
+        by `initdb --locale=C` without -E gets) instead of the cluster's UTF8."""
         self._databases += 1
         name = f"t{self._databases}"
         with self.admin() as conn:
-            conn.execute(f"CREATE DATABASE {name}")
+            if encoding is None:
+                conn.execute(f"CREATE DATABASE {name}")
+            else:  # template0: template1's encoding is fixed; C locale goes with any encoding
+                conn.execute(f"CREATE DATABASE {name} TEMPLATE template0 ENCODING "
+                             f"'{encoding}' LC_COLLATE 'C' LC_CTYPE 'C'")
             conn.execute(f"GRANT ALL ON DATABASE {name} TO {PASSWORD_USER}")
         with self.admin(name) as conn:
             conn.execute(f"GRANT ALL ON SCHEMA public TO {PASSWORD_USER}")

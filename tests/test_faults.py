@@ -148,10 +148,12 @@ needs_mount = pytest.mark.skipif(not can_mount(), reason="needs permission to mo
 
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A real 3 MiB filesystem: filling it gives SQLite a genuine 'disk is full'."""
+    """A real 3 MiB filesystem: filling it gives SQLite a genuine 'disk is full'. Owner-only
+    (a tmpfs root is 1777 by default, a data directory the collector refuses)."""
     mount = tmp_path / "fs"
     mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m,mode=0700", "tmpfs", str(mount)],
+                   check=True)
     try:
         yield mount
     finally:

@@ -64,6 +64,10 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 PRICE_KEYS = ("input", "output", "cache_read", "cache_write")
 
 
+# Config.source when no file was given: error messages name this instead of a file.
+DEFAULTS_SOURCE = "<defaults: no --config given>"
+
+
 class ConfigError(Exception):
     """A configuration problem, worded for the person who edits the file."""
 
@@ -186,6 +190,13 @@ def load_config(path: str | Path) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, "", f"invalid TOML: {exc}") from None
     return parse_config(doc, source=source, base_dir=p.resolve().parent)
+
+
+def default_config(cwd: Path | None = None) -> Config:
+    """The documented defaults, as every command runs without --config: relative paths (the
+    database, data/agent_sessions.db) resolved under the working directory, so `serve`,
+    `sessions` and `report` started in one directory agree on one database."""
+    return parse_config({}, source=DEFAULTS_SOURCE, base_dir=Path.cwd() if cwd is None else cwd)
 
 
 def parse_config(doc: Mapping[str, Any], *, source: str, base_dir: Path) -> Config:

@@ -88,6 +88,16 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 APPLICATION_NAME = "agent-usage-collector"
+# Every connection talks UTF-8, whatever the database's default client encoding. With a
+# SQL_ASCII database (what `initdb --locale=C` makes without -E) the default would be SQL_ASCII,
+# for which psycopg returns text as bytes: the collector then failed at start
+# (KeyError: 'seen_current_count'). The server checks what clients send against this encoding
+# and, for SQL_ASCII, stores those bytes unchanged, so agent text round-trips.
+CLIENT_ENCODING = "UTF8"
+# Database encodings that can hold any agent's text. SQL_ASCII stores bytes as sent (UTF-8,
+# as every collector sends them); any other (LATIN1, WIN1252, EUC_JP, ...) would refuse some
+# characters at commit time, retrying the same batch for ever, so it is refused at start.
+USABLE_ENCODINGS = ("UTF8", "SQL_ASCII")
 # Advisory lock keys (per database): creating the schema, and the span-id generation (flushes
 # share it, a rotation takes it alone).
 SCHEMA_LOCK = 0x636F_6C6C_0001
@@ -592,7 +602,8 @@ class ConnectOptions:
 
     def connect(self, *, autocommit: bool = True) -> psycopg.Connection[Any]:
         kwargs: dict[str, Any] = {"connect_timeout": self.connect_timeout_s,
-                                  "application_name": APPLICATION_NAME}
+                                  "application_name": APPLICATION_NAME,
+                                  "client_encoding": CLIENT_ENCODING}
         if self.password is not None:
             kwargs["password"] = self.password
         try:
@@ -611,6 +622,17 @@ class ConnectOptions:
         host = parts.get("host") or "localhost"
         port = parts.get("port") or "5432"
         return f"{host}:{port}/{parts.get('dbname') or parts.get('user') or ''}"
+
+
+def _encoding_problem(conn: psycopg.Connection[Any]) -> str | None:
+    """Why the database cannot hold every agent's text, or None."""
+    row = conn.execute("SELECT current_setting('server_encoding')").fetchone()
+    encoding = str(row[0]) if row else "?"
+    if encoding in USABLE_ENCODINGS:
+        return None
+    return (f"the database's encoding is {encoding}, which cannot hold every agent's text; "
+            f"create the database with ENCODING 'UTF8' (e.g. `createdb -E UTF8 -T template0 "
+            f"NAME`; SQL_ASCII also works) and point storage.postgres_url at it")
 
 
 def _message(exc: BaseException) -> str:
@@ -664,6 +686,9 @@ class PostgresStore:
     def _open(self) -> None:
         conn = self._connection()
         try:
+            encoding = _encoding_problem(conn)
+            if encoding:
+                raise SchemaError(f"{self._options.where}: {encoding}")
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
                 found = [(str(r[0]), str(r[1])) for r in conn.execute(TABLE_COLUMNS)]

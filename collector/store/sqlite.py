@@ -44,6 +44,7 @@ import itertools
 import logging
 import os
 import sqlite3
+import stat
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -97,6 +98,8 @@ _T = TypeVar("_T")
 BUSY_TIMEOUT_MS = 2000
 FILE_MODE = 0o600
 DIR_MODE = 0o700
+# A data directory or database file with either bit is refused: others could tamper with it.
+SHARED_WRITE = stat.S_IWGRP | stat.S_IWOTH
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS agent_sessions (
@@ -666,11 +669,99 @@ def write_sessions(db: sqlite3.Connection, applied: Batch,
 
 
 def prepare_file(path: Path) -> None:
-    """Create the directory and an owner-only database file before SQLite opens it."""
+    """Create the directory and an owner-only database file before SQLite opens it, after
+    refusing any place where another user could swap or edit what the collector commits.
+
+    Refused, each with a StorageError naming the path: a directory (or database file)
+    writable by group or others, since whoever can write the directory can replace the
+    database or plant its -wal/-shm files; a database path that is a symbolic link unless it
+    leads to an existing regular file this user owns (a dangling link is never followed, so
+    the collector creates nothing where the link points); anything but a regular file.
+    Existing -wal/-shm files get the database file's mode (SQLite gives that mode to the ones
+    it creates)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
-    if not path.exists():
-        fd = os.open(path, os.O_CREAT | os.O_WRONLY, FILE_MODE)
+    target = path
+    try:
+        found = os.lstat(path)
+    except FileNotFoundError:
+        _private_directory(path.parent)
+        try:  # O_EXCL | O_NOFOLLOW: nothing that appeared meanwhile is followed or reused
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, FILE_MODE)
+        except OSError as exc:
+            raise StorageError(f"cannot create the database {path}: "
+                               f"{exc.strerror or exc}") from None
         os.close(fd)
+        return
+    if stat.S_ISLNK(found.st_mode):
+        target = _link_target(path)
+    _private_directory(path.parent)
+    if target != path:
+        _private_directory(target.parent)
+    mode = _private_file(target)
+    for suffix in ("-wal", "-shm"):
+        _match_mode(Path(f"{target}{suffix}"), mode)
+
+
+def _private_directory(directory: Path) -> None:
+    try:
+        mode = os.stat(directory).st_mode
+    except OSError as exc:
+        raise StorageError(f"data directory {directory}: {exc.strerror or exc}") from None
+    if mode & SHARED_WRITE:
+        raise StorageError(
+            f"data directory {directory} is writable by group or others (mode "
+            f"{stat.S_IMODE(mode):04o}): another user could replace the database or its "
+            f"-wal/-shm files. Run `chmod go-w {directory}`, or set storage.sqlite_path to a "
+            "file in a directory only this user can write")
+
+
+def _link_target(path: Path) -> Path:
+    """Where a symbolic link at the database path leads, if it may be followed."""
+    try:
+        target = Path(os.path.realpath(path, strict=True))
+        found = os.stat(target)
+    except OSError:
+        raise StorageError(
+            f"database path {path} is a symbolic link to {os.readlink(path)!r}, which does "
+            "not exist: refusing to create a database through a link. Create the target "
+            "first, or set storage.sqlite_path to the file itself") from None
+    if not stat.S_ISREG(found.st_mode) or found.st_uid != os.geteuid():
+        raise StorageError(
+            f"database path {path} is a symbolic link to {target}, which is not a regular "
+            f"file owned by this user (uid {os.geteuid()}): refusing to follow it. Set "
+            "storage.sqlite_path to the file itself")
+    return target
+
+
+def _private_file(path: Path) -> int:
+    found = os.stat(path)
+    if not stat.S_ISREG(found.st_mode):
+        raise StorageError(f"database path {path} is not a regular file")
+    mode = stat.S_IMODE(found.st_mode)
+    if mode & SHARED_WRITE:
+        raise StorageError(
+            f"database file {path} is writable by group or others (mode {mode:04o}); run "
+            f"`chmod go-w {path}` (the collector creates it {FILE_MODE:04o})")
+    return mode
+
+
+def _match_mode(path: Path, mode: int) -> None:
+    """A -wal or -shm file left from before gets the database file's mode; a link there is
+    refused (SQLite would write through it)."""
+    try:
+        found = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(found.st_mode):
+        raise StorageError(f"{path} is not a regular file (a link?): refusing to open the "
+                           "database beside it")
+    if stat.S_IMODE(found.st_mode) != mode:
+        try:
+            os.chmod(path, mode)
+        except OSError as exc:
+            raise StorageError(f"cannot give {path} the database file's mode {mode:04o}: "
+                               f"{exc.strerror or exc}") from None
 
 
 def schema_problem(table_info: list[Any]) -> str | None:

@@ -251,3 +251,18 @@ def test_any_session_opens_from_the_page_and_shows_literally(
         assert fresh.locator('[data-fact="turns"]').inner_text() == str(turns)
         fresh.close()
         assert errors == []
+
+
+def test_who_reports_in_the_zone_asked(odd: Daemon, capsys: pytest.CaptureFixture[str]) -> None:
+    from collector import cli
+
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    status, data = call(odd, "/api/who/user", {"tz": "Pacific/Kiritimati", "until": today})
+    assert status == 200 and data["timezone"] == "Pacific/Kiritimati"
+    assert cli.main(["report", "user", "--config", str(odd.config_path), "--json",
+                     "--timezone", "Pacific/Kiritimati", "--until", today]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    for line in data["lines"]:
+        line.pop("cost_text")
+    data["totals"].pop("cost_text")
+    assert data == printed

@@ -1,9 +1,12 @@
 """The fleet view: a page at `/`, its JSON API under `/api/`, CSV export and live updates.
 
 It has its own listener (`[web] endpoint`) and reads the database through its own read-only
-connection on its own thread, never the writer's: a page polling the API costs the export path
-no event-loop time beyond parsing the request, and several collectors sharing one database file
-show in one view.
+connections (a bounded pool, each on its own thread), never the writer's: a page polling the
+API costs the export path no event-loop time beyond parsing the request, a long read (a CSV
+export's chunk, a search) does not hold up the others, and several collectors sharing one
+database file show in one view. CSV exports are streamed a chunk at a time, each chunk read
+only once the client took the previous one. Every parameter is checked (collector.web.params)
+before it reaches a query: out of range is a 400 with a message, never a 5xx.
 
 Live updates: `/api/events` is a server-sent event stream. While anyone listens, one task asks
 the database every LIVE_CHECK_S whether it changed since it last looked and tells every

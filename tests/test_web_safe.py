@@ -244,8 +244,9 @@ def test_any_session_opens_from_the_page_and_shows_literally(
         # The address, opened afresh (shared, bookmarked), opens the same session.
         fresh = page.context.new_page()
         errors: list[str] = []
-        fresh.on("pageerror", lambda e: errors.append(str(e)))
-        fresh.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        fresh.on("pageerror", lambda e, errors=errors: errors.append(str(e)))
+        fresh.on("console", lambda m, errors=errors: errors.append(m.text)
+                 if m.type == "error" else None)
         fresh.goto(page.url)
         expect(fresh.get_by_test_id("session-id")).to_have_text(sid, timeout=UI_TIMEOUT_MS)
         assert fresh.locator('[data-fact="turns"]').inner_text() == str(turns)

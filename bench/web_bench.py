@@ -4,6 +4,13 @@ whether a page polling them slows ingestion.
     .venv/bin/python -m bench.web_bench                  # 1,000,000 turns, 100,000 sessions
     .venv/bin/python -m bench.web_bench --turns 100000 --repeat 5
     .venv/bin/python -m bench.web_bench --only poll      # the ingestion ratio alone
+    .venv/bin/python -m bench.web_bench --flood --only flood --turns 1000000
+
+--flood gives every session a model of its own, one user per 20 sessions and one host per 100
+(what a flood of distinct values from agents leaves); `--only flood` then measures what such a
+fleet costs the view: /api/filters' size, a CSV export's size, time and the daemon's peak
+memory growth while it runs (VmHWM, reset first), and how long /api/overview takes while
+FLOOD_DOWNLOADS CSV exports are in flight.
 
 The database is written straight with sqlite3 in the daemon's schema, triggers included
 (rollup rows, sessions, labels; the daily table follows from the triggers), all of it inside
@@ -76,12 +83,16 @@ ROUND_S = 10.0
 ROUNDS = 4  # rounds of one run without and one with the poller
 
 
-def rows(turns: int, rng: random.Random) -> Iterator[tuple[Any, ...]]:
+FLOOD_DOWNLOADS = 4
+FLOOD_USERS_PER = 20  # sessions per distinct user (and 100 per host) with --flood
+
+
+def rows(turns: int, rng: random.Random, flood: bool = False) -> Iterator[tuple[Any, ...]]:
     now_hour = time.time_ns() // HOUR_NS
     for s in range(turns // TURNS_PER_SESSION):
         session = f"session-{s:07d}"
         start = now_hour - rng.randrange(DAYS * 24 - 4)
-        model = rng.choice(MODELS)
+        model = f"model-{s:07d}" if flood else rng.choice(MODELS)
         left = TURNS_PER_SESSION
         hours = rng.randint(1, 3)
         for h in range(hours):
@@ -95,13 +106,13 @@ def rows(turns: int, rng: random.Random) -> Iterator[tuple[Any, ...]]:
                    completion // 4, cache_read, 0, (prompt * 0.0003 + completion * 0.0015))
 
 
-def build(path: Path, turns: int) -> dict[str, int]:
+def build(path: Path, turns: int, flood: bool = False) -> dict[str, int]:
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode = WAL")
     conn.executescript(SCHEMA_SCRIPT)
     conn.execute("BEGIN")
     conn.executemany("INSERT INTO collector_usage_hourly VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                     rows(turns, random.Random(7)))
+                     rows(turns, random.Random(7), flood))
     conn.execute("""
         INSERT INTO agent_sessions (id, status, model, created_at, last_active_at, turns,
             prompt_tokens, completion_tokens, reasoning_tokens, cost_cents)
@@ -110,14 +121,16 @@ def build(path: Path, turns: int) -> dict[str, int]:
         FROM collector_usage_hourly GROUP BY session_id""")
     rng = random.Random(8)
     ids = [r[0] for r in conn.execute("SELECT id FROM agent_sessions")]
+    users = max(len(ids) // FLOOD_USERS_PER, 1) if flood else 50
+    hosts = max(len(ids) // (5 * FLOOD_USERS_PER), 1) if flood else 20
     conn.executemany("UPDATE agent_sessions SET status = ? WHERE id = ?",
                      ((rng.choice(STATUSES), i) for i in ids))
     conn.executemany(
         "INSERT INTO collector_session_labels (id, agent, agent_ns, agent_version, "
         "agent_version_ns, user_name, user_ns, host, host_ns) VALUES (?, ?, 1, '1.0', 1, ?, 1, "
         "?, 1)",
-        ((i, rng.choice(AGENTS), f"user-{rng.randrange(50):03d}@example.com",
-          f"host-{rng.randrange(20):02d}") for i in ids))
+        ((i, rng.choice(AGENTS), f"user-{rng.randrange(users):03d}@example.com",
+          f"host-{rng.randrange(hosts):02d}") for i in ids))
     conn.execute("COMMIT")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     counts = {
@@ -160,6 +173,46 @@ def time_endpoints(web: int, endpoints: list[str], repeat: int) -> None:
             f"&cursor=(row {DEEP_ROW:,})")
         print(f"| `{shown}` | {min(times):.1f} | {median:.1f} | "
               f"{'yes' if median <= GOAL_MS else 'no'} |", flush=True)
+
+
+def _status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _fetch(url: str) -> tuple[int, float]:
+    started = time.perf_counter()
+    size = 0
+    with urllib.request.urlopen(url, timeout=600) as response:
+        while chunk := response.read(1 << 16):
+            size += len(chunk)
+    return size, time.perf_counter() - started
+
+
+def flood_costs(web: int, pid: int) -> None:
+    """What a flood of distinct values costs the view (see the module's docstring)."""
+    base = f"http://127.0.0.1:{web}"
+    size, took = _fetch(base + "/api/filters")
+    print(f"\n/api/filters: {size:,} bytes in {took * 1000:.0f} ms")
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
+    rss = _status_kib(pid, "VmRSS")
+    size, took = _fetch(base + "/api/sessions.csv")
+    peak = _status_kib(pid, "VmHWM")
+    print(f"/api/sessions.csv: {size:,} bytes in {took:.1f} s; daemon RSS {rss / 1024:.0f} MiB "
+          f"before, peak {peak / 1024:.0f} MiB during (+{(peak - rss) / 1024:.0f} MiB)")
+    downloads = [threading.Thread(target=_fetch, args=(base + "/api/sessions.csv",))
+                 for _ in range(FLOOD_DOWNLOADS)]
+    for d in downloads:
+        d.start()
+    time.sleep(0.5)  # the downloads are under way
+    _, took = _fetch(base + "/api/overview")
+    alive = sum(d.is_alive() for d in downloads)
+    for d in downloads:
+        d.join()
+    print(f"/api/overview during {FLOOD_DOWNLOADS} CSV downloads: {took * 1000:.0f} ms "
+          f"({alive} downloads still running when it answered)")
 
 
 class Poller:
@@ -243,7 +296,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--turns", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=7)
-    parser.add_argument("--only", choices=("endpoints", "poll"))
+    parser.add_argument("--only", choices=("endpoints", "poll", "flood"))
+    parser.add_argument("--flood", action="store_true",
+                        help="a model per session, a user per 20, a host per 100")
     parser.add_argument("--poll-interval", type=float, default=POLL_INTERVAL_S)
     parser.add_argument("--rounds", type=int, default=ROUNDS)
     args = parser.parse_args()
@@ -252,7 +307,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "web.db"
         started = time.perf_counter()
-        counts = build(path, args.turns)
+        counts = build(path, args.turns, args.flood)
         print(f"built {counts} in {time.perf_counter() - started:.1f} s")
         deep = deep_endpoints(path)
         web = free_port()
@@ -271,9 +326,11 @@ def main() -> int:
                     break
             threading.Thread(target=lambda: [None for _ in daemon.stderr or ()],
                              daemon=True).start()  # keep the pipe drained
-            if args.only != "poll":
+            if args.only == "flood":
+                flood_costs(web, daemon.pid)
+            if args.only in (None, "endpoints"):
                 time_endpoints(web, [*ENDPOINTS, *deep], args.repeat)
-            if args.only != "endpoints":
+            if args.only in (None, "poll"):
                 poll_ratio(web, http, Path(tmp), args.poll_interval, args.rounds)
         finally:
             daemon.terminate()

@@ -203,7 +203,9 @@ def test_session_filters_and_search(api_fleet: Daemon) -> None:
         r[0] for r in labels if r[2] == "ana@example.com" and statuses[r[0]] == "active"}
     page = get_json(api_fleet, "/api/sessions?model=gpt-5&q=web-0")
     assert {s["id"] for s in page["sessions"]} == {"web-01", "web-04", "web-07"}
-    assert get_json(api_fleet, "/api/filters")["agent"] == sorted(a[0] for a in AGENTS)
+    filters = get_json(api_fleet, "/api/filters")
+    assert sorted(filters["agent"]) == sorted(a[0] for a in AGENTS)
+    assert filters["complete"]["agent"] is True
     for bad in ("status=sleeping", "sort=colour", "limit=0", "cursor=%%%", "order=up"):
         status, _, body = get(api_fleet.web_url + "/api/sessions?" + bad)
         assert status == 400 and json.loads(body)["error"], bad
@@ -572,7 +574,8 @@ def test_sessions_page_filters_sorts_and_opens_a_session(fleet: Daemon, page: An
     rows = page.locator("[data-testid=sessions-table] tbody tr")
     page.get_by_test_id("total").wait_for()
     assert rows.count() == SESSIONS
-    page.locator("select[data-filter=agent]").select_option("triage-agent")
+    page.locator("input[data-filter=agent]").fill("triage-agent")
+    page.locator("input[data-filter=agent]").press("Enter")
     codex = {r[0] for r in db(fleet, "SELECT id FROM collector_session_labels WHERE agent = "
                                      "'triage-agent'")}
     expect(rows).to_have_count(len(codex), timeout=UI_TIMEOUT_MS)

@@ -1,9 +1,12 @@
 """The fleet view: a page at `/`, its JSON API under `/api/`, CSV export and live updates.
 
 It has its own listener (`[web] endpoint`) and reads the database through its own read-only
-connection on its own thread, never the writer's: a page polling the API costs the export path
-no event-loop time beyond parsing the request, and several collectors sharing one database file
-show in one view.
+connections (a bounded pool, each on its own thread), never the writer's: a page polling the
+API costs the export path no event-loop time beyond parsing the request, a long read (a CSV
+export's chunk, a search) does not hold up the others, and several collectors sharing one
+database file show in one view. CSV exports are streamed a chunk at a time, each chunk read
+only once the client took the previous one. Every parameter is checked (collector.web.params)
+before it reaches a query: out of range is a 400 with a message, never a 5xx.
 
 Live updates: `/api/events` is a server-sent event stream. While anyone listens, one task asks
 the database every LIVE_CHECK_S whether it changed since it last looked and tells every
@@ -26,20 +29,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import csv
 import datetime as dt
 import hashlib
 import hmac
-import io
 import json
 import logging
 import sqlite3
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
-from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
@@ -49,7 +50,7 @@ from collector.receivers.common import start_app
 from collector.store.base import Reader as UsageReader
 from collector.store.base import StorageError
 from collector.store.sqlite import BUSY_TIMEOUT_MS
-from collector.web import queries
+from collector.web import export, params, queries
 
 if TYPE_CHECKING:
     from collector.store.postgres import ConnectOptions, QueryConnection
@@ -61,6 +62,10 @@ STATIC_DIR = Path(__file__).parent / "static"
 LIVE_CHECK_S = 0.5
 KEEPALIVE_S = 15.0
 STOP_GRACE_S = 2.0
+# Read-only connections (and threads) the API's requests share: a CSV export, a search or a
+# slow page holds one at a time, so the others keep answering. The live-update watcher has
+# one more of its own (PRAGMA data_version is per connection, so it must always ask the same).
+READER_THREADS = 4
 COOKIE = "collector_web"
 COOKIE_MAX_AGE_S = 7 * 24 * 3600
 JSON_HEADERS = {"Cache-Control": "no-store"}
@@ -83,51 +88,67 @@ READ_ERRORS = (sqlite3.Error, StorageError)
 
 
 class Reader:
-    """One read-only connection on one thread: queries never wait on the event loop and the
-    loop never waits on the database. `source`: the SQLite file, or the PostgreSQL server."""
+    """A bounded pool of read-only connections, one per thread (`threads` of them): queries
+    never wait on the event loop, the loop never waits on the database, and a slow query (a
+    search, an export's chunk) holds one connection while the others answer. `source`: the
+    SQLite file, or the PostgreSQL server. Each thread opens its connection when it first
+    reads, and a fresh one after a read error (the file may have been replaced or locked)."""
 
-    def __init__(self, source: Path | ConnectOptions) -> None:
+    def __init__(self, source: Path | ConnectOptions, *, threads: int = READER_THREADS) -> None:
         self._source = source
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collector-web")
-        self._conn: sqlite3.Connection | QueryConnection | None = None
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="collector-web")
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._open: set[sqlite3.Connection | QueryConnection] = set()
 
     def _connection(self) -> sqlite3.Connection | QueryConnection:
-        if self._conn is None:
+        conn: sqlite3.Connection | QueryConnection | None = getattr(self._local, "conn", None)
+        if conn is None:
             if isinstance(self._source, Path):
                 uri = f"{self._source.resolve().as_uri()}?mode=ro"
-                self._conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000,
-                                             check_same_thread=False)
+                conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000,
+                                       check_same_thread=False)
             else:
                 from collector.store.postgres import QueryConnection
 
-                self._conn = QueryConnection(self._source)
-        return self._conn
+                conn = QueryConnection(self._source)
+            self._local.conn = conn
+            with self._lock:
+                self._open.add(conn)
+        return conn
+
+    def _drop(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            with self._lock:
+                self._open.discard(conn)
+            conn.close()
 
     def _call(self, fn: Callable[..., _T], *args: Any) -> _T:
         try:
             return fn(self._connection(), *args)
         except READ_ERRORS:
-            # A fresh connection next time (the file may have been replaced or locked).
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+            self._drop()
             raise
 
     async def run(self, fn: Callable[..., _T], *args: Any) -> _T:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, self._call, fn,
+        """`fn(connection, *args)` on one of the pool's threads."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._call, fn,
                                                                 *args)
 
     async def call(self, fn: Callable[..., _T], *args: Any) -> _T:
-        """Run `fn(*args)` on the reader's thread (for readers that open their own)."""
-        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+        """Run `fn(*args)` on one of the pool's threads (for readers that open their own)."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def close(self) -> None:
-        def close_conn() -> None:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-        self._thread.submit(close_conn)
-        self._thread.shutdown(wait=True)
+        """Wait for the reads in flight, then close every connection."""
+        self._pool.shutdown(wait=True)
+        with self._lock:
+            conns, self._open = list(self._open), set()
+        for conn in conns:
+            with contextlib.suppress(*READ_ERRORS):
+                conn.close()
 
 
 def _data_version(conn: sqlite3.Connection | QueryConnection) -> int:
@@ -152,6 +173,7 @@ class WebServer:
                                        hashlib.sha256).hexdigest() if token else None)
         self._now = now or (lambda: dt.datetime.now(dt.UTC))
         self._reader: Reader | None = None
+        self._watch_reader: Reader | None = None
         self._runner: web.AppRunner | None = None
         self._listeners: set[asyncio.Queue[int]] = set()
         self._watcher: asyncio.Task[None] | None = None
@@ -159,6 +181,7 @@ class WebServer:
 
     async def start(self) -> None:
         self._reader = Reader(self._source)
+        self._watch_reader = Reader(self._source, threads=1)
         app = web.Application(middlewares=[self._guard])
         r = app.router
         r.add_get("/", self._index)
@@ -168,8 +191,10 @@ class WebServer:
         r.add_get("/api/overview", self._overview)
         r.add_get("/api/sessions", self._sessions)
         r.add_get("/api/sessions.csv", self._sessions_csv)
+        r.add_get("/api/session", self._session)  # ?id=: any id, whatever its characters
         r.add_get("/api/sessions/{id}", self._session)
         r.add_get("/api/filters", self._filters)
+        r.add_get("/api/filters/search", self._search)
         r.add_get("/api/who/{kind}", self._who)
         r.add_get("/api/events", self._events)
         r.add_static("/static/", STATIC_DIR, append_version=False)
@@ -177,7 +202,8 @@ class WebServer:
             self._runner = await start_app(app, self.endpoint, shutdown_timeout=STOP_GRACE_S)
         except OSError as exc:
             self._reader.close()
-            self._reader = None
+            self._watch_reader.close()
+            self._reader = self._watch_reader = None
             raise WebError(f"cannot listen for the web view on {self.endpoint}: "
                            f"{exc.strerror or exc}") from None
         log.info("fleet view on http://%s/", self.endpoint)
@@ -194,9 +220,10 @@ class WebServer:
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
-        if self._reader is not None:
-            reader, self._reader = self._reader, None
-            await asyncio.get_running_loop().run_in_executor(None, reader.close)
+        for reader in (self._reader, self._watch_reader):
+            if reader is not None:
+                await asyncio.get_running_loop().run_in_executor(None, reader.close)
+        self._reader = self._watch_reader = None
 
     # -- auth ---------------------------------------------------------------------------------
 
@@ -265,18 +292,25 @@ class WebServer:
         return web.json_response(data, headers=JSON_HEADERS)
 
     def _query(self, request: web.Request, *, paged: bool = True) -> queries.SessionQuery:
-        try:
+        with _bad_query():
             return queries.SessionQuery.parse(request.query, paged=paged)
-        except queries.BadQuery as exc:
-            raise web.HTTPBadRequest(text=json.dumps({"error": str(exc)}),
-                                     content_type="application/json") from None
 
     async def _sessions(self, request: web.Request) -> web.StreamResponse:
         data = await self._read(queries.sessions_page, self._query(request))
         return web.json_response(data, headers=JSON_HEADERS)
 
     async def _session(self, request: web.Request) -> web.StreamResponse:
-        data = await self._read(queries.session_detail, request.match_info["id"])
+        """One session: `/api/session?id=ID` (what the page uses: a query parameter carries
+        any id, `.`, `..`, `/`, `?` and `#` included), or `/api/sessions/ID` for ids a path
+        segment can hold."""
+        with _bad_query():
+            if "id" in request.match_info:
+                session_id = params.storable(request.match_info["id"], "session id")
+            else:
+                session_id = params.text(request.query, "id") or ""
+                if not session_id:
+                    raise params.BadQuery("id: the session id is required")
+        data = await self._read(queries.session_detail, session_id)
         if data is None:
             return web.json_response({"error": "no such session"}, status=404)
         return web.json_response(data, headers=JSON_HEADERS)
@@ -284,17 +318,30 @@ class WebServer:
     async def _filters(self, request: web.Request) -> web.StreamResponse:
         return web.json_response(await self._read(queries.filter_values), headers=JSON_HEADERS)
 
+    async def _search(self, request: web.Request) -> web.StreamResponse:
+        """`?field=model|agent|user|host&q=TEXT&limit=N`: the values a filter can take that
+        match TEXT (queries.search_values), for values beyond /api/filters' top ones."""
+        with _bad_query():
+            field = params.choice(request.query, "field", queries.SEARCH_FIELDS, "")
+            needle = params.text(request.query, "q")
+            if needle is None:
+                raise params.BadQuery("q: the text to search for is required")
+            limit = params.integer(request.query, "limit", queries.SEARCH_DEFAULT, 1,
+                                   queries.SEARCH_MAX)
+        data = await self._read(queries.search_values, field, needle, limit)
+        return web.json_response(data, headers=JSON_HEADERS)
+
     async def _who(self, request: web.Request) -> web.StreamResponse:
-        """The agent, user or host report, as `collector report KIND --json` gives it."""
+        """The agent, user or host report, as `collector report KIND --json` gives it
+        (`since`, `until`: local dates in `tz`, UTC by default)."""
         kind = request.match_info["kind"]
         if kind not in report.LABEL_REPORTS:
             return web.json_response({"error": "kind must be agent, user or host"}, status=400)
-        try:
-            since = _date(request.query.get("since"))
-            until = _date(request.query.get("until"))
-        except ValueError:
-            return web.json_response({"error": "since and until are YYYY-MM-DD"}, status=400)
-        lo, hi = report.hour_bounds(since, until, dt.UTC)
+        with _bad_query():
+            since = params.date(request.query, "since")
+            until = params.date(request.query, "until")
+            zone_name, tz = params.zone(request.query, "tz", "UTC")
+        lo, hi = report.hour_bounds(since, until, tz)
         assert self._reader is not None
         try:
             rows = await self._reader.call(
@@ -302,21 +349,43 @@ class WebServer:
         except READ_ERRORS as exc:
             return web.json_response({"error": f"cannot read the database: {exc}"}, status=503)
         result = report.build_report(kind, (report.RollupRow(*r) for r in rows),
-                                     tz=ZoneInfo("UTC"), timezone="UTC", since=since,
+                                     tz=tz, timezone=zone_name, since=since,
                                      until=until)
-        data = report.to_json(result, ZoneInfo("UTC"))
+        data = report.to_json(result, tz)
         for line, item in zip(result.lines, data["lines"], strict=True):
             item["cost_text"] = report.format_usd(line.usage.cost_cents)
         data["totals"]["cost_text"] = report.format_usd(result.totals.cost_cents)
         return web.json_response(data, headers=JSON_HEADERS)
 
     async def _sessions_csv(self, request: web.Request) -> web.StreamResponse:
-        """All matching sessions, in the table's order; written on the reader's thread."""
+        """All matching sessions, in the table's order, streamed: a chunk of rows is read
+        (on a reader thread, which it then gives back) only once the client has taken the
+        previous one, so an export's memory is one chunk and a slow client holds no reader."""
         query = self._query(request, paged=False)
-        text = await self._read(_csv_text, query)
-        return web.Response(body=text.encode(), headers={
+        chunk = await self._read(queries.export_chunk, query)  # errors here are a 503
+        response = web.StreamResponse(headers={
             "Content-Type": "text/csv; charset=utf-8",
             "Content-Disposition": 'attachment; filename="sessions.csv"', **JSON_HEADERS})
+        response.headers.update(SECURITY_HEADERS)
+        await response.prepare(request)
+        await response.write(export.header().encode())
+        assert self._reader is not None
+        while True:
+            await response.write(export.rows(chunk.sessions).encode())
+            if chunk.next is None:
+                break
+            try:
+                chunk = await self._reader.run(queries.export_chunk, query, chunk.next)
+            except READ_ERRORS as exc:
+                # The status is sent: end the connection without the last chunk marker, so
+                # the client sees a cut download, not a complete-looking short file.
+                log.warning("fleet view: CSV export cut short: cannot read the database: %s",
+                            exc)
+                if request.transport is not None:
+                    request.transport.close()
+                return response
+        await response.write_eof()
+        return response
 
     # -- live ---------------------------------------------------------------------------------
 
@@ -348,13 +417,13 @@ class WebServer:
 
     async def _watch(self) -> None:
         """Tell listeners when the database changed; runs while anyone listens."""
-        assert self._reader is not None
+        assert self._watch_reader is not None
         last: int | None = None
         while self._listeners and not self._stopping.is_set():
             started = time.monotonic()
             version: int | None = last
             try:
-                version = await self._reader.run(_data_version)
+                version = await self._watch_reader.run(_data_version)
             except READ_ERRORS as exc:
                 log.debug("fleet view: data_version: %s", exc)
             if version is not None and last is not None and version != last:
@@ -364,15 +433,11 @@ class WebServer:
             await asyncio.sleep(max(LIVE_CHECK_S - (time.monotonic() - started), 0.05))
 
 
-def _csv_text(conn: queries.Connection, query: queries.SessionQuery) -> str:
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\r\n")
-    writer.writerow(queries.CSV_COLUMNS)
-    columns = queries.CSV_COLUMNS
-    for row in queries.all_sessions(conn, query):
-        writer.writerow(["" if row[c] is None else row[c] for c in columns])
-    return out.getvalue()
-
-
-def _date(text: str | None) -> dt.date | None:
-    return None if not text else dt.date.fromisoformat(text)
+@contextlib.contextmanager
+def _bad_query() -> Iterator[None]:
+    """A BadQuery raised inside becomes a 400 with its message."""
+    try:
+        yield
+    except params.BadQuery as exc:
+        raise web.HTTPBadRequest(text=json.dumps({"error": str(exc)}),
+                                 content_type="application/json") from None

@@ -23,12 +23,14 @@ import base64
 import datetime as dt
 import json
 import sqlite3
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from collector.report import NO_MODEL_LABEL, format_usd
 from collector.store.base import DAILY_TABLE, HOURLY_TABLE, LABELS_TABLE
+from collector.web.params import BadQuery as BadQuery  # raised by parse(), answered 400
+from collector.web.params import choice, cursor_value, integer, storable, text
 
 DAY = dt.timedelta(days=1)
 HOUR = dt.timedelta(hours=1)
@@ -40,8 +42,22 @@ OTHER_LABEL = "(other)"
 ACTIVE_SHOWN = 10
 DEFAULT_PAGE = 50
 MAX_PAGE = 500
+# Sessions a CSV export reads per statement: its memory is one chunk, whatever the export's size.
+EXPORT_CHUNK = 1000
 STATUSES = ("active", "completed", "failed", "cancelled", "unknown")
 LABEL_COLUMNS = {"agent": "l.agent", "user": "l.user_name", "host": "l.host"}
+# The filters whose values come from agents, and where each is kept (each column indexed).
+SEARCH_FIELDS = {"model": ("agent_sessions", "model"), "agent": (LABELS_TABLE, "agent"),
+                 "user": (LABELS_TABLE, "user_name"), "host": (LABELS_TABLE, "host")}
+# /api/filters offers the FILTER_TOP values that spent most among the FILTER_RECENT sessions
+# last active: its size and cost stay bounded under any flood of distinct values.
+FILTER_TOP = 50
+FILTER_RECENT = 20_000
+# /api/filters/search: at most SEARCH_MAX values an answer; a substring match reads at most
+# SEARCH_SCAN rows of the field's table (a prefix match reads its index range, any size).
+SEARCH_DEFAULT = 20
+SEARCH_MAX = 100
+SEARCH_SCAN = 200_000
 
 # A filtered count reads at most this many sessions of its leading index; beyond, the total
 # is a lower bound ("at least"): counting every match of a broad filter costs a row each.
@@ -80,10 +96,6 @@ def _unindexed(conn: Connection) -> str:
     """The prefix that keeps SQLite from reading a column through its index (a unary +);
     nothing on PostgreSQL, whose planner chooses from its statistics."""
     return "+" if isinstance(conn, sqlite3.Connection) else ""
-
-
-class BadQuery(ValueError):
-    """A filter, sort or cursor the API does not know; answered 400 with this message."""
 
 
 def iso_hour(moment: dt.datetime) -> str:
@@ -212,34 +224,23 @@ class SessionQuery:
 
     @classmethod
     def parse(cls, params: Mapping[str, str], *, paged: bool = True) -> SessionQuery:
-        def text(name: str) -> str | None:
-            value = params.get(name, "").strip()
-            return value or None
-
-        status = text("status")
+        """The query from request parameters; BadQuery (a 400) for any value out of range."""
+        status = text(params, "status")
         if status is not None and status not in STATUSES:
             raise BadQuery(f"status must be one of {', '.join(STATUSES)}")
-        sort = text("sort") or "last_active_at"
-        if sort not in SORTS:
-            raise BadQuery(f"sort must be one of {', '.join(SORTS)}")
-        order = text("order") or "desc"
-        if order not in ("asc", "desc"):
-            raise BadQuery("order must be asc or desc")
+        sort = choice(params, "sort", SORTS, "last_active_at")
+        order = choice(params, "order", ("asc", "desc"), "desc")
         limit = DEFAULT_PAGE
-        if paged and text("limit") is not None:
-            try:
-                limit = int(params["limit"])
-            except ValueError:
-                raise BadQuery("limit must be an integer") from None
-            if not 1 <= limit <= MAX_PAGE:
-                raise BadQuery(f"limit must be from 1 to {MAX_PAGE}")
         cursor = None
-        raw = text("cursor")
-        if paged and raw is not None:
-            cursor = decode_cursor(raw)
-        return cls(status=status, agent=text("agent"), user=text("user"), host=text("host"),
-                   model=text("model"), search=text("q"), sort=sort,
-                   descending=order == "desc", cursor=cursor, limit=limit)
+        if paged:
+            limit = integer(params, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
+            raw = text(params, "cursor")
+            if raw is not None:
+                cursor = decode_cursor(raw)
+        return cls(status=status, agent=text(params, "agent"), user=text(params, "user"),
+                   host=text(params, "host"), model=text(params, "model"),
+                   search=text(params, "q"), sort=sort, descending=order == "desc",
+                   cursor=cursor, limit=limit)
 
     def conditions(self) -> list[tuple[str, list[Any]]]:
         """Each filter as (SQL condition, its parameters); each has an index to lead with."""
@@ -278,12 +279,12 @@ def encode_cursor(value: Any, session_id: str) -> str:
 
 def decode_cursor(raw: str) -> tuple[Any, str]:
     try:
-        value, session_id = json.loads(base64.urlsafe_b64decode(raw.encode()))
-    except (ValueError, TypeError):
+        decoded = json.loads(base64.urlsafe_b64decode(raw.encode()))
+    except (ValueError, TypeError, RecursionError):
         raise BadQuery("cursor is not one this API gave") from None
-    if not isinstance(session_id, str) or not isinstance(value, str | int | float):
+    if not isinstance(decoded, list) or len(decoded) != 2 or not isinstance(decoded[1], str):
         raise BadQuery("cursor is not one this API gave")
-    return value, session_id
+    return cursor_value(decoded[0]), storable(decoded[1], "cursor")
 
 
 def _no_index(clause: str, plus: str) -> str:
@@ -347,6 +348,16 @@ def sessions_page(conn: Connection, query: SessionQuery) -> dict[str, Any]:
     sessions are read through their own index and those rows sorted; otherwise the sort
     order's index is walked from the cursor and rows not matching are skipped."""
     plan = _plan(conn, query)
+    sessions, next_cursor = _page(conn, query, plan)
+    return {"sessions": sessions,
+            "next": None if next_cursor is None else encode_cursor(*next_cursor),
+            "total": plan.total, "total_exact": plan.exact}
+
+
+def _page(conn: Connection, query: SessionQuery,
+          plan: _Plan) -> tuple[list[dict[str, Any]], tuple[Any, str] | None]:
+    """The query's page (query.limit rows after query.cursor) read as `plan` says, and the
+    (sort value, id) of its last row when more follow."""
     clauses, params = plan.clauses, plan.params
     expr = SORTS[query.sort]
     direction = "DESC" if query.descending else "ASC"
@@ -367,22 +378,41 @@ def sessions_page(conn: Connection, query: SessionQuery) -> dict[str, Any]:
     rows = conn.execute(sql, [*params, query.limit + 1]).fetchall()
     more = len(rows) > query.limit
     rows = rows[:query.limit]
-    next_cursor = encode_cursor(rows[-1][-1], rows[-1][0]) if more and rows else None
-    return {"sessions": [_session(r[:-1]) for r in rows], "next": next_cursor,
-            "total": plan.total, "total_exact": plan.exact}
+    next_cursor = (rows[-1][-1], rows[-1][0]) if more and rows else None
+    return [_session(r[:-1]) for r in rows], next_cursor
 
 
-def all_sessions(conn: Connection, query: SessionQuery) -> Iterator[dict[str, Any]]:
-    """Every session matching the filters, in the query's order (for CSV export)."""
-    clauses, params = query.where()
-    expr = SORTS[query.sort]
-    direction = "DESC" if query.descending else "ASC"
-    sql = f"SELECT {SESSION_COLUMNS} FROM {SESSION_FROM}"
-    if clauses:
-        sql += " WHERE " + " AND ".join(clauses)
-    sql += f" ORDER BY {expr} {direction}, s.id {direction}"
-    for row in conn.execute(sql, params):
-        yield _session(row)
+@dataclass(frozen=True, slots=True)
+class ExportChunk:
+    """Some of an export's rows, and what reads the next ones (None: this was the last)."""
+
+    sessions: list[dict[str, Any]]
+    next: ExportPosition | None
+
+
+@dataclass(frozen=True, slots=True)
+class ExportPosition:
+    """Where an export goes on: its query with the cursor of the last row written, and the
+    plan chosen for its first chunk (the matches are counted once per export, not per chunk)."""
+
+    query: SessionQuery
+    plan: _Plan
+
+
+def export_chunk(conn: Connection, query: SessionQuery,
+                 position: ExportPosition | None = None) -> ExportChunk:
+    """The next EXPORT_CHUNK sessions matching `query` in its order (for CSV export), read
+    by keyset from `position` (None: from the first). Each chunk is its own statement, so an
+    export holds no read transaction and no reader between chunks; a session that changes
+    while an export runs is written where its sort value was when its chunk was read."""
+    if position is None:
+        chunk_query = replace(query, cursor=None, limit=EXPORT_CHUNK)
+        position = ExportPosition(chunk_query, _plan(conn, chunk_query))
+    sessions, next_cursor = _page(conn, position.query, position.plan)
+    if next_cursor is None:
+        return ExportChunk(sessions, None)
+    return ExportChunk(sessions, replace(position,
+                                         query=replace(position.query, cursor=next_cursor)))
 
 
 def session_detail(conn: Connection, session_id: str) -> dict[str, Any] | None:
@@ -404,24 +434,73 @@ def session_detail(conn: Connection, session_id: str) -> dict[str, Any] | None:
     return {"session": _session(row), "hours": hours}
 
 
-def _distinct(conn: Connection, table: str, column: str) -> list[str]:
-    """A column's distinct values in order, one index seek each (a loose index scan), so the
-    cost grows with the values, not with the sessions."""
-    sql = (f"WITH RECURSIVE v(x) AS (SELECT min({column}) FROM {table} UNION ALL "
-           f"SELECT (SELECT min({column}) FROM {table} WHERE {column} > v.x) FROM v "
-           "WHERE v.x IS NOT NULL) SELECT x FROM v WHERE x IS NOT NULL")
-    return [str(r[0]) for r in conn.execute(sql)]
+def filter_values(conn: Connection) -> dict[str, Any]:
+    """The values the table's filters offer: per field, the FILTER_TOP that spent most (then
+    were used most) among the FILTER_RECENT sessions active last. One bounded read (the
+    last_active_at index), whatever the fleet's size or how many distinct values agents sent;
+    any other value is found by search_values. `complete[field]`: the list is every value."""
+    rows = conn.execute(
+        f"SELECT s.model, l.agent, l.user_name, l.host, s.cost_cents FROM {SESSION_FROM} "
+        "ORDER BY s.last_active_at DESC LIMIT ?", (FILTER_RECENT + 1,)).fetchall()
+    every_session = len(rows) <= FILTER_RECENT
+    rows = rows[:FILTER_RECENT]
+    out: dict[str, Any] = {"status": list(STATUSES)}
+    complete: dict[str, bool] = {"status": True}
+    for i, field in enumerate(SEARCH_FIELDS):
+        spend: dict[str, list[float]] = {}
+        for row in rows:
+            value = row[i]
+            if field == "model":
+                value = value or NO_MODEL_LABEL
+            if value is None:
+                continue
+            totals = spend.setdefault(value, [0.0, 0])
+            totals[0] += row[4]
+            totals[1] += 1
+        ranked = sorted(spend.items(), key=lambda kv: (-kv[1][0], -kv[1][1], kv[0]))
+        out[field] = [value for value, _ in ranked[:FILTER_TOP]]
+        complete[field] = every_session and len(ranked) <= FILTER_TOP
+    out["complete"] = complete
+    return out
 
 
-def filter_values(conn: Connection) -> dict[str, list[str]]:
-    """The values the table's filters offer (each read from an index)."""
-    return {
-        "status": list(STATUSES),
-        "agent": _distinct(conn, LABELS_TABLE, "agent"),
-        "user": _distinct(conn, LABELS_TABLE, "user_name"),
-        "host": _distinct(conn, LABELS_TABLE, "host"),
-        "model": [m or NO_MODEL_LABEL for m in _distinct(conn, "agent_sessions", "model")],
-    }
+def search_values(conn: Connection, field: str, needle: str, limit: int) -> dict[str, Any]:
+    """Up to `limit` values of a filter field matching `needle`: those starting with it
+    (exact case, in order; on SQLite a walk of the field's index, one seek per value), then
+    those containing it in any case, among the first SEARCH_SCAN rows of its table (a bounded
+    read). `more`: there are other matches beyond these."""
+    table, column = SEARCH_FIELDS[field]
+    found = _prefixed(conn, table, column, needle, limit + 1)
+    if len(found) <= limit:
+        seen = set(found)
+        rows = conn.execute(
+            f"SELECT DISTINCT x FROM (SELECT {column} AS x FROM {table} LIMIT ?) AS r "
+            "WHERE x IS NOT NULL AND instr(lower(x), ?) > 0 ORDER BY x LIMIT ?",
+            (SEARCH_SCAN, needle.lower(), limit + 1 + len(found))).fetchall()
+        found += [str(r[0]) for r in rows if r[0] not in seen]
+    values = [v or NO_MODEL_LABEL for v in found[:limit]]
+    return {"field": field, "q": needle, "values": values, "more": len(found) > limit}
+
+
+def _prefixed(conn: Connection, table: str, column: str, prefix: str, limit: int) -> list[str]:
+    """Distinct values of `column` starting with `prefix`, in order, at most `limit`."""
+    n = len(prefix)
+    if isinstance(conn, sqlite3.Connection):
+        # SQLite compares text as bytes, so the values with a prefix are one range of the
+        # index: walk it a distinct value at a time (a loose index scan), `limit` seeks.
+        sql = (f"WITH RECURSIVE v(x, k) AS (SELECT (SELECT min({column}) FROM {table} "
+               f"WHERE {column} >= ?), 1 UNION ALL SELECT (SELECT min({column}) FROM {table} "
+               f"WHERE {column} > v.x), k + 1 FROM v WHERE v.x IS NOT NULL AND "
+               "substr(v.x, 1, ?) = ? AND k < ?) "
+               "SELECT x FROM v WHERE x IS NOT NULL AND substr(x, 1, ?) = ?")
+        rows = conn.execute(sql, (prefix, n, prefix, limit, n, prefix)).fetchall()
+    else:
+        # PostgreSQL's label columns sort in the database's collation, where the values
+        # sharing a prefix need not be one range: the prefix is compared as text instead.
+        sql = (f"SELECT {column} FROM {table} WHERE substr({column}, 1, ?) = ? "
+               f"GROUP BY {column} ORDER BY {column} LIMIT ?")
+        rows = conn.execute(sql, (n, prefix, limit)).fetchall()
+    return [str(r[0]) for r in rows][:limit]
 
 
 CSV_COLUMNS = ("id", "agent", "agent_version", "user", "host", "status", "kind", "channel",

@@ -60,8 +60,14 @@ function stackedChart(canvas, days, series) {
   }));
 }
 
+// A session's page is #/session?id=ID: a query parameter carries any id (".", "..", "/", "?",
+// "#", "%" and the rest), where a path segment would be normalised away or split.
+function sessionHref(id) {
+  return "#/session?" + new URLSearchParams({ id });
+}
+
 function sessionLink(id) {
-  return el("a", { href: "#/session/" + encodeURIComponent(id), "data-testid": "session-link" }, id);
+  return el("a", { href: sessionHref(id), "data-testid": "session-link" }, id);
 }
 
 function sessionsTable(rows, sortable, state, onSort) {
@@ -136,7 +142,11 @@ async function overview() {
 
 // -- sessions -------------------------------------------------------------------------------
 
-const FILTERS = ["status", "agent", "user", "model"];
+// Filters whose values come from agents: a text box offering the top values (/api/filters)
+// and, as one types, the matches of a search (/api/filters/search). Never a list of every
+// value, which a flood of distinct values would make megabytes long.
+const VALUE_FILTERS = ["agent", "user", "model"];
+const SEARCH_DELAY_MS = 200;
 
 function hashParams() {
   const query = location.hash.split("?")[1] || "";
@@ -148,24 +158,49 @@ function setHash(base, params) {
   location.hash = base + (text ? "?" + text : "");
 }
 
+function changeFilter(name, value) {
+  const next = hashParams();
+  if (value) next.set(name, value); else next.delete(name);
+  next.delete("cursor"); next.delete("back");
+  setHash("#/sessions", next);
+}
+
+function valueFilter(name, params, top) {
+  const listId = "values-" + name;
+  const options = (values) => values.map((v) => el("option", { value: v }));
+  const list = el("datalist", { id: listId, "data-values": name }, options(top));
+  let timer = null;
+  let asked = 0;
+  const input = el("input", {
+    type: "search", list: listId, placeholder: "any " + name, value: params.get(name) || "",
+    "data-filter": name, autocomplete: "off",
+    onchange: (e) => changeFilter(name, e.target.value.trim()),
+    oninput: (e) => {
+      clearTimeout(timer);
+      const text = e.target.value.trim();
+      if (!text) { list.replaceChildren(...options(top)); return; }
+      timer = setTimeout(async () => {
+        const ask = ++asked;
+        try {
+          const found = await api("/api/filters/search?" + new URLSearchParams({ field: name, q: text }));
+          if (ask === asked) list.replaceChildren(...options(found.values));
+        } catch (error) {
+          if (ask === asked) list.replaceChildren(); // offers nothing; typing a value still filters
+        }
+      }, SEARCH_DELAY_MS);
+    },
+  });
+  return [input, list];
+}
+
 async function sessions() {
   const params = hashParams();
   const state = { sort: params.get("sort") || "last_active_at", order: params.get("order") || "desc" };
-  const [options, page] = await Promise.all([api("/api/filters"), api("/api/sessions?" + params)]);
-  const change = (name, value) => {
-    const next = hashParams();
-    if (value) next.set(name, value); else next.delete(name);
-    next.delete("cursor"); next.delete("back");
-    setHash("#/sessions", next);
-  };
-  const selects = FILTERS.map((name) => el("select", {
-    "data-filter": name, onchange: (e) => change(name, e.target.value),
-  }, el("option", { value: "" }, "any " + name), options[name].map((v) =>
-    el("option", { value: v, selected: params.get(name) === v }, v))));
-  const search = el("input", {
-    type: "search", placeholder: "session id contains…", value: params.get("q") || "",
-    "data-filter": "q", onchange: (e) => change("q", e.target.value.trim()),
-  });
+  // A live refresh of the same view redraws the table only: the filter boxes keep their
+  // focus and what is being typed, and the filter values are not fetched again.
+  const keep = view.dataset.hash === location.hash && view.querySelector(".filters");
+  const [options, page] = await Promise.all([
+    keep ? null : api("/api/filters"), api("/api/sessions?" + params)]);
   const onSort = (sort) => {
     const next = hashParams();
     const order = state.sort === sort && state.order === "desc" ? "asc" : "desc";
@@ -197,18 +232,35 @@ async function sessions() {
         setHash("#/sessions", next);
       },
     }, "older →"));
+  const body = el("div", { "data-testid": "sessions-body" },
+    sessionsTable(page.sessions, true, state, onSort), pager);
+  if (keep) {
+    view.querySelector("[data-testid=sessions-body]").replaceWith(body);
+    return;
+  }
+  clearCharts();
+  const status = el("select", {
+    "data-filter": "status", onchange: (e) => changeFilter("status", e.target.value),
+  }, el("option", { value: "" }, "any status"), options.status.map((v) =>
+    el("option", { value: v, selected: params.get("status") === v }, v)));
+  const search = el("input", {
+    type: "search", placeholder: "session id starts with…", value: params.get("q") || "",
+    "data-filter": "q", onchange: (e) => changeFilter("q", e.target.value.trim()),
+  });
   const exportParams = new URLSearchParams(params);
   exportParams.delete("cursor"); exportParams.delete("back");
   view.replaceChildren(
-    el("div", { class: "filters" }, selects, search,
+    el("div", { class: "filters" }, status,
+      VALUE_FILTERS.flatMap((name) => valueFilter(name, params, options[name])), search,
       el("a", { href: "/api/sessions.csv?" + exportParams, "data-testid": "csv" }, "CSV")),
-    sessionsTable(page.sessions, true, state, onSort), pager);
+    body);
+  view.dataset.hash = location.hash;
 }
 
 // -- one session ----------------------------------------------------------------------------
 
 async function session(id) {
-  const data = await api("/api/sessions/" + encodeURIComponent(id));
+  const data = await api("/api/session?" + new URLSearchParams({ id }));
   clearCharts();
   const s = data.session;
   const facts = [["status", s.status], ["kind", s.kind], ["channel", s.channel],
@@ -274,14 +326,23 @@ async function who(kind) {
 
 // -- routing and live updates ---------------------------------------------------------------
 
+function sessionId(parts) {
+  // #/session?id=ID; #/session/ID (links from before) still opens ids a path segment holds.
+  const id = hashParams().get("id");
+  if (id !== null) return id;
+  try { return parts[1] ? decodeURIComponent(parts.slice(1).join("/")) : null; }
+  catch { return null; }
+}
+
 function route() {
   const path = location.hash.replace(/^#/, "").split("?")[0] || "/";
   const parts = path.split("/").filter(Boolean);
   let current = "overview";
+  delete view.dataset.hash; // a new view: drawn whole
   if (parts[0] === "sessions") { current = "sessions"; redraw = sessions; }
-  else if (parts[0] === "session" && parts[1]) {
+  else if (parts[0] === "session" && sessionId(parts) !== null) {
     current = "sessions";
-    const id = decodeURIComponent(parts.slice(1).join("/"));
+    const id = sessionId(parts);
     redraw = () => session(id);
   } else if (parts[0] === "who" && ["agent", "user", "host"].includes(parts[1])) {
     current = parts[1]; redraw = () => who(parts[1]);

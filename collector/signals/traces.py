@@ -45,6 +45,7 @@ from collector.signals.slots import (
     ATTRIBUTE_SLOTS,
     CACHE_READ_SLOTS,
     CACHE_WRITE_SLOTS,
+    CONVENTION_ALIASES,
     COST_SLOTS,
     IN_SLOTS,
     MODEL_SLOTS,
@@ -186,8 +187,10 @@ class MappingOptions:
     scanner: Scanner = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        # The other conventions' names first, so that a config alias of the same name wins.
+        aliases = {**self.slots_for(CONVENTION_ALIASES), **self.alias_slots}
         object.__setattr__(self, "scanner", Scanner(
-            ATTRIBUTE_SLOTS, self.alias_slots, N_SLOTS, self.max_value_depth,
+            ATTRIBUTE_SLOTS, aliases, N_SLOTS, self.max_value_depth,
             compiled=self.compiled_scanner))
 
     @staticmethod

@@ -1,0 +1,197 @@
+"""Capture what Python agent frameworks export over OTLP, for the replay tests.
+
+Each framework runs from PyPI, at the pinned versions below, in a throwaway venv of its own
+(/tmp/fwvenv-<name>, created on first use; never the project's venv), against the stand-in
+OpenAI API of standin.py, exporting OTLP/HTTP protobuf to the capture receiver beside it.
+Each scenario (scenarios/*_run.py) runs one agent twice in one conversation, with the
+framework's documented session setting: three model calls, the first answered with a tool call.
+
+    .venv/bin/python tests/captures/frameworks/capture.py [NAME ...]
+
+writes tests/captures/<name>-<version>/<variant>_traces_http-protobuf_decoded.json (every
+export as received: path, headers, body decoded to OTLP/JSON with hex ids, strings over 500
+characters elided) and the calls the API answered, then README.txt. Run it under the
+project's venv: decoding needs opentelemetry-proto; the frameworks never see that venv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import venv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+CAPTURES = HERE.parent
+SCENARIOS = HERE / "scenarios"
+sys.path.insert(0, str(HERE))
+from standin import (  # noqa: E402 - the sibling module, found once HERE is on the path
+    CACHED_TOKENS,
+    INPUT_TOKENS,
+    OUTPUT_TOKENS,
+    REASONING_TOKENS,
+    Servers,
+)
+
+OTEL = ("opentelemetry-sdk==1.45.2", "opentelemetry-exporter-otlp-proto-http==1.45.2")
+MAX_STRING = 500  # longer strings (prompts, tool schemas) are elided, as in the other captures
+RUN_TIMEOUT_S = 300
+
+
+@dataclass(frozen=True)
+class Framework:
+    """One framework as a user installs it, and the scenarios run with it."""
+
+    name: str
+    version: str  # of the framework itself: names the capture folder
+    packages: tuple[str, ...]
+    scenario: str
+    variants: tuple[str, ...]  # CAPTURE_VARIANT values: which model API or agent builder
+    session: str  # the conversation id the scenario names, suffixed with the variant
+
+    def session_of(self, variant: str) -> str:
+        """Each variant its own conversation, so one collector can take all the captures."""
+        return f"{self.session}-{variant}"
+
+
+FRAMEWORKS = {f.name: f for f in (
+    Framework("pydantic-ai", "2.68.0", ("pydantic-ai-slim[openai]==2.68.0", *OTEL),
+              "pydantic_ai_run.py", ("chat", "responses"), "pydantic-conversation"),
+    Framework("openai-agents", "0.24.0",
+              ("openai-agents==0.24.0", "openinference-instrumentation-openai-agents==2.6.0",
+               *OTEL),
+              "openai_agents_run.py", ("responses", "chat"), "agents-session"),
+    Framework("langgraph", "1.2.24",
+              ("langchain==1.5.2", "langgraph==1.2.24", "langchain-openai==1.8.1",
+               "openinference-instrumentation-langchain==0.1.80", *OTEL),
+              "langgraph_run.py", ("create_agent", "create_react_agent"), "thread"),
+    Framework("strands-agents", "1.62.0",
+              ("strands-agents[openai,otel]==1.62.0",  # pins the SDK at 1.45.1
+               "opentelemetry-exporter-otlp-proto-http==1.45.1"),
+              "strands_run.py", ("chat",), "strands-session"),
+)}
+
+
+def ensure_venv(framework: Framework) -> Path:
+    """The framework's own venv with its pinned packages; created when missing."""
+    root = Path(f"/tmp/fwvenv-{framework.name}")
+    python = root / "bin" / "python"
+    if not python.exists():
+        venv.create(root, with_pip=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *framework.packages],
+                       check=True)
+    return python
+
+
+def decoded(path: str, body: bytes) -> dict[str, Any]:
+    """An OTLP protobuf body as OTLP/JSON, ids in hex as the OTLP/JSON encoding has them."""
+    from google.protobuf.json_format import MessageToDict
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    if path != "/v1/traces":
+        raise SystemExit(f"unexpected export to {path}: only traces are captured")
+    request = ExportTraceServiceRequest.FromString(body)
+    doc: dict[str, Any] = MessageToDict(request)
+    for rs in doc.get("resourceSpans", []):
+        for ss in rs.get("scopeSpans", []):
+            for span in ss.get("spans", []):
+                for key in ("traceId", "spanId", "parentSpanId"):
+                    if key in span:
+                        span[key] = _b64_to_hex(span[key])
+                for link in span.get("links", []):
+                    for key in ("traceId", "spanId"):
+                        if key in link:
+                            link[key] = _b64_to_hex(link[key])
+    return _scrubbed(doc)
+
+
+def _b64_to_hex(value: str) -> str:
+    import base64
+
+    return base64.b64decode(value).hex()
+
+
+def _scrubbed(value: Any) -> Any:
+    """Long strings elided; the home directory and venv paths replaced."""
+    if isinstance(value, dict):
+        return {k: _scrubbed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrubbed(v) for v in value]
+    if isinstance(value, str):
+        value = value.replace(str(Path.home()), "~").replace("/tmp/fwvenv-", "VENV/fwvenv-")
+        if len(value) > MAX_STRING:
+            return value[:MAX_STRING] + f"...[{len(value) - MAX_STRING} more characters elided]"
+    return value
+
+
+def run(framework: Framework, variant: str, servers: Servers) -> Path:
+    python = ensure_venv(framework)
+    env = {**os.environ, "OPENAI_BASE_URL": servers.api_url, "OPENAI_API_KEY": "standin",
+           "CAPTURE_OTLP_URL": servers.otlp_url, "CAPTURE_SESSION": framework.session_of(variant),
+           "CAPTURE_VARIANT": variant, "OTEL_SDK_DISABLED": "false",
+           # Frameworks that phone home or trace to their vendor by default must not.
+           "OPENAI_AGENTS_DISABLE_TRACING": "0", "LANGCHAIN_TRACING_V2": "false",
+           "DO_NOT_TRACK": "1"}
+    subprocess.run([str(python), str(SCENARIOS / framework.scenario)], env=env, check=True,
+                   cwd=SCENARIOS, timeout=RUN_TIMEOUT_S)
+    calls, received = servers.take()
+    folder = CAPTURES / f"{framework.name}-{framework.version}"
+    folder.mkdir(exist_ok=True)
+    exports = [{"transport": "http", "path": r.path,
+                "headers": {k: r.headers[k] for k in ("content-type", "user-agent")
+                            if k in r.headers},
+                "body_len": len(r.body), "body": decoded(r.path, r.body)} for r in received]
+    out = folder / f"{variant}_traces_http-protobuf_decoded.json"
+    out.write_text(json.dumps(exports, indent=1) + "\n")
+    (folder / f"{variant}_api_calls.json").write_text(json.dumps(calls, indent=1) + "\n")
+    print(f"{out.relative_to(CAPTURES)}: {len(exports)} exports, {len(calls)} model calls")
+    return out
+
+
+def write_readme(framework: Framework) -> None:
+    folder = CAPTURES / f"{framework.name}-{framework.version}"
+    lines = [
+        f"{framework.name} {framework.version}, captured by ../frameworks/capture.py "
+        f"(scenario ../frameworks/scenarios/{framework.scenario}).",
+        "Packages: " + " ".join(framework.packages),
+        "Two runs of one agent in one conversation (session setting: "
+        f"{framework.session!r} + '-' + variant), three model calls: a tool call (get_weather), its answer, "
+        "then the second run's answer.",
+        f"Stand-in OpenAI API usage per call: input {INPUT_TOKENS} (cached {CACHED_TOKENS}), "
+        f"output {OUTPUT_TOKENS} (reasoning {REASONING_TOKENS}); model gpt-5.",
+        "Files per variant: <variant>_traces_http-protobuf_decoded.json (every export, body "
+        "decoded to OTLP/JSON, ids hex, strings over 500 characters elided) and "
+        "<variant>_api_calls.json (what the API answered).",
+        "Variants: " + ", ".join(framework.variants),
+    ]
+    (folder / "README.txt").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help=f"frameworks to capture (default all): {', '.join(FRAMEWORKS)}")
+    names = parser.parse_args().names or list(FRAMEWORKS)
+    unknown = [n for n in names if n not in FRAMEWORKS]
+    if unknown:
+        parser.error(f"unknown framework {unknown[0]!r}")
+    servers = Servers()
+    try:
+        for name in names:
+            framework = FRAMEWORKS[name]
+            for variant in framework.variants:
+                run(framework, variant, servers)
+            write_readme(framework)
+    finally:
+        servers.close()
+
+
+if __name__ == "__main__":
+    main()

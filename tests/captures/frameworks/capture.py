@@ -8,6 +8,7 @@ framework's documented session setting: three model calls, the first answered wi
 
     .venv/bin/python tests/captures/frameworks/capture.py [NAME ...]
 
+keeps each raw body (protobuf) with its path and content type under /tmp/fwcapture/, and
 writes tests/captures/<name>-<version>/<variant>_traces_http-protobuf_decoded.json (every
 export as received: path, headers, body decoded to OTLP/JSON with hex ids, strings over 500
 characters elided) and the calls the API answered, then README.txt. Run it under the
@@ -41,6 +42,7 @@ from standin import (  # noqa: E402 - the sibling module, found once HERE is on 
 OTEL = ("opentelemetry-sdk==1.45.2", "opentelemetry-exporter-otlp-proto-http==1.45.2")
 MAX_STRING = 500  # longer strings (prompts, tool schemas) are elided, as in the other captures
 RUN_TIMEOUT_S = 300
+RAW_DIR = Path("/tmp/fwcapture")  # raw bodies (protobuf) with path and content type, per run
 
 
 @dataclass(frozen=True)
@@ -178,7 +180,7 @@ def _scrubbed(value: Any) -> Any:
     return value
 
 
-def run(framework: Framework, variant: str, servers: Servers) -> Path:
+def run(framework: Framework, variant: str, servers: Servers, out: Path) -> Path:
     python = ensure_venv(framework)
     env = {**os.environ, "OPENAI_BASE_URL": servers.api_url, "OPENAI_API_KEY": "standin",
            "CAPTURE_OTLP_URL": servers.otlp_url,
@@ -190,21 +192,28 @@ def run(framework: Framework, variant: str, servers: Servers) -> Path:
     subprocess.run([str(python), str(SCENARIOS / framework.scenario)], env=env, check=True,
                    cwd=SCENARIOS, timeout=RUN_TIMEOUT_S)
     calls, received = servers.take()
-    folder = CAPTURES / f"{framework.name}-{framework.version}"
-    folder.mkdir(exist_ok=True)
+    # The raw bodies as received, beside the decoded copies the repository keeps.
+    raw = RAW_DIR / framework.name / variant
+    raw.mkdir(parents=True, exist_ok=True)
+    for number, r in enumerate(received, 1):
+        (raw / f"{number:03d}.bin").write_bytes(r.body)
+        (raw / f"{number:03d}.json").write_text(json.dumps(
+            {"path": r.path, "content_type": r.content_type, "headers": r.headers}))
+    folder = out / f"{framework.name}-{framework.version}"
+    folder.mkdir(parents=True, exist_ok=True)
     exports = [{"transport": "http", "path": r.path,
                 "headers": {k: r.headers[k] for k in ("content-type", "user-agent")
                             if k in r.headers},
                 "body_len": len(r.body), "body": decoded(r.path, r.body)} for r in received]
-    out = folder / f"{variant}_traces_http-protobuf_decoded.json"
-    out.write_text(json.dumps(exports, indent=1) + "\n")
+    target = folder / f"{variant}_traces_http-protobuf_decoded.json"
+    target.write_text(json.dumps(exports, indent=1) + "\n")
     (folder / f"{variant}_api_calls.json").write_text(json.dumps(calls, indent=1) + "\n")
-    print(f"{out.relative_to(CAPTURES)}: {len(exports)} exports, {len(calls)} model calls")
-    return out
+    print(f"{target}: {len(exports)} exports, {len(calls)} model calls")
+    return target
 
 
-def write_readme(framework: Framework) -> None:
-    folder = CAPTURES / f"{framework.name}-{framework.version}"
+def write_readme(framework: Framework, out: Path) -> None:
+    folder = out / f"{framework.name}-{framework.version}"
     sessions = ", ".join(f"{v}: {framework.session_of(v)}" for v in framework.variants)
     lines = [
         f"{framework.name} {framework.version}, captured by ../frameworks/capture.py "
@@ -227,6 +236,8 @@ def write_readme(framework: Framework) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=CAPTURES,
+                        help="where the capture folders go (default tests/captures)")
     parser.add_argument("--readme-only", action="store_true",
                         help="rewrite the folders' README.txt without capturing")
     parser.add_argument("names", nargs="*", metavar="NAME",
@@ -238,15 +249,15 @@ def main() -> None:
         parser.error(f"unknown framework {unknown[0]!r}")
     if args.readme_only:
         for name in names:
-            write_readme(FRAMEWORKS[name])
+            write_readme(FRAMEWORKS[name], args.out)
         return
     servers = Servers()
     try:
         for name in names:
             framework = FRAMEWORKS[name]
             for variant in framework.variants:
-                run(framework, variant, servers)
-            write_readme(framework)
+                run(framework, variant, servers, args.out)
+            write_readme(framework, args.out)
     finally:
         servers.close()
 

@@ -19,10 +19,11 @@ import pytest
 
 from collector.accounting.pricing import Pricer
 from tests.conftest import Daemon
-from tests.replay import exports
+from tests.replay import Export, exports
 from tests.test_agents import NOT_STALE, row, send
 
 TRANSPORTS = ("http-protobuf", "grpc")
+ORDERS = ("as-ended", "roots-first")
 CALLS = 3
 INPUT, CACHED, OUTPUT, REASONING = 1234, 500, 77, 33
 # gpt-5 per million tokens: $1.25 input, $0.125 cached input, $10 output (reasoning is output).
@@ -85,11 +86,12 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
 
 @pytest.fixture(scope="module")
 def daemons(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Daemon]]:
-    """One daemon per transport; every capture names sessions of its own."""
+    """One daemon per transport and one per order of single spans; every capture names
+    sessions of its own, so one daemon takes them all."""
     started: dict[str, Daemon] = {}
     try:
-        for transport in TRANSPORTS:
-            started[transport] = Daemon(tmp_path_factory.mktemp(transport), NOT_STALE).start()
+        for name in TRANSPORTS + ORDERS:
+            started[name] = Daemon(tmp_path_factory.mktemp(name), NOT_STALE).start()
         yield started
     finally:
         for daemon in started.values():
@@ -114,4 +116,32 @@ def test_each_framework_gives_its_exact_row(daemons: dict[str, Daemon], case: st
     for item in exports(name):
         send(daemon, item, transport)
         send(daemon, item, transport)
+    assert daemon.row(expected["id"]) == expected
+
+
+def single_spans(item: Export) -> list[Export]:
+    """An export split into one request per span, each with its resource and scope, in the
+    export's order (the SDK's batch holds spans as they ended: children before parents)."""
+    out: list[Export] = []
+    for rs in item.body["resourceSpans"]:
+        for ss in rs["scopeSpans"]:
+            for span in ss["spans"]:
+                out.append(Export(item.signal, {"resourceSpans": [
+                    {**rs, "scopeSpans": [{**ss, "spans": [span]}]}]}))
+    return out
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_each_framework_span_by_span_in_either_order(daemons: dict[str, Daemon], case: str,
+                                                     order: str) -> None:
+    """The same payloads, one span per request (as a small batch size or a slow run would
+    send them), children first as they ended or roots first; each request twice."""
+    daemon = daemons[order]
+    name, expected = CASES[case]
+    spans = [one for item in exports(name) for one in single_spans(item)]
+    assert len(spans) > CALLS  # the captures hold agent, tool and chain spans besides calls
+    for item in spans if order == "as-ended" else spans[::-1]:
+        send(daemon, item, "http-protobuf")
+        send(daemon, item, "http-protobuf")
     assert daemon.row(expected["id"]) == expected

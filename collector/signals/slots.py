@@ -94,6 +94,13 @@ CONVENTION_ALIASES: dict[str, str] = {
     "gen_ai.usage.cache_read_input_tokens": "gen_ai.usage.cache_read.input_tokens",
     "gen_ai.usage.cache_creation_input_tokens": "gen_ai.usage.cache_creation.input_tokens",
     "gen_ai.usage.cache_write_input_tokens": "gen_ai.usage.cache_creation.input_tokens",
+    # The write counterpart of gen_ai.usage.cache_read.input_tokens as the GenAI token metrics
+    # name it (gen_ai.client.inference.usage.cache_write.input_tokens); Codex's spans use it.
+    "gen_ai.usage.cache_write.input_tokens": "gen_ai.usage.cache_creation.input_tokens",
+    # Sentry's AI conventions: subsets of gen_ai.usage.input_tokens / output_tokens.
+    "gen_ai.usage.input_tokens.cached": "gen_ai.usage.cache_read.input_tokens",
+    "gen_ai.usage.input_tokens.cache_write": "gen_ai.usage.cache_creation.input_tokens",
+    "gen_ai.usage.output_tokens.reasoning": "gen_ai.usage.reasoning.output_tokens",
     # OpenInference (openinference-semantic-conventions 0.1.42): cached input, a cache read.
     "llm.token_count.prompt_details.cache_input": "llm.token_count.prompt_details.cache_read",
 }

@@ -167,3 +167,22 @@ def test_a_turn_span_naming_no_session_is_resolved_when_its_trace_named_one(
     t.flush()
     assert turns_and_tokens(daemon) == {"ses_1": (1, 600)}
     assert times(daemon, "ses_1") == span_times(prompt, prompt)
+
+
+def test_a_dialects_turn_naming_no_session_takes_its_calls_session_at_once(
+        start_daemon: StartDaemon, tracing: Callable[[Daemon], Tracing]) -> None:
+    """The Vercel AI SDK dialect: `ai.streamText` is the turn, its `ai.streamText.doStream`
+    calls carry the usage; here only the calls name the session, and they arrive first."""
+    daemon = start_daemon(PRICES + LONG_WAIT)
+    t = tracing(daemon)
+    ai = t.provider.get_tracer("ai")
+    turn = ai.start_span("ai.streamText", attributes={"ai.model.id": "test-model"})
+    for tokens in (100, 200):
+        ai.start_span("ai.streamText.doStream", context=set_span_in_context(turn), attributes={
+            "ai.model.id": "test-model", "ai.telemetry.metadata.sessionId": "v-1",
+            "ai.usage.inputTokens": tokens, "ai.usage.outputTokens": 10}).end()
+    t.flush()
+    assert turns_and_tokens(daemon) == {"v-1": (0, 300)}
+    turn.end()
+    t.flush()
+    assert turns_and_tokens(daemon) == {"v-1": (1, 300)}

@@ -436,10 +436,12 @@ def map_span(span: SpanScan, fallbacks: list[tuple[tuple[int, ...], list[Any]]],
              result: MappingResult) -> SpanUsage | None:
     """Map one scanned span; None when it is not usage. Raises InvalidSpan for broken values.
 
-    It runs once per span, so each step is one call on the span's values `v` (`v[slot]` is an
-    attribute's value, None when absent; a group's first present slot wins): the session,
-    what the span is, its model, its tokens and cost, its times, its session attributes and
-    who spends.
+    Its steps, each a helper on the span's values `v` (`v[slot]` is an attribute's value, None
+    when absent; a group's first present slot wins): the session (_session_of), what the
+    span is (_what_span), its model, tokens and cost (_tokens), its times (_times), its
+    session attributes (_session_values) and who spends (_labels). It runs once per span, so
+    the usual span (a model call naming its session in `gen_ai.conversation.id`, with
+    ordinary times and no session attributes) takes each step inline, without the call.
     """
     v, trace_id, span_id, has_parent, start_ns, end_ns, count, deep_key = span
     if count > options.max_attributes_per_span or deep_key is not None:
@@ -449,15 +451,24 @@ def map_span(span: SpanScan, fallbacks: list[tuple[tuple[int, ...], list[Any]]],
         if all(v[s] is None for s in group):
             for slot, value in zip(group, resource_values, strict=True):
                 v[slot] = value
-    session_id = _session_of(v, span_id, options)
-    if session_id is None:
-        return None
+    session_id = v[S_CONVERSATION_ID]
+    if session_id.__class__ is not str or not session_id \
+            or len(session_id) > options.max_session_id_length or not session_id.isprintable():
+        session_id = _session_of(v, span_id, options)
+        if session_id is None:
+            return None
     if len(trace_id) != TRACE_ID_BYTES or len(span_id) != SPAN_ID_BYTES:
         raise InvalidSpan(f"span {_ref(span_id)}: trace id must be 16 bytes and span id 8 "
                           f"bytes")
-    what = _what_span(v, has_parent, options)
-    if what is None:
-        return None
+    operation = v[S_OPERATION]
+    calls = _MODEL_CALLS.get(operation) if operation.__class__ is str else None
+    what: SpanIs | None
+    if calls is not None:
+        what = calls[has_parent]  # the usual span, decided without a call
+    else:
+        what = _what_span(v, has_parent, options)
+        if what is None:
+            return None
     turns, counts_tokens, role, agent_span = what
     if agent_span:
         # What later spans of its trace without a session most likely belong to.
@@ -470,7 +481,8 @@ def map_span(span: SpanScan, fallbacks: list[tuple[tuple[int, ...], list[Any]]],
         _bounded(model, model_slot, span_id, limit)
     tokens = _tokens(v, span_id, model, model_slot, options) if counts_tokens else NO_TOKENS
     key_time = end_ns  # the key uses what the span says, never now
-    start_ns, end_ns = _times(start_ns, end_ns, now_ns, span_id)
+    if not 0 < start_ns <= end_ns <= MAX_TIME_NS:
+        start_ns, end_ns = _times(start_ns, end_ns, now_ns, span_id)
     if (v[S_KIND] is None and v[S_STATUS] is None and v[S_CHANNEL] is None
             and v[S_GOAL] is None):
         kind = status = channel = goal = None
@@ -516,6 +528,10 @@ _CHILD_CALL: SpanIs = (0, True, ROLE_CALL, False)
 _ROOT_USAGE: SpanIs = (1, True, ROLE_OWN, False)
 _CHILD_USAGE: SpanIs = (1, True, ROLE_TURN, False)
 _SESSION_UPDATE: SpanIs = (0, False, ROLE_OWN, False)
+
+
+# A GenAI model-call operation decides alone: (without a parent, with one).
+_MODEL_CALLS = {operation: (_ROOT_CALL, _CHILD_CALL) for operation in MODEL_CALL_OPERATIONS}
 
 
 def _what_span(v: list[Any], has_parent: bool, options: MappingOptions) -> SpanIs | None:

@@ -509,13 +509,15 @@ def links_kept_since(now_ns: int, window_ns: int) -> int:
 def hold_and_resolve(ops: TraceOps, applied: Batch, now_ns: int,
                      window_ns: int) -> tuple[Batch, Traced]:
     """Hold the batch's usage without a session, remember the trace links that matter, and
-    resolve the held usage that can be resolved now, all in the caller's transaction: a held
-    span is either in the held table or in its session, never both and never neither,
-    whichever collector on the database resolves it.
+    resolve the held usage that can be resolved now, then decide the turns of the traces
+    concerned (apply_turns), all in the caller's transaction: a held span is either in the
+    held table or in its session, never both and never neither, and a trace's turn in a
+    session is counted once, whichever collector on the database receives its spans.
 
     Order (the same in every backend, so that flushes of several collectors cannot deadlock):
-    look up the traces concerned, lock them in order, write held rows and links, read each
-    trace back whole, delete what resolves (only what the delete finds is counted)."""
+    look up the traces concerned (with held usage, records with a role, or a root and stored
+    turn states), lock them in order, write held rows and links, read each trace back whole,
+    delete what resolves (only what the delete finds is counted), write the turn states."""
     traced = Traced(held=len(applied.held))
     count = ops.held_count() + traced.held
     held_traces = {h.trace_id for h in applied.held}

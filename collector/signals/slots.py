@@ -15,9 +15,10 @@ from __future__ import annotations
     S_COST_GENAI, S_COST_OI, S_COST_OP,
     S_KIND, S_STATUS, S_CHANNEL, S_GOAL,
     S_OPERATION, S_OI_SPAN_KIND,
+    S_TOTAL, S_OI_TOTAL,
     S_AGENT, S_AGENT_VERSION, S_HOST, S_USER_EMAIL, S_USER_ID, S_ENDUSER_ID,
-) = range(35)
-N_SLOTS = 35
+) = range(37)
+N_SLOTS = 37
 
 ATTRIBUTE_SLOTS: dict[str, int] = {
     "gen_ai.conversation.id": S_CONVERSATION_ID,
@@ -49,6 +50,9 @@ ATTRIBUTE_SLOTS: dict[str, int] = {
     "agent.session.goal": S_GOAL,
     "gen_ai.operation.name": S_OPERATION,
     "openinference.span.kind": S_OI_SPAN_KIND,
+    # Only a hint (never counted): whether cache tokens are inside input or beside it.
+    "gen_ai.usage.total_tokens": S_TOTAL,
+    "llm.token_count.total": S_OI_TOTAL,
     "service.name": S_AGENT,
     "service.version": S_AGENT_VERSION,
     "host.name": S_HOST,
@@ -101,6 +105,8 @@ CONVENTION_ALIASES: dict[str, str] = {
     "gen_ai.usage.input_tokens.cached": "gen_ai.usage.cache_read.input_tokens",
     "gen_ai.usage.input_tokens.cache_write": "gen_ai.usage.cache_creation.input_tokens",
     "gen_ai.usage.output_tokens.reasoning": "gen_ai.usage.reasoning.output_tokens",
+    # OpenLLMetry's total (the hint above).
+    "llm.usage.total_tokens": "gen_ai.usage.total_tokens",
     # OpenInference (openinference-semantic-conventions 0.1.42): cached input, a cache read.
     "llm.token_count.prompt_details.cache_input": "llm.token_count.prompt_details.cache_read",
 }

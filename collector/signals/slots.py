@@ -15,9 +15,10 @@ from __future__ import annotations
     S_COST_GENAI, S_COST_OI, S_COST_OP,
     S_KIND, S_STATUS, S_CHANNEL, S_GOAL,
     S_OPERATION, S_OI_SPAN_KIND,
+    S_TOTAL, S_OI_TOTAL,
     S_AGENT, S_AGENT_VERSION, S_HOST, S_USER_EMAIL, S_USER_ID, S_ENDUSER_ID,
-) = range(35)
-N_SLOTS = 35
+) = range(37)
+N_SLOTS = 37
 
 ATTRIBUTE_SLOTS: dict[str, int] = {
     "gen_ai.conversation.id": S_CONVERSATION_ID,
@@ -49,6 +50,9 @@ ATTRIBUTE_SLOTS: dict[str, int] = {
     "agent.session.goal": S_GOAL,
     "gen_ai.operation.name": S_OPERATION,
     "openinference.span.kind": S_OI_SPAN_KIND,
+    # Only a hint (never counted): whether cache tokens are inside input or beside it.
+    "gen_ai.usage.total_tokens": S_TOTAL,
+    "llm.token_count.total": S_OI_TOTAL,
     "service.name": S_AGENT,
     "service.version": S_AGENT_VERSION,
     "host.name": S_HOST,
@@ -72,3 +76,37 @@ TOKEN_SLOTS = IN_SLOTS + OUT_SLOTS + REASONING_SLOTS + CACHE_READ_SLOTS + CACHE_
 COST_SLOTS = (S_COST_GENAI, S_COST_OI, S_COST_OP)
 SESSION_ATTRIBUTE_SLOTS = (S_KIND, S_STATUS, S_CHANNEL, S_GOAL)
 USER_SLOTS = (S_USER_EMAIL, S_USER_ID, S_ENDUSER_ID)
+
+# Other conventions' names for the same counts, read as the GenAI name they stand for (the same
+# mechanism as `mapping.aliases`, which can override them): the known name wins when a span
+# carries both, so a count reported twice counts once. Each has the GenAI semantics of its
+# target (checked against each emitter's source): cache reads and writes are part of input,
+# reasoning is part of output; an emitter that reports either beside its total is caught by
+# the mapping's cache > input and reasoning > output rules.
+CONVENTION_ALIASES: dict[str, str] = {
+    # Pydantic AI (RequestUsage.details, emitted as gen_ai.usage.details.<key>): OpenAI's
+    # completion_tokens_details.reasoning_tokens and Google's thoughts (both inside
+    # gen_ai.usage.output_tokens); its cache keys repeat the first-class GenAI ones.
+    "gen_ai.usage.details.reasoning_tokens": "gen_ai.usage.reasoning.output_tokens",
+    "gen_ai.usage.details.thoughts_tokens": "gen_ai.usage.reasoning.output_tokens",
+    "gen_ai.usage.details.cache_read_tokens": "gen_ai.usage.cache_read.input_tokens",
+    "gen_ai.usage.details.cache_write_tokens": "gen_ai.usage.cache_creation.input_tokens",
+    # OpenLLMetry (opentelemetry-semantic-conventions-ai 0.5): reasoning under its own names;
+    # its older cache names, also Strands Agents' (beside the GenAI ones).
+    "gen_ai.usage.reasoning_tokens": "gen_ai.usage.reasoning.output_tokens",
+    "llm.usage.reasoning_tokens": "gen_ai.usage.reasoning.output_tokens",
+    "gen_ai.usage.cache_read_input_tokens": "gen_ai.usage.cache_read.input_tokens",
+    "gen_ai.usage.cache_creation_input_tokens": "gen_ai.usage.cache_creation.input_tokens",
+    "gen_ai.usage.cache_write_input_tokens": "gen_ai.usage.cache_creation.input_tokens",
+    # The write counterpart of gen_ai.usage.cache_read.input_tokens as the GenAI token metrics
+    # name it (gen_ai.client.inference.usage.cache_write.input_tokens); Codex's spans use it.
+    "gen_ai.usage.cache_write.input_tokens": "gen_ai.usage.cache_creation.input_tokens",
+    # Sentry's AI conventions: subsets of gen_ai.usage.input_tokens / output_tokens.
+    "gen_ai.usage.input_tokens.cached": "gen_ai.usage.cache_read.input_tokens",
+    "gen_ai.usage.input_tokens.cache_write": "gen_ai.usage.cache_creation.input_tokens",
+    "gen_ai.usage.output_tokens.reasoning": "gen_ai.usage.reasoning.output_tokens",
+    # OpenLLMetry's total (the hint above).
+    "llm.usage.total_tokens": "gen_ai.usage.total_tokens",
+    # OpenInference (openinference-semantic-conventions 0.1.42): cached input, a cache read.
+    "llm.token_count.prompt_details.cache_input": "llm.token_count.prompt_details.cache_read",
+}

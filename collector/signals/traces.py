@@ -51,6 +51,7 @@ from collector.signals.slots import (
     ATTRIBUTE_SLOTS,
     CACHE_READ_SLOTS,
     CACHE_WRITE_SLOTS,
+    CONVENTION_ALIASES,
     COST_SLOTS,
     IN_SLOTS,
     MODEL_SLOTS,
@@ -76,6 +77,7 @@ from collector.signals.slots import (
     S_OI_OUT,
     S_OI_REASONING,
     S_OI_SPAN_KIND,
+    S_OI_TOTAL,
     S_OPERATION,
     S_OUT,
     S_OUT_DEPRECATED,
@@ -83,6 +85,7 @@ from collector.signals.slots import (
     S_REQUEST_MODEL,
     S_SESSION_ID,
     S_STATUS,
+    S_TOTAL,
     S_USER_EMAIL,
     S_USER_ID,
     SESSION_ATTRIBUTE_SLOTS,
@@ -211,8 +214,10 @@ class MappingOptions:
     scanner: Scanner = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        # The other conventions' names first, so that a config alias of the same name wins.
+        aliases = {**self.slots_for(CONVENTION_ALIASES), **self.alias_slots}
         object.__setattr__(self, "scanner", Scanner(
-            ATTRIBUTE_SLOTS, self.alias_slots, N_SLOTS, self.max_value_depth,
+            ATTRIBUTE_SLOTS, aliases, N_SLOTS, self.max_value_depth,
             compiled=self.compiled_scanner))
 
     @staticmethod
@@ -592,9 +597,12 @@ def _tokens(v: list[Any], span_id: bytes, model: str, model_slot: int,
         cache_write = (x if x.__class__ is int and 0 < x <= MAX_TOKEN_COUNT
                        else _count(x, s, span_id))
     # GenAI convention: input includes cache reads and writes. Some emitters report cache
-    # tokens beside input instead; when cache exceeds input that must be the case.
+    # tokens beside input instead; when cache exceeds input that must be the case, and a
+    # total that adds the cache to input and output says so too (Strands on Bedrock or
+    # Anthropic passes their input, which excludes the cache, on as gen_ai.usage.input_tokens).
     cached = cache_read + cache_write
-    if cached > prompt:
+    if cached > prompt or (cached and _total_adds_cache(v, prompt, completion, reasoning,
+                                                         cached)):
         uncached = prompt
         prompt += cached
     else:
@@ -618,6 +626,19 @@ def _tokens(v: list[Any], span_id: bytes, model: str, model_slot: int,
         else:
             cost = priced_cost
     return prompt, completion, reasoning, cache_read, cache_write, cost, priced
+
+
+def _total_adds_cache(v: list[Any], prompt: int, completion: int, reasoning: int,
+                      cached: int) -> bool:
+    """The span's total token count equals input + output + cache (reasoning inside output
+    or beside it), and not input + output: its cache was reported beside its input. A total
+    that is absent, not a plain count, or fits neither says nothing."""
+    total = v[S_TOTAL] if v[S_TOTAL] is not None else v[S_OI_TOTAL]
+    if total.__class__ is not int or not 0 < total <= MAX_TOKEN_COUNT:
+        return False
+    inside = total in (prompt + completion, prompt + completion + reasoning)
+    beside = total in (prompt + completion + cached, prompt + completion + reasoning + cached)
+    return beside and not inside
 
 
 def _times(start_ns: int, end_ns: int, now_ns: int, span_id: bytes) -> tuple[int, int]:

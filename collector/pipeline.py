@@ -319,15 +319,15 @@ class Pipeline:
         if result.invalid_values:
             self._log_invalid_values(result.invalid_values)
         outcome = ExportOutcome(rejected=result.rejected, message=result.error_message)
-        if result.records or result.cumulative or result.held or result.links:
+        if result.records or result.cumulative or result.held or result.links or result.roots:
             pending = self._pending
             if not pending:
                 self._gathering_since = self._monotonic()
                 self._wake.set()
             pending.add(result.records)
             pending.cumulative.extend(result.cumulative)
-            if result.held or result.links:
-                pending.hold(result.held, result.links)
+            if result.held or result.links or result.roots:
+                pending.hold(result.held, result.links, result.roots)
             self._waiting += 1
             if self._interval:
                 if self._full(pending):

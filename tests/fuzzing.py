@@ -48,6 +48,9 @@ from collector.receivers.otlp import (
 from collector.signals import Signal, count_items
 from collector.signals.traces import (
     ATTRIBUTE_SLOTS,
+    ROLE_CALL,
+    ROLE_NAMED,
+    ROLE_OWN,
     HeldUsage,
     MappingOptions,
     MappingResult,
@@ -537,6 +540,11 @@ class Ledger:
     links: dict[tuple[bytes, bytes], list[Any]] = field(default_factory=dict)
     flushes: int = 0
 
+    # Turns across a trace, after the store's rule: per (trace, session) one turn among its
+    # turn spans (role ROLE_TURN), first come; a root span that is no usage is the turn of
+    # every session its trace carried usage in (role ROLE_CALL) that had none, once.
+    turn_flags: dict[tuple[bytes, str], set[str]] = field(default_factory=dict)
+
     def account(self, result: MappingResult) -> None:
         self.flushes += 1
         new_records = []
@@ -552,8 +560,30 @@ class Ledger:
                 self.spans += 1
                 self.held[h.usage.key] = h
         self._resolve(result, new_records)
+        roots = {root.key[8:24] for root in result.roots}
+        for trace in sorted(roots):
+            for (t, session), flags in sorted(self.turn_flags.items()):
+                if t != trace or "rooted" in flags or not flags & {"usage", "counted"}:
+                    continue
+                if "counted" not in flags:
+                    self._row(session)["turns"] += 1
+                flags |= {"rooted", "counted"}
+
+    def _row(self, session: str) -> dict[str, float]:
+        return self.sessions.setdefault(session, {**dict.fromkeys(COUNTED, 0),
+                                                  "cost_cents": 0.0})
 
     def _add(self, r: SpanUsage) -> None:
+        if r.role != ROLE_OWN:
+            flags = self.turn_flags.setdefault((r.key[8:24], r.session_id), set())
+            if r.role == ROLE_CALL:
+                flags.add("usage")
+            elif r.role == ROLE_NAMED:
+                flags.add("named")
+            elif "counted" in flags:
+                r = r._replace(turns=0)
+            elif r.turns:
+                flags.add("counted")
         self.spans += 1
         row = self.sessions.setdefault(r.session_id, {**dict.fromkeys(COUNTED, 0),
                                                       "cost_cents": 0.0})

@@ -13,7 +13,15 @@ from typing import Any
 import pytest
 
 from collector.accounting.aggregate import Batch
-from collector.signals.traces import UNRESOLVED, HeldUsage, SpanUsage, TraceLink
+from collector.signals.traces import (
+    ROLE_CALL,
+    ROLE_TURN,
+    UNRESOLVED,
+    HeldUsage,
+    SpanUsage,
+    TraceLink,
+    TraceRoot,
+)
 from collector.store import postgres, sqlite
 from collector.store.base import BATCH_WRITES, Reader, SchemaError, Store
 from collector.store.postgres import ConnectOptions, PostgresReader, PostgresStore
@@ -569,3 +577,146 @@ async def test_a_flush_mixing_unchanged_and_changed_sessions_adds_every_sum_once
         agent = "b" if i % 5 == 3 else "a"
         expected[agent] = expected.get(agent, 0) + i + 1 + 3
     assert {k: int(v) for k, v in daily.items()} == expected
+
+
+# -- turns across a trace (collector.accounting.turns): decided once, whichever store --------
+
+def span_rec(trace: int, span: int, session: str, role: int, *, start: int = T0,
+             prompt: int = 0) -> SpanUsage:
+    """A span's record as the mapping gives it: key = end time + trace id + span id."""
+    end = start + MS
+    key = end.to_bytes(8, "big") + trace.to_bytes(16, "big") + span.to_bytes(8, "big")
+    return SpanUsage(key, session, start, end, 0 if role == ROLE_CALL else 1, prompt, 1, 0, 0,
+                     0, 0.0, True, "m", None, None, None, None, role=role)
+
+
+def trace_root(trace: int, span: int, start: int, end: int) -> TraceRoot:
+    return TraceRoot(end.to_bytes(8, "big") + trace.to_bytes(16, "big")
+                     + span.to_bytes(8, "big"), start, end)
+
+
+def with_roots(*roots: TraceRoot, records: tuple[SpanUsage, ...] = ()) -> Batch:
+    b = batch(*records)
+    b.hold((), (), roots)
+    return b
+
+
+def turn_states(backend: Backend) -> int:
+    return int(backend.query("SELECT count(*) FROM collector_trace_turns")[0][0])
+
+
+async def test_a_root_arriving_last_is_the_turn_of_its_trace_once_with_its_times(
+        store: Store, backend: Backend) -> None:
+    """LangGraph's create_agent: model calls under a parent first, the CHAIN root last."""
+    calls = [span_rec(1, 10 + i, "s", ROLE_CALL, start=T0 + i * SECOND, prompt=10)
+             for i in range(3)]
+    await store.commit(batch(*calls), now_ns=T0 + 3 * SECOND)
+    row = rows(backend)["s"]
+    assert (row["turns"], row["prompt_tokens"]) == (0, 30)
+    assert turn_states(backend) == 1
+    root = trace_root(1, 1, T0 - SECOND, T0 + 5 * SECOND)
+    result, _ = await store.commit(with_roots(root), now_ns=T0 + 5 * SECOND)
+    assert result.spans == 0  # the root's turn is no span of its own
+    row = rows(backend)["s"]
+    assert (row["turns"], row["prompt_tokens"]) == (1, 30)
+    assert (row["created_at"], row["last_active_at"]) == (
+        "2025-12-31T23:59:59.000Z", "2026-01-01T00:00:05.000Z")
+    # The root again (an exporter's retry), alone and with a retried call: nothing more.
+    await store.commit(with_roots(root), now_ns=T0 + 6 * SECOND)
+    await store.commit(with_roots(root, records=(calls[0],)), now_ns=T0 + 6 * SECOND)
+    assert (rows(backend)["s"]["turns"], rows(backend)["s"]["prompt_tokens"]) == (1, 30)
+    # A root of a trace that carried no usage stores nothing and makes no session.
+    await store.commit(with_roots(trace_root(2, 1, T0, T0 + SECOND)), now_ns=T0 + 7 * SECOND)
+    assert set(rows(backend)) == {"s"} and turn_states(backend) == 1
+
+
+async def test_nested_agent_spans_are_one_turn_across_commits_and_retries(
+        store: Store, backend: Backend) -> None:
+    """The agent's span first, then the workflow's root agent span around it (each committed
+    twice); a sub-agent naming its own session keeps its own turn."""
+    inner = span_rec(1, 2, "s", ROLE_TURN, start=T0 + MS)
+    sub = span_rec(1, 3, "sub", ROLE_TURN, start=T0 + 2 * MS)
+    outer = span_rec(1, 1, "s", ROLE_TURN, start=T0)
+    for b in (batch(inner, sub), batch(inner, sub), batch(outer), batch(outer)):
+        await store.commit(b, now_ns=T0 + SECOND)
+    stored = rows(backend)
+    assert (stored["s"]["turns"], stored["sub"]["turns"]) == (1, 1)
+    # Graph nodes marked AGENT under a CHAIN root, the root in the same batch: one turn.
+    nodes = [span_rec(5, 10 + i, "g", ROLE_TURN, start=T0 + i * SECOND) for i in range(3)]
+    await store.commit(with_roots(trace_root(5, 1, T0 - SECOND, T0 + 9 * SECOND),
+                                  records=tuple(nodes)), now_ns=T0 + 9 * SECOND)
+    row = rows(backend)["g"]
+    assert (row["turns"], row["created_at"], row["last_active_at"]) == (
+        1, "2025-12-31T23:59:59.000Z", "2026-01-01T00:00:09.000Z")
+
+
+async def test_a_second_store_or_a_restart_receiving_the_root_counts_its_turn_once(
+        backend: Backend) -> None:
+    first = backend.store()
+    await first.open()
+    await first.commit(batch(span_rec(1, 2, "a", ROLE_CALL, prompt=5),
+                             span_rec(2, 2, "b", ROLE_CALL, prompt=5)), now_ns=T0)
+    other = backend.store()
+    await other.open()
+    try:
+        await other.commit(with_roots(trace_root(1, 1, T0 - MS, T0 + SECOND)),
+                           now_ns=T0 + SECOND)
+        await first.close()
+        restarted = backend.store()
+        await restarted.open()
+        try:
+            await restarted.commit(with_roots(trace_root(2, 1, T0 - MS, T0 + SECOND)),
+                                   now_ns=T0 + SECOND)
+            # Both collectors see a retried root at once: still one turn each.
+            await asyncio.gather(
+                other.commit(with_roots(trace_root(1, 1, T0 - MS, T0 + SECOND)),
+                             now_ns=T0 + 2 * SECOND),
+                restarted.commit(with_roots(trace_root(1, 1, T0 - MS, T0 + SECOND)),
+                                 now_ns=T0 + 2 * SECOND))
+        finally:
+            await restarted.close()
+    finally:
+        await other.close()
+    stored = rows(backend)
+    assert {s: (stored[s]["turns"], stored[s]["prompt_tokens"]) for s in stored} == {
+        "a": (1, 5), "b": (1, 5)}
+
+
+async def test_a_held_root_resolves_at_once_to_the_session_its_model_calls_named(
+        held_store: Store, backend: Backend) -> None:
+    """opencode's turn span names no session, its model calls (earlier, under it) do: the
+    turn is resolved when it arrives, not at the end of the window."""
+    await held_store.commit(batch(span_rec(3, 2, "oc", ROLE_CALL, prompt=40)), now_ns=T0)
+    turn = held_call(3, 1, None, prompt=0)
+    turn = turn._replace(usage=turn.usage._replace(turns=1))
+    result, _ = await held_store.commit(traced([turn]), now_ns=T0 + SECOND)
+    assert (result.held, result.resolved, result.resolved_by_window, result.held_now) == (
+        1, 1, 0, 0)
+    row = rows(backend)["oc"]
+    assert (row["turns"], row["prompt_tokens"]) == (1, 40)
+
+
+async def test_migrate_sqlite_carries_what_a_trace_waits_for_its_turn(
+        tmp_path: Path, pg_server: Any) -> None:
+    path = tmp_path / "old.sqlite"
+    old = SQLiteStore(path, retention_s=100)
+    await old.open()
+    await old.commit(batch(span_rec(1, 2, "s", ROLE_CALL, prompt=5),
+                           span_rec(2, 2, "t", ROLE_TURN)), now_ns=T0)
+    await old.close()
+    options = ConnectOptions(pg_server.new_database())
+    moved = await asyncio.to_thread(postgres.migrate_sqlite, path, options, retention_s=100)
+    assert moved.sessions == 2
+    store = PostgresStore(options, retention_s=100, commit_timeout_s=30)
+    await store.open()
+    try:
+        await store.commit(with_roots(trace_root(1, 1, T0 - MS, T0 + SECOND),
+                                      trace_root(2, 1, T0 - MS, T0 + SECOND)),
+                           now_ns=T0 + SECOND)
+        await store.commit(batch(span_rec(2, 1, "t", ROLE_TURN, start=T0 - MS)),
+                           now_ns=T0 + SECOND)
+    finally:
+        await store.close()
+    stored = {r["id"]: r for r in PostgresReader(options).read_sessions()}
+    assert {s: (r["turns"], r["prompt_tokens"]) for s, r in stored.items()} == {
+        "s": (1, 5), "t": (1, 0)}

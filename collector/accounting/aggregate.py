@@ -17,7 +17,7 @@ from collections.abc import Iterable, Set
 from dataclasses import dataclass, field
 from typing import Any
 
-from collector.signals.traces import HeldUsage, SpanUsage, TraceLink
+from collector.signals.traces import HeldUsage, SpanUsage, TraceLink, TraceRoot
 
 NO_TIME = -1
 HOUR_NS = 3600 * 1_000_000_000
@@ -105,16 +105,23 @@ class Batch:
     # and what spans tell about their traces' sessions (collector.accounting.traces).
     held: list[HeldUsage] = field(default_factory=list)
     links: list[TraceLink] = field(default_factory=list)
+    # Root spans that are no usage, and how many records have a role: what the store decides
+    # turns across traces from (collector.accounting.turns).
+    roots: list[TraceRoot] = field(default_factory=list)
+    roles: int = 0
 
     def __len__(self) -> int:
         return len(self.records) + len(self.cumulative) + len(self.held)
 
     def __bool__(self) -> bool:
         """Whether there is anything to commit (trace links alone are)."""
-        return bool(self.records or self.cumulative or self.held or self.links)
+        return bool(self.records or self.cumulative or self.held or self.links or self.roots)
 
-    def hold(self, held: Iterable[HeldUsage], links: Iterable[TraceLink] = ()) -> None:
-        """Take usage waiting for its session (each span at most once) and trace links."""
+    def hold(self, held: Iterable[HeldUsage], links: Iterable[TraceLink] = (),
+             roots: Iterable[TraceRoot] = ()) -> None:
+        """Take usage waiting for its session (each span at most once), trace links and
+        root spans."""
+        self.roots.extend(roots)
         keys = self.keys
         for item in held:
             key = item.usage.key
@@ -135,12 +142,14 @@ class Batch:
         for record in records:
             (key, session_id, start, end, turns, prompt, completion, reasoning, cache_read,
              cache_write, cost, _, model, kind, status, channel, goal, agent, agent_version,
-             user, host) = record
+             user, host, role) = record
             if key in keys:
                 self.duplicates += 1
                 continue
             keys.add(key)
             append(record)
+            if role:
+                self.roles += 1
             delta = sessions.get(session_id)
             if delta is None:
                 delta = sessions[session_id] = SessionDelta(session_id, start, end)
@@ -186,7 +195,7 @@ class Batch:
 
     def without(self, accounted: Set[bytes]) -> Batch:
         """The same batch minus spans already accounted in storage."""
-        rest = Batch(cumulative=self.cumulative, links=self.links)
+        rest = Batch(cumulative=self.cumulative, links=self.links, roots=self.roots)
         rest.add(r for r in self.records if r.key not in accounted)
         rest.hold(h for h in self.held if h.usage.key not in accounted)
         rest.duplicates = (self.duplicates + len(self.records) - len(rest.records)
@@ -198,7 +207,7 @@ class Batch:
         self.duplicates += later.duplicates
         self.add(later.records)
         self.cumulative.extend(later.cumulative)
-        self.hold(later.held, later.links)
+        self.hold(later.held, later.links, later.roots)
 
 
 def _latest_session_values(delta: SessionDelta, end: int, kind: str | None, status: str | None,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from collector.config import ModelPrice
+from collector.accounting.prices import ModelPrice
 
 PER_MILLION = 1_000_000
 CENTS_PER_USD = 100

@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from collector.accounting.prices import ModelPrice
 from collector.dialects import effective_dialects
 from collector.dialects.model import Dialect, DialectError
+from collector.signals.slots import ATTRIBUTE_SLOTS
 
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 DEFAULT_SQLITE_PATH = "data/agent_sessions.db"
@@ -80,16 +82,6 @@ class Endpoint:
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-@dataclass(frozen=True, slots=True)
-class ModelPrice:
-    """USD per million tokens. Cache rates default to the input rate (no discount assumed)."""
-
-    input: float
-    output: float
-    cache_read: float
-    cache_write: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,8 +303,6 @@ def _is_loopback(host: str) -> bool:
 
 def _parse_aliases(source: str, table: Mapping[str, Any]) -> dict[str, str]:
     """Aliases let agents with their own attribute names be read without code changes."""
-    from collector.signals.traces import ATTRIBUTE_SLOTS  # mapping imports config indirectly
-
     aliases: dict[str, str] = {}
     for alias, target in table.items():
         key = f'mapping.aliases."{alias}"'

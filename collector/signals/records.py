@@ -39,6 +39,7 @@ from collector.signals import values
 from collector.signals.scan import EMPTY, NESTED, any_value, nesting_depth
 from collector.signals.traces import (
     KEY_BYTES,
+    ROLE_NAMED,
     SPAN_ID_BYTES,
     TRACE_ID_BYTES,
     UNRESOLVED,
@@ -212,9 +213,12 @@ def map_record(dialect: Dialect, record: Record, options: MappingOptions, now_ns
         # A span naming a session names it for its trace's spans that do not.
         result.links.append(TraceLink(record.trace_id, record.span_id,
                                       stored_parent(record.parent_id), session))
-    if role == CALL:
-        return _call(dialect, record, session, options, now_ns)
-    return _turn(dialect, record, session, options, now_ns)
+    usage = (_call if role == CALL else _turn)(dialect, record, session, options, now_ns)
+    if usage is not None and spans and record.parent_id:
+        # Remembered with its trace (collector.accounting.turns), so that the trace's turn
+        # span naming no session, when it arrives after this one, takes this session at once.
+        usage = usage._replace(role=ROLE_NAMED)
+    return usage
 
 
 def _hold(dialect: Dialect, record: Record, role: str, options: MappingOptions, now_ns: int,

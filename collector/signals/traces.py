@@ -17,16 +17,22 @@ This module is the specification of what a span means to the collector:
 
 Each value is looked up on the span's attributes first and on its resource's second.
 
-Which spans count as what:
+Which spans count as what (a record's `turns` is what the span claims; its `role` says how
+the store settles it across the trace, collector.accounting.turns: one turn per trace and
+session):
 
-* agent span (``gen_ai.operation.name = invoke_agent`` or OpenInference kind ``AGENT``): one
-  turn; its tokens are roll-ups of its children and are ignored unless ``agent_span_tokens``;
+* agent span (``gen_ai.operation.name = invoke_agent`` or OpenInference kind ``AGENT``): a turn
+  candidate (ROLE_TURN); its tokens are roll-ups of its children and are ignored unless
+  ``agent_span_tokens``;
 * model call (``chat``, ``text_completion``, ``generate_content`` or kind ``LLM``): tokens, cost
-  and model; also a turn when it has no parent span;
+  and model; a turn of its own when it has no parent span (ROLE_OWN), else usage inside its
+  trace (ROLE_CALL);
 * a span's GenAI operation name, when present, decides its kind; the OpenInference span kind
   is consulted only without one;
-* any other span with a session id and token counts: one turn plus its tokens;
+* any other span with a session id and token counts: its tokens, and a turn of its own at the
+  root, else a turn candidate;
 * a span with a session id and session attributes only: updates the session;
+* a root span that is none of these: a TraceRoot, the turn of its trace's sessions with usage;
 * anything else is not usage and is ignored.
 """
 
@@ -41,6 +47,50 @@ from collector.accounting.pricing import Pricer
 from collector.dialects import DialectSet, effective_dialects
 from collector.signals import values
 from collector.signals.scan import Scanner, SpanScan, service_name
+from collector.signals.slots import (
+    ATTRIBUTE_SLOTS,
+    CACHE_READ_SLOTS,
+    CACHE_WRITE_SLOTS,
+    COST_SLOTS,
+    IN_SLOTS,
+    MODEL_SLOTS,
+    N_SLOTS,
+    OTHER_SESSION_SLOTS,
+    OUT_SLOTS,
+    REASONING_SLOTS,
+    S_AGENT,
+    S_AGENT_VERSION,
+    S_CACHE_READ,
+    S_CACHE_WRITE,
+    S_CHANNEL,
+    S_CONVERSATION_ID,
+    S_ENDUSER_ID,
+    S_GOAL,
+    S_HOST,
+    S_IN,
+    S_IN_DEPRECATED,
+    S_KIND,
+    S_OI_CACHE_READ,
+    S_OI_CACHE_WRITE,
+    S_OI_IN,
+    S_OI_OUT,
+    S_OI_REASONING,
+    S_OI_SPAN_KIND,
+    S_OPERATION,
+    S_OUT,
+    S_OUT_DEPRECATED,
+    S_REASONING,
+    S_REQUEST_MODEL,
+    S_SESSION_ID,
+    S_STATUS,
+    S_USER_EMAIL,
+    S_USER_ID,
+    SESSION_ATTRIBUTE_SLOTS,
+    SESSION_SLOTS,
+    SLOT_NAMES,
+    TOKEN_SLOTS,
+    USER_SLOTS,
+)
 from collector.signals.values import (
     MAX_ERROR_MESSAGES,
     MAX_TIME_NS,
@@ -58,76 +108,6 @@ DEFAULT_CHANNEL = "cli"
 MODEL_CALL_OPERATIONS = frozenset({"chat", "text_completion", "generate_content"})
 TRACE_ID_BYTES = 16
 SPAN_ID_BYTES = 8
-# Attribute slots: every attribute the mapping reads gets an index into a flat list, so one pass
-# over a span's attributes with one dict lookup each finds everything.
-(
-    S_CONVERSATION_ID, S_SESSION_ID, S_LANGFUSE_SESSION, S_TRACELOOP_SESSION, S_VERCEL_SESSION,
-    S_RESPONSE_MODEL, S_REQUEST_MODEL, S_OI_MODEL,
-    S_IN, S_OUT, S_REASONING, S_CACHE_READ, S_CACHE_WRITE,
-    S_IN_DEPRECATED, S_OUT_DEPRECATED,
-    S_OI_IN, S_OI_OUT, S_OI_REASONING, S_OI_CACHE_READ, S_OI_CACHE_WRITE,
-    S_COST_GENAI, S_COST_OI, S_COST_OP,
-    S_KIND, S_STATUS, S_CHANNEL, S_GOAL,
-    S_OPERATION, S_OI_SPAN_KIND,
-    S_AGENT, S_AGENT_VERSION, S_HOST, S_USER_EMAIL, S_USER_ID, S_ENDUSER_ID,
-) = range(35)
-N_SLOTS = 35
-
-ATTRIBUTE_SLOTS: dict[str, int] = {
-    "gen_ai.conversation.id": S_CONVERSATION_ID,
-    "session.id": S_SESSION_ID,
-    "langfuse.session.id": S_LANGFUSE_SESSION,
-    "traceloop.association.properties.session_id": S_TRACELOOP_SESSION,
-    "ai.telemetry.metadata.sessionId": S_VERCEL_SESSION,
-    "gen_ai.response.model": S_RESPONSE_MODEL,
-    "gen_ai.request.model": S_REQUEST_MODEL,
-    "llm.model_name": S_OI_MODEL,
-    "gen_ai.usage.input_tokens": S_IN,
-    "gen_ai.usage.output_tokens": S_OUT,
-    "gen_ai.usage.reasoning.output_tokens": S_REASONING,
-    "gen_ai.usage.cache_read.input_tokens": S_CACHE_READ,
-    "gen_ai.usage.cache_creation.input_tokens": S_CACHE_WRITE,
-    "gen_ai.usage.prompt_tokens": S_IN_DEPRECATED,
-    "gen_ai.usage.completion_tokens": S_OUT_DEPRECATED,
-    "llm.token_count.prompt": S_OI_IN,
-    "llm.token_count.completion": S_OI_OUT,
-    "llm.token_count.completion_details.reasoning": S_OI_REASONING,
-    "llm.token_count.prompt_details.cache_read": S_OI_CACHE_READ,
-    "llm.token_count.prompt_details.cache_write": S_OI_CACHE_WRITE,
-    "gen_ai.usage.cost": S_COST_GENAI,
-    "llm.cost.total": S_COST_OI,
-    "operation.cost": S_COST_OP,
-    "agent.session.kind": S_KIND,
-    "agent.session.status": S_STATUS,
-    "agent.session.channel": S_CHANNEL,
-    "agent.session.goal": S_GOAL,
-    "gen_ai.operation.name": S_OPERATION,
-    "openinference.span.kind": S_OI_SPAN_KIND,
-    "service.name": S_AGENT,
-    "service.version": S_AGENT_VERSION,
-    "host.name": S_HOST,
-    "user.email": S_USER_EMAIL,
-    "user.id": S_USER_ID,
-    "enduser.id": S_ENDUSER_ID,
-}
-SLOT_NAMES = {slot: name for name, slot in ATTRIBUTE_SLOTS.items()}
-
-SESSION_SLOTS = (S_CONVERSATION_ID, S_SESSION_ID, S_LANGFUSE_SESSION, S_TRACELOOP_SESSION,
-                 S_VERCEL_SESSION)
-# Read only when the first two are absent (off the hot path).
-OTHER_SESSION_SLOTS = SESSION_SLOTS[2:]
-MODEL_SLOTS = (S_RESPONSE_MODEL, S_REQUEST_MODEL, S_OI_MODEL)
-IN_SLOTS = (S_IN, S_IN_DEPRECATED, S_OI_IN)
-OUT_SLOTS = (S_OUT, S_OUT_DEPRECATED, S_OI_OUT)
-REASONING_SLOTS = (S_REASONING, S_OI_REASONING)
-CACHE_READ_SLOTS = (S_CACHE_READ, S_OI_CACHE_READ)
-CACHE_WRITE_SLOTS = (S_CACHE_WRITE, S_OI_CACHE_WRITE)
-TOKEN_SLOTS = IN_SLOTS + OUT_SLOTS + REASONING_SLOTS + CACHE_READ_SLOTS + CACHE_WRITE_SLOTS
-COST_SLOTS = (S_COST_GENAI, S_COST_OI, S_COST_OP)
-SESSION_ATTRIBUTE_SLOTS = (S_KIND, S_STATUS, S_CHANNEL, S_GOAL)
-USER_SLOTS = (S_USER_EMAIL, S_USER_ID, S_ENDUSER_ID)
-
-
 class SpanUsage(NamedTuple):
     """What one accepted span contributes to its session."""
 
@@ -153,6 +133,25 @@ class SpanUsage(NamedTuple):
     agent_version: str | None = None  # service.version
     user: str | None = None  # user.email, else user.id, else enduser.id
     host: str | None = None  # host.name
+    # How the store decides its turn across its trace (collector.accounting.turns): ROLE_OWN,
+    # its `turns` as they are; ROLE_TURN, a turn candidate; ROLE_CALL, usage inside a trace.
+    role: int = 0
+
+
+# SpanUsage.role values.
+ROLE_OWN = 0  # a root model call, a session update, a dialect's record: counted as mapped
+ROLE_TURN = 1  # an agent span (or usage of no known kind): its trace's turn in its session
+ROLE_CALL = 2  # a model call with a parent: its trace carried usage in its session
+ROLE_NAMED = 3  # a dialect's span under a parent: counted as mapped; names its trace's session
+
+
+class TraceRoot(NamedTuple):
+    """A trace's root span that is no usage of its own (a workflow, a graph, a request): the
+    turn of the sessions its trace carries usage in (collector.accounting.turns)."""
+
+    key: bytes  # end time + trace id + span id, as a span's
+    start_ns: int
+    end_ns: int
 
 
 # The session of held usage until its trace names one; never a valid session id (those are
@@ -239,6 +238,8 @@ class MappingResult:
     # Usage without a session id, and what spans tell about their traces' sessions.
     held: list[HeldUsage] = field(default_factory=list)
     links: list[TraceLink] = field(default_factory=list)
+    # Root spans that are no usage themselves, for the turns of their traces.
+    roots: list[TraceRoot] = field(default_factory=list)
 
     def take(self, record: SpanUsage | None) -> None:
         """Count a mapped record: usage kept, or None (not usage) counted as ignored."""
@@ -432,8 +433,10 @@ def map_span(span: SpanScan, fallbacks: list[tuple[tuple[int, ...], list[Any]]],
              result: MappingResult) -> SpanUsage | None:
     """Map one scanned span; None when it is not usage. Raises InvalidSpan for broken values.
 
-    Written for speed (it runs once per span). `v[slot]` is an attribute's value, None when
-    absent; a group's first present slot wins (`_first`, inlined where it is hot).
+    It runs once per span, so each step is one call on the span's values `v` (`v[slot]` is an
+    attribute's value, None when absent; a group's first present slot wins): the session,
+    what the span is, its model, its tokens and cost, its times, its session attributes and
+    who spends.
     """
     v, trace_id, span_id, has_parent, start_ns, end_ns, count, deep_key = span
     if count > options.max_attributes_per_span or deep_key is not None:
@@ -443,13 +446,53 @@ def map_span(span: SpanScan, fallbacks: list[tuple[tuple[int, ...], list[Any]]],
         if all(v[s] is None for s in group):
             for slot, value in zip(group, resource_values, strict=True):
                 v[slot] = value
+    session_id = _session_of(v, span_id, options)
+    if session_id is None:
+        return None
+    if len(trace_id) != TRACE_ID_BYTES or len(span_id) != SPAN_ID_BYTES:
+        raise InvalidSpan(f"span {_ref(span_id)}: trace id must be 16 bytes and span id 8 "
+                          f"bytes")
+    what = _what_span(v, has_parent, options)
+    if what is None:
+        return None
+    turns, counts_tokens, role, agent_span = what
+    if agent_span:
+        # What later spans of its trace without a session most likely belong to.
+        result.links.append(TraceLink(trace_id, span_id, b"", session_id, True))
+    limit = options.max_attribute_value_bytes
+    model_slot = _first(v, MODEL_SLOTS)
+    model = v[model_slot]
+    model = model if model.__class__ is str else _text(model)
+    if len(model) * 4 > limit:
+        _bounded(model, model_slot, span_id, limit)
+    tokens = _tokens(v, span_id, model, model_slot, options) if counts_tokens else NO_TOKENS
+    key_time = end_ns  # the key uses what the span says, never now
+    start_ns, end_ns = _times(start_ns, end_ns, now_ns, span_id)
+    if (v[S_KIND] is None and v[S_STATUS] is None and v[S_CHANNEL] is None
+            and v[S_GOAL] is None):
+        kind = status = channel = goal = None
+    else:
+        kind, status, channel, goal = _session_values(v, span_id, limit, result)
+    if v[S_AGENT:] == _NO_LABEL_VALUES:
+        agent, agent_version, user, host = resource_labels
+    else:
+        agent, agent_version, user, host = _labels(v, resource_labels, f"span {_ref(span_id)}",
+                                                   limit)
+    prompt, completion, reasoning, cache_read, cache_write, cost, priced = tokens
+    return _new_usage(SpanUsage, (
+        _pack_time(key_time) + trace_id + span_id, session_id, start_ns, end_ns, turns, prompt,
+        completion, reasoning, cache_read, cache_write, cost, priced, model or None, kind,
+        status, channel, goal, agent, agent_version, user, host, role,
+    ))
 
+
+def _session_of(v: list[Any], span_id: bytes, options: MappingOptions) -> str | None:
+    """The session a span names (the conventions in order), None when it names none."""
     session_value = v[S_CONVERSATION_ID]
     if session_value is None:
         session_value = v[S_SESSION_ID]
         if session_value is None:
-            slot = _first(v, OTHER_SESSION_SLOTS)
-            session_value = v[slot]
+            session_value = v[_first(v, OTHER_SESSION_SLOTS)]
             if session_value is None:
                 return None
     session_id = session_value if session_value.__class__ is str else _text(session_value)
@@ -457,10 +500,23 @@ def map_span(span: SpanScan, fallbacks: list[tuple[tuple[int, ...], list[Any]]],
         return None
     if len(session_id) > options.max_session_id_length or not session_id.isprintable():
         _check_session_id(session_id, span_id, options.max_session_id_length)
-    if len(trace_id) != TRACE_ID_BYTES or len(span_id) != SPAN_ID_BYTES:
-        raise InvalidSpan(f"span {_ref(span_id)}: trace id must be 16 bytes and span id 8 "
-                          f"bytes")
+    return session_id
 
+
+# What a span is: (turns as mapped, whether its tokens count, role, agent span or not).
+SpanIs = tuple[int, bool, int, bool]
+_AGENT_SPAN: SpanIs = (1, False, ROLE_TURN, True)
+_AGENT_SPAN_WITH_TOKENS: SpanIs = (1, True, ROLE_TURN, True)
+_ROOT_CALL: SpanIs = (1, True, ROLE_OWN, False)
+_CHILD_CALL: SpanIs = (0, True, ROLE_CALL, False)
+# Usage of no known kind: a turn of its own at the root, else a turn candidate like an agent.
+_ROOT_USAGE: SpanIs = (1, True, ROLE_OWN, False)
+_CHILD_USAGE: SpanIs = (1, True, ROLE_TURN, False)
+_SESSION_UPDATE: SpanIs = (0, False, ROLE_OWN, False)
+
+
+def _what_span(v: list[Any], has_parent: bool, options: MappingOptions) -> SpanIs | None:
+    """An agent span, a model call, other usage or a session update (module docstring)."""
     operation = v[S_OPERATION]
     if operation.__class__ is not str:
         operation = ""
@@ -471,83 +527,85 @@ def map_span(span: SpanScan, fallbacks: list[tuple[tuple[int, ...], list[Any]]],
         oi_kind = v[S_OI_SPAN_KIND]
         oi_kind = oi_kind.upper() if oi_kind.__class__ is str else ""
     if operation == "invoke_agent" or oi_kind == "AGENT":
-        turns, counts_tokens = 1, options.agent_span_tokens
-        # What later spans of its trace without a session most likely belong to.
-        result.links.append(TraceLink(trace_id, span_id, b"", session_id, True))
-    elif operation in MODEL_CALL_OPERATIONS or oi_kind == "LLM":
-        turns, counts_tokens = (0 if has_parent else 1), True
-    elif any(v[s] is not None for s in TOKEN_SLOTS):
-        turns, counts_tokens = 1, True
-    elif any(v[s] is not None for s in SESSION_ATTRIBUTE_SLOTS):
-        turns, counts_tokens = 0, False
-    else:
-        return None
+        return _AGENT_SPAN_WITH_TOKENS if options.agent_span_tokens else _AGENT_SPAN
+    if operation in MODEL_CALL_OPERATIONS or oi_kind == "LLM":
+        return _CHILD_CALL if has_parent else _ROOT_CALL
+    if any(v[s] is not None for s in TOKEN_SLOTS):
+        return _CHILD_USAGE if has_parent else _ROOT_USAGE
+    if any(v[s] is not None for s in SESSION_ATTRIBUTE_SLOTS):
+        return _SESSION_UPDATE
+    return None
 
-    limit = options.max_attribute_value_bytes
-    model_slot = _first(v, MODEL_SLOTS)
-    model = v[model_slot]
-    model = model if model.__class__ is str else _text(model)
-    if len(model) * 4 > limit:
-        _bounded(model, model_slot, span_id, limit)
 
+# (prompt, completion, reasoning, cache read, cache write, cost in cents, priced)
+Tokens = tuple[int, int, int, int, int, float, bool]
+NO_TOKENS: Tokens = (0, 0, 0, 0, 0, 0.0, True)
+
+
+def _tokens(v: list[Any], span_id: bytes, model: str, model_slot: int,
+            options: MappingOptions) -> Tokens:
+    """A span's token counts (made whole: input with its cache, output with its reasoning)
+    and its cost: the emitter's, else priced from the model."""
+    # A plain count is an int in (0, MAX_TOKEN_COUNT]; anything else goes to _count.
     prompt = completion = reasoning = cache_read = cache_write = 0
+    s = (S_IN if v[S_IN] is not None else
+         S_IN_DEPRECATED if v[S_IN_DEPRECATED] is not None else S_OI_IN)
+    x = v[s]
+    if x is not None:
+        prompt = (x if x.__class__ is int and 0 < x <= MAX_TOKEN_COUNT
+                  else _count(x, s, span_id))
+    s = (S_OUT if v[S_OUT] is not None else
+         S_OUT_DEPRECATED if v[S_OUT_DEPRECATED] is not None else S_OI_OUT)
+    x = v[s]
+    if x is not None:
+        completion = (x if x.__class__ is int and 0 < x <= MAX_TOKEN_COUNT
+                      else _count(x, s, span_id))
+    s = S_REASONING if v[S_REASONING] is not None else S_OI_REASONING
+    x = v[s]
+    if x is not None:
+        reasoning = (x if x.__class__ is int and 0 < x <= MAX_TOKEN_COUNT
+                     else _count(x, s, span_id))
+    s = S_CACHE_READ if v[S_CACHE_READ] is not None else S_OI_CACHE_READ
+    x = v[s]
+    if x is not None:
+        cache_read = (x if x.__class__ is int and 0 < x <= MAX_TOKEN_COUNT
+                      else _count(x, s, span_id))
+    s = S_CACHE_WRITE if v[S_CACHE_WRITE] is not None else S_OI_CACHE_WRITE
+    x = v[s]
+    if x is not None:
+        cache_write = (x if x.__class__ is int and 0 < x <= MAX_TOKEN_COUNT
+                       else _count(x, s, span_id))
+    # GenAI convention: input includes cache reads and writes. Some emitters report cache
+    # tokens beside input instead; when cache exceeds input that must be the case.
+    cached = cache_read + cache_write
+    if cached > prompt:
+        uncached = prompt
+        prompt += cached
+    else:
+        uncached = prompt - cached
+    # Reasoning is part of output; an emitter reporting more reasoning than output counted
+    # it beside output, so it is added once to make output whole.
+    if reasoning > completion:
+        completion += reasoning
     cost = 0.0
     priced = True
-    if counts_tokens:
-        # A plain count is an int in (0, MAX_TOKEN_COUNT]; anything else goes to _count.
-        s = (S_IN if v[S_IN] is not None else
-             S_IN_DEPRECATED if v[S_IN_DEPRECATED] is not None else S_OI_IN)
-        x = v[s]
-        if x is not None:
-            prompt = (x if x.__class__ is int and 0 < x <= MAX_TOKEN_COUNT
-                      else _count(x, s, span_id))
-        s = (S_OUT if v[S_OUT] is not None else
-             S_OUT_DEPRECATED if v[S_OUT_DEPRECATED] is not None else S_OI_OUT)
-        x = v[s]
-        if x is not None:
-            completion = (x if x.__class__ is int and 0 < x <= MAX_TOKEN_COUNT
-                          else _count(x, s, span_id))
-        s = S_REASONING if v[S_REASONING] is not None else S_OI_REASONING
-        x = v[s]
-        if x is not None:
-            reasoning = (x if x.__class__ is int and 0 < x <= MAX_TOKEN_COUNT
-                         else _count(x, s, span_id))
-        s = S_CACHE_READ if v[S_CACHE_READ] is not None else S_OI_CACHE_READ
-        x = v[s]
-        if x is not None:
-            cache_read = (x if x.__class__ is int and 0 < x <= MAX_TOKEN_COUNT
-                          else _count(x, s, span_id))
-        s = S_CACHE_WRITE if v[S_CACHE_WRITE] is not None else S_OI_CACHE_WRITE
-        x = v[s]
-        if x is not None:
-            cache_write = (x if x.__class__ is int and 0 < x <= MAX_TOKEN_COUNT
-                           else _count(x, s, span_id))
-        # GenAI convention: input includes cache reads and writes. Some emitters report cache
-        # tokens beside input instead; when cache exceeds input that must be the case.
-        cached = cache_read + cache_write
-        if cached > prompt:
-            uncached = prompt
-            prompt += cached
+    s = _first(v, COST_SLOTS)
+    if v[s] is not None:
+        cost = _cost(v[s], s, span_id) * 100.0
+    elif prompt or completion:
+        request_model = _text(v[S_REQUEST_MODEL])
+        response_model = model if model_slot != S_REQUEST_MODEL else ""
+        priced_cost = options.pricer.cost_cents(
+            response_model, request_model, uncached, cache_read, cache_write, completion)
+        if priced_cost is None:
+            priced = False
         else:
-            uncached = prompt - cached
-        # Reasoning is part of output; an emitter reporting more reasoning than output counted
-        # it beside output, so it is added once to make output whole.
-        if reasoning > completion:
-            completion += reasoning
-        s = _first(v, COST_SLOTS)
-        if v[s] is not None:
-            cost = _cost(v[s], s, span_id) * 100.0
-        elif prompt or completion:
-            request_model = _text(v[S_REQUEST_MODEL])
-            response_model = model if model_slot != S_REQUEST_MODEL else ""
-            priced_cost = options.pricer.cost_cents(
-                response_model, request_model, uncached, cache_read, cache_write, completion)
-            if priced_cost is None:
-                priced = False
-            else:
-                cost = priced_cost
+            cost = priced_cost
+    return prompt, completion, reasoning, cache_read, cache_write, cost, priced
 
-    key_time = end_ns  # the key uses what the span says, never now
+
+def _times(start_ns: int, end_ns: int, now_ns: int, span_id: bytes) -> tuple[int, int]:
+    """(start, end) as stored: a missing one takes the other (or now), in order."""
     if start_ns > MAX_TIME_NS or end_ns > MAX_TIME_NS:
         raise InvalidSpan(f"span {_ref(span_id)}: timestamp after the year 2262")
     if not start_ns:
@@ -556,7 +614,12 @@ def map_span(span: SpanScan, fallbacks: list[tuple[tuple[int, ...], list[Any]]],
         end_ns = start_ns
     if end_ns < start_ns:
         start_ns, end_ns = end_ns, start_ns
+    return start_ns, end_ns
 
+
+def _session_values(v: list[Any], span_id: bytes, limit: int, result: MappingResult
+                    ) -> tuple[str | None, str | None, str | None, str | None]:
+    """The session attributes a span sets: kind, status, channel, goal (rare spans)."""
     x = v[S_KIND]
     kind = _choice(x, KINDS, DEFAULT_KIND, S_KIND, result) if x is not None else None
     x = v[S_STATUS]
@@ -566,17 +629,7 @@ def map_span(span: SpanScan, fallbacks: list[tuple[tuple[int, ...], list[Any]]],
                if x is not None else None)
     x = v[S_GOAL]
     goal = _bounded(_text(x), S_GOAL, span_id, limit) or None if x is not None else None
-    if v[S_AGENT:] == _NO_LABEL_VALUES:
-        agent, agent_version, user, host = resource_labels
-    else:
-        agent, agent_version, user, host = _labels(v, resource_labels, f"span {_ref(span_id)}",
-                                                   limit)
-
-    return _new_usage(SpanUsage, (
-        _pack_time(key_time) + trace_id + span_id, session_id, start_ns, end_ns, turns, prompt,
-        completion, reasoning, cache_read, cache_write, cost, priced, model or None, kind,
-        status, channel, goal, agent, agent_version, user, host,
-    ))
+    return kind, status, channel, goal
 
 
 def _without_session(span: SpanScan, parent_id: bytes,
@@ -598,6 +651,8 @@ def _without_session(span: SpanScan, parent_id: bytes,
                 and session.isprintable():
             result.links.append(TraceLink(trace_id, span_id, parent_id, session,
                                           not parent_id))
+            if not parent_id:
+                _root(span, result)
         result.ignored += 1
         return
     v[S_SESSION_ID] = "-"  # any session: the mapping below is the same for every one
@@ -611,9 +666,22 @@ def _without_session(span: SpanScan, parent_id: bytes,
         # A link from a held span up to its ancestors; a root's says the chain is complete.
         if ids_valid:
             result.links.append(TraceLink(trace_id, span_id, parent_id, None))
+            if not parent_id:
+                _root(span, result)
         result.ignored += 1
         return
     result.hold(usage, trace_id, span_id, parent_id)
+
+
+def _root(span: SpanScan, result: MappingResult) -> None:
+    """A root span that is no usage: the turn of its trace's sessions, if it carries usage
+    (collector.accounting.turns). A span with broken timestamps is none."""
+    _, trace_id, span_id, _, start_ns, end_ns = span[:6]
+    if start_ns > MAX_TIME_NS or end_ns > MAX_TIME_NS or not (start_ns or end_ns):
+        return
+    key_time = end_ns
+    start_ns, end_ns = _times(start_ns, end_ns, 0, span_id)
+    result.roots.append(TraceRoot(_pack_time(key_time) + trace_id + span_id, start_ns, end_ns))
 
 
 def _first(values: list[Any], group: tuple[int, ...]) -> int:

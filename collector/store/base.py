@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 from collector.accounting.aggregate import HOUR_NS, Batch, HourDelta, HourKey, SessionDelta
 from collector.accounting.traces import Node, Resolved, Waiting, resolve_trace
+from collector.accounting.turns import decide_turns, first_session
 from collector.signals.metrics import CumulativePoint, scaled
 from collector.signals.traces import (
     KEY_BYTES,
@@ -38,6 +39,7 @@ from collector.signals.traces import (
     HeldUsage,
     SpanUsage,
     TraceLink,
+    TraceRoot,
 )
 
 # agent_sessions' columns, fixed by its readers, with each backend's column types.
@@ -75,6 +77,7 @@ GENERATION_STARTED = "seen_generation_started_ns"
 HELD_COUNT = "held_count"
 HELD_TABLE = "collector_held_usage"
 LINKS_TABLE = "collector_trace_links"
+TURNS_TABLE = "collector_trace_turns"
 DEFAULT_RESOLVE_WINDOW_S = 600
 
 
@@ -312,6 +315,8 @@ def schema_problem(found: list[tuple[str, str]], expected: list[tuple[str, str]]
 HeldRow = tuple[bytes, bytes, bytes, bytes, int, str]
 # (trace_id, span_id, parent_id, session_id, seen_ns)
 LinkRow = tuple[bytes, bytes, bytes, str | None, int]
+# (trace_id, session_id, state bits of collector.accounting.turns, seen_ns)
+TurnRow = tuple[bytes, str, int, int]
 
 
 class TraceOps(Protocol):
@@ -352,6 +357,14 @@ class TraceOps(Protocol):
         """Delete these held rows (keys sorted); the keys actually deleted."""
         ...
 
+    def read_turns(self, trace_ids: list[bytes]) -> list[TurnRow]:
+        """The turn states of these traces (sorted), in no particular order."""
+        ...
+
+    def upsert_turns(self, rows: list[TurnRow]) -> None:
+        """Rows sorted by (trace, session); each replaces the stored state of its key."""
+        ...
+
 
 @dataclass(slots=True)
 class Traced:
@@ -362,6 +375,7 @@ class Traced:
     by_window: int = 0
     held_delta: int = 0  # the change to the held count
     held_now: int = 0  # set by the backend once it has written the count
+    roots: int = 0  # records added for root spans' turns (no span of their own)
 
 
 def usage_json(usage: SpanUsage) -> str:
@@ -409,10 +423,13 @@ def candidate_links(applied: Batch) -> list[TraceLink]:
 
 
 def resolve_held(trace_id: bytes, held: Iterable[HeldRow], links: Iterable[LinkRow],
-                 expired_before_ns: int) -> list[tuple[Resolved, SpanUsage]]:
+                 expired_before_ns: int, turns: Iterable[TurnRow] = ()
+                 ) -> list[tuple[Resolved, SpanUsage]]:
     """The held usage of one trace that resolves now, each with its session. The trace's
     first session is the link seen first (ties by span id), so it does not depend on the
-    order a backend returns rows in."""
+    order a backend returns rows in; without one, the session its model calls named first
+    (its turn states): a turn span naming no session whose model calls named theirs, in
+    earlier requests, resolves as soon as it arrives."""
     nodes: dict[bytes, Node] = {}
     first: tuple[int, bytes, str] | None = None
     for _, span_id, parent_id, session_id, seen_ns in links:
@@ -425,9 +442,63 @@ def resolve_held(trace_id: bytes, held: Iterable[HeldRow], links: Iterable[LinkR
         nodes.setdefault(span_id, Node(parent_id, None))
         usages[key] = usage
         waiting.append(Waiting(key, span_id, parent_id, held_ns <= expired_before_ns))
+    trace_first = first[2] if first is not None else first_session(
+        (session_id, seen_ns) for _, session_id, _, seen_ns in turns)
     return [(item, held_usage(item.key, item.session_id, usages[item.key]))
-            for item in resolve_trace(trace_id, nodes, None if first is None else first[2],
-                                      waiting)]
+            for item in resolve_trace(trace_id, nodes, trace_first, waiting)]
+
+
+def turn_traces(applied: Batch) -> tuple[dict[bytes, list[SpanUsage]], dict[bytes, TraceRoot]]:
+    """The batch's records with a role, by trace, and one root per trace (the first by key:
+    a retried root is the same span)."""
+    by_trace: dict[bytes, list[SpanUsage]] = {}
+    if applied.roles:
+        for record in applied.records:
+            if record.role and len(key := record.key) == KEY_BYTES:
+                by_trace.setdefault(key[8:8 + TRACE_ID_BYTES], []).append(record)
+    roots: dict[bytes, TraceRoot] = {}
+    for root in applied.roots:
+        trace_id = root.key[8:8 + TRACE_ID_BYTES]
+        known = roots.get(trace_id)
+        if known is None or root.key < known.key:
+            roots[trace_id] = root
+    return by_trace, roots
+
+
+def apply_turns(ops: TraceOps, combined: Batch, applied: Batch, now_ns: int,
+                stored: dict[bytes, list[TurnRow]]) -> Batch:
+    """Decide the turns of the batch's traces (collector.accounting.turns) from their stored
+    states, write the states that changed, and return the batch with each record's final
+    turns and the roots' records. The traces are locked by the caller."""
+    by_trace, roots = turn_traces(combined)
+    if not by_trace and not roots:
+        return combined
+    decided: dict[bytes, SpanUsage] = {}
+    added: list[SpanUsage] = []
+    changed: list[TurnRow] = []
+    for trace_id in sorted(by_trace.keys() | roots.keys()):
+        states = {session_id: bits for _, session_id, bits, _ in stored.get(trace_id, ())}
+        root = roots.get(trace_id)
+        records = by_trace.get(trace_id, [])
+        if not records and not states:
+            continue  # a root of a trace that carried no usage: not a turn
+        out, new_states = decide_turns(states, records, root)
+        for record in out:
+            if len(record.key) == KEY_BYTES:
+                decided[record.key] = record
+            else:
+                added.append(record)
+        changed.extend((trace_id, session_id, bits, now_ns)
+                       for session_id, bits in sorted(new_states.items()))
+    if changed:
+        ops.upsert_turns(changed)
+    if not added and all(decided[r.key] is r for r in combined.records if r.key in decided):
+        return combined
+    final = Batch(duplicates=combined.duplicates)
+    final.add(decided.get(r.key, r) for r in combined.records)
+    final.add(added)
+    final.held, final.links, final.roots = applied.held, applied.links, applied.roots
+    return final
 
 
 def links_kept_since(now_ns: int, window_ns: int) -> int:
@@ -449,6 +520,14 @@ def hold_and_resolve(ops: TraceOps, applied: Batch, now_ns: int,
     count = ops.held_count() + traced.held
     held_traces = {h.trace_id for h in applied.held}
     touched = set(held_traces)
+    by_trace, roots = turn_traces(applied)
+    touched |= by_trace.keys()
+    if roots:
+        # A root decides turns only in a trace that carried usage: one with records of a role
+        # here, or with turn states stored (looked up before the locks, as held usage is).
+        maybe = sorted(roots.keys() - touched)
+        if maybe:
+            touched |= {row[0] for row in ops.read_turns(maybe)}
     links = [link for link in applied.links if link.anchor]
     if count:
         candidates = candidate_links(applied)
@@ -476,12 +555,16 @@ def hold_and_resolve(ops: TraceOps, applied: Batch, now_ns: int,
         held_by_trace.setdefault(trace_id, []).append(held_row)
     for link_row in stored_links:
         links_by_trace.setdefault(link_row[0], []).append(link_row)
+    turns_by_trace: dict[bytes, list[TurnRow]] = {}
+    for turn_row in ops.read_turns(order):
+        turns_by_trace.setdefault(turn_row[0], []).append(turn_row)
     outcome: dict[bytes, tuple[Resolved, SpanUsage]] = {}
     for trace_id in order:
         trace_held = held_by_trace.get(trace_id)
         if trace_held:
             for item, usage in resolve_held(trace_id, trace_held,
-                                            links_by_trace.get(trace_id, ()), expired_before):
+                                            links_by_trace.get(trace_id, ()), expired_before,
+                                            turns_by_trace.get(trace_id, ())):
                 outcome[item.key] = (item, usage)
     resolved: list[SpanUsage] = []
     if outcome:
@@ -495,13 +578,27 @@ def hold_and_resolve(ops: TraceOps, applied: Batch, now_ns: int,
             else:
                 traced.resolved += 1
     traced.held_delta = traced.held - len(resolved)
-    if not resolved:
-        return applied, traced
-    combined = Batch(duplicates=applied.duplicates)
-    combined.add(applied.records)
-    combined.add(resolved)
-    combined.held, combined.links = applied.held, applied.links
-    return combined, traced
+    combined = applied
+    if resolved:
+        combined = Batch(duplicates=applied.duplicates)
+        combined.add(applied.records)
+        combined.add(resolved)
+        combined.held, combined.links, combined.roots = applied.held, applied.links, \
+            applied.roots
+    final = apply_turns(ops, combined, applied, now_ns, turns_by_trace)
+    traced.roots = len(final.records) - len(combined.records)
+    return final, traced
+
+
+def has_trace_work(applied: Batch) -> bool:
+    """Whether a flush has anything for hold_and_resolve besides stored held usage."""
+    return bool(applied.held or applied.links or applied.roots or applied.roles)
+
+
+def turns_kept_since(now_ns: int, retention_ns: int) -> int:
+    """Turn states are forgotten after the span-id retention: a trace whose spans arrive
+    further apart than that is taken for several."""
+    return now_ns - retention_ns
 
 
 def commit_result(applied: Batch, swept: int, traced: Traced | None) -> CommitResult:
@@ -510,7 +607,7 @@ def commit_result(applied: Batch, swept: int, traced: Traced | None) -> CommitRe
     if traced is None:
         return CommitResult(spans=len(applied), duplicates=applied.duplicates,
                             sessions=len(applied.sessions), swept=swept)
-    resolved = traced.resolved + traced.by_window
+    resolved = traced.resolved + traced.by_window + traced.roots
     return CommitResult(spans=len(applied) - resolved, duplicates=applied.duplicates,
                         sessions=len(applied.sessions), swept=swept, held=traced.held,
                         resolved=traced.resolved, resolved_by_window=traced.by_window,

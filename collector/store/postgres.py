@@ -65,6 +65,7 @@ from collector.store.base import (
     LINKS_TABLE,
     SEEN_CURRENT_COUNT,
     SEEN_PREVIOUS_COUNT,
+    TURNS_TABLE,
     USAGE_GROUPS,
     CommitResult,
     HeldRow,
@@ -72,12 +73,15 @@ from collector.store.base import (
     SchemaError,
     StorageError,
     Traced,
+    TurnRow,
     commit_result,
+    has_trace_work,
     hold_and_resolve,
     iso_utc,
     links_kept_since,
     resolve_cumulative,
     schema_problem,
+    turns_kept_since,
 )
 
 log = logging.getLogger(__name__)
@@ -201,6 +205,14 @@ CREATE TABLE IF NOT EXISTS collector_trace_links (
     PRIMARY KEY (trace_id, span_id)
 );
 CREATE INDEX IF NOT EXISTS collector_trace_links_time ON collector_trace_links (seen_ns);
+CREATE TABLE IF NOT EXISTS collector_trace_turns (
+    trace_id BYTEA NOT NULL,
+    session_id TEXT NOT NULL,
+    state INTEGER NOT NULL,
+    seen_ns BIGINT NOT NULL,
+    PRIMARY KEY (trace_id, session_id)
+);
+CREATE INDEX IF NOT EXISTS collector_trace_turns_time ON collector_trace_turns (seen_ns);
 INSERT INTO collector_meta (name, value) VALUES ('seen_current_count', 0),
     ('seen_previous_count', 0) ON CONFLICT (name) DO NOTHING;
 INSERT INTO collector_meta (name, value)
@@ -540,6 +552,23 @@ EXPIRE_LINKS = f"""
 DELETE FROM {LINKS_TABLE} WHERE ctid IN (
     SELECT ctid FROM {LINKS_TABLE} WHERE seen_ns < %s FOR UPDATE SKIP LOCKED)
 """
+READ_TURNS = f"""
+SELECT trace_id, session_id, state, seen_ns FROM {TURNS_TABLE} WHERE trace_id = ANY(%s)
+"""
+UPSERT_TURNS = f"""
+INSERT INTO {TURNS_TABLE} (trace_id, session_id, state, seen_ns)
+SELECT * FROM unnest(%s::bytea[], %s::text[], %s::int4[], %s::bigint[])
+    AS b(trace_id, session_id, state, seen_ns)
+ORDER BY trace_id, session_id
+ON CONFLICT (trace_id, session_id) DO UPDATE SET
+    state = excluded.state, seen_ns = excluded.seen_ns
+"""
+# As EXPIRE_LINKS, for turn states (READ_TURNS reads them whatever their age: a state goes
+# only once its trace is taken to be over).
+EXPIRE_TURNS = f"""
+DELETE FROM {TURNS_TABLE} WHERE ctid IN (
+    SELECT ctid FROM {TURNS_TABLE} WHERE seen_ns < %s FOR UPDATE SKIP LOCKED)
+"""
 READ_SEEN_COUNTS = "SELECT name, value FROM collector_meta WHERE name IN (%s, %s)"
 
 
@@ -725,6 +754,8 @@ class PostgresStore:
                             SWEEP_STALE, (iso_utc(sweep_before_ns),)).rowcount, 0)
                         conn.execute(EXPIRE_LINKS, (links_kept_since(
                             now_ns, self._resolve_window_ns),))
+                        conn.execute(EXPIRE_TURNS, (turns_kept_since(
+                            now_ns, self._retention_ns),))
                 self._rotate_if_due(conn, now_ns)
                 with conn.transaction():
                     applied, seen_current, traced = self._write(conn, batch, now_ns)
@@ -767,7 +798,7 @@ class PostgresStore:
         accounted = len(applied.keys)
         traced = None
         held_count = _read_count(conn, HELD_COUNT)
-        if applied.held or applied.links or held_count:
+        if has_trace_work(applied) or held_count:
             applied, traced = hold_and_resolve(_TraceOps(conn, held_count), applied, now_ns,
                                                self._resolve_window_ns)
         if applied.sessions:
@@ -908,6 +939,15 @@ class _TraceOps:
 
     def delete_held(self, keys: list[bytes]) -> set[bytes]:
         return {bytes(r[0]) for r in self._conn.execute(DELETE_HELD, (keys,), binary=True)}
+
+    def read_turns(self, trace_ids: list[bytes]) -> list[TurnRow]:
+        if not trace_ids:
+            return []
+        return [(bytes(t), str(n), int(b), int(seen)) for t, n, b, seen in self._conn.execute(
+            READ_TURNS, (trace_ids,), binary=True)]
+
+    def upsert_turns(self, rows: list[TurnRow]) -> None:
+        self._conn.execute(UPSERT_TURNS, _columns(rows, 4), binary=True)
 
 
 def _read_count(conn: psycopg.Connection[Any], name: str) -> int:
@@ -1186,6 +1226,15 @@ def _migrate(db: Any, conn: psycopg.Connection[Any], marker: str) -> Migration:
         conn.execute(UPSERT_LINKS, _columns(
             [(bytes(t), bytes(s), bytes(p), n, int(seen)) for t, s, p, n, seen in chunk], 5),
                      binary=True)
+    # What is known of each trace's turn: merged flag by flag with what PostgreSQL knows, so
+    # a trace's root arriving there counts the turn its SQLite-accounted calls wait for.
+    cursor = db.execute(f"SELECT trace_id, session_id, state, seen_ns FROM {TURNS_TABLE} "
+                        "ORDER BY trace_id, session_id")
+    while chunk := cursor.fetchmany(MIGRATION_CHUNK):
+        conn.execute(UPSERT_TURNS.replace("state = excluded.state",
+                                          f"state = {TURNS_TABLE}.state | excluded.state"),
+                     _columns([(bytes(t), str(n), int(b), int(seen))
+                               for t, n, b, seen in chunk], 4), binary=True)
     # Span ids stay remembered: an exporter retrying into PostgreSQL a span the SQLite
     # collector accounted is still a duplicate.
     span_ids = 0

@@ -29,7 +29,11 @@ Tables besides ``agent_sessions`` (whose columns are fixed by its readers):
   its key as accounted, and deleted in the one that adds it to its session;
 * ``collector_trace_links``: per span (trace id, span id), its parent and the session it
   names, for spans of traces with held usage and for anchors (agent spans, root spans naming
-  a session); forgotten two resolve windows after they were seen.
+  a session); forgotten two resolve windows after they were seen;
+* ``collector_trace_turns``: per (trace id, session), what is known of the trace's turn in
+  that session (collector.accounting.turns: counted, carried usage, root's times added), for
+  traces with agent spans or model calls under a parent; forgotten after the span-id
+  retention.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ from collector.store.base import (
     LINKS_TABLE,
     SEEN_CURRENT_COUNT,
     SEEN_PREVIOUS_COUNT,
+    TURNS_TABLE,
     USAGE_GROUPS,
     CommitResult,
     HeldRow,
@@ -70,13 +75,16 @@ from collector.store.base import (
     SchemaError,
     StorageError,
     Traced,
+    TurnRow,
     commit_result,
+    has_trace_work,
     hold_and_resolve,
     iso_utc,
     links_kept_since,
     mark_params,
     resolve_cumulative,
     session_params,
+    turns_kept_since,
 )
 from collector.store.base import schema_problem as _schema_problem
 
@@ -194,6 +202,14 @@ CREATE TABLE IF NOT EXISTS collector_trace_links (
     PRIMARY KEY (trace_id, span_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS collector_trace_links_time ON collector_trace_links (seen_ns);
+CREATE TABLE IF NOT EXISTS collector_trace_turns (
+    trace_id BLOB NOT NULL,
+    session_id TEXT NOT NULL,
+    state INTEGER NOT NULL,
+    seen_ns INTEGER NOT NULL,
+    PRIMARY KEY (trace_id, session_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS collector_trace_turns_time ON collector_trace_turns (seen_ns);
 """
 
 _SUMS = DAILY_SUMS
@@ -793,8 +809,9 @@ class SQLiteStore:
             if batch.cumulative:
                 applied = _with_cumulative(db, applied, batch.cumulative)
             traced = None
-            if applied.held or applied.links or self.held_now or _held_count(db):
-                applied, traced = _with_traces(db, applied, now_ns, self._resolve_window_ns)
+            if has_trace_work(applied) or self.held_now or _held_count(db):
+                applied, traced = _with_traces(db, applied, now_ns, self._resolve_window_ns,
+                                               self._retention_ns)
             write_sessions(db, applied)
             swept = 0
             if sweep_before_ns is not None:
@@ -982,14 +999,30 @@ class _TraceOps:
                 deleted.add(key)
         return deleted
 
+    def read_turns(self, trace_ids: list[bytes]) -> list[TurnRow]:
+        rows: list[TurnRow] = []
+        for trace_id in trace_ids:
+            rows.extend((trace_id, str(n), int(b), int(t)) for n, b, t in self._db.execute(
+                f"SELECT session_id, state, seen_ns FROM {TURNS_TABLE} WHERE trace_id = ?",
+                (trace_id,)))
+        return rows
+
+    def upsert_turns(self, rows: list[TurnRow]) -> None:
+        self._db.executemany(
+            f"INSERT INTO {TURNS_TABLE} (trace_id, session_id, state, seen_ns) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT (trace_id, session_id) DO UPDATE SET "
+            "state = excluded.state, seen_ns = excluded.seen_ns", rows)
+
 
 def _with_traces(db: sqlite3.Connection, applied: Batch, now_ns: int,
-                 window_ns: int) -> tuple[Batch, Traced]:
+                 window_ns: int, retention_ns: int) -> tuple[Batch, Traced]:
     """collector.store.base.hold_and_resolve in this transaction, then forget old links and
-    write the held count."""
+    turn states and write the held count."""
     combined, traced = hold_and_resolve(_TraceOps(db), applied, now_ns, window_ns)
     db.execute(f"DELETE FROM {LINKS_TABLE} WHERE seen_ns < ?",
                (links_kept_since(now_ns, window_ns),))
+    db.execute(f"DELETE FROM {TURNS_TABLE} WHERE seen_ns < ?",
+               (turns_kept_since(now_ns, retention_ns),))
     row = db.execute(ADD_HELD_COUNT, (HELD_COUNT, traced.held_delta)).fetchone()
     traced.held_now = int(row[0])
     return combined, traced

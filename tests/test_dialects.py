@@ -55,7 +55,8 @@ def priced(model: str, uncached: int, cache_read: int, cache_write: int, output:
 
 def test_builtins_load_through_the_config_loader() -> None:
     dialects = {d.name: d for d in effective_dialects()}
-    assert set(dialects) == {"claude_code", "codex", "gemini_cli", "vercel_ai"}
+    assert set(dialects) == {"claude_code", "codex", "gemini_cli", "opencode", "qwen_code",
+                             "vercel_ai"}
     assert set(builtin_tables()) == set(dialects)
     claude = dialects["claude_code"]
     assert not claude.input_includes_cache and claude.reasoning_in_output
@@ -80,7 +81,7 @@ def test_config_override_replaces_one_attribute_and_keeps_the_rest() -> None:
     codex = {d.name: d for d in config.dialects}["codex"]
     assert codex.names_for("input") == ("input_tokens_v2",)
     assert codex.names_for("output") == ("output_token_count",)  # built-in kept
-    assert len(config.dialects) == 4
+    assert len(config.dialects) == len(builtin_tables())
 
 
 def test_merge_tables_only_merges_attributes_and_metrics() -> None:

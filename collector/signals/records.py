@@ -236,6 +236,11 @@ def _hold(dialect: Dialect, record: Record, role: str, options: MappingOptions, 
         if dialect.shared_turns and not any(record.span_id):
             return
         usage = _turn(dialect, record, UNRESOLVED, options, now_ns)
+        # A dialect's turn is its agent's user prompt: what encloses it is the agent's own
+        # plumbing (opencode's server span, never exported, is every prompt's ancestor), not
+        # a nearer session. So it waits for no ancestor: its trace's session is its own.
+        result.hold(usage, record.trace_id, record.span_id, b"")
+        return
     if usage is not None:
         result.hold(usage, record.trace_id, record.span_id, record.parent_id)
 

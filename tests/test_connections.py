@@ -223,7 +223,7 @@ def test_over_the_cap_a_new_connection_gets_503_and_established_ones_are_served(
         rows = daemon.rows()
         assert {"cap-1", "cap-2", "cap-3", "cap-5", "cap-6", "cap-7"} <= set(rows)
         assert "cap-4" not in rows  # the refused one: its exporter retries it
-    for sock in established + [refused]:
+    for sock in [*established, refused]:
         sock.close()
     # Once they are gone there is room again.
     wait_for(lambda: sample(metrics(daemon), "collector_http_connections_refused_total",
@@ -252,6 +252,7 @@ def test_a_stalled_or_endless_body_is_cut(start_daemon: Callable[..., Daemon]) -
     trickled.close()
     assert sample(metrics(daemon), "collector_http_connections_closed_total",
                   listener="otlp_http", reason="body_timeout") == 2
+    assert "Traceback" not in daemon.log
     # A body that arrives in time is still served, on a fresh connection.
     daemon.export_http([make_span(trace_id=0xB0D1, attrs=usage("after-bodies"))])
     assert daemon.row("after-bodies")["turns"] == 1
@@ -295,6 +296,29 @@ def test_grpc_handshake_deadline_cap_and_idle_limit(start_daemon: Callable[..., 
         assert idle_seen.wait(WAIT_S)
         call(channel, "grpc-idle-2", 0x1D2)  # and reconnects for the next export
     assert {"grpc-idle-1", "grpc-idle-2"} <= set(daemon.rows())
+
+
+def test_grpc_connections_over_the_cap_are_closed_while_a_channel_keeps_exporting(
+        start_daemon: Callable[..., Daemon]) -> None:
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    daemon = start_daemon("[connections]\nmax_connections = 2\nheader_timeout_ms = 60000\n")
+    with grpc.insecure_channel(daemon.grpc_endpoint) as channel:
+        export = channel.unary_unary(
+            "/opentelemetry.proto.collector.trace.v1.TraceService/Export")
+
+        def call(n: int) -> None:
+            export(encode_spans([make_span(trace_id=0x6CA0 + n, attrs=usage(f"grpc-cap-{n}"))])
+                   .SerializeToString(), timeout=WAIT_S)
+
+        call(1)  # one connection
+        second = connect(daemon.grpc_port)  # two: the cap
+        third = connect(daemon.grpc_port)
+        wait_for(lambda: is_closed(third), "the connection over the cap closed")
+        call(2)  # the established channel is still served
+        second.close()
+        third.close()
+    assert {"grpc-cap-1", "grpc-cap-2"} <= set(daemon.rows())
 
 
 def test_grpc_server_options_carry_every_grpc_key() -> None:
@@ -442,6 +466,13 @@ def test_malformed_requests_are_counted_not_logged(start_daemon: Callable[..., D
 
 
 # -- config ---------------------------------------------------------------------------------------
+
+def test_shipped_config_toml_documents_the_defaults() -> None:
+    from collector.config import load_config
+
+    config = load_config(Path(__file__).resolve().parent.parent / "config.toml")
+    assert config.connections == ConnectionLimits()
+
 
 def test_connections_keys_are_read_and_defaulted(tmp_path: Path) -> None:
     assert parse_config({}, source="t.toml", base_dir=tmp_path).connections == (

@@ -244,19 +244,9 @@ class _Connection(asyncio.Protocol):
     """One accepted connection: admitted (aiohttp's RequestHandler behind it, timed) or
     refused (a 503 written, what it sends dropped, closed soon)."""
 
-    __slots__ = (
-        "_body_deadline",
-        "_body_timer",
-        "_guard",
-        "_handler",
-        "_header_timer",
-        "_in_request",
-        "_last_data",
-        "_linger",
-        "_loop",
-        "_payload",
-        "_transport",
-    )
+    __slots__ = ("_body_deadline", "_body_timer", "_evictable", "_guard", "_handler",
+                 "_header_timer", "_in_request", "_last_data", "_linger", "_loop", "_payload",
+                 "_tail", "_transport")
 
     def __init__(self, guard: ConnectionGuard) -> None:
         self._guard = guard
@@ -270,6 +260,8 @@ class _Connection(asyncio.Protocol):
         self._last_data = 0.0
         self._payload: Any = None
         self._linger: asyncio.TimerHandle | None = None
+        self._evictable = True  # until its first request's headers are all in
+        self._tail = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
@@ -293,6 +285,15 @@ class _Connection(asyncio.Protocol):
             return  # refused: dropped
         if self._in_request:
             self._last_data = self._loop.time()
+        elif self._evictable:
+            # Whole headers are in (aiohttp starts the request soon): no longer evictable,
+            # even if the event loop is too busy to have started it yet.
+            seen = self._tail + data
+            if b"\r\n\r\n" in seen:
+                self._evictable = False
+                self._guard.started(self)
+            else:
+                self._tail = seen[-3:]
         elif self._header_timer is None:
             # The first byte of a later request on a kept-alive connection.
             self._header_timer = self._loop.call_later(self._guard.header_timeout_s,
@@ -329,6 +330,7 @@ class _Connection(asyncio.Protocol):
     def request_started(self, request: web.BaseRequest) -> None:
         """The request's headers are all in: no header deadline now; its body is timed."""
         self._in_request = True
+        self._evictable = False
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None

@@ -499,3 +499,28 @@ def test_bad_connections_keys_name_key_and_file(tmp_path: Path, table: dict[str,
     assert caught.value.key == key
     assert words in caught.value.problem
     assert str(caught.value).startswith("bad.toml: ")
+
+
+def test_the_soft_descriptor_limit_is_raised_to_fit_the_caps() -> None:
+    """In a child process (limits are per process): a soft limit below what four listeners
+    at the cap may hold is raised, up to the hard limit; the hard limit is left alone."""
+    import subprocess
+    import sys
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    code = (
+        "import resource\n"
+        "from collector.config.connections import ConnectionLimits\n"
+        "from collector.receivers.connections import raise_descriptor_limit\n"
+        "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
+        "raise_descriptor_limit(4, ConnectionLimits(max_connections=300))\n"
+        "print(*resource.getrlimit(resource.RLIMIT_NOFILE))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parent.parent)
+    new_soft, new_hard = map(int, out.stdout.split())
+    needed = 4 * (300 + 64) + 128
+    assert new_hard == hard
+    assert new_soft == (needed if hard == resource.RLIM_INFINITY else min(hard, needed))
+    if new_soft < needed:
+        assert "open file limit" in out.stderr

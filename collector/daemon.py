@@ -25,6 +25,8 @@ from collector.config import Config
 from collector.dialects import DialectSet
 from collector.listeners import check_listeners
 from collector.pipeline import Pipeline
+from collector.receivers.connections import Connections, raise_descriptor_limit
+from collector.receivers.decoding import DecodeStats
 from collector.receivers.grpc import GrpcReceiver
 from collector.receivers.http import HttpReceiver
 from collector.security import Security
@@ -35,6 +37,10 @@ from collector.web.app import WebServer
 from collector.web.ops import Metrics, OpsServer, readiness_problem
 
 log = logging.getLogger(__name__)
+
+
+# Listeners that accept connections: OTLP/gRPC, OTLP/HTTP, the fleet view, the ops endpoint.
+LISTENERS = 4
 
 
 class Receiver(Protocol):
@@ -91,20 +97,26 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
             await store.open()
             log.info("storage: %s", store.description)
 
+            connections = Connections(config.connections)
+            decoding = DecodeStats()
+            raise_descriptor_limit(LISTENERS, config.connections)
             metrics = Metrics() if config.ops_endpoint is not None else None
             pipeline = build_pipeline(config, store,
                                       on_flush=metrics.observe_flush if metrics else None)
             listening = asyncio.Event()  # set once every receiver listens
             if metrics is not None and config.ops_endpoint is not None:
                 metrics.watch(pipeline, store, open_reader(config))
+                metrics.watch_connections(connections.stats, decoding)
                 ops = OpsServer(config.ops_endpoint, metrics, lambda: readiness_problem(
                     receivers_listening=listening.is_set(), closing=pipeline.closing,
-                    storage_problem=pipeline.storage_problem), before_scrape=metrics.refresh)
+                    storage_problem=pipeline.storage_problem), before_scrape=metrics.refresh,
+                    connections=connections)
                 await ops.start()
                 stack.push_async_callback(ops.stop)
             if config.web_endpoint is not None:
                 fleet_view = WebServer(config.web_endpoint, web_source(config),
-                                       open_reader(config), token=config.auth_token)
+                                       open_reader(config), token=config.auth_token,
+                                       connections=connections)
                 await fleet_view.start()
                 stack.push_async_callback(fleet_view.stop)
             await pipeline.start(on_fatal=stop.set)
@@ -119,14 +131,16 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
                 grpc_receiver = GrpcReceiver(
                     config.receivers.grpc_endpoint, pipeline.export, max_request_bytes=limit,
                     security=security,
-                    on_answer=functools.partial(pipeline.stats.count_answer, "grpc"))
+                    on_answer=functools.partial(pipeline.stats.count_answer, "grpc"),
+                    limits=config.connections)
                 await grpc_receiver.start()
                 receivers.append(grpc_receiver)
             if config.receivers.http_endpoint is not None:
                 http_receiver = HttpReceiver(
                     config.receivers.http_endpoint, pipeline.export, max_request_bytes=limit,
                     security=security,
-                    on_answer=functools.partial(pipeline.stats.count_answer, "http"))
+                    on_answer=functools.partial(pipeline.stats.count_answer, "http"),
+                    connections=connections, decoding=decoding)
                 await http_receiver.start()
                 receivers.append(http_receiver)
             listening.set()

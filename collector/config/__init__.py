@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from collector.accounting.prices import ModelPrice
+from collector.config.connections import SCHEMA as CONNECTIONS_SCHEMA
+from collector.config.connections import ConnectionLimits, parse_connections
 from collector.dialects import effective_dialects
 from collector.dialects.model import Dialect, DialectError
 from collector.signals.slots import ATTRIBUTE_SLOTS
@@ -148,6 +150,7 @@ class Config:
     web_endpoint: Endpoint | None = Endpoint("127.0.0.1", 8889)
     # The agents' dialects in effect: the built-ins with the file's [dialects.NAME] over them.
     dialects: tuple[Dialect, ...] = field(default_factory=effective_dialects)
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
 
 
 # The schema of the file: section -> key -> expected kind. Tables of arbitrary names (pricing)
@@ -168,6 +171,7 @@ _SCHEMA: dict[str, dict[str, type]] = {
     "tls": {"cert_file": str, "key_file": str, "client_ca_file": str},
     "ops": {"endpoint": str},
     "web": {"endpoint": str},
+    "connections": CONNECTIONS_SCHEMA,
 }
 
 
@@ -300,6 +304,7 @@ def parse_config(doc: Mapping[str, Any], *, source: str, base_dir: Path) -> Conf
         ops_endpoint=ops,
         web_endpoint=web,
         dialects=dialects,
+        connections=parse_connections(values, source),
     )
 
 

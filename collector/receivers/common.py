@@ -11,6 +11,7 @@ from aiohttp import web
 
 from collector.config import Endpoint
 from collector.pipeline import ExportOutcome
+from collector.receivers.connections import ConnectionGuard, Connections, GuardedSite
 from collector.signals import Signal
 
 # The one export handler every service of both transports calls: (signal, decoded request,
@@ -35,14 +36,22 @@ def outcome_label(outcome: ExportOutcome) -> str:
 
 
 async def start_app(app: web.Application, endpoint: Endpoint, *,
-                    ssl_context: ssl.SSLContext | None = None, **server: Any) -> web.AppRunner:
+                    ssl_context: ssl.SSLContext | None = None, listener: str = "http",
+                    label: str = "HTTP", connections: Connections | None = None,
+                    **server: Any) -> web.AppRunner:
     """Serve an aiohttp app on an endpoint, without access logs or signal handling (the
-    daemon owns both). If it cannot listen, nothing is left running and the error is raised."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, **server)
+    daemon owns both), its connections bounded and counted as `listener` (see
+    collector.receivers.connections). If it cannot listen, nothing is left running and the
+    error is raised."""
+    guard = ConnectionGuard(listener, label, connections or Connections())
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           keepalive_timeout=guard.idle_timeout_s, logger=guard.server_log,
+                           **server)
     await runner.setup()
+    assert runner.server is not None
+    guard.attach(runner.server)
     try:
-        site = web.TCPSite(runner, endpoint.host, endpoint.port, reuse_address=True,
-                           ssl_context=ssl_context)
+        site = GuardedSite(runner, endpoint, guard, ssl_context=ssl_context)
         await site.start()
     except BaseException:
         await runner.cleanup()

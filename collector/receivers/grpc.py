@@ -13,6 +13,7 @@ from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 
 from collector.config import Endpoint
+from collector.config.connections import ConnectionLimits
 from collector.receivers.common import (
     STOP_GRACE_S,
     AnswerFn,
@@ -37,8 +38,10 @@ log = logging.getLogger(__name__)
 
 class GrpcReceiver:
     def __init__(self, endpoint: Endpoint, export: ExportFn, *, max_request_bytes: int,
-                 security: Security | None = None, on_answer: AnswerFn = no_count) -> None:
+                 security: Security | None = None, on_answer: AnswerFn = no_count,
+                 limits: ConnectionLimits | None = None) -> None:
         self.endpoint = endpoint
+        self._limits = limits or ConnectionLimits()
         self._export = export
         self._limit = max_request_bytes
         self._security = security or Security()
@@ -46,10 +49,7 @@ class GrpcReceiver:
         self._server: grpc.aio.Server | None = None
 
     async def start(self) -> None:
-        server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", self._limit),
-            ("grpc.so_reuseport", 0),
-        ])
+        server = grpc.aio.server(options=server_options(self._limit, self._limits))
         # Raw bytes in and out: decoding is ours, so a bad body is INVALID_ARGUMENT with the
         # same message the HTTP receiver gives.
         server.add_generic_rpc_handlers(tuple(
@@ -98,6 +98,24 @@ class GrpcReceiver:
         self._on_answer(signal, outcome_label(outcome))
         return encode_response(export_response(signal, outcome.rejected, outcome.message),
                                PROTOBUF)
+
+
+def server_options(max_request_bytes: int, limits: ConnectionLimits) -> list[tuple[str, int]]:
+    """gRPC core's channel arguments for the server: the body limit, and the HTTP listeners'
+    bounds in HTTP/2's terms (collector.config.connections). The handshake (HTTP/2 preface
+    and settings, TLS included) gets the header deadline; the cap counts connections."""
+    return [
+        ("grpc.max_receive_message_length", max_request_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.server_handshake_timeout_ms", limits.header_timeout_ms),
+        ("grpc.max_allowed_incoming_connections", limits.max_connections),
+        ("grpc.max_connection_idle_ms", limits.grpc_max_connection_idle_ms),
+        ("grpc.max_connection_age_ms", limits.grpc_max_connection_age_ms),
+        ("grpc.max_connection_age_grace_ms", limits.grpc_max_connection_age_grace_ms),
+        ("grpc.http2.min_ping_interval_without_data_ms", limits.grpc_min_ping_interval_ms),
+        ("grpc.http2.max_ping_strikes", limits.grpc_max_ping_strikes),
+        ("grpc.max_concurrent_streams", limits.grpc_max_concurrent_streams),
+    ]
 
 
 def _metadata_value(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str | None:

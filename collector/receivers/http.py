@@ -22,6 +22,8 @@ from collector.receivers.common import (
     outcome_label,
     start_app,
 )
+from collector.receivers.connections import Connections
+from collector.receivers.decoding import Decoder, DecodeStats
 from collector.receivers.errors import RETRY_AFTER_S, ExportError, Refusal
 from collector.receivers.otlp import (
     DEFLATE_WBITS,
@@ -29,7 +31,6 @@ from collector.receivers.otlp import (
     PROTOBUF,
     WIRES,
     BoundedGunzip,
-    decode,
     encode_response,
     encode_status,
     export_response,
@@ -44,8 +45,12 @@ SIGNAL_PATHS = {WIRES[signal].path: signal for signal in Signal}
 
 class HttpReceiver:
     def __init__(self, endpoint: Endpoint, export: ExportFn, *, max_request_bytes: int,
-                 security: Security | None = None, on_answer: AnswerFn = no_count) -> None:
+                 security: Security | None = None, on_answer: AnswerFn = no_count,
+                 connections: Connections | None = None,
+                 decoding: DecodeStats | None = None) -> None:
         self.endpoint = endpoint
+        self._connections = connections
+        self._decoder = Decoder(decoding)
         self._export = export
         self._limit = max_request_bytes
         self._security = security or Security()
@@ -62,7 +67,8 @@ class HttpReceiver:
             # auto_decompress off: decompression is ours, bounded by the limit (gzip bombs).
             self._runner = await start_app(app, self.endpoint, ssl_context=ssl_context,
                                            shutdown_timeout=STOP_GRACE_S,
-                                           auto_decompress=False)
+                                           auto_decompress=False, listener="otlp_http",
+                                           label="OTLP/HTTP", connections=self._connections)
         except (OSError, ssl.SSLError) as exc:
             raise ReceiverError(f"cannot listen for OTLP/HTTP on {self.endpoint}: "
                                 f"{exc.strerror or exc}") from None
@@ -72,6 +78,7 @@ class HttpReceiver:
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
+        self._decoder.close()
 
     @web.middleware
     async def _count(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -110,8 +117,8 @@ class HttpReceiver:
         try:
             # No local keeps the body or the decoded request: both are large and the export
             # waits for a commit, so holding them would multiply memory by requests in flight.
-            outcome = await self._export(
-                signal, *decode(await self._read_body(request), content_type, signal))
+            outcome = await self._export(signal, *await self._decoder.decode(
+                await self._read_body(request), content_type, signal))
         except ExportError as exc:
             return _refusal(exc, content_type)
         payload = encode_response(export_response(signal, outcome.rejected, outcome.message),

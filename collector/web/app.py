@@ -47,6 +47,7 @@ from aiohttp import web
 from collector import report
 from collector.config import Endpoint
 from collector.receivers.common import start_app
+from collector.receivers.connections import Connections
 from collector.store.base import Reader as UsageReader
 from collector.store.base import StorageError
 from collector.store.sqlite import BUSY_TIMEOUT_MS
@@ -162,7 +163,8 @@ class WebServer:
 
     def __init__(self, endpoint: Endpoint, source: Path | ConnectOptions,
                  usage: UsageReader, *, token: str | None,
-                 now: Callable[[], dt.datetime] | None = None) -> None:
+                 now: Callable[[], dt.datetime] | None = None,
+                 connections: Connections | None = None) -> None:
         """`source`: what the view's own connection opens (collector.store.web_source);
         `usage`: the storage Reader the agent, user and host reports go through."""
         self.endpoint = endpoint
@@ -178,6 +180,7 @@ class WebServer:
         self._listeners: set[asyncio.Queue[int]] = set()
         self._watcher: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        self._connections = connections
 
     async def start(self) -> None:
         self._reader = Reader(self._source)
@@ -199,7 +202,9 @@ class WebServer:
         r.add_get("/api/events", self._events)
         r.add_static("/static/", STATIC_DIR, append_version=False)
         try:
-            self._runner = await start_app(app, self.endpoint, shutdown_timeout=STOP_GRACE_S)
+            self._runner = await start_app(app, self.endpoint, shutdown_timeout=STOP_GRACE_S,
+                                           listener="web", label="fleet view",
+                                           connections=self._connections)
         except OSError as exc:
             self._reader.close()
             self._watch_reader.close()

@@ -27,6 +27,8 @@ from collector import __version__
 from collector.config import Endpoint
 from collector.pipeline import ItemCounts, Pipeline, Stats
 from collector.receivers.common import start_app
+from collector.receivers.connections import Connections, ConnectionStats
+from collector.receivers.decoding import DecodeStats
 from collector.signals import Signal
 from collector.signals.traces import STATUSES
 from collector.store.base import Reader, Store
@@ -163,6 +165,55 @@ def metric_families(stats: Stats, gauges: Gauges) -> list[Metric]:
     ]
 
 
+def connection_families(stats: ConnectionStats, decoding: DecodeStats | None) -> list[Metric]:
+    """Each HTTP listener's connections (collector.receivers.connections) and the large
+    bodies decoded off the event loop. Pure: values in, families out."""
+    open_now = GaugeMetricFamily("collector_http_connections_open",
+                                 "Connections open now, by listener (otlp_http, web, ops)",
+                                 labels=("listener",))
+    refused = CounterMetricFamily(
+        "collector_http_connections_refused",
+        "Connections answered 503 at connections.max_connections, by listener",
+        labels=("listener",))
+    closed = CounterMetricFamily(
+        "collector_http_connections_closed",
+        "Connections closed by the collector, by listener and reason (header_timeout, "
+        "body_timeout, evicted: made room at the cap before sending a whole request)",
+        labels=("listener", "reason"))
+    malformed = CounterMetricFamily(
+        "collector_http_malformed_requests",
+        "Requests refused with 400 because they were not valid HTTP, by listener",
+        labels=("listener",))
+    for name, listener in sorted(stats.listeners.items()):
+        open_now.add_metric((name,), listener.open)
+        refused.add_metric((name,), listener.refused)
+        malformed.add_metric((name,), listener.malformed)
+        for reason, count in sorted(listener.closed.items()):
+            closed.add_metric((name, reason), count)
+    families: list[Metric] = [open_now, refused, closed, malformed]
+    if decoding is not None:
+        families += [
+            GaugeMetricFamily("collector_decodes_off_loop_in_progress",
+                              "Large request bodies being decoded off the event loop now",
+                              value=decoding.in_progress),
+            CounterMetricFamily("collector_decodes_off_loop",
+                                "Large request bodies decoded off the event loop",
+                                value=decoding.done),
+        ]
+    return families
+
+
+class ConnectionCollector:
+    """Reads the listeners' counters when scraped."""
+
+    def __init__(self, stats: ConnectionStats, decoding: DecodeStats | None) -> None:
+        self._stats = stats
+        self._decoding = decoding
+
+    def collect(self) -> Iterable[Metric]:
+        return connection_families(self._stats, self._decoding)
+
+
 class PipelineCollector:
     """Reads the pipeline and store when scraped; nothing is copied in between."""
 
@@ -207,6 +258,10 @@ class Metrics:
         self._reader = reader
         self.registry.register(PipelineCollector(pipeline, store, lambda: self._statuses))
 
+    def watch_connections(self, stats: ConnectionStats,
+                          decoding: DecodeStats | None = None) -> None:
+        self.registry.register(ConnectionCollector(stats, decoding))
+
     async def refresh(self) -> None:
         """Read what only the database knows, off the event loop, before a scrape."""
         reader = self._reader
@@ -240,8 +295,10 @@ class OpsServer:
 
     def __init__(self, endpoint: Endpoint, metrics: Metrics,
                  readiness: Callable[[], str | None],
-                 before_scrape: Callable[[], Awaitable[None]] | None = None) -> None:
+                 before_scrape: Callable[[], Awaitable[None]] | None = None,
+                 connections: Connections | None = None) -> None:
         self.endpoint = endpoint
+        self._connections = connections
         self._metrics = metrics
         self._readiness = readiness
         self._before_scrape = before_scrape
@@ -253,7 +310,9 @@ class OpsServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         try:
-            self._runner = await start_app(app, self.endpoint, shutdown_timeout=STOP_GRACE_S)
+            self._runner = await start_app(app, self.endpoint, shutdown_timeout=STOP_GRACE_S,
+                                           listener="ops", label="operations endpoint",
+                                           connections=self._connections)
         except OSError as exc:
             raise OpsError(f"cannot listen for operations on {self.endpoint}: "
                            f"{exc.strerror or exc}") from None

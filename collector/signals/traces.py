@@ -153,6 +153,8 @@ class SpanUsage(NamedTuple):
     agent_version: str | None = None  # service.version
     user: str | None = None  # user.email, else user.id, else enduser.id
     host: str | None = None  # host.name
+    # The name of the ingest token that carried it (collector.security); never an attribute.
+    credential: str | None = None
 
 
 # The session of held usage until its trace names one; never a valid session id (those are
@@ -575,7 +577,7 @@ def map_span(span: SpanScan, fallbacks: list[tuple[tuple[int, ...], list[Any]]],
     return _new_usage(SpanUsage, (
         _pack_time(key_time) + trace_id + span_id, session_id, start_ns, end_ns, turns, prompt,
         completion, reasoning, cache_read, cache_write, cost, priced, model or None, kind,
-        status, channel, goal, agent, agent_version, user, host,
+        status, channel, goal, agent, agent_version, user, host, None,  # credential: pipeline's
     ))
 
 

@@ -114,14 +114,20 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
                                        open_reader(config), security=web_security)
                 await fleet_view.start()
                 stack.push_async_callback(fleet_view.stop)
+            # SIGHUP is handled whatever the config: its default action would end the daemon
+            # (and systemd counts that as a clean exit, so it would not restart it).
             source = Path(config.source)
-            if config.auth.enabled and source.is_file():
+            if source.is_file():
                 reloader = TokenReloader(
                     source, config.auth, credentials,
                     on_reload=fleet_view.end_revoked_sessions if fleet_view else None)
                 loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
-                stack.callback(loop.remove_signal_handler, signal.SIGHUP)
-                stack.push_async_callback(stop_task, asyncio.create_task(reloader.watch()))
+                if config.auth.enabled:  # without tokens a reload can only be refused
+                    stack.push_async_callback(stop_task, asyncio.create_task(reloader.watch()))
+            else:
+                loop.add_signal_handler(signal.SIGHUP, log.warning,
+                                        "SIGHUP: no config file, nothing to reload")
+            stack.callback(loop.remove_signal_handler, signal.SIGHUP)
             await pipeline.start(on_fatal=stop.set)
             stack.push_async_callback(pipeline.shutdown)
 

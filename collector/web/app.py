@@ -79,7 +79,9 @@ SECURITY_HEADERS = {
     "Content-Security-Policy": ("default-src 'self'; img-src 'self' data:; "
                                 "style-src 'self'; script-src 'self'; frame-ancestors 'none'"),
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    # Nothing to other sites; our own forms still carry their Origin (with no-referrer a
+    # browser sends `Origin: null`, which the sign-in check must treat as another site).
+    "Referrer-Policy": "same-origin",
 }
 PUBLIC_PATHS = frozenset({"/login", "/static/app.css", "/static/login.js", "/api/auth"})
 
@@ -278,8 +280,8 @@ class WebServer:
     def _cross_site(self, request: web.Request) -> bool:
         """Whether the browser says this form was posted from another site's page."""
         site = request.headers.get("Sec-Fetch-Site")
-        if site is not None and site not in OWN_SITES:
-            return True
+        if site is not None:  # the browser's own word, where it gives one
+            return site not in OWN_SITES
         origin = request.headers.get("Origin")
         if origin is None:
             return False  # not sent by a browser that would send a cross-site form
@@ -379,10 +381,12 @@ class WebServer:
         return web.json_response(await self._read(queries.filter_values), headers=JSON_HEADERS)
 
     async def _who(self, request: web.Request) -> web.StreamResponse:
-        """The agent, user or host report, as `collector report KIND --json` gives it."""
+        """The agent, user, host or credential report, as `collector report KIND --json`
+        gives it."""
         kind = request.match_info["kind"]
         if kind not in report.LABEL_REPORTS:
-            return web.json_response({"error": "kind must be agent, user or host"}, status=400)
+            return web.json_response(
+                {"error": f"kind must be one of {', '.join(report.LABEL_REPORTS)}"}, status=400)
         try:
             since = _date(request.query.get("since"))
             until = _date(request.query.get("until"))

@@ -314,7 +314,7 @@ class Pipeline:
             log.error("%s (please report this request)", exc)
             raise self._refuse(Refusal.INVALID, str(exc), counts, items) from None
         del request, wire  # both are large; do not hold them while waiting for the commit
-        if credential is not None:
+        if credential is not None and (result.held or result.cumulative):
             credit(result, credential)
         counts.received += result.spans
         counts.rejected += result.rejected
@@ -328,7 +328,7 @@ class Pipeline:
             if not pending:
                 self._gathering_since = self._monotonic()
                 self._wake.set()
-            pending.add(result.records)
+            pending.add(result.records, credential)
             pending.cumulative.extend(result.cumulative)
             if result.held or result.links:
                 pending.hold(result.held, result.links)

@@ -296,6 +296,42 @@ def test_web_sessions_expire_end_and_stay_bounded() -> None:
     assert store.end_where(lambda s: False) == 2 and len(store) == 0
 
 
+def test_the_latest_credential_wins_and_survives_every_refold() -> None:
+    from collector.accounting.aggregate import Batch, credit
+    from collector.signals.traces import HeldUsage, MappingResult, SpanUsage
+
+    def record(key: bytes, end: int, credential: str | None = None) -> SpanUsage:
+        return SpanUsage(key, "s", end, end, 1, 10, 5, 0, 0, 0, 0.0, True, "m", None, None,
+                         None, None, "agent", credential=credential)
+
+    batch = Batch()
+    batch.add([record(b"a", 20), record(b"b", 10)], "laptops")
+    batch.add([record(b"c", 15)], "ci")  # later to arrive, earlier to end: not the latest
+    batch.add([record(b"d", 5)])  # carried by no token: sets nothing
+    batch.add([record(b"e", 12, "held-by")])  # a resolved held record says its own
+    delta = batch.sessions["s"]
+    assert (delta.credential, delta.credential_ns) == ("laptops", 20)
+    assert [(c, [r.key for r in rs]) for c, rs in batch.runs()] == [
+        ("laptops", [b"a", b"b"]), ("ci", [b"c"]), (None, [b"d", b"e"])]
+    # A retry found "a" accounted: the re-fold is exact, each record with its own token.
+    rest = batch.without({b"a"})
+    assert (rest.sessions["s"].credential, rest.sessions["s"].credential_ns) == ("ci", 15)
+    assert [(c, [r.key for r in rs]) for c, rs in rest.runs()] == [
+        ("laptops", [b"b"]), ("ci", [b"c"]), (None, [b"d", b"e"])]
+    later = Batch()
+    later.add([record(b"f", 30)], "ops")
+    rest.absorb(later)
+    assert rest.sessions["s"].credential == "ops"
+    copy = Batch()
+    copy.refold(rest)
+    assert copy.sessions["s"] == rest.sessions["s"]
+    # What waits in storage carries the token in its own record.
+    held = HeldUsage(record(b"h", 1), b"t" * 16, b"s" * 8, b"")
+    result = MappingResult(held=[held])
+    credit(result, "laptops")
+    assert result.held[0].usage.credential == "laptops" and result.held[0].trace_id == held[1]
+
+
 # -- roles over real sockets ----------------------------------------------------------------
 
 @pytest.fixture
@@ -639,15 +675,24 @@ def test_browser_sign_in_out_and_revocation(context: Any, start_daemon: StartDae
     (tmp_path / "finance.token").write_text(READ + "\n")
     (tmp_path / "audit.token").write_text("audit-t0ken\n")
     daemon = start_daemon(
+        f'[[auth.tokens]]\nname = "laptops"\nroles = ["ingest"]\n'
+        f'sha256 = "{token_digest(INGEST).hex()}"\n'
         f'[[auth.tokens]]\nname = "finance"\nroles = ["read"]\n'
         f'token_file = "{tmp_path / "finance.token"}"\n'
         f'[[auth.tokens]]\nname = "audit"\nroles = ["read"]\n'
         f'token_file = "{tmp_path / "audit.token"}"\n')
+    assert otlp_post(daemon, Signal.TRACES, INGEST, "paid-by-laptops")[0] == 200
     page = context.new_page()
 
-    # Signed in, shown by which token; signed out by the button; the cookie is then dead.
+    # Signed in, shown by which token; the session's credential is on its page and in the
+    # Credentials tab; signed out by the button; the cookie is then dead.
     first = browser_sign_in(page, daemon, READ)
     assert page.get_by_test_id("signed-in").inner_text() == "signed in as finance"
+    page.goto(daemon.web_url + "/#/session/paid-by-laptops")
+    assert page.locator('[data-fact="credential"]').inner_text() == "laptops"
+    page.goto(daemon.web_url + "/#/who/credential")
+    assert page.locator('[data-testid="who-table"] tbody tr').get_attribute("data-key") == \
+        "laptops"
     assert web_get(daemon, "/api/overview", Cookie=f"collector_session={first}")[0] == 200
     page.get_by_test_id("signout").click()
     page.wait_for_url("**/login")

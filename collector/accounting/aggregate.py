@@ -13,7 +13,8 @@ that grows with sessions and hours, not with spans.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Set
+import itertools
+from collections.abc import Iterable, Iterator, Set
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,6 +110,11 @@ class Batch:
     # and what spans tell about their traces' sessions (collector.accounting.traces).
     held: list[HeldUsage] = field(default_factory=list)
     links: list[TraceLink] = field(default_factory=list)
+    # Which token carried which records, as runs: (index in `records` where a run starts, the
+    # token's name or None). Records before the first run were carried by none. Kept beside
+    # the records rather than in each (one tuple per request, not one per span); a record's
+    # own `credential` (held usage, cumulative points) counts when its run has none.
+    credentials: list[tuple[int, str | None]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.records) + len(self.cumulative) + len(self.held)
@@ -129,9 +135,13 @@ class Batch:
             self.held.append(item)
         self.links.extend(links)
 
-    def add(self, records: Iterable[SpanUsage]) -> None:
-        """Fold records in. One loop, everything inline: it runs once per span on the export
+    def add(self, records: Iterable[SpanUsage], credential: str | None = None) -> None:
+        """Fold records in, carried by the token named `credential` (None: by none, or as
+        each record says). One loop, everything inline: it runs once per span on the export
         path. Latest values go by span end time; ties go to the later arrival."""
+        runs = self.credentials
+        if (runs[-1][1] if runs else None) != credential:
+            runs.append((len(self.records), credential))
         keys = self.keys
         sessions = self.sessions
         hours = self.hours
@@ -139,7 +149,7 @@ class Batch:
         for record in records:
             (key, session_id, start, end, turns, prompt, completion, reasoning, cache_read,
              cache_write, cost, _, model, kind, status, channel, goal, agent, agent_version,
-             user, host, credential) = record
+             user, host, carried_by) = record
             if key in keys:
                 self.duplicates += 1
                 continue
@@ -166,8 +176,10 @@ class Batch:
                 delta.user, delta.user_ns = user, end
             if agent_version is not None and end >= delta.agent_version_ns:
                 delta.agent_version, delta.agent_version_ns = agent_version, end
-            if credential is not None and end >= delta.credential_ns:
-                delta.credential, delta.credential_ns = credential, end
+            if credential is not None:
+                carried_by = credential
+            if carried_by is not None and end >= delta.credential_ns:
+                delta.credential, delta.credential_ns = carried_by, end
             hour_key = (session_id, model or NO_MODEL, end // HOUR_NS)
             hour = hours.get(hour_key)
             if hour is None:
@@ -190,10 +202,26 @@ class Batch:
             total.add(hour)
         return totals
 
+    def runs(self) -> Iterator[tuple[str | None, Iterable[SpanUsage]]]:
+        """The records with the token that carried them, run by run (for a re-fold)."""
+        starts = self.credentials
+        records = self.records
+        if not starts or starts[0][0] > 0:
+            yield None, itertools.islice(records, 0, starts[0][0] if starts else None)
+        for i, (start, credential) in enumerate(starts):
+            end = starts[i + 1][0] if i + 1 < len(starts) else None
+            yield credential, itertools.islice(records, start, end)
+
+    def refold(self, other: Batch) -> None:
+        """Fold another batch's records in, each with the token that carried it."""
+        for credential, records in other.runs():
+            self.add(records, credential)
+
     def without(self, accounted: Set[bytes]) -> Batch:
         """The same batch minus spans already accounted in storage."""
         rest = Batch(cumulative=self.cumulative, links=self.links)
-        rest.add(r for r in self.records if r.key not in accounted)
+        for credential, records in self.runs():
+            rest.add((r for r in records if r.key not in accounted), credential)
         rest.hold(h for h in self.held if h.usage.key not in accounted)
         rest.duplicates = (self.duplicates + len(self.records) - len(rest.records)
                            + len(self.held) - len(rest.held))
@@ -202,7 +230,7 @@ class Batch:
     def absorb(self, later: Batch) -> None:
         """Fold a later batch into this one (used when this one failed to commit)."""
         self.duplicates += later.duplicates
-        self.add(later.records)
+        self.refold(later)
         self.cumulative.extend(later.cumulative)
         self.hold(later.held, later.links)
 
@@ -221,13 +249,12 @@ def _latest_session_values(delta: SessionDelta, end: int, kind: str | None, stat
 
 
 def credit(result: MappingResult, credential: str) -> None:
-    """Mark everything a request gave as carried by the token named `credential`.
+    """Mark what of a request waits in storage (held usage, cumulative points) as carried by
+    the token named `credential`, so it reaches the session when resolved later. Its records
+    get it from Batch.add.
 
-    Set here, from the authenticated request, never from attributes: a span cannot claim a
-    credential it was not sent with. Held usage and cumulative points carry it too, so it
-    reaches the session when they are resolved later."""
-    new = tuple.__new__  # a NamedTuple's own constructor costs 4x more per record
-    result.records = [new(SpanUsage, (*r[:-1], credential)) for r in result.records]
+    Set from the authenticated request, never from attributes: a span cannot claim a
+    credential it was not sent with."""
     if result.held:
         result.held = [h._replace(usage=h.usage._replace(credential=credential))
                        for h in result.held]

@@ -291,7 +291,7 @@ def resolve_cumulative(applied: Batch, points: list[CumulativePoint],
     if not resolved:
         return applied, updated
     combined = Batch(duplicates=applied.duplicates)
-    combined.add(applied.records)
+    combined.refold(applied)
     combined.add(resolved)
     return combined, updated
 
@@ -502,7 +502,7 @@ def hold_and_resolve(ops: TraceOps, applied: Batch, now_ns: int,
     if not resolved:
         return applied, traced
     combined = Batch(duplicates=applied.duplicates)
-    combined.add(applied.records)
+    combined.refold(applied)
     combined.add(resolved)
     combined.held, combined.links = applied.held, applied.links
     return combined, traced

@@ -65,7 +65,6 @@ DEFAULT_MAX_VALUE_DEPTH = 8
 DEFAULT_OPS_ENDPOINT = "127.0.0.1:8888"
 DEFAULT_WEB_ENDPOINT = "127.0.0.1:8889"  # the fleet view; beside the ops listener
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
-MAX_TOKEN_FILE_BYTES = 4096
 LOG_LEVELS = ("debug", "info", "warning", "error")
 PRICE_KEYS = ("input", "output", "cache_read", "cache_write")
 

@@ -51,7 +51,7 @@ from collector import report
 from collector.config import Endpoint
 from collector.config.auth import ROLE_READ
 from collector.receivers.common import start_app
-from collector.security import HostCheck, Security, bearer_token
+from collector.security import Security, bearer_token
 from collector.store.base import Reader as UsageReader
 from collector.store.base import StorageError
 from collector.store.sqlite import BUSY_TIMEOUT_MS
@@ -162,7 +162,7 @@ class WebServer:
         self._source = source
         self._usage = usage
         self._security = security or Security()
-        self._hosts = self._security.hosts or HostCheck(frozenset())
+        self._hosts = self._security.hosts  # None: no Host check (the daemon always has one)
         self._signins = WebSessions()
         self._tls = self._security.tls is not None
         self._cookie = SECURE_COOKIE if self._tls else COOKIE
@@ -264,7 +264,7 @@ class WebServer:
                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                      ) -> web.StreamResponse:
         if not self._authenticating:
-            if not self._hosts.allows(request.headers.get("Host")):
+            if self._hosts is not None and not self._hosts.allows(request.headers.get("Host")):
                 return web.Response(status=403, text=(
                     "this collector does not answer to that Host name; add it to "
                     "web.allowed_hosts if it is one of its names\n"))

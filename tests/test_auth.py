@@ -616,6 +616,21 @@ def test_cookie_is_secure_over_tls(start_daemon: StartDaemon, pki: Pki,  # noqa:
     assert otlp_post(daemon, Signal.TRACES, INGEST, "plain-otlp")[0] == 200
 
 
+def test_web_tls_client_ca_asks_browsers_for_a_certificate(start_daemon: StartDaemon,
+                                                           pki: Pki,  # noqa: F811
+                                                           tmp_path: Path) -> None:
+    daemon = start_daemon(tokens_config(tmp_path) + f'[web.tls]\ncert_file = "{pki.cert}"\n'
+                          f'key_file = "{pki.key}"\nclient_ca_file = "{pki.ca}"\n')
+    anonymous = ssl.create_default_context(cafile=str(pki.ca))
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        http_request(daemon.web_port, "GET", "/login", context=anonymous)
+    with_cert = ssl.create_default_context(cafile=str(pki.ca))
+    with_cert.load_cert_chain(pki.client_cert, pki.client_key)
+    status, _, _ = http_request(daemon.web_port, "GET", "/api/overview", context=with_cert,
+                                headers={"Authorization": f"Bearer {READ}"})
+    assert status == 200
+
+
 # -- Host checks (DNS rebinding) ------------------------------------------------------------
 
 def test_without_tokens_only_the_listeners_own_names_are_answered(

@@ -25,7 +25,7 @@ from collector.security import Credentials, HostCheck, ReloadRefused, host_check
 from collector.signals import Signal
 from collector.store.sqlite import SQLiteStore
 from collector.web.sessions import WebSessions
-from tests.conftest import Daemon, make_span
+from tests.conftest import MS, T0, Daemon, make_span
 from tests.test_receivers import new_trace, request_bytes, usage
 from tests.test_security import Pki, pki  # noqa: F401 - the fixture
 from tests.test_signal_receivers import METHODS, raw_body
@@ -471,6 +471,32 @@ def test_logs_and_metrics_carry_the_credential_too(start_daemon: StartDaemon,
     assert labels(daemon) == {"h-logs": "laptops", "h-metrics": "laptops", "g-logs": "ops",
                               "g-metrics": "ops"}
     assert daemon.row("h-metrics")["prompt_tokens"] == 1234
+
+
+def test_held_usage_keeps_the_token_that_carried_it(tokens_daemon: Daemon) -> None:
+    """Usage whose span names no session waits on disk for its trace to name one; when a
+    request with another token names it, the usage still counts as its own token's."""
+    daemon = tokens_daemon
+    trace = new_trace()
+    calls = [make_span(trace_id=trace, span_id=i, parent_id=1, start=T0 + MS, end=T0 + 9 * MS,
+                       attrs={"gen_ai.operation.name": "chat", "gen_ai.request.model": "m",
+                              "gen_ai.usage.input_tokens": 100,
+                              "gen_ai.usage.output_tokens": 10}) for i in (2, 3)]
+    headers = {"Content-Type": "application/x-protobuf"}
+    status, _, _ = http_request(daemon.http_port, "POST", "/v1/traces",
+                                body=request_bytes(*calls),
+                                headers={**headers, "Authorization": f"Bearer {INGEST}"})
+    assert status == 200 and labels(daemon) == {}  # held: no session named yet
+    # The agent span ends first here, so the held calls are the session's latest usage.
+    root = make_span(trace_id=trace, span_id=1, start=T0, end=T0 + 2 * MS,
+                     attrs={"gen_ai.operation.name": "invoke_agent",
+                            "gen_ai.conversation.id": "s-held"})
+    status, _, _ = http_request(daemon.http_port, "POST", "/v1/traces",
+                                body=request_bytes(root),
+                                headers={**headers, "Authorization": f"Bearer {BOTH}"})
+    assert status == 200
+    assert daemon.row("s-held")["prompt_tokens"] == 200
+    assert labels(daemon) == {"s-held": "laptops"}
 
 
 def test_legacy_token_sessions_are_labelled_default(start_daemon: StartDaemon,

@@ -281,6 +281,9 @@ def _escape(char: str) -> str:
 def _check_config(config: Config, args: argparse.Namespace) -> int:
     effective = json.loads(json.dumps(asdict(config), default=str))
     effective["auth_token"] = "<set>" if config.auth_token else None
+    # Names and roles only: not even a token's hash is printed.
+    effective["auth"] = {"tokens": [{"name": t.name, "roles": sorted(t.roles)}
+                                    for t in config.auth.tokens]}
     if config.postgres is not None:
         effective["postgres"]["password"] = "<set>" if config.postgres.password else None
     for key in ("grpc_endpoint", "http_endpoint"):
@@ -297,7 +300,7 @@ def _check_config(config: Config, args: argparse.Namespace) -> int:
 # folds (hour, model) sums too: they stream in the table's key order, while a bare GROUP BY
 # model would sort every row.
 REPORT_GROUPS = {"daily": "hour", "monthly": "hour", "session": "session", "model": "hour",
-                 "agent": "agent", "user": "user", "host": "host"}
+                 "agent": "agent", "user": "user", "host": "host", "credential": "credential"}
 
 
 def _report(config: Config, args: argparse.Namespace) -> int:

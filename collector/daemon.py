@@ -7,6 +7,9 @@ committed; /readyz says ready once the receivers listen). Stop, on SIGTERM or SI
 new exports, stop the receivers while the pipeline keeps committing for the requests in
 flight, drain the pipeline, stop the fleet view and the operations endpoint (it answers
 "shutting down" until then), close the store.
+
+SIGHUP (and a change to the config file or a token file) reloads the tokens of [auth]
+(collector.auth_reload); nothing else is reloaded.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ import logging
 import signal
 from collections.abc import Callable
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Protocol
 
 from collector.accounting.pricing import Pricer
+from collector.auth_reload import TokenReloader, stop_task
 from collector.config import Config
 from collector.dialects import DialectSet
 from collector.listeners import check_listeners
@@ -29,7 +34,7 @@ from collector.receivers.connections import Connections, raise_descriptor_limit
 from collector.receivers.decoding import DecodeStats
 from collector.receivers.grpc import GrpcReceiver
 from collector.receivers.http import HttpReceiver
-from collector.security import Security
+from collector.security import Credentials, Security, host_check
 from collector.signals.traces import MappingOptions
 from collector.store import open_reader, open_store, web_source
 from collector.store.base import Store
@@ -89,6 +94,8 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    # One set of tokens for every listener: a reload reaches them all at once.
+    credentials = Credentials(config.auth)
     try:
         check_listeners(config)
         async with AsyncExitStack() as stack:
@@ -113,20 +120,37 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
                     connections=connections)
                 await ops.start()
                 stack.push_async_callback(ops.stop)
+            fleet_view = None
             if config.web_endpoint is not None:
+                web_security = Security(
+                    credentials=credentials, tls=config.web_access.tls,
+                    hosts=host_check(config.web_endpoint, config.web_access.allowed_hosts))
                 fleet_view = WebServer(config.web_endpoint, web_source(config),
-                                       open_reader(config), token=config.auth_token,
+                                       open_reader(config), security=web_security,
                                        connections=connections)
                 await fleet_view.start()
                 stack.push_async_callback(fleet_view.stop)
+            # SIGHUP is handled whatever the config: its default action would end the daemon
+            # (and systemd counts that as a clean exit, so it would not restart it).
+            source = Path(config.source)
+            if source.is_file():
+                reloader = TokenReloader(
+                    source, config.auth, credentials,
+                    on_reload=fleet_view.end_revoked_sessions if fleet_view else None)
+                loop.add_signal_handler(signal.SIGHUP, reloader.reload, "SIGHUP")
+                if config.auth.enabled:  # without tokens a reload can only be refused
+                    stack.push_async_callback(stop_task, asyncio.create_task(reloader.watch()))
+            else:
+                loop.add_signal_handler(signal.SIGHUP, log.warning,
+                                        "SIGHUP: no config file, nothing to reload")
+            stack.callback(loop.remove_signal_handler, signal.SIGHUP)
             await pipeline.start(on_fatal=stop.set)
             stack.push_async_callback(pipeline.shutdown)
 
             receivers: list[Receiver] = []
             stack.push_async_callback(_stop_receivers, pipeline, receivers)
             limit = config.receivers.max_request_bytes
-            security = Security(
-                token=config.auth_token.encode() if config.auth_token else None, tls=config.tls)
+            security = Security(credentials=credentials, tls=config.tls)
             if config.receivers.grpc_endpoint is not None:
                 grpc_receiver = GrpcReceiver(
                     config.receivers.grpc_endpoint, pipeline.export, max_request_bytes=limit,
@@ -136,9 +160,12 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
                 await grpc_receiver.start()
                 receivers.append(grpc_receiver)
             if config.receivers.http_endpoint is not None:
+                http_security = Security(
+                    credentials=credentials, tls=config.tls,
+                    hosts=host_check(config.receivers.http_endpoint, config.otlp_allowed_hosts))
                 http_receiver = HttpReceiver(
                     config.receivers.http_endpoint, pipeline.export, max_request_bytes=limit,
-                    security=security,
+                    security=http_security,
                     on_answer=functools.partial(pipeline.stats.count_answer, "http"),
                     connections=connections, decoding=decoding)
                 await http_receiver.start()

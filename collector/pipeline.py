@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from collector.accounting.aggregate import Batch
+from collector.accounting.aggregate import Batch, credit
 from collector.receivers.errors import ExportError, Refusal
 from collector.signals import Signal, count_items
 from collector.signals.logs import map_logs_request
@@ -287,9 +287,11 @@ class Pipeline:
 
     # -- the export handler ----------------------------------------------------------------
 
-    async def export(self, signal: Signal, request: Any,
-                     wire: bytes | None = None) -> ExportOutcome:
-        """`wire`: the protobuf bytes `request` was decoded from, when there are any."""
+    async def export(self, signal: Signal, request: Any, wire: bytes | None = None,
+                     credential: str | None = None) -> ExportOutcome:
+        """`wire`: the protobuf bytes `request` was decoded from, when there are any;
+        `credential`: the name of the token the receiver authenticated the request by (None
+        without tokens), stored as its sessions' credential label."""
         stats = self.stats
         stats.requests += 1
         counts = stats.items[signal]
@@ -312,6 +314,8 @@ class Pipeline:
             log.error("%s (please report this request)", exc)
             raise self._refuse(Refusal.INVALID, str(exc), counts, items) from None
         del request, wire  # both are large; do not hold them while waiting for the commit
+        if credential is not None and (result.held or result.cumulative):
+            credit(result, credential)
         counts.received += result.spans
         counts.rejected += result.rejected
         counts.ignored += result.ignored
@@ -324,7 +328,7 @@ class Pipeline:
             if not pending:
                 self._gathering_since = self._monotonic()
                 self._wake.set()
-            pending.add(result.records)
+            pending.add(result.records, credential)
             pending.cumulative.extend(result.cumulative)
             if result.held or result.links or result.roots:
                 pending.hold(result.held, result.links, result.roots)

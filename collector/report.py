@@ -27,12 +27,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
-REPORTS = ("daily", "monthly", "session", "model", "agent", "user", "host")
+REPORTS = ("daily", "monthly", "session", "model", "agent", "user", "host", "credential")
 # Who spends: one line per label value, ordered like the model report (highest cost first).
-LABEL_REPORTS = ("agent", "user", "host")
+# `credential`: the ingest token that carried the usage (its name; collector.security).
+LABEL_REPORTS = ("agent", "user", "host", "credential")
 # The name of each report's key in tables and JSON.
 KEY_NAMES = {"daily": "date", "monthly": "month", "session": "session", "model": "model",
-             "agent": "agent", "user": "user", "host": "host"}
+             "agent": "agent", "user": "user", "host": "host", "credential": "credential"}
 NO_MODEL_LABEL = "(none)"  # usage whose spans named no model (stored as ''); also no label
 UTC = dt.UTC
 

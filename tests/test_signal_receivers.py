@@ -488,7 +488,8 @@ async def test_partial_success_names_log_records_and_data_points(tmp_path: Path)
     partial_success field, in the request's encoding."""
     seen: list[tuple[Signal, str]] = []
 
-    async def sink(signal: Signal, request: Any, wire: bytes | None) -> ExportOutcome:
+    async def sink(signal: Signal, request: Any, wire: bytes | None,
+                   credential: str | None) -> ExportOutcome:
         seen.append((signal, type(request).__name__))
         return ExportOutcome(rejected=2, message="2 bad")
 

@@ -13,11 +13,12 @@ that grows with sessions and hours, not with spans.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Set
+import itertools
+from collections.abc import Iterable, Iterator, Set
 from dataclasses import dataclass, field
 from typing import Any
 
-from collector.signals.traces import HeldUsage, SpanUsage, TraceLink, TraceRoot
+from collector.signals.traces import HeldUsage, MappingResult, SpanUsage, TraceLink, TraceRoot
 
 NO_TIME = -1
 HOUR_NS = 3600 * 1_000_000_000
@@ -54,9 +55,13 @@ class SessionDelta:
     user_ns: int = NO_TIME
     host: str | None = None
     host_ns: int = NO_TIME
+    # The ingest token that carried the latest span (who spends, as proven by the credential).
+    credential: str | None = None
+    credential_ns: int = NO_TIME
 
     def has_labels(self) -> bool:
-        return max(self.agent_ns, self.agent_version_ns, self.user_ns, self.host_ns) >= 0
+        return max(self.agent_ns, self.agent_version_ns, self.user_ns, self.host_ns,
+                   self.credential_ns) >= 0
 
 
 @dataclass(slots=True)
@@ -109,6 +114,11 @@ class Batch:
     # turns across traces from (collector.accounting.turns).
     roots: list[TraceRoot] = field(default_factory=list)
     roles: int = 0
+    # Which token carried which records, as runs: (index in `records` where a run starts, the
+    # token's name or None). Records before the first run were carried by none. Kept beside
+    # the records rather than in each (one tuple per request, not one per span); a record's
+    # own `credential` (held usage, cumulative points) counts when its run has none.
+    credentials: list[tuple[int, str | None]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.records) + len(self.cumulative) + len(self.held)
@@ -132,9 +142,13 @@ class Batch:
             self.held.append(item)
         self.links.extend(links)
 
-    def add(self, records: Iterable[SpanUsage]) -> None:
-        """Fold records in. One loop, everything inline: it runs once per span on the export
+    def add(self, records: Iterable[SpanUsage], credential: str | None = None) -> None:
+        """Fold records in, carried by the token named `credential` (None: by none, or as
+        each record says). One loop, everything inline: it runs once per span on the export
         path. Latest values go by span end time; ties go to the later arrival."""
+        runs = self.credentials
+        if (runs[-1][1] if runs else None) != credential:
+            runs.append((len(self.records), credential))
         keys = self.keys
         sessions = self.sessions
         hours = self.hours
@@ -142,7 +156,7 @@ class Batch:
         for record in records:
             (key, session_id, start, end, turns, prompt, completion, reasoning, cache_read,
              cache_write, cost, _, model, kind, status, channel, goal, agent, agent_version,
-             user, host, role) = record
+             user, host, role, carried_by) = record
             if key in keys:
                 self.duplicates += 1
                 continue
@@ -171,6 +185,10 @@ class Batch:
                 delta.user, delta.user_ns = user, end
             if agent_version is not None and end >= delta.agent_version_ns:
                 delta.agent_version, delta.agent_version_ns = agent_version, end
+            if credential is not None:
+                carried_by = credential
+            if carried_by is not None and end >= delta.credential_ns:
+                delta.credential, delta.credential_ns = carried_by, end
             hour_key = (session_id, model or NO_MODEL, end // HOUR_NS)
             hour = hours.get(hour_key)
             if hour is None:
@@ -193,10 +211,26 @@ class Batch:
             total.add(hour)
         return totals
 
+    def runs(self) -> Iterator[tuple[str | None, Iterable[SpanUsage]]]:
+        """The records with the token that carried them, run by run (for a re-fold)."""
+        starts = self.credentials
+        records = self.records
+        if not starts or starts[0][0] > 0:
+            yield None, itertools.islice(records, 0, starts[0][0] if starts else None)
+        for i, (start, credential) in enumerate(starts):
+            end = starts[i + 1][0] if i + 1 < len(starts) else None
+            yield credential, itertools.islice(records, start, end)
+
+    def refold(self, other: Batch) -> None:
+        """Fold another batch's records in, each with the token that carried it."""
+        for credential, records in other.runs():
+            self.add(records, credential)
+
     def without(self, accounted: Set[bytes]) -> Batch:
         """The same batch minus spans already accounted in storage."""
         rest = Batch(cumulative=self.cumulative, links=self.links, roots=self.roots)
-        rest.add(r for r in self.records if r.key not in accounted)
+        for credential, records in self.runs():
+            rest.add((r for r in records if r.key not in accounted), credential)
         rest.hold(h for h in self.held if h.usage.key not in accounted)
         rest.duplicates = (self.duplicates + len(self.records) - len(rest.records)
                            + len(self.held) - len(rest.held))
@@ -205,7 +239,7 @@ class Batch:
     def absorb(self, later: Batch) -> None:
         """Fold a later batch into this one (used when this one failed to commit)."""
         self.duplicates += later.duplicates
-        self.add(later.records)
+        self.refold(later)
         self.cumulative.extend(later.cumulative)
         self.hold(later.held, later.links, later.roots)
 
@@ -221,3 +255,17 @@ def _latest_session_values(delta: SessionDelta, end: int, kind: str | None, stat
         delta.channel, delta.channel_ns = channel, end
     if goal is not None and end >= delta.goal_ns:
         delta.goal, delta.goal_ns = goal, end
+
+
+def credit(result: MappingResult, credential: str) -> None:
+    """Mark what of a request waits in storage (held usage, cumulative points) as carried by
+    the token named `credential`, so it reaches the session when resolved later. Its records
+    get it from Batch.add.
+
+    Set from the authenticated request, never from attributes: a span cannot claim a
+    credential it was not sent with."""
+    if result.held:
+        result.held = [h._replace(usage=h.usage._replace(credential=credential))
+                       for h in result.held]
+    if result.cumulative:
+        result.cumulative = [p._replace(credential=credential) for p in result.cumulative]

@@ -15,6 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from collector.accounting.prices import ModelPrice
+from collector.config.auth import (
+    AuthConfig,
+    WebAccess,
+    parse_allowed_hosts,
+    parse_auth,
+    parse_web_access,
+    read_token_file,
+)
 from collector.config.connections import SCHEMA as CONNECTIONS_SCHEMA
 from collector.config.connections import ConnectionLimits, parse_connections
 from collector.dialects import effective_dialects
@@ -61,7 +69,6 @@ DEFAULT_MAX_VALUE_DEPTH = 8
 DEFAULT_OPS_ENDPOINT = "127.0.0.1:8888"
 DEFAULT_WEB_ENDPOINT = "127.0.0.1:8889"  # the fleet view; beside the ops listener
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
-MAX_TOKEN_FILE_BYTES = 4096
 LOG_LEVELS = ("debug", "info", "warning", "error")
 PRICE_KEYS = ("input", "output", "cache_read", "cache_write")
 
@@ -145,7 +152,12 @@ class Config:
     # Extra attribute names read as if they were a known one: alias -> known attribute.
     aliases: Mapping[str, str] = field(default_factory=dict)
     auth_token: str | None = field(default=None, repr=False)
+    # Named tokens and their roles (collector.config.auth); reloaded without restart.
+    auth: AuthConfig = field(default_factory=AuthConfig)
     tls: TlsConfig | None = None
+    # The web listener's TLS, plaintext opt-in and Host names; the OTLP/HTTP receiver's.
+    web_access: WebAccess = field(default_factory=WebAccess)
+    otlp_allowed_hosts: tuple[str, ...] = ()
     ops_endpoint: Endpoint | None = Endpoint("127.0.0.1", 8888)
     web_endpoint: Endpoint | None = Endpoint("127.0.0.1", 8889)
     # The agents' dialects in effect: the built-ins with the file's [dialects.NAME] over them.
@@ -156,7 +168,8 @@ class Config:
 # The schema of the file: section -> key -> expected kind. Tables of arbitrary names (pricing)
 # are handled separately.
 _SCHEMA: dict[str, dict[str, type]] = {
-    "receivers.otlp": {"grpc_endpoint": str, "http_endpoint": str, "max_request_bytes": int},
+    "receivers.otlp": {"grpc_endpoint": str, "http_endpoint": str, "max_request_bytes": int,
+                       "allowed_hosts": list},
     "storage": {"backend": str, "sqlite_path": str, "postgres_url": str,
                 "postgres_password_file": str, "postgres_connect_timeout_s": int,
                 "postgres_commit_timeout_s": int},
@@ -167,10 +180,10 @@ _SCHEMA: dict[str, dict[str, type]] = {
     "log": {"level": str},
     "limits": {"max_spans_per_request": int, "max_attributes_per_span": int,
                "max_attribute_value_bytes": int, "max_value_depth": int},
-    "auth": {"token_file": str},
+    "auth": {"token_file": str, "tokens": list},
     "tls": {"cert_file": str, "key_file": str, "client_ca_file": str},
     "ops": {"endpoint": str},
-    "web": {"endpoint": str},
+    "web": {"endpoint": str, "tls": dict, "allow_plaintext": bool, "allowed_hosts": list},
     "connections": CONNECTIONS_SCHEMA,
 }
 
@@ -235,11 +248,21 @@ def parse_config(doc: Mapping[str, Any], *, source: str, base_dir: Path) -> Conf
     if web is not None and web in (grpc, http, ops):
         raise ConfigError(source, "web.endpoint", f"same address as another listener ({web})")
     auth_token = _read_token(source, base_dir, get("auth.token_file", ""))
-    if web is not None and auth_token is None and not _is_loopback(web.host):
+    auth = parse_auth(values, source=source, base_dir=base_dir)
+    tls = _parse_tls(source, base_dir, values)
+    web_access = parse_web_access(values, source=source, base_dir=base_dir, tls=tls)
+    if web is not None and not auth.enabled and not _is_loopback(web.host):
         # Spend, users and hosts of a whole fleet are not for everyone on the network.
         raise ConfigError(source, "web.endpoint",
-                          f"{web} is not a loopback address; set auth.token_file to serve the "
-                          "fleet view beyond this machine")
+                          f"{web} is not a loopback address; set auth.token_file (or "
+                          "[[auth.tokens]]) to serve the fleet view beyond this machine")
+    if (web is not None and web_access.tls is None and not web_access.allow_plaintext
+            and not _is_loopback(web.host)):
+        # The sign-in form carries a token: not in clear text over a network.
+        raise ConfigError(source, "web.endpoint",
+                          f"{web} is not a loopback address and the fleet view has no TLS; "
+                          "set [tls] (or [web.tls]), or web.allow_plaintext = true if a "
+                          "TLS-terminating proxy is in front")
 
     sqlite_path = get("storage.sqlite_path", DEFAULT_SQLITE_PATH)
     if not sqlite_path.strip():
@@ -300,7 +323,11 @@ def parse_config(doc: Mapping[str, Any], *, source: str, base_dir: Path) -> Conf
         }),
         aliases=_parse_aliases(source, get("mapping.aliases", {})),
         auth_token=auth_token,
-        tls=_parse_tls(source, base_dir, values),
+        auth=auth,
+        tls=tls,
+        web_access=web_access,
+        otlp_allowed_hosts=parse_allowed_hosts(source, "receivers.otlp.allowed_hosts",
+                                               get("receivers.otlp.allowed_hosts", [])),
         ops_endpoint=ops,
         web_endpoint=web,
         dialects=dialects,
@@ -345,21 +372,10 @@ def _readable(source: str, key: str, path: Path) -> bytes:
 
 
 def _read_token(source: str, base_dir: Path, value: str) -> str | None:
-    """The bearer token, read once at start. Never logged or printed."""
+    """The legacy single token's text, read once at start. Never logged or printed."""
     if not value.strip():
         return None
-    path = _resolve(base_dir, value)
-    raw = _readable(source, "auth.token_file", path)
-    if len(raw) > MAX_TOKEN_FILE_BYTES:
-        raise ConfigError(source, "auth.token_file", f"{path} is too large for a token")
-    try:
-        token = raw.decode("ascii").strip()
-    except UnicodeDecodeError:
-        raise ConfigError(source, "auth.token_file", f"{path}: token must be ASCII") from None
-    if not token or any(c.isspace() or not c.isprintable() for c in token):
-        raise ConfigError(source, "auth.token_file",
-                          f"{path}: must hold one token without spaces")
-    return token
+    return read_token_file(source, "auth.token_file", _resolve(base_dir, value))
 
 
 def _parse_postgres(source: str, base_dir: Path, values: Mapping[str, Any],
@@ -415,25 +431,28 @@ def _parse_postgres(source: str, base_dir: Path, values: Mapping[str, Any],
     )
 
 
-def _parse_tls(source: str, base_dir: Path, values: Mapping[str, Any]) -> TlsConfig | None:
-    cert = values.get("tls.cert_file", "").strip()
-    key = values.get("tls.key_file", "").strip()
-    ca = values.get("tls.client_ca_file", "").strip()
+def _parse_tls(source: str, base_dir: Path, values: Mapping[str, Any], *,
+               prefix: str = "tls") -> TlsConfig | None:
+    """[tls], or another section of the same keys (`prefix`: [web.tls])."""
+    cert = values.get(f"{prefix}.cert_file", "").strip()
+    key = values.get(f"{prefix}.key_file", "").strip()
+    ca = values.get(f"{prefix}.client_ca_file", "").strip()
     if not cert and not key:
         if ca:
-            raise ConfigError(source, "tls.client_ca_file", "needs tls.cert_file and key_file")
+            raise ConfigError(source, f"{prefix}.client_ca_file",
+                              f"needs {prefix}.cert_file and key_file")
         return None
     if not cert or not key:
-        missing = "tls.cert_file" if not cert else "tls.key_file"
+        missing = f"{prefix}.cert_file" if not cert else f"{prefix}.key_file"
         raise ConfigError(source, missing, "TLS needs both cert_file and key_file")
-    paths = {"tls.cert_file": _resolve(base_dir, cert), "tls.key_file": _resolve(base_dir, key)}
+    paths = {"cert_file": _resolve(base_dir, cert), "key_file": _resolve(base_dir, key)}
     if ca:
-        paths["tls.client_ca_file"] = _resolve(base_dir, ca)
+        paths["client_ca_file"] = _resolve(base_dir, ca)
     for name, path in paths.items():
-        if b"-----BEGIN" not in _readable(source, name, path):
-            raise ConfigError(source, name, f"{path} is not a PEM file")
-    return TlsConfig(cert_file=paths["tls.cert_file"], key_file=paths["tls.key_file"],
-                     client_ca_file=paths.get("tls.client_ca_file"))
+        if b"-----BEGIN" not in _readable(source, f"{prefix}.{name}", path):
+            raise ConfigError(source, f"{prefix}.{name}", f"{path} is not a PEM file")
+    return TlsConfig(cert_file=paths["cert_file"], key_file=paths["key_file"],
+                     client_ca_file=paths.get("client_ca_file"))
 
 
 def _flatten(doc: Mapping[str, Any], source: str) -> dict[str, Any]:

@@ -15,8 +15,8 @@ from collector.receivers.connections import ConnectionGuard, Connections, Guarde
 from collector.signals import Signal
 
 # The one export handler every service of both transports calls: (signal, decoded request,
-# its protobuf bytes when the body was protobuf).
-ExportFn = Callable[[Signal, Any, bytes | None], Awaitable[ExportOutcome]]
+# its protobuf bytes when the body was protobuf, the name of the token that carried it).
+ExportFn = Callable[[Signal, Any, bytes | None, str | None], Awaitable[ExportOutcome]]
 # Called once per answer with its signal (None when the path named none) and its outcome:
 # "ok", "partial" or the refusal's reason (metrics).
 AnswerFn = Callable[[Signal | None, str], None]

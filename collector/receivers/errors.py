@@ -34,6 +34,10 @@ _RETRYABLE = True
 class Refusal(enum.Enum):
     INVALID = Answer("invalid", 400, Code.INVALID_ARGUMENT, _PERMANENT)
     UNAUTHENTICATED = Answer("unauthenticated", 401, Code.UNAUTHENTICATED, _PERMANENT)
+    # A valid token without the role the service needs (a read token on an OTLP service).
+    PERMISSION_DENIED = Answer("permission_denied", 403, Code.PERMISSION_DENIED, _PERMANENT)
+    # A Host header naming none of the listener's names (DNS rebinding); HTTP only.
+    HOST_NOT_ALLOWED = Answer("host_not_allowed", 403, Code.PERMISSION_DENIED, _PERMANENT)
     NOT_FOUND = Answer("not_found", 404, Code.UNIMPLEMENTED, _PERMANENT)
     METHOD_NOT_ALLOWED = Answer("method_not_allowed", 405, Code.UNIMPLEMENTED, _PERMANENT)
     TOO_LARGE = Answer("too_large", 413, Code.RESOURCE_EXHAUSTED, _PERMANENT)

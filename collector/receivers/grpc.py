@@ -83,9 +83,10 @@ class GrpcReceiver:
     async def _handle(self, signal: Signal, body: bytes,
                       context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         try:
-            self._security.check(_metadata_value(context, "authorization"))
+            credential = self._security.check(_metadata_value(context, "authorization"))
             # Inline, so no local holds the decoded request while the export awaits its commit.
-            outcome = await self._export(signal, decode_protobuf(body, signal), body)
+            outcome = await self._export(signal, decode_protobuf(body, signal), body,
+                                         credential)
         except ExportError as exc:
             answer = exc.answer
             self._on_answer(signal, answer.reason)

@@ -104,10 +104,12 @@ class HttpReceiver:
             response.headers["Allow"] = "POST"
             return response
         try:
-            self._security.check(request.headers.get("Authorization"))
+            self._security.check_host(request.headers.get("Host"))
+            credential = self._security.check(request.headers.get("Authorization"))
         except ExportError as exc:
             response = _refusal(exc, None)
-            response.headers["WWW-Authenticate"] = "Bearer"
+            if exc.refusal is Refusal.UNAUTHENTICATED:
+                response.headers["WWW-Authenticate"] = "Bearer"
             return response
         content_type = request.content_type.lower()
         if content_type not in (PROTOBUF, JSON):
@@ -118,7 +120,7 @@ class HttpReceiver:
             # No local keeps the body or the decoded request: both are large and the export
             # waits for a commit, so holding them would multiply memory by requests in flight.
             outcome = await self._export(signal, *await self._decoder.decode(
-                await self._read_body(request), content_type, signal))
+                await self._read_body(request), content_type, signal), credential)
         except ExportError as exc:
             return _refusal(exc, content_type)
         payload = encode_response(export_response(signal, outcome.rejected, outcome.message),

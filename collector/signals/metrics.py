@@ -65,6 +65,7 @@ class CumulativePoint(NamedTuple):
     model: str | None
     key: bytes  # the usage event's key once resolved
     labels: Labels = (None, None, None, None)  # who spends
+    credential: str | None = None  # the token that carried it, as on SpanUsage
 
 
 def map_metrics_request(request: Any, options: MappingOptions, now_ns: int) -> MappingResult:

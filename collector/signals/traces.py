@@ -139,6 +139,8 @@ class SpanUsage(NamedTuple):
     # How the store decides its turn across its trace (collector.accounting.turns): ROLE_OWN,
     # its `turns` as they are; ROLE_TURN, a turn candidate; ROLE_CALL, usage inside a trace.
     role: int = 0
+    # The name of the ingest token that carried it (collector.security); never an attribute.
+    credential: str | None = None
 
 
 # SpanUsage.role values.
@@ -500,6 +502,7 @@ def map_span(span: SpanScan, fallbacks: list[tuple[tuple[int, ...], list[Any]]],
         _pack_time(key_time) + trace_id + span_id, session_id, start_ns, end_ns, turns, prompt,
         completion, reasoning, cache_read, cache_write, cost, priced, model or None, kind,
         status, channel, goal, agent, agent_version, user, host, role,
+        None,  # credential: the pipeline's
     ))
 
 

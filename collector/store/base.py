@@ -69,7 +69,8 @@ DAILY_SUMS = ("turns", "prompt_tokens", "completion_tokens", "reasoning_tokens",
 # What a report groups the rollup by (the model is always a second group): a rollup column, or
 # a label of the row's session (its latest value; '' for sessions without one).
 USAGE_GROUPS = {"hour": "hour", "session": "session_id", "agent": "coalesce(l.agent, '')",
-                "user": "coalesce(l.user_name, '')", "host": "coalesce(l.host, '')"}
+                "user": "coalesce(l.user_name, '')", "host": "coalesce(l.host, '')",
+                "credential": "coalesce(l.credential, '')"}
 # collector_meta names, the same in every backend.
 SEEN_CURRENT_COUNT = "seen_current_count"
 SEEN_PREVIOUS_COUNT = "seen_previous_count"
@@ -203,7 +204,7 @@ def mark_params(d: SessionDelta) -> tuple[Any, ...]:
 
 def label_params(d: SessionDelta) -> tuple[Any, ...]:
     return (d.session_id, d.agent, d.agent_ns, d.agent_version, d.agent_version_ns, d.user,
-            d.user_ns, d.host, d.host_ns)
+            d.user_ns, d.host, d.host_ns, d.credential, d.credential_ns)
 
 
 def hour_params(key: HourKey, h: HourDelta) -> tuple[Any, ...]:
@@ -284,13 +285,16 @@ def resolve_cumulative(applied: Batch, points: list[CumulativePoint],
         stored[point.series] = updated[point.series] = (point.start_ns, point.time_ns,
                                                         point.value)
         if delta:
-            resolved.append(scaled(point.unit, delta, point.is_cost, point.key,
-                                   point.session_id, point.start_ns or point.time_ns,
-                                   point.time_ns, point.model, point.labels))
+            event = scaled(point.unit, delta, point.is_cost, point.key, point.session_id,
+                           point.start_ns or point.time_ns, point.time_ns, point.model,
+                           point.labels)
+            if point.credential is not None:
+                event = event._replace(credential=point.credential)
+            resolved.append(event)
     if not resolved:
         return applied, updated
     combined = Batch(duplicates=applied.duplicates)
-    combined.add(applied.records)
+    combined.refold(applied)
     combined.add(resolved)
     return combined, updated
 
@@ -495,7 +499,8 @@ def apply_turns(ops: TraceOps, combined: Batch, applied: Batch, now_ns: int,
     if not added and all(decided[r.key] is r for r in combined.records if r.key in decided):
         return combined
     final = Batch(duplicates=combined.duplicates)
-    final.add(decided.get(r.key, r) for r in combined.records)
+    for credential, run in combined.runs():
+        final.add((decided.get(r.key, r) for r in run), credential)
     final.add(added)
     final.held, final.links, final.roots = applied.held, applied.links, applied.roots
     return final
@@ -583,7 +588,7 @@ def hold_and_resolve(ops: TraceOps, applied: Batch, now_ns: int,
     combined = applied
     if resolved:
         combined = Batch(duplicates=applied.duplicates)
-        combined.add(applied.records)
+        combined.refold(applied)
         combined.add(resolved)
         combined.held, combined.links, combined.roots = applied.held, applied.links, \
             applied.roots

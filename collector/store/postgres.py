@@ -163,8 +163,14 @@ CREATE TABLE IF NOT EXISTS collector_session_labels (
     user_name TEXT,
     user_ns BIGINT NOT NULL DEFAULT -1,
     host TEXT,
-    host_ns BIGINT NOT NULL DEFAULT -1
+    host_ns BIGINT NOT NULL DEFAULT -1,
+    credential TEXT,
+    credential_ns BIGINT NOT NULL DEFAULT -1
 );
+-- Label columns added since the table was first made (IF NOT EXISTS: once per database).
+ALTER TABLE collector_session_labels ADD COLUMN IF NOT EXISTS credential TEXT;
+ALTER TABLE collector_session_labels
+    ADD COLUMN IF NOT EXISTS credential_ns BIGINT NOT NULL DEFAULT -1;
 CREATE INDEX IF NOT EXISTS collector_session_labels_agent ON collector_session_labels (agent);
 CREATE INDEX IF NOT EXISTS collector_session_labels_user ON collector_session_labels (user_name);
 CREATE INDEX IF NOT EXISTS collector_session_labels_host ON collector_session_labels (host);
@@ -358,7 +364,8 @@ MARK_ARGS = (("id", "text"), ("model_ns", "bigint"), ("kind_ns", "bigint"),
              ("status_ns", "bigint"), ("channel_ns", "bigint"), ("goal_ns", "bigint"))
 LABEL_ARGS = (("id", "text"), ("agent", "text"), ("agent_ns", "bigint"),
               ("agent_version", "text"), ("agent_version_ns", "bigint"), ("user_name", "text"),
-              ("user_ns", "bigint"), ("host", "text"), ("host_ns", "bigint"))
+              ("user_ns", "bigint"), ("host", "text"), ("host_ns", "bigint"),
+              ("credential", "text"), ("credential_ns", "bigint"))
 HOUR_ARGS = (("hour", "text"), ("session_id", "text"), ("model", "text"), ("turns", "bigint"),
              ("prompt_tokens", "bigint"), ("completion_tokens", "bigint"),
              ("reasoning_tokens", "bigint"), ("cache_read_tokens", "bigint"),
@@ -430,11 +437,12 @@ def _label(column: str, mark: str) -> str:
 
 UPSERT_LABELS = f"""
 INSERT INTO collector_session_labels AS l (id, agent, agent_ns, agent_version,
-    agent_version_ns, user_name, user_ns, host, host_ns)
+    agent_version_ns, user_name, user_ns, host, host_ns, credential, credential_ns)
 SELECT * FROM {_unnest(LABEL_ARGS)} ORDER BY id COLLATE "C"
 ON CONFLICT (id) DO UPDATE SET
     {_label("agent", "agent_ns")}, {_label("agent_version", "agent_version_ns")},
-    {_label("user_name", "user_ns")}, {_label("host", "host_ns")}
+    {_label("user_name", "user_ns")}, {_label("host", "host_ns")},
+    {_label("credential", "credential_ns")}
 """
 
 # Adds to the stored row as it is when the insert meets it (ON CONFLICT reads the latest
@@ -1218,7 +1226,8 @@ def _migrate(db: Any, conn: psycopg.Connection[Any], marker: str) -> Migration:
     while chunk := cursor.fetchmany(MIGRATION_CHUNK):
         PostgresStore._run_write(conn, "collector_session_marks", chunk)
     cursor = db.execute("SELECT id, agent, agent_ns, agent_version, agent_version_ns, "
-                        f"user_name, user_ns, host, host_ns FROM {LABELS_TABLE} ORDER BY id")
+                        "user_name, user_ns, host, host_ns, credential, credential_ns "
+                        f"FROM {LABELS_TABLE} ORDER BY id")
     while chunk := cursor.fetchmany(MIGRATION_CHUNK):
         PostgresStore._run_write(conn, LABELS_TABLE, chunk)
     cursor = db.execute(f"SELECT hour, session_id, model, turns, prompt_tokens, "

@@ -152,7 +152,9 @@ CREATE TABLE IF NOT EXISTS collector_session_labels (
     user_name TEXT,  -- "user" is reserved in PostgreSQL
     user_ns INTEGER NOT NULL DEFAULT -1,
     host TEXT,
-    host_ns INTEGER NOT NULL DEFAULT -1
+    host_ns INTEGER NOT NULL DEFAULT -1,
+    credential TEXT,  -- the ingest token's name (collector.security), never an attribute
+    credential_ns INTEGER NOT NULL DEFAULT -1
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS collector_session_labels_agent ON collector_session_labels (agent);
 CREATE INDEX IF NOT EXISTS collector_session_labels_user ON collector_session_labels (user_name);
@@ -565,8 +567,11 @@ UPSERT_MARKS_PLAIN = _upsert_marks({"kind_ns": "-1", "status_ns": "-1", "channel
                                     "goal_ns": "-1"})
 
 LABELS_ROW = ("id, agent, agent_ns, agent_version, agent_version_ns, user_name, user_ns, host, "
-              "host_ns")
+              "host_ns, credential, credential_ns")
 _LABELS = (("agent", "agent_ns"), ("user_name", "user_ns"), ("host", "host_ns"))
+UNINDEXED_LABELS = (("agent_version", "agent_version_ns"), ("credential", "credential_ns"))
+# Label columns added after the table was first made, added to an existing one at open.
+ADDED_LABEL_COLUMNS = (("credential", "TEXT"), ("credential_ns", "INTEGER NOT NULL DEFAULT -1"))
 _LABEL_CHANGES = " OR ".join(
     f"(excluded.{c} IS NOT NULL AND excluded.{ns} >= {ns} AND excluded.{c} IS NOT {c})"
     for c, ns in _LABELS)
@@ -577,11 +582,13 @@ def _labels_template(*, rest: bool) -> str:
 
     Two steps, as for sessions: agent, user and host are indexed, and nearly always arrive
     unchanged. The first step (`rest` False) moves the end times (and the unindexed version)
-    where none of the three changes; its rest sets them where one does."""
-    update = ["agent_version = CASE WHEN excluded.agent_version IS NOT NULL "
-              "AND excluded.agent_version_ns >= agent_version_ns "
-              "THEN excluded.agent_version ELSE agent_version END",
-              "agent_version_ns = max(agent_version_ns, excluded.agent_version_ns)"]
+    where none of the three changes; its rest sets them where one does. The unindexed ones
+    (version, credential) are set in either step."""
+    update = []
+    for column, ns in UNINDEXED_LABELS:
+        update += [f"{column} = CASE WHEN excluded.{column} IS NOT NULL "
+                   f"AND excluded.{ns} >= {ns} THEN excluded.{column} ELSE {column} END",
+                   f"{ns} = max({ns}, excluded.{ns})"]
     for column, ns in _LABELS:
         if rest:
             update.append(f"{column} = CASE WHEN excluded.{column} IS NOT NULL "
@@ -590,7 +597,7 @@ def _labels_template(*, rest: bool) -> str:
     where = f"({_LABEL_CHANGES})" if rest else f"NOT ({_LABEL_CHANGES})"
     return f"""
 INSERT INTO collector_session_labels (id, agent, agent_ns, agent_version, agent_version_ns,
-    user_name, user_ns, host, host_ns)
+    user_name, user_ns, host, host_ns, credential, credential_ns)
 {BATCH_WITH}
 SELECT * FROM {BATCH_ROWS}
 WHERE true
@@ -764,6 +771,15 @@ def _match_mode(path: Path, mode: int) -> None:
                                f"{exc.strerror or exc}") from None
 
 
+def add_label_columns(db: sqlite3.Connection) -> None:
+    """A database made before a label column existed gets it (empty: no label yet)."""
+    have = {row[1] for row in db.execute(f"PRAGMA table_info({LABELS_TABLE})")}
+    for column, kind in ADDED_LABEL_COLUMNS:
+        if column not in have:
+            db.execute(f"ALTER TABLE {LABELS_TABLE} ADD COLUMN {column} {kind}")
+            log.info("%s: column %s added", LABELS_TABLE, column)
+
+
 def schema_problem(table_info: list[Any]) -> str | None:
     """What is wrong with an existing agent_sessions, from PRAGMA table_info rows; None if fine."""
     return _schema_problem([(r[1], (r[2] or "").upper()) for r in table_info], list(COLUMNS))
@@ -840,6 +856,7 @@ class SQLiteStore:
                 for statement in SCHEMA.split(";"):
                     if statement.strip():
                         db.execute(statement)
+                add_label_columns(db)
                 if not had_rollup:
                     backfilled = db.execute(BACKFILL_HOURLY).rowcount
                     if backfilled > 0:

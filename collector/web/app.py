@@ -20,9 +20,14 @@ collector on the database shows within about a second.
 On PostgreSQL the same queries (collector.web.queries) run on a read-only psycopg
 connection (collector.store.postgres.QueryConnection).
 
-Auth: when `[auth] token_file` is set, every route but the sign-in form needs either the
-`Authorization: Bearer <token>` header (scripts) or the cookie the sign-in form sets. The cookie
-holds an HMAC of the token, not the token; it is HttpOnly and SameSite=Strict.
+Auth: with tokens ([auth], collector.config.auth), every route but the sign-in form needs a
+token with the read role: in an `Authorization: Bearer <token>` header (scripts), or by the
+cookie the sign-in form sets. The cookie holds a random server-side session id
+(collector.web.sessions), not the token; it is HttpOnly, SameSite=Strict, and Secure (with the
+__Host- prefix) when the view is served over TLS. Sign-in and sign-out are POST only, and
+refused when the browser says the form came from another site (Origin, Sec-Fetch-Site): no
+other page can sign a visitor in or out. Without tokens, only requests whose Host is one of
+the listener's names are answered (DNS rebinding; collector.security.HostCheck).
 """
 
 from __future__ import annotations
@@ -30,11 +35,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import hashlib
-import hmac
 import json
 import logging
 import sqlite3
+import ssl
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -46,12 +50,15 @@ from aiohttp import web
 
 from collector import report
 from collector.config import Endpoint
+from collector.config.auth import ROLE_READ
 from collector.receivers.common import start_app
 from collector.receivers.connections import Connections
+from collector.security import Security, bearer_token
 from collector.store.base import Reader as UsageReader
 from collector.store.base import StorageError
 from collector.store.sqlite import BUSY_TIMEOUT_MS
 from collector.web import export, params, queries
+from collector.web.sessions import SESSION_TTL_S, WebSession, WebSessions
 
 if TYPE_CHECKING:
     from collector.store.postgres import ConnectOptions, QueryConnection
@@ -67,17 +74,22 @@ STOP_GRACE_S = 2.0
 # slow page holds one at a time, so the others keep answering. The live-update watcher has
 # one more of its own (PRAGMA data_version is per connection, so it must always ask the same).
 READER_THREADS = 4
-COOKIE = "collector_web"
-COOKIE_MAX_AGE_S = 7 * 24 * 3600
+COOKIE = "collector_session"
+# Over TLS: a cookie only ever set by and sent to this origin over TLS, never by a subdomain.
+SECURE_COOKIE = "__Host-collector_session"
+# Sec-Fetch-Site values of a form posted by our own page (or typed by the user).
+OWN_SITES = ("same-origin", "none")
 JSON_HEADERS = {"Cache-Control": "no-store"}
 # Rules for the browser: only our own scripts, styles and API; no framing.
 SECURITY_HEADERS = {
     "Content-Security-Policy": ("default-src 'self'; img-src 'self' data:; "
                                 "style-src 'self'; script-src 'self'; frame-ancestors 'none'"),
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    # Nothing to other sites; our own forms still carry their Origin (with no-referrer a
+    # browser sends `Origin: null`, which the sign-in check must treat as another site).
+    "Referrer-Policy": "same-origin",
 }
-PUBLIC_PATHS = frozenset({"/login", "/static/app.css", "/static/login.js"})
+PUBLIC_PATHS = frozenset({"/login", "/static/app.css", "/static/login.js", "/api/auth"})
 
 
 class WebError(Exception):
@@ -162,17 +174,21 @@ class WebServer:
     """The fleet view's listener. start() returns once it listens; stop() is safe anytime."""
 
     def __init__(self, endpoint: Endpoint, source: Path | ConnectOptions,
-                 usage: UsageReader, *, token: str | None,
+                 usage: UsageReader, *, security: Security | None = None,
                  now: Callable[[], dt.datetime] | None = None,
                  connections: Connections | None = None) -> None:
         """`source`: what the view's own connection opens (collector.store.web_source);
-        `usage`: the storage Reader the agent, user and host reports go through."""
+        `usage`: the storage Reader the agent, user and host reports go through;
+        `security`: its tokens (shared with the receivers, so a reload reaches both), TLS and
+        the Host names it answers without tokens."""
         self.endpoint = endpoint
         self._source = source
         self._usage = usage
-        self._token = token
-        self._cookie_value = (hmac.new(token.encode(), b"collector web sign-in",
-                                       hashlib.sha256).hexdigest() if token else None)
+        self._security = security or Security()
+        self._hosts = self._security.hosts  # None: no Host check (the daemon always has one)
+        self._signins = WebSessions()
+        self._tls = self._security.tls is not None
+        self._cookie = SECURE_COOKIE if self._tls else COOKIE
         self._now = now or (lambda: dt.datetime.now(dt.UTC))
         self._reader: Reader | None = None
         self._watch_reader: Reader | None = None
@@ -191,6 +207,7 @@ class WebServer:
         r.add_get("/login", self._login_form)
         r.add_post("/login", self._login)
         r.add_post("/logout", self._logout)
+        r.add_get("/api/auth", self._auth_state)
         r.add_get("/api/overview", self._overview)
         r.add_get("/api/sessions", self._sessions)
         r.add_get("/api/sessions.csv", self._sessions_csv)
@@ -203,15 +220,16 @@ class WebServer:
         r.add_static("/static/", STATIC_DIR, append_version=False)
         try:
             self._runner = await start_app(app, self.endpoint, shutdown_timeout=STOP_GRACE_S,
+                                           ssl_context=self._security.server_ssl_context(),
                                            listener="web", label="fleet view",
                                            connections=self._connections)
-        except OSError as exc:
+        except (OSError, ssl.SSLError) as exc:
             self._reader.close()
             self._watch_reader.close()
             self._reader = self._watch_reader = None
             raise WebError(f"cannot listen for the web view on {self.endpoint}: "
                            f"{exc.strerror or exc}") from None
-        log.info("fleet view on http://%s/", self.endpoint)
+        log.info("fleet view on %s://%s/", "https" if self._tls else "http", self.endpoint)
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -232,50 +250,128 @@ class WebServer:
 
     # -- auth ---------------------------------------------------------------------------------
 
-    def _signed_in(self, request: web.Request) -> bool:
-        if self._token is None or self._cookie_value is None:
-            return True
-        header = request.headers.get("Authorization", "")
-        if header.startswith("Bearer ") and hmac.compare_digest(
-                header[7:].strip().encode(), self._token.encode()):
-            return True
-        cookie = request.cookies.get(COOKIE, "")
-        return hmac.compare_digest(cookie.encode(), self._cookie_value.encode())
+    @property
+    def _authenticating(self) -> bool:
+        return self._security.authenticating
+
+    def _session_of(self, request: web.Request) -> tuple[str, WebSession] | None:
+        """The live sign-in session the cookie names, made from a token still in effect."""
+        session_id = request.cookies.get(self._cookie)
+        if not session_id:
+            return None
+        session = self._signins.get(session_id)
+        if session is None:
+            return None
+        credentials = self._security.credentials
+        if credentials is None or not credentials.still_valid(
+                session.token_name, session.token_digest, ROLE_READ):
+            self._signins.end(session_id)  # its token was revoked (or lost the read role)
+            return None
+        return session_id, session
+
+    def _refusal(self, request: web.Request) -> web.StreamResponse | None:
+        """None when the request may read; else the answer: 401 (or the sign-in form) without
+        a valid token, 403 for a token without the read role."""
+        header = request.headers.get("Authorization")
+        if header is not None:
+            token = bearer_token(header)
+            credentials = self._security.credentials
+            found = None if token is None or credentials is None else credentials.identify(token)
+            if found is None:
+                return web.json_response({"error": "invalid bearer token"}, status=401,
+                                         headers={"WWW-Authenticate": "Bearer"})
+            if ROLE_READ not in found.roles:
+                return web.json_response(
+                    {"error": f"token {found.name!r} does not have the read role"}, status=403)
+            return None
+        if self._session_of(request) is not None:
+            return None
+        if request.path.startswith("/api/"):
+            return web.json_response({"error": "sign in: send the bearer token"},
+                                     status=401, headers={"WWW-Authenticate": "Bearer"})
+        raise web.HTTPSeeOther("/login")
 
     @web.middleware
     async def _guard(self, request: web.Request,
                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                      ) -> web.StreamResponse:
-        if request.path not in PUBLIC_PATHS and not self._signed_in(request):
-            if request.path.startswith("/api/"):
-                return web.json_response({"error": "sign in: send the bearer token"},
-                                         status=401, headers={"WWW-Authenticate": "Bearer"})
-            raise web.HTTPSeeOther("/login")
+        if not self._authenticating:
+            if self._hosts is not None and not self._hosts.allows(request.headers.get("Host")):
+                return web.Response(status=403, text=(
+                    "this collector does not answer to that Host name; add it to "
+                    "web.allowed_hosts if it is one of its names\n"))
+        elif request.path not in PUBLIC_PATHS:
+            refused = self._refusal(request)
+            if refused is not None:
+                refused.headers.update(SECURITY_HEADERS)
+                return refused
         response = await handler(request)
         response.headers.update(SECURITY_HEADERS)
         return response
 
+    def _cross_site(self, request: web.Request) -> bool:
+        """Whether the browser says this form was posted from another site's page."""
+        site = request.headers.get("Sec-Fetch-Site")
+        if site is not None:  # the browser's own word, where it gives one
+            return site not in OWN_SITES
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return False  # not sent by a browser that would send a cross-site form
+        _, _, netloc = origin.partition("://")
+        return netloc.lower() != request.headers.get("Host", "").lower()
+
+    async def _auth_state(self, request: web.Request) -> web.StreamResponse:
+        """Whether signing in is needed, and by whom the page is signed in (for its header)."""
+        signed = self._session_of(request) if self._authenticating else None
+        return web.json_response({"auth": self._authenticating,
+                                  "token": signed[1].token_name if signed else None},
+                                 headers=JSON_HEADERS)
+
     async def _login_form(self, request: web.Request) -> web.StreamResponse:
-        if self._token is None:
+        if not self._authenticating:
             raise web.HTTPSeeOther("/")
-        return web.FileResponse(STATIC_DIR / "login.html")
+        return web.FileResponse(STATIC_DIR / "login.html", headers={"Cache-Control": "no-store"})
 
     async def _login(self, request: web.Request) -> web.StreamResponse:
-        if self._token is None or self._cookie_value is None:
+        if not self._authenticating or self._security.credentials is None:
             raise web.HTTPSeeOther("/")
+        if self._cross_site(request):
+            return web.Response(status=403, text="sign-in from another site refused\n")
         form = await request.post()
         given = str(form.get("token", "")).strip()
-        if not hmac.compare_digest(given.encode(), self._token.encode()):
+        found = self._security.credentials.identify(given) if given else None
+        if found is None:
             raise web.HTTPSeeOther("/login?failed=1")
+        if ROLE_READ not in found.roles:
+            raise web.HTTPSeeOther("/login?failed=role")
+        previous = request.cookies.get(self._cookie)
+        if previous:
+            self._signins.end(previous)  # a fresh id at every sign-in (no fixation)
+        session_id = self._signins.create(found.name, found.digest)
         response = web.HTTPSeeOther("/")
-        response.set_cookie(COOKIE, self._cookie_value, max_age=COOKIE_MAX_AGE_S,
-                            httponly=True, samesite="Strict", path="/")
+        response.set_cookie(self._cookie, session_id, max_age=SESSION_TTL_S, httponly=True,
+                            samesite="Strict", path="/", secure=self._tls)
         raise response
 
     async def _logout(self, request: web.Request) -> web.StreamResponse:
-        response = web.HTTPSeeOther("/login" if self._token else "/")
-        response.del_cookie(COOKIE, path="/")
+        if self._cross_site(request):
+            return web.Response(status=403, text="sign-out from another site refused\n")
+        session_id = request.cookies.get(self._cookie)
+        if session_id:
+            self._signins.end(session_id)
+        response = web.HTTPSeeOther("/login" if self._authenticating else "/")
+        response.del_cookie(self._cookie, path="/", secure=self._tls, httponly=True,
+                            samesite="Strict")
         raise response
+
+    def end_revoked_sessions(self) -> int:
+        """After a reload: end the sessions whose token is gone (requests re-check anyway;
+        this frees them). Returns how many ended."""
+        credentials = self._security.credentials
+        if credentials is None:
+            return 0
+        return self._signins.end_where(lambda s: credentials.still_valid(
+            s.token_name, s.token_digest, ROLE_READ))
 
     # -- pages and API ------------------------------------------------------------------------
 
@@ -337,11 +433,12 @@ class WebServer:
         return web.json_response(data, headers=JSON_HEADERS)
 
     async def _who(self, request: web.Request) -> web.StreamResponse:
-        """The agent, user or host report, as `collector report KIND --json` gives it
+        """The agent, user, host or credential report, as `collector report KIND --json` gives it
         (`since`, `until`: local dates in `tz`, UTC by default)."""
         kind = request.match_info["kind"]
         if kind not in report.LABEL_REPORTS:
-            return web.json_response({"error": "kind must be agent, user or host"}, status=400)
+            return web.json_response(
+                {"error": f"kind must be one of {', '.join(report.LABEL_REPORTS)}"}, status=400)
         with _bad_query():
             since = params.date(request.query, "since")
             until = params.date(request.query, "until")

@@ -81,7 +81,7 @@ SORTS = {
 SESSION_COLUMNS = (
     "s.id, s.kind, s.status, s.channel, s.model, s.created_at, s.last_active_at, s.turns, "
     "s.prompt_tokens, s.completion_tokens, s.reasoning_tokens, s.cost_cents, s.goal_text, "
-    "l.agent, l.agent_version, l.user_name, l.host")
+    "l.agent, l.agent_version, l.user_name, l.host, l.credential")
 SESSION_FROM = f"agent_sessions AS s LEFT JOIN {LABELS_TABLE} AS l ON l.id = s.id"
 
 
@@ -116,7 +116,7 @@ def money(cents: float) -> dict[str, Any]:
 
 def _session(row: tuple[Any, ...]) -> dict[str, Any]:
     (sid, kind, status, channel, model, created, last, turns, prompt, completion, reasoning,
-     cents, goal, agent, agent_version, user, host) = row
+     cents, goal, agent, agent_version, user, host, credential) = row
     return {
         "id": sid, "kind": kind, "status": status, "channel": channel, "model": model,
         "created_at": created, "last_active_at": last, "turns": turns,
@@ -124,6 +124,7 @@ def _session(row: tuple[Any, ...]) -> dict[str, Any]:
         "reasoning_tokens": reasoning, "total_tokens": prompt + completion,
         "cost_cents": cents, **money(cents), "goal_text": goal,
         "agent": agent, "agent_version": agent_version, "user": user, "host": host,
+        "credential": credential,  # the ingest token's name (collector.security)
     }
 
 
@@ -503,6 +504,6 @@ def _prefixed(conn: Connection, table: str, column: str, prefix: str, limit: int
     return [str(r[0]) for r in rows][:limit]
 
 
-CSV_COLUMNS = ("id", "agent", "agent_version", "user", "host", "status", "kind", "channel",
-               "model", "created_at", "last_active_at", "turns", "prompt_tokens",
+CSV_COLUMNS = ("id", "agent", "agent_version", "user", "host", "credential", "status", "kind",
+               "channel", "model", "created_at", "last_active_at", "turns", "prompt_tokens",
                "completion_tokens", "reasoning_tokens", "total_tokens", "cost_usd")

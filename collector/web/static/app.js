@@ -265,7 +265,8 @@ async function session(id) {
   const s = data.session;
   const facts = [["status", s.status], ["kind", s.kind], ["channel", s.channel],
     ["model", s.model || "–"], ["agent", (s.agent || "–") + (s.agent_version ? " " + s.agent_version : "")],
-    ["user", s.user || "–"], ["host", s.host || "–"], ["created", shortTime(s.created_at)],
+    ["user", s.user || "–"], ["host", s.host || "–"], ["credential", s.credential || "–"],
+    ["created", shortTime(s.created_at)],
     ["last active", shortTime(s.last_active_at)], ["turns", int(s.turns)],
     ["tokens", int(s.total_tokens)], ["cost (USD)", s.cost_text]];
   const models = [...new Set(data.hours.map((h) => h.model))];
@@ -307,7 +308,7 @@ async function who(kind) {
   const numbers = (u) => [u.turns, u.input_tokens, u.cache_read_tokens, u.cache_write_tokens,
     u.output_tokens, u.reasoning_tokens, u.total_tokens].map((n) => el("td", { class: "num" }, int(n)));
   const filterLink = (value) => {
-    if (kind === "host" || value === "(none)") return value;
+    if (kind === "host" || kind === "credential" || value === "(none)") return value;
     const params = new URLSearchParams({ [kind]: value });
     return el("a", { href: "#/sessions?" + params }, value);
   };
@@ -344,7 +345,7 @@ function route() {
     current = "sessions";
     const id = sessionId(parts);
     redraw = () => session(id);
-  } else if (parts[0] === "who" && ["agent", "user", "host"].includes(parts[1])) {
+  } else if (parts[0] === "who" && ["agent", "user", "host", "credential"].includes(parts[1])) {
     current = parts[1]; redraw = () => who(parts[1]);
   } else { redraw = overview; }
   for (const a of document.querySelectorAll("header nav a")) {
@@ -375,6 +376,16 @@ function listen() {
   events.onerror = () => { live.textContent = "reconnecting…"; live.classList.remove("on"); };
 }
 
+// Signed in with a token: say by which one, and offer to sign out (a POST form: the server
+// refuses one posted from another site).
+async function signedIn() {
+  const state = await api("/api/auth");
+  if (!state.auth) return;
+  document.getElementById("signed-in").textContent = state.token ? "signed in as " + state.token : "";
+  document.getElementById("signout").hidden = false;
+}
+
 window.addEventListener("hashchange", route);
 route();
 listen();
+signedIn();

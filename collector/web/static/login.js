@@ -1,4 +1,5 @@
 "use strict";
-if (new URLSearchParams(location.search).has("failed")) {
-  document.getElementById("failed").hidden = false;
+const failed = new URLSearchParams(location.search).get("failed");
+if (failed) {
+  document.getElementById(failed === "role" ? "failed-role" : "failed").hidden = false;
 }

@@ -544,6 +544,7 @@ class Ledger:
     # turn spans (role ROLE_TURN), first come; a root span that is no usage is the turn of
     # every session its trace carried usage in (role ROLE_CALL) that had none, once.
     turn_flags: dict[tuple[bytes, str], set[str]] = field(default_factory=dict)
+    root_traces: set[bytes] = field(default_factory=set)
 
     def account(self, result: MappingResult) -> None:
         self.flushes += 1
@@ -560,8 +561,9 @@ class Ledger:
                 self.spans += 1
                 self.held[h.usage.key] = h
         self._resolve(result, new_records)
-        roots = {root.key[8:24] for root in result.roots}
-        for trace in sorted(roots):
+        # A root is remembered: usage of its trace arriving later gets its turn then.
+        self.root_traces |= {root.key[8:24] for root in result.roots}
+        for trace in sorted(self.root_traces):
             for (t, session), flags in sorted(self.turn_flags.items()):
                 if t != trace or "rooted" in flags or not flags & {"usage", "counted"}:
                     continue

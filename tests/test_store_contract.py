@@ -625,9 +625,34 @@ async def test_a_root_arriving_last_is_the_turn_of_its_trace_once_with_its_times
     await store.commit(with_roots(root), now_ns=T0 + 6 * SECOND)
     await store.commit(with_roots(root, records=(calls[0],)), now_ns=T0 + 6 * SECOND)
     assert (rows(backend)["s"]["turns"], rows(backend)["s"]["prompt_tokens"]) == (1, 30)
-    # A root of a trace that carried no usage stores nothing and makes no session.
+    # A root of a trace that carried no usage makes no session; it is remembered (one row
+    # per trace's root beside the sessions' states) for usage of its trace arriving later.
     await store.commit(with_roots(trace_root(2, 1, T0, T0 + SECOND)), now_ns=T0 + 7 * SECOND)
-    assert set(rows(backend)) == {"s"} and turn_states(backend) == 1
+    assert set(rows(backend)) == {"s"} and turn_states(backend) == 3
+
+
+async def test_a_root_arriving_first_is_the_turn_of_usage_arriving_later_once(
+        store: Store, backend: Backend) -> None:
+    """Spans sent one by one, roots first (a child's export retried after its root's): the
+    root is remembered and gives its turn and times to each session its trace's usage reaches
+    later, once, whichever commit or retry brings it."""
+    root = trace_root(1, 1, T0 - SECOND, T0 + 5 * SECOND)
+    for _ in range(2):  # the root, then its retry
+        result, _ = await store.commit(with_roots(root), now_ns=T0)
+        assert result.sessions == 0
+    assert rows(backend) == {}
+    call = span_rec(1, 10, "s", ROLE_CALL, start=T0 + SECOND, prompt=10)
+    agent = span_rec(1, 11, "s", ROLE_TURN, start=T0 + 2 * SECOND, prompt=5)
+    other = span_rec(1, 12, "t", ROLE_CALL, start=T0 + 3 * SECOND, prompt=7)
+    for b in (batch(call), batch(call), batch(agent), with_roots(root, records=(agent,)),
+              batch(other), batch(other)):
+        await store.commit(b, now_ns=T0 + 6 * SECOND)
+    got = rows(backend)
+    assert (got["s"]["turns"], got["s"]["prompt_tokens"]) == (1, 15)
+    assert (got["t"]["turns"], got["t"]["prompt_tokens"]) == (1, 7)
+    for session in ("s", "t"):
+        assert (got[session]["created_at"], got[session]["last_active_at"]) == (
+            "2025-12-31T23:59:59.000Z", "2026-01-01T00:00:05.000Z")
 
 
 async def test_nested_agent_spans_are_one_turn_across_commits_and_retries(

@@ -11,10 +11,14 @@ from collector.accounting.pricing import Pricer
 from collector.accounting.turns import (
     COUNTED,
     NAMED,
+    ROOT_PREFIX,
     ROOTED,
     USAGE,
     decide_turns,
+    earlier_root,
     first_session,
+    root_row_id,
+    stored_root,
 )
 from collector.signals.traces import (
     ROLE_CALL,
@@ -162,3 +166,15 @@ def test_a_root_span_that_is_no_usage_is_a_root_with_its_times() -> None:
         TraceRoot((T0 + SECOND).to_bytes(8, "big") + (2).to_bytes(16, "big")
                   + (2).to_bytes(8, "big"), T0, T0 + SECOND)]
     assert result.records == []
+
+
+def test_a_remembered_root_round_trips_and_is_never_a_session() -> None:
+    """The row remembering a root cannot be taken for a session's (ids are printable), and
+    gives back the same root, so usage arriving after it gets its turn and times."""
+    root = TraceRoot(bytes(range(32)), 5, 9)
+    row_id = root_row_id(root)
+    assert row_id.startswith(ROOT_PREFIX) and not row_id.isprintable()
+    assert stored_root(row_id) == root
+    assert stored_root("session-1") is None
+    later = TraceRoot(bytes([1]) + bytes(31), 1, 2)
+    assert earlier_root(later, root) == root and earlier_root(None, later) == later

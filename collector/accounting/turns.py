@@ -24,6 +24,12 @@ What is known of a trace is its state per session (collector_trace_turns, in the
 transaction, under the trace's lock): COUNTED, USAGE and ROOTED bits. Every decision only
 sets bits, so a retried span (already deduplicated by its key) or a retried root (not a
 record; its bits are set) never counts twice.
+
+A root is remembered too, in a row of its own beside the sessions' (ROOT_PREFIX, which no
+session id can start with: those are printable), because it may arrive before the usage of
+its trace (a graph's root ends last, but a child's export can be retried after the root's
+went through, or spans be sent one by one): usage that arrives later, in a session the root
+has not counted yet, is given the root's turn and times then.
 """
 
 from __future__ import annotations
@@ -37,6 +43,9 @@ COUNTED = 1  # its turn was counted (by a turn span or by the root)
 USAGE = 2  # the trace carried usage in this session
 ROOTED = 4  # the root's times were added to the session
 NAMED = 8  # a span of the trace named the session (a dialect's, whose turns are its own)
+ROOT_SEEN = 16  # the state of a remembered root's own row
+# A remembered root's row: its session_id is this prefix, then its key (hex), start and end.
+ROOT_PREFIX = "\x01root "
 
 
 def root_record(root: TraceRoot, session_id: str, turns: int) -> SpanUsage:
@@ -44,6 +53,26 @@ def root_record(root: TraceRoot, session_id: str, turns: int) -> SpanUsage:
     the root's, extended by the session, so it never meets a span's key."""
     return SpanUsage(root.key + session_id.encode(), session_id, root.start_ns, root.end_ns,
                      turns, 0, 0, 0, 0, 0, 0.0, True, None, None, None, None, None)
+
+
+def root_row_id(root: TraceRoot) -> str:
+    """The session_id column of the row that remembers a trace's root."""
+    return f"{ROOT_PREFIX}{root.key.hex()} {root.start_ns} {root.end_ns}"
+
+
+def stored_root(session_id: str) -> TraceRoot | None:
+    """The root a row remembers, or None when the row is a session's state."""
+    if not session_id.startswith(ROOT_PREFIX):
+        return None
+    key, start, end = session_id[len(ROOT_PREFIX):].split(" ")
+    return TraceRoot(bytes.fromhex(key), int(start), int(end))
+
+
+def earlier_root(a: TraceRoot | None, b: TraceRoot | None) -> TraceRoot | None:
+    """One root per trace, the same whichever arrived first (the first by key)."""
+    if a is None or (b is not None and b.key < a.key):
+        return b
+    return a
 
 
 def decide_turns(stored: Mapping[str, int], records: Iterable[SpanUsage],

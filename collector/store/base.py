@@ -30,7 +30,14 @@ from typing import Any, Protocol
 
 from collector.accounting.aggregate import HOUR_NS, Batch, HourDelta, HourKey, SessionDelta
 from collector.accounting.traces import Node, Resolved, Waiting, resolve_trace
-from collector.accounting.turns import decide_turns, first_session
+from collector.accounting.turns import (
+    ROOT_SEEN,
+    decide_turns,
+    earlier_root,
+    first_session,
+    root_row_id,
+    stored_root,
+)
 from collector.signals.metrics import CumulativePoint, scaled
 from collector.signals.traces import (
     KEY_BYTES,
@@ -470,7 +477,8 @@ def turn_traces(applied: Batch) -> tuple[dict[bytes, list[SpanUsage]], dict[byte
 
 
 def apply_turns(ops: TraceOps, combined: Batch, applied: Batch, now_ns: int,
-                stored: dict[bytes, list[TurnRow]]) -> Batch:
+                stored: dict[bytes, list[TurnRow]],
+                stored_roots: dict[bytes, TraceRoot] | None = None) -> Batch:
     """Decide the turns of the batch's traces (collector.accounting.turns) from their stored
     states, write the states that changed, and return the batch with each record's final
     turns and the roots' records. The traces are locked by the caller."""
@@ -482,7 +490,12 @@ def apply_turns(ops: TraceOps, combined: Batch, applied: Batch, now_ns: int,
     changed: list[TurnRow] = []
     for trace_id in sorted(by_trace.keys() | roots.keys()):
         states = {session_id: bits for _, session_id, bits, _ in stored.get(trace_id, ())}
-        root = roots.get(trace_id)
+        known = (stored_roots or {}).get(trace_id)
+        arrived = roots.get(trace_id)
+        root = earlier_root(known, arrived)
+        if arrived is not None and root is arrived and root != known:
+            # Remembered for usage of its trace that arrives later (collector.accounting.turns).
+            changed.append((trace_id, root_row_id(arrived), ROOT_SEEN, now_ns))
         records = by_trace.get(trace_id, [])
         if not records and not states:
             continue  # a root of a trace that carried no usage: not a turn
@@ -529,12 +542,8 @@ def hold_and_resolve(ops: TraceOps, applied: Batch, now_ns: int,
     touched = set(held_traces)
     by_trace, roots = turn_traces(applied)
     touched |= by_trace.keys()
-    if roots:
-        # A root decides turns only in a trace that carried usage: one with records of a role
-        # here, or with turn states stored (looked up before the locks, as held usage is).
-        maybe = sorted(roots.keys() - touched)
-        if maybe:
-            touched |= {row[0] for row in ops.read_turns(maybe)}
+    # A root is remembered whether or not its trace carried usage yet: that may come later.
+    touched |= roots.keys()
     links = [link for link in applied.links if link.anchor]
     if count:
         candidates = candidate_links(applied)
@@ -563,8 +572,14 @@ def hold_and_resolve(ops: TraceOps, applied: Batch, now_ns: int,
     for link_row in stored_links:
         links_by_trace.setdefault(link_row[0], []).append(link_row)
     turns_by_trace: dict[bytes, list[TurnRow]] = {}
+    roots_by_trace: dict[bytes, TraceRoot] = {}
     for turn_row in ops.read_turns(order):
-        turns_by_trace.setdefault(turn_row[0], []).append(turn_row)
+        remembered = stored_root(turn_row[1])
+        if remembered is None:
+            turns_by_trace.setdefault(turn_row[0], []).append(turn_row)
+        else:
+            roots_by_trace[turn_row[0]] = earlier_root(roots_by_trace.get(turn_row[0]),
+                                                       remembered) or remembered
     outcome: dict[bytes, tuple[Resolved, SpanUsage]] = {}
     for trace_id in order:
         trace_held = held_by_trace.get(trace_id)
@@ -592,7 +607,7 @@ def hold_and_resolve(ops: TraceOps, applied: Batch, now_ns: int,
         combined.add(resolved)
         combined.held, combined.links, combined.roots = applied.held, applied.links, \
             applied.roots
-    final = apply_turns(ops, combined, applied, now_ns, turns_by_trace)
+    final = apply_turns(ops, combined, applied, now_ns, turns_by_trace, roots_by_trace)
     traced.roots = len(final.records) - len(combined.records)
     return final, traced
 

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BUILD_TIMEOUT_S = 900  # pip builds in fresh environments and compiles the C reader
 UNIT = ROOT / "deploy" / "collector.service"
 UNIT_PREFIX = "/opt/agent-usage-collector"  # where the unit expects the venv
+CI_DIST = "COLLECTOR_DIST"  # set by the test command to what .ci/wheel built
 
 
 @dataclass(frozen=True)
@@ -73,22 +74,46 @@ def tracked_package_files() -> list[str]:
     return files
 
 
+def built_by_ci() -> Path | None:
+    """The directory `.ci/wheel` filled (sdist, wheel, venv), when the test command names it.
+
+    CI builds and installs the package once, before the suite; testing that artifact rather
+    than a second build means what CI proved installable is what these tests serve.
+    """
+    named = os.environ.get(CI_DIST)
+    if not named:
+        return None
+    out = Path(named)
+    assert (out / "venv" / "bin" / "collector").is_file(), f"{CI_DIST}={named}: no venv there"
+    return out
+
+
+def only(out: Path, pattern: str) -> Path:
+    found = sorted(out.glob(pattern))
+    assert len(found) == 1, f"{out}: expected one {pattern}, found {[p.name for p in found]}"
+    return found[0]
+
+
 @pytest.fixture(scope="module")
 def dist(tmp_path_factory: pytest.TempPathFactory) -> Dist:
     """The sdist, and the wheel built from that sdist (as a package index's users build it
     where no wheel fits): a file the sdist lacks is then missing from the wheel as well."""
-    out = tmp_path_factory.mktemp("dist")
-    run([sys.executable, "-m", "build", "--sdist", "--outdir", str(out), str(ROOT)], cwd=out)
-    (sdist,) = out.glob("*.tar.gz")
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", str(sdist), "-w", str(out)],
-        cwd=out)
-    (wheel,) = out.glob("*.whl")
-    return Dist(sdist=sdist, wheel=wheel)
+    out = built_by_ci()
+    if out is None:
+        out = tmp_path_factory.mktemp("dist")
+        run([sys.executable, "-m", "build", "--sdist", "--outdir", str(out), str(ROOT)],
+            cwd=out)
+        run([sys.executable, "-m", "pip", "wheel", "--no-deps", str(only(out, "*.tar.gz")),
+             "-w", str(out)], cwd=out)
+    return Dist(sdist=only(out, "*.tar.gz"), wheel=only(out, "*.whl"))
 
 
 @pytest.fixture(scope="module")
 def installed(dist: Dist, tmp_path_factory: pytest.TempPathFactory) -> Installed:
     """A fresh venv with the wheel installed, not editable (dependencies from the index)."""
+    out = built_by_ci()
+    if out is not None:
+        return Installed(venv=out / "venv")
     venv = tmp_path_factory.mktemp("venv") / "venv"
     run([sys.executable, "-m", "venv", str(venv)], cwd=venv.parent)
     run([str(venv / "bin" / "pip"), "install", "-q", str(dist.wheel)], cwd=venv.parent)

@@ -29,17 +29,19 @@ from collector.report import format_usd
 from collector.store.base import DAILY_TABLE
 from collector.store.sqlite import DAILY_TRIGGERS, SCHEMA_SCRIPT
 from collector.web import queries
-from tests.conftest import DAILY_FROM_ROLLUP, Daemon, assert_daily_is_the_rollup, make_span
+from tests.conftest import (
+    DAILY_FROM_ROLLUP,
+    UI_TIMEOUT_MS,
+    Daemon,
+    assert_daily_is_the_rollup,
+    make_span,
+)
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 AGENTS = (("support-bot", "2.1.0", "ana@example.com", "build-1"),
           ("triage-agent", "0.169.0", "bo@example.com", "laptop-2"),
           ("review-agent", "0.61.0", "ana@example.com", "build-1"))
 MODELS = ("claude-sonnet-4", "gpt-5", "gemini-2.5-pro")
 SESSIONS = 12
-UI_TIMEOUT_MS = 20_000
 
 _trace = iter(range(1, 10**9))
 
@@ -514,36 +516,6 @@ def _open(opener: urllib.request.OpenerDirector, url: str, data: bytes | None = 
 
 
 # -- the page in a real browser -------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (.ci/deps does)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
-
-
-@pytest.fixture
-def page(browser: Any) -> Iterator[Any]:
-    """A fresh page that records console errors and failed requests; none are allowed."""
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    page = context.new_page()
-    problems: list[str] = []
-    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}")
-            if m.type in ("error", "warning") else None)
-    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
-    page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
-    page.set_default_timeout(UI_TIMEOUT_MS)
-    yield page
-    context.close()
-    assert problems == []
-
 
 def test_overview_page_shows_the_database(fleet: Daemon, page: Any) -> None:
     page.goto(fleet.web_url + "/")

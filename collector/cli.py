@@ -62,10 +62,14 @@ def _parser() -> argparse.ArgumentParser:
     sessions.add_argument("--json", action="store_true", help="a JSON array of row objects")
     check = sub.add_parser("check-config", help="validate a config and print the effective one")
     check.add_argument("--config", help=CONFIG_HELP)
-    rep = sub.add_parser("report", help="usage by day, month, session or model",
+    rep = sub.add_parser("report", help="usage by day, month, session, model or who spends",
                          description="Tokens by kind, turns and cost from the hourly rollup. "
                          "Days and months are in --timezone (UTC by default).")
-    rep.add_argument("kind", choices=report.REPORTS)
+    # Checked once the config is read: its [attribution] dimensions are reports too.
+    rep.add_argument("kind", metavar="KIND",
+                     help=f"one of {', '.join(report.REPORTS)}, or a dimension of the "
+                     "config's [attribution] (team, department, cost_center, project by "
+                     "default)")
     rep.add_argument("--config", help=CONFIG_HELP)
     rep.add_argument("--since", type=_date, help="first day included (YYYY-MM-DD)")
     rep.add_argument("--until", type=_date, help="last day included (YYYY-MM-DD)")
@@ -317,6 +321,12 @@ def _report(config: Config, args: argparse.Namespace) -> int:
 
 
 def _print_report(config: Config, args: argparse.Namespace) -> int:
+    dimensions = tuple(d.name for d in config.dimensions)
+    kinds = report.report_kinds(dimensions)
+    if args.kind not in kinds:
+        print(f"collector: report: unknown kind {literal(args.kind)!r}; choose from "
+              f"{', '.join(kinds)}", file=sys.stderr)
+        return EXIT_USAGE
     if args.since and args.until and args.since > args.until:
         print(f"collector: --since {args.since} is after --until {args.until}", file=sys.stderr)
         return EXIT_USAGE
@@ -326,7 +336,7 @@ def _print_report(config: Config, args: argparse.Namespace) -> int:
     tz = ZoneInfo(args.timezone)
     lo, hi = report.hour_bounds(args.since, args.until, tz)
     try:
-        rows = reader.read_usage(group=REPORT_GROUPS[args.kind], lo=lo, hi=hi)
+        rows = reader.read_usage(group=REPORT_GROUPS.get(args.kind, args.kind), lo=lo, hi=hi)
     except StorageError as exc:
         print(f"collector: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -334,7 +344,7 @@ def _print_report(config: Config, args: argparse.Namespace) -> int:
         reader.close()
     result = report.build_report(args.kind, (report.RollupRow(*r) for r in rows), tz=tz,
                                  timezone=args.timezone, breakdown=args.breakdown,
-                                 since=args.since, until=args.until)
+                                 since=args.since, until=args.until, dimensions=dimensions)
     if args.json:
         sys.stdout.write(report.json_report(result, tz))
         return EXIT_OK

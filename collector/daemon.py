@@ -64,6 +64,7 @@ def mapping_options(config: Config) -> MappingOptions:
         max_value_depth=config.limits.max_value_depth,
         alias_slots=MappingOptions.slots_for(config.aliases),
         dialects=DialectSet(config.dialects),
+        dimensions=tuple((d.name, d.attributes) for d in config.dimensions),
     )
 
 
@@ -127,7 +128,8 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
                     hosts=host_check(config.web_endpoint, config.web_access.allowed_hosts))
                 fleet_view = WebServer(config.web_endpoint, web_source(config),
                                        open_reader(config), security=web_security,
-                                       connections=connections)
+                                       connections=connections,
+                                       dimensions=[d.name for d in config.dimensions])
                 await fleet_view.start()
                 stack.push_async_callback(fleet_view.stop)
             # SIGHUP is handled whatever the config: its default action would end the daemon

@@ -34,6 +34,24 @@ LABEL_REPORTS = ("agent", "user", "host", "credential")
 # The name of each report's key in tables and JSON.
 KEY_NAMES = {"daily": "date", "monthly": "month", "session": "session", "model": "model",
              "agent": "agent", "user": "user", "host": "host", "credential": "credential"}
+# Any configured dimension ([attribution]) is a report too, keyed by its own name, and read
+# like the label reports (collector.config.attribution keeps its names clear of these).
+
+
+def report_kinds(dimensions: Iterable[str] = ()) -> tuple[str, ...]:
+    """Every report a config offers: the built-in ones, then its dimensions."""
+    return REPORTS + tuple(d for d in dimensions if d not in REPORTS)
+
+
+def key_name(kind: str) -> str:
+    return KEY_NAMES.get(kind, kind)
+
+
+def is_who(kind: str) -> bool:
+    """A report with one line per label or dimension value."""
+    return kind in LABEL_REPORTS or kind not in REPORTS
+
+
 NO_MODEL_LABEL = "(none)"  # usage whose spans named no model (stored as ''); also no label
 UTC = dt.UTC
 
@@ -140,14 +158,14 @@ def parse_hour(hour: str) -> dt.datetime:
 
 def build_report(kind: str, rows: Iterable[RollupRow], *, tz: dt.tzinfo, timezone: str,
                  breakdown: bool = False, since: dt.date | None = None,
-                 until: dt.date | None = None) -> Report:
+                 until: dt.date | None = None, dimensions: Iterable[str] = ()) -> Report:
     """Fold rollup rows into report lines, ordered as people read them, and a totals line.
 
     Daily and monthly lines run oldest first; sessions most recently active first; models
     by cost, highest first. With `breakdown` each line is split by model (the model report's
-    lines already are one per model).
+    lines already are one per model). `dimensions`: the configured ones, reports too.
     """
-    if kind not in REPORTS:
+    if kind not in report_kinds(dimensions):
         raise ValueError(f"unknown report {kind!r}")
     breakdown = breakdown and kind != "model"
     if kind == "session":
@@ -155,13 +173,14 @@ def build_report(kind: str, rows: Iterable[RollupRow], *, tz: dt.tzinfo, timezon
         return Report(kind=kind, timezone=timezone, since=since, until=until,
                       breakdown=breakdown, lines=ordered, totals=totals)
     local_day: dict[str, str] = {}  # one conversion per distinct hour, not per row
+    who = is_who(kind)
 
     def key_of(row: RollupRow) -> str:
         if kind == "session":
             return row.group
         if kind == "model":
             return row.model
-        if kind in LABEL_REPORTS:
+        if who:
             return row.group
         day = local_day.get(row.group)
         if day is None:
@@ -258,10 +277,10 @@ def local_hour(hour: str, tz: dt.tzinfo) -> str:
 
 def to_json(report: Report, tz: dt.tzinfo) -> dict[str, Any]:
     """The report for scripts: the same lines and numbers as the table, unformatted."""
-    key_name = KEY_NAMES[report.kind]
+    key = key_name(report.kind)
     out_lines = []
     for line in report.lines:
-        item: dict[str, Any] = {key_name: line.key}
+        item: dict[str, Any] = {key: line.key}
         if report.breakdown:
             item["model"] = line.model
         elif report.kind != "model":
@@ -291,11 +310,11 @@ def json_report(report: Report, tz: dt.tzinfo) -> str:
     """`json_text(to_json(report, tz))`, character for character, written straight from the
     lines: a session report has up to a line per session, and a dict per line that json.dumps
     then walks costs three times as much as formatting the line's text directly."""
-    key_name = json.dumps(KEY_NAMES[report.kind])
+    key = json.dumps(key_name(report.kind))
     kind, breakdown = report.kind, report.breakdown
     texts = []
     for line in report.lines:
-        text = f"{{{key_name}: {_json_str(line.key)}"
+        text = f"{{{key}: {_json_str(line.key)}"
         if breakdown:
             text += f', "model": {"null" if line.model is None else _json_str(line.model)}'
         elif kind != "model":
@@ -349,7 +368,7 @@ class Table:
 
 def to_table(report: Report, tz: dt.tzinfo) -> Table:
     """Formatted cells for a terminal table or plain text; the last row is the totals."""
-    headers: list[str] = [KEY_NAMES[report.kind]]
+    headers: list[str] = [key_name(report.kind)]
     if report.breakdown:
         headers.append("model")
     elif report.kind != "model":
@@ -359,10 +378,10 @@ def to_table(report: Report, tz: dt.tzinfo) -> Table:
     text_columns = len(headers)
     headers.extend(NUMBER_HEADERS)
     kind, breakdown = report.kind, report.breakdown
+    labelled = kind == "model" or is_who(kind)
     rows = []
     for line in report.lines:
-        cells: tuple[str, ...] = (model_label(line.key) if kind == "model" or kind in LABEL_REPORTS
-                                  else line.key,)
+        cells: tuple[str, ...] = (model_label(line.key) if labelled else line.key,)
         if breakdown:
             cells += (model_label(line.model or ""),)
         elif kind != "model":

@@ -472,3 +472,41 @@ def test_a_label_longer_than_the_value_limit_rejects_the_span() -> None:
 def test_the_label_slots_are_the_last_ones() -> None:
     """map_span compares the tail of a span's values to tell whether it names any label."""
     assert tuple(range(N_SLOTS - len(LABEL_SLOTS), N_SLOTS)) == LABEL_SLOTS
+
+
+# -- dimensions ([attribution]) -------------------------------------------------------------
+
+DIMENSIONS = (("team", ("team.id", "team")), ("project", ("project", "repository")),
+              ("region", ("cloud.region",)))
+
+
+def test_dimensions_come_from_the_span_then_the_resource_first_attribute_first() -> None:
+    options = mapping_options(dimensions=DIMENSIONS)
+    resource = {"service.name": "bot", "team.id": "platform", "team": "ignored",
+                "repository": "org/repo", "cloud.region": "eu-west-1"}
+    plain = one(make_span(attrs=chat(), resource=resource), options=options)
+    assert plain.dimensions == (("team", "platform"), ("project", "org/repo"),
+                                ("region", "eu-west-1"))
+    assert plain.agent == "bot"
+    # The span's own value wins for that dimension; the others still come from the resource.
+    own = one(make_span(attrs=chat(team="security", project=7), resource=resource),
+              options=options)
+    assert own.dimensions == (("team", "security"), ("project", "7"), ("region", "eu-west-1"))
+    # Without [attribution] nothing is read, and a span without any tag has none.
+    assert one(make_span(attrs=chat(), resource=resource)).dimensions == ()
+    assert one(make_span(attrs=chat()), options=options).dimensions == ()
+
+
+def test_a_dimension_value_is_bounded_like_the_labels() -> None:
+    options = mapping_options(dimensions=DIMENSIONS, max_attribute_value_bytes=64)
+    result = run(make_span(attrs=chat(**{"team.id": "x" * 65})), options=options)
+    assert result.rejected == 1 and "team.id" in result.errors[0]
+    # Empty or non-text values are absent, as for the labels.
+    assert one(make_span(attrs=chat(**{"team.id": ""}), resource={"team": "growth"}),
+               options=options).dimensions == (("team", "growth"),)
+
+
+def test_a_dimension_may_read_an_attribute_the_mapping_knows() -> None:
+    options = mapping_options(dimensions=(("owner", ("user.id",)),))
+    usage = one(make_span(attrs=chat(), resource={"user.id": "u-1"}), options=options)
+    assert (usage.user, usage.dimensions) == ("u-1", (("owner", "u-1"),))

@@ -98,8 +98,11 @@ def test_filters_offer_the_top_values_not_every_value(flood: Daemon) -> None:
                            "collector_session_labels l ON l.id = s.id GROUP BY l.user_name"))
     assert data["user"] == sorted(users, key=lambda u: (-users[u], u))[:queries.FILTER_TOP]
     assert sorted(data["agent"]) == [f"agent-{i}" for i in range(AGENTS)]
+    # The default dimensions are offered too; nothing was tagged, so their (empty) lists are
+    # complete.
     assert data["complete"] == {"status": True, "model": False, "agent": True, "user": False,
-                                "host": False}
+                                "host": False, "team": True, "department": True,
+                                "cost_center": True, "project": True}
     # Bounded: about FILTER_TOP short values per field, whatever the number of sessions.
     assert len(body) < 4 * queries.FILTER_TOP * 40 + 500
 

@@ -18,7 +18,14 @@ from collections.abc import Iterable, Iterator, Set
 from dataclasses import dataclass, field
 from typing import Any
 
-from collector.signals.traces import HeldUsage, MappingResult, SpanUsage, TraceLink, TraceRoot
+from collector.signals.traces import (
+    Dimensions,
+    HeldUsage,
+    MappingResult,
+    SpanUsage,
+    TraceLink,
+    TraceRoot,
+)
 
 NO_TIME = -1
 HOUR_NS = 3600 * 1_000_000_000
@@ -58,6 +65,8 @@ class SessionDelta:
     # The ingest token that carried the latest span (who spends, as proven by the credential).
     credential: str | None = None
     credential_ns: int = NO_TIME
+    # The configured dimensions ([attribution]): name -> (latest value, its end time).
+    dimensions: dict[str, tuple[str, int]] | None = None
 
     def has_labels(self) -> bool:
         return max(self.agent_ns, self.agent_version_ns, self.user_ns, self.host_ns,
@@ -156,7 +165,7 @@ class Batch:
         for record in records:
             (key, session_id, start, end, turns, prompt, completion, reasoning, cache_read,
              cache_write, cost, _, model, kind, status, channel, goal, agent, agent_version,
-             user, host, role, carried_by) = record
+             user, host, role, carried_by, dimensions) = record
             if key in keys:
                 self.duplicates += 1
                 continue
@@ -189,6 +198,8 @@ class Batch:
                 carried_by = credential
             if carried_by is not None and end >= delta.credential_ns:
                 delta.credential, delta.credential_ns = carried_by, end
+            if dimensions:
+                _latest_dimensions(delta, end, dimensions)
             hour_key = (session_id, model or NO_MODEL, end // HOUR_NS)
             hour = hours.get(hour_key)
             if hour is None:
@@ -255,6 +266,16 @@ def _latest_session_values(delta: SessionDelta, end: int, kind: str | None, stat
         delta.channel, delta.channel_ns = channel, end
     if goal is not None and end >= delta.goal_ns:
         delta.goal, delta.goal_ns = goal, end
+
+
+def _latest_dimensions(delta: SessionDelta, end: int, dimensions: Dimensions) -> None:
+    given = delta.dimensions
+    if given is None:
+        given = delta.dimensions = {}
+    for name, value in dimensions:
+        known = given.get(name)
+        if known is None or end >= known[1]:
+            given[name] = (value, end)
 
 
 def credit(result: MappingResult, credential: str) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from collector.accounting.prices import ModelPrice
+from collector.config.attribution import DEFAULT_DIMENSIONS, Dimension, parse_attribution
 from collector.config.auth import (
     AuthConfig,
     WebAccess,
@@ -163,6 +164,8 @@ class Config:
     # The agents' dialects in effect: the built-ins with the file's [dialects.NAME] over them.
     dialects: tuple[Dialect, ...] = field(default_factory=effective_dialects)
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
+    # Who spends beyond agent, user, host and credential ([attribution]).
+    dimensions: tuple[Dimension, ...] = DEFAULT_DIMENSIONS
 
 
 # The schema of the file: section -> key -> expected kind. Tables of arbitrary names (pricing)
@@ -219,6 +222,7 @@ def default_config(cwd: Path | None = None) -> Config:
 def parse_config(doc: Mapping[str, Any], *, source: str, base_dir: Path) -> Config:
     """Validate a parsed document. Relative paths are resolved against `base_dir`."""
     values = _flatten(doc, source)
+    dimensions = parse_attribution(doc.get("attribution"), source=source)
     pricing = _parse_pricing(doc.get("pricing", {}), source)
     try:
         dialects = effective_dialects(doc.get("dialects", {}))
@@ -332,6 +336,7 @@ def parse_config(doc: Mapping[str, Any], *, source: str, base_dir: Path) -> Conf
         web_endpoint=web,
         dialects=dialects,
         connections=parse_connections(values, source),
+        dimensions=dimensions,
     )
 
 
@@ -459,7 +464,7 @@ def _flatten(doc: Mapping[str, Any], source: str) -> dict[str, Any]:
     """Check every key against the schema and return dotted key -> value."""
     out: dict[str, Any] = {}
     for top, value in doc.items():
-        if top in ("pricing", "dialects"):
+        if top in ("pricing", "dialects", "attribution"):
             continue
         if top == "receivers":
             if not isinstance(value, dict):

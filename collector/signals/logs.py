@@ -38,7 +38,7 @@ def map_logs_request(request: Any, options: MappingOptions, now_ns: int) -> Mapp
             if resource is None:
                 try:
                     resource = resources[dialect.name] = attributes_of(
-                        rl.resource.attributes, options, "resource", dialect.read_attributes)
+                        rl.resource.attributes, options, "resource", options.read_for(dialect))
                 except InvalidRecord as exc:
                     for _ in range(n):
                         result.reject(str(exc))
@@ -47,7 +47,7 @@ def map_logs_request(request: Any, options: MappingOptions, now_ns: int) -> Mapp
                 ref = f"log record {index} of scope {sl.scope.name!r}"
                 try:
                     attributes = attributes_of(lr.attributes, options, ref,
-                                               dialect.read_attributes)
+                                               options.read_for(dialect))
                     body = lr.body.string_value if lr.body.WhichOneof("value") == \
                         "string_value" else ""
                     event = attributes.get(EVENT_NAME)

@@ -23,7 +23,6 @@ from collector.signals import values
 from collector.signals.records import (
     CENTS_PER_USD,
     NO_TIME_PREFIX,
-    Labels,
     Record,
     attributes_of,
     content_key,
@@ -34,7 +33,7 @@ from collector.signals.records import (
     usage,
 )
 from collector.signals.scan import service_name
-from collector.signals.traces import MappingOptions, MappingResult, SpanUsage
+from collector.signals.traces import NO_LABELS, Labels, MappingOptions, MappingResult, SpanUsage
 
 DELTA = 1  # AggregationTemporality values of the OTLP metrics protocol
 CUMULATIVE = 2
@@ -64,7 +63,7 @@ class CumulativePoint(NamedTuple):
     session_id: str
     model: str | None
     key: bytes  # the usage event's key once resolved
-    labels: Labels = (None, None, None, None)  # who spends
+    labels: Labels = NO_LABELS  # who spends
     credential: str | None = None  # the token that carried it, as on SpanUsage
 
 
@@ -177,7 +176,7 @@ def unit_of(dialect: Dialect, field: str, model: str, options: MappingOptions, *
 
 
 def scaled(unit: Unit, amount: float, is_cost: bool, key: bytes, session: str, start: int,
-           end: int, model: str | None, labels: Labels = (None, None, None, None)
+           end: int, model: str | None, labels: Labels = NO_LABELS
            ) -> SpanUsage:
     """The usage event of `amount` units (a delta point's value, or a cumulative point's
     difference from its series' last value)."""

@@ -39,10 +39,13 @@ from collector.signals import values
 from collector.signals.scan import EMPTY, NESTED, any_value, nesting_depth
 from collector.signals.traces import (
     KEY_BYTES,
+    NO_LABELS,
     ROLE_NAMED,
+    ROLE_OWN,
     SPAN_ID_BYTES,
     TRACE_ID_BYTES,
     UNRESOLVED,
+    Labels,
     MappingOptions,
     MappingResult,
     SpanUsage,
@@ -175,12 +178,12 @@ def session_of(dialect: Dialect, record: Record, options: MappingOptions) -> str
     return values.session_id(session, record.ref, options.max_session_id_length)
 
 
-Labels = tuple[str | None, str | None, str | None, str | None]  # agent, version, user, host
 
 
 def labels_of(dialect: Dialect, record: Record, options: MappingOptions) -> Labels:
     """Who spends: the resource's service name, version and host (the record's own when it
-    names them), and the dialect's user attribute."""
+    names them), the dialect's user attribute, and each configured dimension's first present
+    attribute (the record's, then the resource's)."""
     limit = options.max_attribute_value_bytes
 
     def label(value: Any, name: str) -> str | None:
@@ -190,10 +193,21 @@ def labels_of(dialect: Dialect, record: Record, options: MappingOptions) -> Labe
         value = record.attributes.get(name)
         return value if value is not None else record.resource.get(name)
 
+    dimensions: list[tuple[str, str]] = []
+    for dimension, names in options.dimensions:
+        found = next(((name, value) for source in (record.attributes, record.resource)
+                      for name in names
+                      if (value := source.get(name)) is not None
+                      and value is not EMPTY and value is not NESTED), None)
+        if found is not None:
+            text = label(found[1], found[0])
+            if text:
+                dimensions.append((dimension, text))
     return (label(attribute(SERVICE_NAME), SERVICE_NAME),
             label(attribute(SERVICE_VERSION), SERVICE_VERSION),
             label(lookup(dialect, record, "user"), "user"),
-            label(attribute(HOST_NAME), HOST_NAME))
+            label(attribute(HOST_NAME), HOST_NAME),
+            tuple(dimensions))
 
 
 def map_record(dialect: Dialect, record: Record, options: MappingOptions, now_ns: int,
@@ -348,8 +362,9 @@ def tokens(dialect: Dialect, input_: int, output: int, reasoning: int, cache_rea
 def usage(key: bytes, session: str, start: int, end: int, *, turns: int = 0, prompt: int = 0,
           completion: int = 0, reasoning: int = 0, cache_read: int = 0, cache_write: int = 0,
           cost: float = 0.0, priced: bool = True, model: str | None = None,
-          labels: Labels = (None, None, None, None)) -> SpanUsage:
+          labels: Labels = NO_LABELS) -> SpanUsage:
     """The one place a dialect's record becomes the usage event every signal shares."""
+    agent, agent_version, user, host, dimensions = labels
     return SpanUsage(key, session, start, end, turns, prompt, completion, reasoning,
                      cache_read, cache_write, cost, priced, model, None, None, None, None,
-                     *labels)
+                     agent, agent_version, user, host, ROLE_OWN, None, dimensions)

@@ -111,6 +111,10 @@ DEFAULT_CHANNEL = "cli"
 MODEL_CALL_OPERATIONS = frozenset({"chat", "text_completion", "generate_content"})
 TRACE_ID_BYTES = 16
 SPAN_ID_BYTES = 8
+# (dimension name, value) pairs, in the configured order; only the dimensions given.
+Dimensions = tuple[tuple[str, str], ...]
+
+
 class SpanUsage(NamedTuple):
     """What one accepted span contributes to its session."""
 
@@ -141,6 +145,9 @@ class SpanUsage(NamedTuple):
     role: int = 0
     # The name of the ingest token that carried it (collector.security); never an attribute.
     credential: str | None = None
+    # The configured dimensions it names ([attribution]): (dimension, value) pairs, latest
+    # value per session as for the labels above.
+    dimensions: Dimensions = ()
 
 
 # SpanUsage.role values.
@@ -213,14 +220,51 @@ class MappingOptions:
     # The agents' dialects (built-ins plus config); resources and scopes they recognise are
     # read by their rules instead of the generic conventions.
     dialects: DialectSet = field(default_factory=lambda: DialectSet(effective_dialects()))
+    # [attribution]: (dimension name, the attributes it is read from, in order).
+    dimensions: tuple[tuple[str, tuple[str, ...]], ...] = ()
     scanner: Scanner = field(init=False, repr=False, compare=False)
+    # Per dimension, the slots of its attributes (after the known ones: the scanner reads
+    # them in the same pass), and each extra slot's attribute name for error messages.
+    dimension_slots: tuple[tuple[str, tuple[int, ...]], ...] = field(
+        init=False, repr=False, compare=False)
+    slot_names: dict[int, str] = field(init=False, repr=False, compare=False)
+    # A span's values from the agent slot on, when it names no label and no dimension.
+    no_label_values: list[None] = field(init=False, repr=False, compare=False)
+    # The attribute names a dialect reads, with the dimensions' (by dialect name).
+    _wanted: dict[str, frozenset[str]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # The other conventions' names first, so that a config alias of the same name wins.
         aliases = {**self.slots_for(CONVENTION_ALIASES), **self.alias_slots}
-        object.__setattr__(self, "scanner", Scanner(
-            ATTRIBUTE_SLOTS, aliases, N_SLOTS, self.max_value_depth,
-            compiled=self.compiled_scanner))
+        known = dict(ATTRIBUTE_SLOTS)
+        names = dict(SLOT_NAMES)
+        dimension_slots = []
+        n_slots = N_SLOTS
+        for name, attributes in self.dimensions:
+            slots = []
+            for attribute in attributes:
+                slot = known.get(attribute)
+                if slot is None:
+                    slot = known[attribute] = n_slots
+                    names[slot] = attribute
+                    n_slots += 1
+                slots.append(slot)
+            dimension_slots.append((name, tuple(slots)))
+        set_ = object.__setattr__
+        set_(self, "scanner", Scanner(known, aliases, n_slots, self.max_value_depth,
+                                      compiled=self.compiled_scanner))
+        set_(self, "dimension_slots", tuple(dimension_slots))
+        set_(self, "slot_names", names)
+        set_(self, "no_label_values", [None] * (n_slots - S_AGENT))
+        set_(self, "_wanted", {})
+
+    def read_for(self, dialect: Any) -> frozenset[str]:
+        """The attributes a dialect's records are decoded for: its own and the dimensions'."""
+        wanted = self._wanted.get(dialect.name)
+        if wanted is None:
+            wanted = self._wanted[dialect.name] = dialect.read_attributes | frozenset(
+                a for _, attributes in self.dimensions for a in attributes)
+        return wanted
 
     @staticmethod
     def slots_for(aliases: Mapping[str, str]) -> dict[str, int]:
@@ -312,7 +356,7 @@ def map_request(request: Any, options: MappingOptions, now_ns: int,
         # spans; a span repeating none of the label attributes takes these as they are.
         try:
             labels = _labels(resource_values, NO_LABELS, "resource",
-                             options.max_attribute_value_bytes)
+                             options.max_attribute_value_bytes, options)
         except InvalidSpan as exc:
             for _ in spans:
                 result.spans += 1
@@ -385,12 +429,12 @@ def _map_dialect_scopes(resource_spans: Any, scopes: list[Any], spans: list[Span
                     if resource is None:
                         resource = resources[dialect.name] = dialect_records.attributes_of(
                             resource_spans.resource.attributes, options, "resource",
-                            dialect.read_attributes)
+                            options.read_for(dialect))
                     ref = f"span {_ref(span.span_id)}"
                     record = dialect_records.map_record(dialect, dialect_records.Record(
                         "traces", (span.name,),
                         dialect_records.attributes_of(span.attributes, options, ref,
-                                                      dialect.read_attributes),
+                                                      options.read_for(dialect)),
                         resource, span.trace_id, span.span_id, span.start_time_unix_nano,
                         span.end_time_unix_nano, span.trace_id + span.span_id, ref,
                         span.parent_span_id),
@@ -421,10 +465,11 @@ FIELD_GROUPS: tuple[tuple[int, ...], ...] = (
     CACHE_WRITE_SLOTS, COST_SLOTS, (S_KIND,), (S_STATUS,), (S_CHANNEL,), (S_GOAL,),
     (S_OPERATION,), (S_OI_SPAN_KIND,))
 # The who-spends slots come last, so a span's own labels are one slice of its values.
+# Then the dimensions' attributes ([attribution]), so one slice from S_AGENT covers them all.
 LABEL_SLOTS = (S_AGENT, S_AGENT_VERSION, S_HOST, S_USER_EMAIL, S_USER_ID, S_ENDUSER_ID)
-_NO_LABEL_VALUES = [None] * len(LABEL_SLOTS)
-Labels = tuple[str | None, str | None, str | None, str | None]  # agent, version, user, host
-NO_LABELS: Labels = (None, None, None, None)
+# agent, version, user, host, dimensions
+Labels = tuple[str | None, str | None, str | None, str | None, Dimensions]
+NO_LABELS: Labels = (None, None, None, None, ())
 
 
 _new_usage = tuple.__new__
@@ -492,17 +537,18 @@ def map_span(span: SpanScan, fallbacks: list[tuple[tuple[int, ...], list[Any]]],
         kind = status = channel = goal = None
     else:
         kind, status, channel, goal = _session_values(v, span_id, limit, result)
-    if v[S_AGENT:] == _NO_LABEL_VALUES:
-        agent, agent_version, user, host = resource_labels
+    if v[S_AGENT:] == options.no_label_values:
+        agent, agent_version, user, host, dimensions = resource_labels
     else:
-        agent, agent_version, user, host = _labels(v, resource_labels, f"span {_ref(span_id)}",
-                                                   limit)
+        agent, agent_version, user, host, dimensions = _labels(
+            v, resource_labels, f"span {_ref(span_id)}", limit, options)
     prompt, completion, reasoning, cache_read, cache_write, cost, priced = tokens
     return _new_usage(SpanUsage, (
         _pack_time(key_time) + trace_id + span_id, session_id, start_ns, end_ns, turns, prompt,
         completion, reasoning, cache_read, cache_write, cost, priced, model or None, kind,
         status, channel, goal, agent, agent_version, user, host, role,
         None,  # credential: the pipeline's
+        dimensions,
     ))
 
 
@@ -745,10 +791,12 @@ def _bounded(text: str, slot: int, span_id: bytes, limit: int) -> str:
 _text = values.text
 
 
-def _labels(v: list[Any], fallback: Labels, who: str, limit: int) -> Labels:
-    """Who spends, from values `v` (a span's or a resource's), each field falling back to
-    `fallback` when `v` does not give it. `who` names the span or resource in errors."""
-    agent, agent_version, user, host = fallback
+def _labels(v: list[Any], fallback: Labels, who: str, limit: int,
+            options: MappingOptions) -> Labels:
+    """Who spends, from values `v` (a span's or a resource's), each field (and dimension)
+    falling back to `fallback` when `v` does not give it. `who` names the span or resource
+    in errors."""
+    agent, agent_version, user, host, dimensions = fallback
     if v[S_AGENT] is not None:
         agent = _label(v[S_AGENT], S_AGENT, who, limit) or agent
     if v[S_AGENT_VERSION] is not None:
@@ -758,7 +806,26 @@ def _labels(v: list[Any], fallback: Labels, who: str, limit: int) -> Labels:
     slot = _first(v, USER_SLOTS)
     if v[slot] is not None:
         user = _label(v[slot], slot, who, limit) or user
-    return agent, agent_version, user, host
+    if options.dimension_slots:
+        dimensions = _dimensions(v, dimensions, who, limit, options)
+    return agent, agent_version, user, host, dimensions
+
+
+def _dimensions(v: list[Any], fallback: Dimensions, who: str, limit: int,
+                options: MappingOptions) -> Dimensions:
+    """Each dimension's first present attribute of `v`, else its value in `fallback`."""
+    given = dict(fallback)
+    names = options.slot_names
+    for dimension, slots in options.dimension_slots:
+        for slot in slots:
+            if v[slot] is not None:
+                value = values.bounded_text(v[slot], names[slot], who, limit)
+                if value:
+                    given[dimension] = value
+                    break
+    if not given:
+        return ()
+    return tuple((d, given[d]) for d, _ in options.dimension_slots if d in given)
 
 
 def _label(value: Any, slot: int, who: str, limit: int) -> str | None:

@@ -68,6 +68,9 @@ COLUMNS: tuple[tuple[str, str], ...] = (
 COLUMN_NAMES = tuple(name for name, _ in COLUMNS)
 HOURLY_TABLE = "collector_usage_hourly"
 LABELS_TABLE = "collector_session_labels"
+# The configured dimensions ([attribution]) per session: a row per (session, dimension) that
+# has a value, so the set of dimensions can change without a migration.
+DIMENSIONS_TABLE = "collector_session_dimensions"
 # The rollup summed per (UTC day, model, current agent of the session), for the fleet view's
 # overview; each backend keeps it equal to the rollup in the statements that write either.
 DAILY_TABLE = "collector_usage_daily"
@@ -78,6 +81,21 @@ DAILY_SUMS = ("turns", "prompt_tokens", "completion_tokens", "reasoning_tokens",
 USAGE_GROUPS = {"hour": "hour", "session": "session_id", "agent": "coalesce(l.agent, '')",
                 "user": "coalesce(l.user_name, '')", "host": "coalesce(l.host, '')",
                 "credential": "coalesce(l.credential, '')"}
+
+
+def usage_group(group: str, mark: str) -> tuple[str, str, tuple[Any, ...]]:
+    """What a rollup read groups by: (column expression, join, the join's parameters). A
+    `group` outside USAGE_GROUPS is a configured dimension's name (the caller checked it),
+    grouped by the session's latest value of it ('' for sessions without one). `mark` is the
+    backend's parameter marker."""
+    column = USAGE_GROUPS.get(group)
+    if column is None:
+        return ("coalesce(d.value, '')",
+                f" LEFT JOIN {DIMENSIONS_TABLE} AS d ON d.session_id = h.session_id "
+                f"AND d.dimension = {mark}", (group,))
+    if column.startswith("coalesce"):
+        return column, f" LEFT JOIN {LABELS_TABLE} AS l ON l.id = h.session_id", ()
+    return column, "", ()
 # collector_meta names, the same in every backend.
 SEEN_CURRENT_COUNT = "seen_current_count"
 SEEN_PREVIOUS_COUNT = "seen_previous_count"
@@ -238,6 +256,12 @@ def label_rows(batch: Batch) -> Iterable[tuple[Any, ...]]:
     return (label_params(d) for d in batch.sessions.values() if d.has_labels())
 
 
+def dimension_rows(batch: Batch) -> Iterable[tuple[Any, ...]]:
+    """(session, dimension, value, end time of the span that set it) per dimension given."""
+    return ((d.session_id, name, value, value_ns) for d in batch.sessions.values()
+            if d.dimensions for name, (value, value_ns) in d.dimensions.items())
+
+
 def hour_rows(batch: Batch) -> Iterable[tuple[Any, ...]]:
     """Session updates carry no usage and need no rollup row."""
     return (hour_params(k, h) for k, h in batch.hours.items() if not h.is_empty())
@@ -258,6 +282,7 @@ BATCH_WRITES: tuple[BatchWrite, ...] = (
     BatchWrite("agent_sessions", session_rows),
     BatchWrite("collector_session_marks", mark_rows),
     BatchWrite(LABELS_TABLE, label_rows),
+    BatchWrite(DIMENSIONS_TABLE, dimension_rows),
     BatchWrite(HOURLY_TABLE, hour_rows),
 )
 
@@ -394,8 +419,17 @@ def usage_json(usage: SpanUsage) -> str:
     return json.dumps(usage[2:], allow_nan=False)
 
 
+# Where a held record's dimensions are in its JSON (usage_json drops key and session).
+_DIMENSIONS_AT = SpanUsage._fields.index("dimensions") - 2
+
+
 def held_usage(key: bytes, session_id: str, usage: str) -> SpanUsage:
-    return SpanUsage(key, session_id, *json.loads(usage))
+    """A held record as usage again. Rows held before a field existed take its default; the
+    dimensions' pairs come back from JSON as lists."""
+    fields = json.loads(usage)
+    if len(fields) > _DIMENSIONS_AT:
+        fields[_DIMENSIONS_AT] = tuple((str(n), str(v)) for n, v in fields[_DIMENSIONS_AT])
+    return SpanUsage(key, session_id, *fields)
 
 
 def held_rows(held: Iterable[HeldUsage], now_ns: int) -> list[HeldRow]:

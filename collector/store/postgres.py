@@ -57,6 +57,7 @@ from collector.store.base import (
     DAILY_SUMS,
     DAILY_TABLE,
     DEFAULT_RESOLVE_WINDOW_S,
+    DIMENSIONS_TABLE,
     GENERATION_STARTED,
     HELD_COUNT,
     HELD_TABLE,
@@ -66,7 +67,6 @@ from collector.store.base import (
     SEEN_CURRENT_COUNT,
     SEEN_PREVIOUS_COUNT,
     TURNS_TABLE,
-    USAGE_GROUPS,
     CommitResult,
     HeldRow,
     LinkRow,
@@ -82,6 +82,7 @@ from collector.store.base import (
     resolve_cumulative,
     schema_problem,
     turns_kept_since,
+    usage_group,
 )
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,15 @@ ALTER TABLE collector_session_labels ADD COLUMN IF NOT EXISTS credential TEXT;
 ALTER TABLE collector_session_labels
     ADD COLUMN IF NOT EXISTS credential_ns BIGINT NOT NULL DEFAULT -1;
 CREATE INDEX IF NOT EXISTS collector_session_labels_agent ON collector_session_labels (agent);
+CREATE TABLE IF NOT EXISTS collector_session_dimensions (
+    session_id TEXT COLLATE "C" NOT NULL,
+    dimension TEXT COLLATE "C" NOT NULL,
+    value TEXT NOT NULL,
+    value_ns BIGINT NOT NULL,
+    PRIMARY KEY (session_id, dimension)
+);
+CREATE INDEX IF NOT EXISTS collector_session_dimensions_value
+    ON collector_session_dimensions (dimension, value);
 CREATE INDEX IF NOT EXISTS collector_session_labels_user ON collector_session_labels (user_name);
 CREATE INDEX IF NOT EXISTS collector_session_labels_host ON collector_session_labels (host);
 CREATE INDEX IF NOT EXISTS collector_usage_hourly_session
@@ -366,6 +376,8 @@ LABEL_ARGS = (("id", "text"), ("agent", "text"), ("agent_ns", "bigint"),
               ("agent_version", "text"), ("agent_version_ns", "bigint"), ("user_name", "text"),
               ("user_ns", "bigint"), ("host", "text"), ("host_ns", "bigint"),
               ("credential", "text"), ("credential_ns", "bigint"))
+DIMENSION_ARGS = (("session_id", "text"), ("dimension", "text"), ("value", "text"),
+                  ("value_ns", "bigint"))
 HOUR_ARGS = (("hour", "text"), ("session_id", "text"), ("model", "text"), ("turns", "bigint"),
              ("prompt_tokens", "bigint"), ("completion_tokens", "bigint"),
              ("reasoning_tokens", "bigint"), ("cache_read_tokens", "bigint"),
@@ -445,6 +457,16 @@ ON CONFLICT (id) DO UPDATE SET
     {_label("credential", "credential_ns")}
 """
 
+# The latest value per (session, dimension), as for the labels; an unchanged value moves only
+# its end time.
+UPSERT_DIMENSIONS = f"""
+INSERT INTO collector_session_dimensions AS d (session_id, dimension, value, value_ns)
+SELECT * FROM {_unnest(DIMENSION_ARGS)} ORDER BY session_id COLLATE "C", dimension COLLATE "C"
+ON CONFLICT (session_id, dimension) DO UPDATE SET
+    value = excluded.value, value_ns = excluded.value_ns
+WHERE excluded.value_ns >= d.value_ns
+"""
+
 # Adds to the stored row as it is when the insert meets it (ON CONFLICT reads the latest
 # version), so two collectors adding to one hour both count. Usage from spans naming no model
 # counts under the session's model as stored by this flush's session step (see the SQLite
@@ -478,6 +500,7 @@ BATCH_STATEMENTS: dict[str, tuple[str, ...]] = {
     "agent_sessions": (INSERT_NEW_SESSIONS, UPDATE_SESSIONS),
     "collector_session_marks": (UPSERT_MARKS,),
     LABELS_TABLE: (UPSERT_LABELS,),
+    DIMENSIONS_TABLE: (UPSERT_DIMENSIONS,),
     HOURLY_TABLE: (UPSERT_HOURLY,),
 }
 # What each statement's rows look like (for the column arrays).
@@ -485,6 +508,7 @@ BATCH_ARGS: dict[str, tuple[tuple[str, str], ...]] = {
     "agent_sessions": SESSION_ARGS,
     "collector_session_marks": MARK_ARGS,
     LABELS_TABLE: LABEL_ARGS,
+    DIMENSIONS_TABLE: DIMENSION_ARGS,
     HOURLY_TABLE: HOUR_ARGS,
 }
 
@@ -1089,9 +1113,9 @@ class PostgresReader:
 
     def read_usage(self, *, group: str, lo: str | None = None,
                    hi: str | None = None) -> list[tuple[Any, ...]]:
-        column = USAGE_GROUPS[group]
+        column, join, params_ = usage_group(group, "%s")
         where: list[str] = []
-        params: list[Any] = []
+        params: list[Any] = list(params_)
         if lo is not None:
             where.append("hour >= %s")
             params.append(lo)
@@ -1102,9 +1126,8 @@ class PostgresReader:
         sql = (f'SELECT ({column}) COLLATE "C" AS g, model, max(hour), sum(turns)::bigint, '
                "sum(prompt_tokens)::bigint, sum(completion_tokens)::bigint, "
                "sum(reasoning_tokens)::bigint, sum(cache_read_tokens)::bigint, "
-               f"sum(cache_write_tokens)::bigint, sum(cost_cents) FROM {HOURLY_TABLE} AS h")
-        if column.startswith("coalesce"):
-            sql += f" LEFT JOIN {LABELS_TABLE} AS l ON l.id = h.session_id"
+               f"sum(cache_write_tokens)::bigint, sum(cost_cents) FROM {HOURLY_TABLE} AS h"
+               + join)
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += ' GROUP BY g, model ORDER BY g, model COLLATE "C"'
@@ -1230,6 +1253,11 @@ def _migrate(db: Any, conn: psycopg.Connection[Any], marker: str) -> Migration:
                         f"FROM {LABELS_TABLE} ORDER BY id")
     while chunk := cursor.fetchmany(MIGRATION_CHUNK):
         PostgresStore._run_write(conn, LABELS_TABLE, chunk)
+    if db.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (DIMENSIONS_TABLE,)).fetchone():
+        cursor = db.execute(f"SELECT session_id, dimension, value, value_ns "
+                            f"FROM {DIMENSIONS_TABLE} ORDER BY session_id, dimension")
+        while chunk := cursor.fetchmany(MIGRATION_CHUNK):
+            PostgresStore._run_write(conn, DIMENSIONS_TABLE, chunk)
     cursor = db.execute(f"SELECT hour, session_id, model, turns, prompt_tokens, "
                         "completion_tokens, reasoning_tokens, cache_read_tokens, "
                         f"cache_write_tokens, cost_cents FROM {HOURLY_TABLE}")

@@ -60,6 +60,7 @@ from collector.store.base import (
     DAILY_SUMS,
     DAILY_TABLE,
     DEFAULT_RESOLVE_WINDOW_S,
+    DIMENSIONS_TABLE,
     GENERATION_STARTED,
     HELD_COUNT,
     HELD_TABLE,
@@ -69,7 +70,6 @@ from collector.store.base import (
     SEEN_CURRENT_COUNT,
     SEEN_PREVIOUS_COUNT,
     TURNS_TABLE,
-    USAGE_GROUPS,
     CommitResult,
     HeldRow,
     LinkRow,
@@ -86,6 +86,7 @@ from collector.store.base import (
     resolve_cumulative,
     session_params,
     turns_kept_since,
+    usage_group,
 )
 from collector.store.base import schema_problem as _schema_problem
 
@@ -158,6 +159,15 @@ CREATE TABLE IF NOT EXISTS collector_session_labels (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS collector_session_labels_agent ON collector_session_labels (agent);
 CREATE INDEX IF NOT EXISTS collector_session_labels_user ON collector_session_labels (user_name);
+CREATE TABLE IF NOT EXISTS collector_session_dimensions (
+    session_id TEXT NOT NULL,
+    dimension TEXT NOT NULL,
+    value TEXT NOT NULL,
+    value_ns INTEGER NOT NULL,
+    PRIMARY KEY (session_id, dimension)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS collector_session_dimensions_value
+    ON collector_session_dimensions (dimension, value);
 CREATE INDEX IF NOT EXISTS collector_session_labels_host ON collector_session_labels (host);
 CREATE INDEX IF NOT EXISTS collector_usage_hourly_session
     ON collector_usage_hourly (session_id, hour);
@@ -608,11 +618,37 @@ ON CONFLICT (id) DO UPDATE SET {", ".join(update)} WHERE {where}
 UPSERT_LABELS = RowsStatement(LABELS_ROW, _labels_template(rest=False),
                               rest=RowsStatement(LABELS_ROW, _labels_template(rest=True)))
 
+DIMENSIONS_ROW = "session_id, dimension, value, value_ns"
+
+
+def _dimensions_template(*, rest: bool) -> str:
+    """The latest value per (session, dimension). Two steps, as for the labels: a value
+    nearly always arrives unchanged, and then only its end time moves (no index write); the
+    rest sets the values that changed."""
+    if rest:
+        update = ("value = excluded.value, value_ns = excluded.value_ns "
+                  "WHERE excluded.value_ns >= value_ns AND excluded.value != value")
+    else:
+        update = "value_ns = max(value_ns, excluded.value_ns) WHERE excluded.value = value"
+    return f"""
+INSERT INTO {DIMENSIONS_TABLE} (session_id, dimension, value, value_ns)
+{BATCH_WITH}
+SELECT * FROM {BATCH_ROWS}
+WHERE true
+ON CONFLICT (session_id, dimension) DO UPDATE SET {update}
+"""
+
+
+UPSERT_DIMENSIONS = RowsStatement(
+    DIMENSIONS_ROW, _dimensions_template(rest=False),
+    rest=RowsStatement(DIMENSIONS_ROW, _dimensions_template(rest=True)))
+
 # One statement per entry of collector.store.base.BATCH_WRITES, run in that order.
 BATCH_STATEMENTS = {
     "agent_sessions": UPSERT_SESSION,
     "collector_session_marks": UPSERT_MARKS,
     LABELS_TABLE: UPSERT_LABELS,
+    DIMENSIONS_TABLE: UPSERT_DIMENSIONS,
     HOURLY_TABLE: UPSERT_HOURLY,
 }
 
@@ -1172,9 +1208,9 @@ def read_usage(path: Path, *, group: str, lo: str | None = None,
     `group` is "hour", "session", "agent", "user" or "host". Opens its own read-only
     connection; never writes.
     """
-    column = USAGE_GROUPS[group]
+    column, join, params_ = usage_group(group, "?")
     where: list[str] = []
-    params: list[Any] = []
+    params: list[Any] = list(params_)
     if lo is not None:
         where.append("hour >= ?")
         params.append(lo)
@@ -1183,9 +1219,7 @@ def read_usage(path: Path, *, group: str, lo: str | None = None,
         params.append(hi)
     sql = (f"SELECT {column} AS g, model, max(hour), sum(turns), sum(prompt_tokens), "
            "sum(completion_tokens), sum(reasoning_tokens), sum(cache_read_tokens), "
-           f"sum(cache_write_tokens), sum(cost_cents) FROM {HOURLY_TABLE} AS h")
-    if column.startswith("coalesce"):
-        sql += f" LEFT JOIN {LABELS_TABLE} AS l ON l.id = h.session_id"
+           f"sum(cache_write_tokens), sum(cost_cents) FROM {HOURLY_TABLE} AS h" + join)
     if where:
         sql += " WHERE " + " AND ".join(where)
     # The order is the grouping's (free in SQLite) and is promised: a session report folds

@@ -41,7 +41,7 @@ import sqlite3
 import ssl
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -176,12 +176,15 @@ class WebServer:
     def __init__(self, endpoint: Endpoint, source: Path | ConnectOptions,
                  usage: UsageReader, *, security: Security | None = None,
                  now: Callable[[], dt.datetime] | None = None,
-                 connections: Connections | None = None) -> None:
+                 connections: Connections | None = None,
+                 dimensions: Sequence[str] = ()) -> None:
         """`source`: what the view's own connection opens (collector.store.web_source);
         `usage`: the storage Reader the agent, user and host reports go through;
         `security`: its tokens (shared with the receivers, so a reload reaches both), TLS and
-        the Host names it answers without tokens."""
+        the Host names it answers without tokens; `dimensions`: the configured ones
+        ([attribution]), each a who-spends page, a filter and a CSV column."""
         self.endpoint = endpoint
+        self._dimensions = tuple(dimensions)
         self._source = source
         self._usage = usage
         self._security = security or Security()
@@ -216,6 +219,7 @@ class WebServer:
         r.add_get("/api/filters", self._filters)
         r.add_get("/api/filters/search", self._search)
         r.add_get("/api/who/{kind}", self._who)
+        r.add_get("/api/dimensions", self._dimensions_list)
         r.add_get("/api/events", self._events)
         r.add_static("/static/", STATIC_DIR, append_version=False)
         try:
@@ -394,7 +398,8 @@ class WebServer:
 
     def _query(self, request: web.Request, *, paged: bool = True) -> queries.SessionQuery:
         with _bad_query():
-            return queries.SessionQuery.parse(request.query, paged=paged)
+            return queries.SessionQuery.parse(request.query, paged=paged,
+                                              dimensions=self._dimensions)
 
     async def _sessions(self, request: web.Request) -> web.StreamResponse:
         data = await self._read(queries.sessions_page, self._query(request))
@@ -416,14 +421,20 @@ class WebServer:
             return web.json_response({"error": "no such session"}, status=404)
         return web.json_response(data, headers=JSON_HEADERS)
 
+    async def _dimensions_list(self, request: web.Request) -> web.StreamResponse:
+        """The configured dimensions, in order: the page's extra who-spends pages and filters."""
+        return web.json_response({"dimensions": list(self._dimensions)}, headers=JSON_HEADERS)
+
     async def _filters(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response(await self._read(queries.filter_values), headers=JSON_HEADERS)
+        return web.json_response(await self._read(queries.filter_values, self._dimensions),
+                                 headers=JSON_HEADERS)
 
     async def _search(self, request: web.Request) -> web.StreamResponse:
         """`?field=model|agent|user|host&q=TEXT&limit=N`: the values a filter can take that
         match TEXT (queries.search_values), for values beyond /api/filters' top ones."""
         with _bad_query():
-            field = params.choice(request.query, "field", queries.SEARCH_FIELDS, "")
+            field = params.choice(request.query, "field",
+                                  (*queries.SEARCH_FIELDS, *self._dimensions), "")
             needle = params.text(request.query, "q")
             if needle is None:
                 raise params.BadQuery("q: the text to search for is required")
@@ -433,12 +444,13 @@ class WebServer:
         return web.json_response(data, headers=JSON_HEADERS)
 
     async def _who(self, request: web.Request) -> web.StreamResponse:
-        """The agent, user, host or credential report, as `collector report KIND --json` gives it
-        (`since`, `until`: local dates in `tz`, UTC by default)."""
+        """The agent, user, host, credential or a dimension's report, as `collector report KIND
+        --json` gives it (`since`, `until`: local dates in `tz`, UTC by default)."""
         kind = request.match_info["kind"]
-        if kind not in report.LABEL_REPORTS:
-            return web.json_response(
-                {"error": f"kind must be one of {', '.join(report.LABEL_REPORTS)}"}, status=400)
+        kinds = (*report.LABEL_REPORTS, *self._dimensions)
+        if kind not in kinds:
+            return web.json_response({"error": f"kind must be one of {', '.join(kinds)}"},
+                                     status=400)
         with _bad_query():
             since = params.date(request.query, "since")
             until = params.date(request.query, "until")
@@ -452,7 +464,7 @@ class WebServer:
             return web.json_response({"error": f"cannot read the database: {exc}"}, status=503)
         result = report.build_report(kind, (report.RollupRow(*r) for r in rows),
                                      tz=tz, timezone=zone_name, since=since,
-                                     until=until)
+                                     until=until, dimensions=self._dimensions)
         data = report.to_json(result, tz)
         for line, item in zip(result.lines, data["lines"], strict=True):
             item["cost_text"] = report.format_usd(line.usage.cost_cents)
@@ -470,10 +482,10 @@ class WebServer:
             "Content-Disposition": 'attachment; filename="sessions.csv"', **JSON_HEADERS})
         response.headers.update(SECURITY_HEADERS)
         await response.prepare(request)
-        await response.write(export.header().encode())
+        await response.write(export.header(self._dimensions).encode())
         assert self._reader is not None
         while True:
-            await response.write(export.rows(chunk.sessions).encode())
+            await response.write(export.rows(chunk.sessions, self._dimensions).encode())
             if chunk.next is None:
                 break
             try:

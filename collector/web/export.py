@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from collector.web.queries import CSV_COLUMNS
@@ -31,13 +31,15 @@ def cell(value: Any) -> str | int | float:
     return str(value)
 
 
-def header() -> str:
-    return _lines([CSV_COLUMNS])
+def header(dimensions: Sequence[str] = ()) -> str:
+    """CSV_COLUMNS, then a column per configured dimension (named as the dimension)."""
+    return _lines([(*CSV_COLUMNS, *dimensions)])
 
 
-def rows(sessions: Iterable[Mapping[str, Any]]) -> str:
-    """The CSV lines of these sessions (as queries' session dicts), in CSV_COLUMNS order."""
-    return _lines([cell(s[c]) for c in CSV_COLUMNS] for s in sessions)
+def rows(sessions: Iterable[Mapping[str, Any]], dimensions: Sequence[str] = ()) -> str:
+    """The CSV lines of these sessions (as queries' session dicts), in header()'s order."""
+    return _lines([*(cell(s[c]) for c in CSV_COLUMNS),
+                   *(cell(s["dimensions"].get(d)) for d in dimensions)] for s in sessions)
 
 
 def _lines(table: Iterable[Iterable[Any]]) -> str:

@@ -23,12 +23,12 @@ import base64
 import datetime as dt
 import json
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from collector.report import NO_MODEL_LABEL, format_usd
-from collector.store.base import DAILY_TABLE, HOURLY_TABLE, LABELS_TABLE
+from collector.store.base import DAILY_TABLE, DIMENSIONS_TABLE, HOURLY_TABLE, LABELS_TABLE
 from collector.web.params import BadQuery as BadQuery  # raised by parse(), answered 400
 from collector.web.params import choice, cursor_value, integer, storable, text
 
@@ -222,10 +222,15 @@ class SessionQuery:
     descending: bool = True
     cursor: tuple[Any, str] | None = None  # (sort value, id) of the last row shown
     limit: int = DEFAULT_PAGE
+    # ([attribution] dimension, value) filters, in the configured order.
+    dimensions: tuple[tuple[str, str], ...] = ()
 
     @classmethod
-    def parse(cls, params: Mapping[str, str], *, paged: bool = True) -> SessionQuery:
-        """The query from request parameters; BadQuery (a 400) for any value out of range."""
+    def parse(cls, params: Mapping[str, str], *, paged: bool = True,
+              dimensions: Sequence[str] = ()) -> SessionQuery:
+        """The query from request parameters; BadQuery (a 400) for any value out of range.
+        Each configured dimension is a parameter of its own name (collector.config.attribution
+        keeps those names clear of the others)."""
         status = text(params, "status")
         if status is not None and status not in STATUSES:
             raise BadQuery(f"status must be one of {', '.join(STATUSES)}")
@@ -241,7 +246,9 @@ class SessionQuery:
         return cls(status=status, agent=text(params, "agent"), user=text(params, "user"),
                    host=text(params, "host"), model=text(params, "model"),
                    search=text(params, "q"), sort=sort, descending=order == "desc",
-                   cursor=cursor, limit=limit)
+                   cursor=cursor, limit=limit,
+                   dimensions=tuple((d, v) for d in dimensions
+                                    if (v := text(params, d)) is not None))
 
     def conditions(self) -> list[tuple[str, list[Any]]]:
         """Each filter as (SQL condition, its parameters); each has an index to lead with."""
@@ -254,6 +261,11 @@ class SessionQuery:
                 out.append((f"{column} = ?", [value]))
         if self.model is not None:
             out.append(("s.model = ?", ["" if self.model == NO_MODEL_LABEL else self.model]))
+        for name, value in self.dimensions:
+            # One range of the dimension's (dimension, value) index; a row value, so that
+            # _no_index leaves the subquery whole.
+            out.append((f"s.id IN (SELECT d.session_id FROM {DIMENSIONS_TABLE} AS d "
+                        "WHERE (d.dimension, d.value) = (?, ?))", [name, value]))
         if self.search is not None:
             # A prefix of the id, as an index range (UTF-8 sorts as code points).
             last = ord(self.search[-1])
@@ -380,7 +392,25 @@ def _page(conn: Connection, query: SessionQuery,
     more = len(rows) > query.limit
     rows = rows[:query.limit]
     next_cursor = (rows[-1][-1], rows[-1][0]) if more and rows else None
-    return [_session(r[:-1]) for r in rows], next_cursor
+    sessions = [_session(r[:-1]) for r in rows]
+    attach_dimensions(conn, sessions)
+    return sessions, next_cursor
+
+
+def attach_dimensions(conn: Connection, sessions: list[dict[str, Any]]) -> None:
+    """Give each session dict its `dimensions` ({name: latest value}): one read of the
+    dimensions' primary key for the page (a page is at most MAX_PAGE or EXPORT_CHUNK ids)."""
+    by_id: dict[str, dict[str, str]] = {}
+    for session in sessions:
+        session["dimensions"] = by_id[session["id"]] = {}
+    if not by_id:
+        return
+    ids = list(by_id)
+    marks = ",".join("?" * len(ids))
+    for sid, name, value in conn.execute(
+            f"SELECT session_id, dimension, value FROM {DIMENSIONS_TABLE} "
+            f"WHERE session_id IN ({marks})", ids).fetchall():
+        by_id[sid][name] = value
 
 
 @dataclass(frozen=True, slots=True)
@@ -422,6 +452,8 @@ def session_detail(conn: Connection, session_id: str) -> dict[str, Any] | None:
                        (session_id,)).fetchone()
     if row is None:
         return None
+    session = _session(row)
+    attach_dimensions(conn, [session])
     hours = [{
         "hour": hour, "model": model or NO_MODEL_LABEL, "turns": turns,
         "input_tokens": prompt - c_read - c_write, "cache_read_tokens": c_read,
@@ -432,14 +464,21 @@ def session_detail(conn: Connection, session_id: str) -> dict[str, Any] | None:
             f"SELECT hour, model, turns, prompt_tokens, completion_tokens, reasoning_tokens, "
             f"cache_read_tokens, cache_write_tokens, cost_cents FROM {HOURLY_TABLE} "
             "WHERE session_id = ? ORDER BY hour, model", (session_id,))]
-    return {"session": _session(row), "hours": hours}
+    return {"session": session, "hours": hours}
 
 
-def filter_values(conn: Connection) -> dict[str, Any]:
+def _ranked(spend: Mapping[str, list[float]]) -> list[str]:
+    """Values by spend, then sessions, then value (the filters' order)."""
+    ranked = sorted(spend.items(), key=lambda kv: (-kv[1][0], -kv[1][1], kv[0]))
+    return [value for value, _ in ranked]
+
+
+def filter_values(conn: Connection, dimensions: Sequence[str] = ()) -> dict[str, Any]:
     """The values the table's filters offer: per field, the FILTER_TOP that spent most (then
     were used most) among the FILTER_RECENT sessions active last. One bounded read (the
     last_active_at index), whatever the fleet's size or how many distinct values agents sent;
-    any other value is found by search_values. `complete[field]`: the list is every value."""
+    any other value is found by search_values. `complete[field]`: the list is every value.
+    Each configured dimension in `dimensions` is a field too (`dimensions` lists them)."""
     rows = conn.execute(
         f"SELECT s.model, l.agent, l.user_name, l.host, s.cost_cents FROM {SESSION_FROM} "
         "ORDER BY s.last_active_at DESC LIMIT ?", (FILTER_RECENT + 1,)).fetchall()
@@ -458,10 +497,27 @@ def filter_values(conn: Connection) -> dict[str, Any]:
             totals = spend.setdefault(value, [0.0, 0])
             totals[0] += row[4]
             totals[1] += 1
-        ranked = sorted(spend.items(), key=lambda kv: (-kv[1][0], -kv[1][1], kv[0]))
-        out[field] = [value for value, _ in ranked[:FILTER_TOP]]
+        ranked = _ranked(spend)
+        out[field] = ranked[:FILTER_TOP]
         complete[field] = every_session and len(ranked) <= FILTER_TOP
+    if dimensions:
+        by_dimension: dict[str, dict[str, list[float]]] = {d: {} for d in dimensions}
+        for name, value, cents in conn.execute(
+                f"SELECT d.dimension, d.value, r.cost_cents FROM (SELECT id, cost_cents "
+                "FROM agent_sessions ORDER BY last_active_at DESC LIMIT ?) AS r "
+                f"JOIN {DIMENSIONS_TABLE} AS d ON d.session_id = r.id",
+                (FILTER_RECENT,)).fetchall():
+            values = by_dimension.get(name)
+            if values is not None:
+                totals = values.setdefault(value, [0.0, 0])
+                totals[0] += cents
+                totals[1] += 1
+        for name, spend in by_dimension.items():
+            ranked = _ranked(spend)
+            out[name] = ranked[:FILTER_TOP]
+            complete[name] = every_session and len(ranked) <= FILTER_TOP
     out["complete"] = complete
+    out["dimensions"] = list(dimensions)
     return out
 
 
@@ -469,38 +525,50 @@ def search_values(conn: Connection, field: str, needle: str, limit: int) -> dict
     """Up to `limit` values of a filter field matching `needle`: those starting with it
     (exact case, in order; on SQLite a walk of the field's index, one seek per value), then
     those containing it in any case, among the first SEARCH_SCAN rows of its table (a bounded
-    read). `more`: there are other matches beyond these."""
-    table, column = SEARCH_FIELDS[field]
-    found = _prefixed(conn, table, column, needle, limit + 1)
+    read). `more`: there are other matches beyond these. A `field` outside SEARCH_FIELDS is
+    a configured dimension (the caller checked it)."""
+    scoped: tuple[Any, ...] = ()
+    if field in SEARCH_FIELDS:
+        table, column = SEARCH_FIELDS[field]
+        scope = ""
+    else:
+        table, column = DIMENSIONS_TABLE, "value"
+        scope, scoped = "dimension = ? AND ", (field,)
+    found = _prefixed(conn, table, column, needle, limit + 1, scope, scoped)
     if len(found) <= limit:
         seen = set(found)
         rows = conn.execute(
-            f"SELECT DISTINCT x FROM (SELECT {column} AS x FROM {table} LIMIT ?) AS r "
+            f"SELECT DISTINCT x FROM (SELECT {column} AS x FROM {table} "
+            f"{'WHERE ' + scope[:-5] if scope else ''} LIMIT ?) AS r "
             "WHERE x IS NOT NULL AND instr(lower(x), ?) > 0 ORDER BY x LIMIT ?",
-            (SEARCH_SCAN, needle.lower(), limit + 1 + len(found))).fetchall()
+            (*scoped, SEARCH_SCAN, needle.lower(), limit + 1 + len(found))).fetchall()
         found += [str(r[0]) for r in rows if r[0] not in seen]
     values = [v or NO_MODEL_LABEL for v in found[:limit]]
     return {"field": field, "q": needle, "values": values, "more": len(found) > limit}
 
 
-def _prefixed(conn: Connection, table: str, column: str, prefix: str, limit: int) -> list[str]:
-    """Distinct values of `column` starting with `prefix`, in order, at most `limit`."""
+def _prefixed(conn: Connection, table: str, column: str, prefix: str, limit: int,
+              scope: str = "", scoped: tuple[Any, ...] = ()) -> list[str]:
+    """Distinct values of `column` starting with `prefix`, in order, at most `limit`.
+    `scope`: a condition ending in "AND " that leads the index (a dimension's name), with its
+    parameters `scoped`."""
     n = len(prefix)
     if isinstance(conn, sqlite3.Connection):
         # SQLite compares text as bytes, so the values with a prefix are one range of the
         # index: walk it a distinct value at a time (a loose index scan), `limit` seeks.
         sql = (f"WITH RECURSIVE v(x, k) AS (SELECT (SELECT min({column}) FROM {table} "
-               f"WHERE {column} >= ?), 1 UNION ALL SELECT (SELECT min({column}) FROM {table} "
-               f"WHERE {column} > v.x), k + 1 FROM v WHERE v.x IS NOT NULL AND "
-               "substr(v.x, 1, ?) = ? AND k < ?) "
+               f"WHERE {scope}{column} >= ?), 1 UNION ALL SELECT (SELECT min({column}) "
+               f"FROM {table} WHERE {scope}{column} > v.x), k + 1 FROM v WHERE v.x IS NOT NULL "
+               "AND substr(v.x, 1, ?) = ? AND k < ?) "
                "SELECT x FROM v WHERE x IS NOT NULL AND substr(x, 1, ?) = ?")
-        rows = conn.execute(sql, (prefix, n, prefix, limit, n, prefix)).fetchall()
+        rows = conn.execute(sql, (*scoped, prefix, *scoped, n, prefix, limit, n,
+                                  prefix)).fetchall()
     else:
         # PostgreSQL's label columns sort in the database's collation, where the values
         # sharing a prefix need not be one range: the prefix is compared as text instead.
-        sql = (f"SELECT {column} FROM {table} WHERE substr({column}, 1, ?) = ? "
+        sql = (f"SELECT {column} FROM {table} WHERE {scope}substr({column}, 1, ?) = ? "
                f"GROUP BY {column} ORDER BY {column} LIMIT ?")
-        rows = conn.execute(sql, (n, prefix, limit)).fetchall()
+        rows = conn.execute(sql, (*scoped, n, prefix, limit)).fetchall()
     return [str(r[0]) for r in rows][:limit]
 
 

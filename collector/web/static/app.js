@@ -9,6 +9,8 @@ const charts = [];
 let redraw = null; // the current view's refresh, called again on every database change
 let refreshing = false;
 let pending = false;
+// The dimensions the collector keeps ([attribution]): each a who-spends page and a filter.
+let dimensions = [];
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -251,7 +253,8 @@ async function sessions() {
   exportParams.delete("cursor"); exportParams.delete("back");
   view.replaceChildren(
     el("div", { class: "filters" }, status,
-      VALUE_FILTERS.flatMap((name) => valueFilter(name, params, options[name])), search,
+      [...VALUE_FILTERS, ...dimensions].flatMap((name) => valueFilter(name, params, options[name] || [])),
+      search,
       el("a", { href: "/api/sessions.csv?" + exportParams, "data-testid": "csv" }, "CSV")),
     body);
   view.dataset.hash = location.hash;
@@ -266,6 +269,7 @@ async function session(id) {
   const facts = [["status", s.status], ["kind", s.kind], ["channel", s.channel],
     ["model", s.model || "–"], ["agent", (s.agent || "–") + (s.agent_version ? " " + s.agent_version : "")],
     ["user", s.user || "–"], ["host", s.host || "–"], ["credential", s.credential || "–"],
+    ...dimensions.map((d) => [d, (s.dimensions || {})[d] || "–"]),
     ["created", shortTime(s.created_at)],
     ["last active", shortTime(s.last_active_at)], ["turns", int(s.turns)],
     ["tokens", int(s.total_tokens)], ["cost (USD)", s.cost_text]];
@@ -345,7 +349,7 @@ function route() {
     current = "sessions";
     const id = sessionId(parts);
     redraw = () => session(id);
-  } else if (parts[0] === "who" && ["agent", "user", "host", "credential"].includes(parts[1])) {
+  } else if (parts[0] === "who" && ["agent", "user", "host", "credential", ...dimensions].includes(parts[1])) {
     current = parts[1]; redraw = () => who(parts[1]);
   } else { redraw = overview; }
   for (const a of document.querySelectorAll("header nav a")) {
@@ -385,7 +389,19 @@ async function signedIn() {
   document.getElementById("signout").hidden = false;
 }
 
+// A nav link per dimension, after the built-in ones; its text is the name, as textContent.
+async function loadDimensions() {
+  try {
+    dimensions = (await api("/api/dimensions")).dimensions;
+  } catch (error) {
+    dimensions = []; // the built-in pages still work
+  }
+  const nav = document.querySelector("header nav");
+  for (const name of dimensions) {
+    nav.append(el("a", { href: "#/who/" + encodeURIComponent(name), "data-nav": name }, name.replace(/_/g, " ")));
+  }
+}
+
 window.addEventListener("hashchange", route);
-route();
-listen();
+loadDimensions().then(() => { route(); listen(); });
 signedIn();

@@ -329,13 +329,15 @@ def test_a_sqlite_database_moves_into_postgres_once_and_merges_with_what_is_ther
         assert post(old, body)[0] == 200
     assert post(old, request_bytes(make_span(trace_id=77, span_id=1, end=T0 + 99 * SECOND,
                                              attrs={"session.id": "move-1",
-                                                    "agent.session.status": "completed"})))[0] \
+                                                    "agent.session.status": "completed"},
+                                             resource={"team.id": "platform"})))[0] \
         == 200
     # A model call naming no session, held in SQLite until its trace names one.
     assert post(old, request_bytes(make_span(
         trace_id=88, span_id=3, parent_id=1, attrs={
             "gen_ai.operation.name": "chat", "gen_ai.request.model": "test-model",
-            "gen_ai.usage.input_tokens": 500, "gen_ai.usage.output_tokens": 50})))[0] == 200
+            "gen_ai.usage.input_tokens": 500, "gen_ai.usage.output_tokens": 50},
+        resource={"project": "held-project"})))[0] == 200
     assert old.stop() == 0
     new = start_daemon(FAST_FLUSH, postgres_url=pg_url)
     new_bodies, more_tokens, more_turns = workload("move", 2, 10)
@@ -356,6 +358,9 @@ def test_a_sqlite_database_moves_into_postgres_once_and_merges_with_what_is_ther
     # The latest status set in SQLite (by span time) survived the merge.
     assert pg_server.query(pg_url, "SELECT status FROM agent_sessions WHERE id = 'move-1'") == [
         ("completed",)]
+    # Its dimensions moved with it.
+    assert pg_server.query(pg_url, "SELECT dimension, value FROM collector_session_dimensions "
+                                   "WHERE session_id = 'move-1'") == [("team", "platform")]
     # A span the SQLite collector accounted, retried into PostgreSQL, counts nothing.
     assert post(new, old_bodies[0])[0] == 200
     assert_exact(pg_server, pg_url, tokens, turns, updates=2)
@@ -368,6 +373,10 @@ def test_a_sqlite_database_moves_into_postgres_once_and_merges_with_what_is_ther
             "gen_ai.conversation.id": "move-held"})))[0] == 200
     assert pg_server.query(pg_url, "SELECT prompt_tokens, completion_tokens FROM "
                                    "agent_sessions WHERE id = 'move-held'") == [(500, 50)]
+    # The held call kept its resource's tags through the move and its wait.
+    assert pg_server.query(pg_url, "SELECT dimension, value FROM collector_session_dimensions "
+                                   "WHERE session_id = 'move-held'") == [
+        ("project", "held-project")]
     assert pg_server.query(pg_url, "SELECT count(*) FROM collector_held_usage") == [(0,)]
     wrong = run_cli(old.config_path, "migrate-sqlite")
     assert wrong.returncode == 2 and 'storage.backend must be "postgres"' in wrong.stderr

@@ -18,6 +18,7 @@ from bench.baseline import Counter
 from bench.payload import SPANS_PER_REQUEST, RequestFactory
 from collector.accounting.aggregate import Batch
 from collector.accounting.pricing import Pricer
+from collector.config.attribution import DEFAULT_DIMENSIONS
 from collector.receivers.otlp import decode_protobuf
 from collector.signals import Signal
 from collector.signals.scan import COMPILED_AVAILABLE, Scanner
@@ -47,10 +48,15 @@ def main() -> int:
     bodies = [factory.request(i) for i in range(args.requests)]
     pricer = Pricer({})
     pricer.preload()
+    # The daemon's default [attribution] dimensions (their attributes are absent from these
+    # spans, as from most agents'): what the extra slots cost an untagged span.
+    dimensions = tuple((d.name, d.attributes) for d in DEFAULT_DIMENSIONS)
     readers = {"compiled": MappingOptions(pricer=pricer),
+               "compiled, default dimensions": MappingOptions(pricer=pricer,
+                                                              dimensions=dimensions),
                "python": MappingOptions(pricer=pricer, compiled_scanner=False)}
     if not COMPILED_AVAILABLE:
-        del readers["compiled"]
+        del readers["compiled"], readers["compiled, default dimensions"]
 
     rows: list[tuple[str, float]] = [
         ("baseline: decode + Python attribute loop + dict sum",

@@ -23,6 +23,13 @@ from collector.config.auth import (
     parse_web_access,
     read_token_file,
 )
+from collector.config.budgets import (
+    BUILTIN_DIMENSIONS,
+    AlertSink,
+    Budget,
+    parse_budgets,
+    parse_sinks,
+)
 from collector.config.connections import SCHEMA as CONNECTIONS_SCHEMA
 from collector.config.connections import ConnectionLimits, parse_connections
 from collector.dialects import effective_dialects
@@ -163,6 +170,8 @@ class Config:
     # The agents' dialects in effect: the built-ins with the file's [dialects.NAME] over them.
     dialects: tuple[Dialect, ...] = field(default_factory=effective_dialects)
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
+    budgets: tuple[Budget, ...] = ()
+    alert_sinks: tuple[AlertSink, ...] = ()
 
 
 # The schema of the file: section -> key -> expected kind. Tables of arbitrary names (pricing)
@@ -219,6 +228,15 @@ def default_config(cwd: Path | None = None) -> Config:
 def parse_config(doc: Mapping[str, Any], *, source: str, base_dir: Path) -> Config:
     """Validate a parsed document. Relative paths are resolved against `base_dir`."""
     values = _flatten(doc, source)
+    budgets = parse_budgets(doc.get("budgets", []), source=source,
+                            dimensions=BUILTIN_DIMENSIONS)
+    alerts = doc.get("alerts", {})
+    if not isinstance(alerts, dict):
+        raise ConfigError(source, "alerts", "must be a table")
+    for key in alerts:
+        if key != "sinks":
+            raise ConfigError(source, f"alerts.{key}", "unknown key")
+    sinks = parse_sinks(alerts.get("sinks", []), source=source, base_dir=base_dir)
     pricing = _parse_pricing(doc.get("pricing", {}), source)
     try:
         dialects = effective_dialects(doc.get("dialects", {}))
@@ -332,6 +350,8 @@ def parse_config(doc: Mapping[str, Any], *, source: str, base_dir: Path) -> Conf
         web_endpoint=web,
         dialects=dialects,
         connections=parse_connections(values, source),
+        budgets=budgets,
+        alert_sinks=sinks,
     )
 
 
@@ -459,7 +479,7 @@ def _flatten(doc: Mapping[str, Any], source: str) -> dict[str, Any]:
     """Check every key against the schema and return dotted key -> value."""
     out: dict[str, Any] = {}
     for top, value in doc.items():
-        if top in ("pricing", "dialects"):
+        if top in ("pricing", "dialects", "budgets", "alerts"):
             continue
         if top == "receivers":
             if not isinstance(value, dict):

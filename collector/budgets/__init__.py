@@ -9,13 +9,15 @@ well-defined commit.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from fnmatch import fnmatchcase
 from zoneinfo import ZoneInfo
 
-from collector.config.budgets import Budget
+from collector.accounting.aggregate import HOUR_NS, HourDelta, HourKey
+from collector.config.budgets import AlertSink, Budget
 
 NS_PER_S = 1_000_000_000
 
@@ -161,3 +163,43 @@ def slack_body(alert: Alert) -> dict[str, object]:
 def top_n(rows: Iterable[tuple[str, int]], n: int = 5) -> list[tuple[str, int]]:
     """The largest n by spend, ties by name so every collector builds the same alert."""
     return sorted(rows, key=lambda r: (-r[1], r[0]))[:n]
+
+
+# (budget name, scope value, period start ns): one budget instance's period.
+SpendKey = tuple[str, str, int]
+
+
+def spend_deltas(budgets: Iterable[Budget], hours: Mapping[HourKey, HourDelta],
+                 values: Mapping[tuple[str, str], str | None]) -> dict[SpendKey, float]:
+    """What an applied batch adds to each budget instance's period, in cents. `values`:
+    (dimension, session id) -> the session's value as committed (the latest wins, as for the
+    model), for every dimension a budget names. Costs only the batch's hours, never a scan."""
+    out: dict[SpendKey, float] = {}
+    for budget in budgets:
+        for (session_id, _, hour), delta in hours.items():
+            if not delta.cost_cents:
+                continue
+            value = None if budget.dimension is None else values.get(
+                (budget.dimension, session_id))
+            if not scope_matches(budget, value):
+                continue
+            key = (budget.name, scope_value(budget, value),
+                   period_of(budget, hour * HOUR_NS).start_ns)
+            out[key] = out.get(key, 0.0) + delta.cost_cents
+    return out
+
+
+def outbox_rows(budget: Budget, value: str, period_start_ns: int, threshold: float,
+                spend_cents: float, sinks: Iterable[AlertSink]) -> list[tuple[str, str, str]]:
+    """(id, sink name, JSON body) per sink for one newly recorded crossing. The body is fixed
+    here, inside the crossing's transaction, so every redelivery sends the same bytes."""
+    period = period_of(budget, period_start_ns)
+    rows = []
+    for sink in sinks:
+        alert = Alert(id=alert_id(budget.name, value, period_start_ns, threshold, sink.name),
+                      budget=budget.name, dimension=budget.dimension, value=value,
+                      period=period, threshold=threshold, spend_cents=round(spend_cents),
+                      limit_usd=budget.amount_usd, top={})
+        body = webhook_body(alert) if sink.kind == "webhook" else slack_body(alert)
+        rows.append((alert.id, sink.name, json.dumps(body, sort_keys=True)))
+    return rows

@@ -29,7 +29,8 @@ def open_store(config: Config) -> Store:
     from collector.store.sqlite import SQLiteStore
 
     return SQLiteStore(config.sqlite_path, retention_s=config.dedupe_retention_s,
-                       resolve_window_s=config.resolve_window_s)
+                       resolve_window_s=config.resolve_window_s,
+                       budgets=config.budgets, sinks=config.alert_sinks)
 
 
 def open_reader(config: Config) -> Reader:

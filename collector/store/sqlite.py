@@ -51,6 +51,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from collector.accounting.aggregate import Batch, HourDelta, SessionDelta
+from collector.budgets import outbox_rows, reached, spend_deltas
+from collector.config.budgets import AlertSink, Budget
 from collector.signals.metrics import CumulativePoint
 from collector.signals.traces import KEY_BYTES, TRACE_ID_BYTES
 from collector.store.base import (
@@ -796,8 +798,12 @@ class SQLiteStore:
     """
 
     def __init__(self, path: Path, *, retention_s: int,
-                 resolve_window_s: int = DEFAULT_RESOLVE_WINDOW_S) -> None:
+                 resolve_window_s: int = DEFAULT_RESOLVE_WINDOW_S,
+                 budgets: tuple[Budget, ...] = (),
+                 sinks: tuple[AlertSink, ...] = ()) -> None:
         self.path = path
+        self._budgets = budgets
+        self._sinks = sinks
         self._retention_ns = retention_s * 1_000_000_000
         self._resolve_window_ns = resolve_window_s * 1_000_000_000
         # Usage held in the database (by any collector on it), as of this daemon's last commit.
@@ -857,6 +863,10 @@ class SQLiteStore:
                     if statement.strip():
                         db.execute(statement)
                 add_label_columns(db)
+                if self._budgets:  # no budget tables in a database that never had budgets
+                    for statement in BUDGET_SCHEMA.split(";"):
+                        if statement.strip():
+                            db.execute(statement)
                 if not had_rollup:
                     backfilled = db.execute(BACKFILL_HOURLY).rowcount
                     if backfilled > 0:
@@ -921,6 +931,8 @@ class SQLiteStore:
                 applied, traced = _with_traces(db, applied, now_ns, self._resolve_window_ns,
                                                self._retention_ns)
             write_sessions(db, applied)
+            if self._budgets:
+                record_budgets(db, applied, self._budgets, self._sinks, now_ns)
             swept = 0
             if sweep_before_ns is not None:
                 swept = max(db.execute(SWEEP_STALE, (iso_utc(sweep_before_ns),)).rowcount, 0)
@@ -1134,6 +1146,77 @@ def _with_traces(db: sqlite3.Connection, applied: Batch, now_ns: int,
     row = db.execute(ADD_HELD_COUNT, (HELD_COUNT, traced.held_delta)).fetchone()
     traced.held_now = int(row[0])
     return combined, traced
+
+
+BUDGET_SCHEMA = """
+CREATE TABLE IF NOT EXISTS collector_budget_spend (
+    budget TEXT NOT NULL,
+    scope_value TEXT NOT NULL,
+    period_start_ns INTEGER NOT NULL,
+    spend_cents REAL NOT NULL DEFAULT 0.0,
+    PRIMARY KEY (budget, scope_value, period_start_ns)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS collector_budget_alerts (
+    budget TEXT NOT NULL,
+    scope_value TEXT NOT NULL,
+    period_start_ns INTEGER NOT NULL,
+    threshold REAL NOT NULL,
+    PRIMARY KEY (budget, scope_value, period_start_ns, threshold)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS collector_alert_outbox (
+    id TEXT PRIMARY KEY,
+    sink TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    created_ns INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_ns INTEGER NOT NULL DEFAULT 0,
+    claimed_until_ns INTEGER NOT NULL DEFAULT 0,
+    delivered_ns INTEGER
+) WITHOUT ROWID
+"""
+# The built-in dimensions' columns in collector_session_labels.
+_LABEL_COLUMNS = {"agent": "agent", "user": "user_name", "host": "host",
+                  "credential": "credential"}
+
+
+def record_budgets(db: sqlite3.Connection, applied: Batch, budgets: tuple[Budget, ...],
+                   sinks: tuple[AlertSink, ...], now_ns: int = 0) -> int:
+    """Inside the usage's transaction: add the applied batch's cost to each budget period it
+    touches and record every threshold newly reached, with one outbox row per sink. The
+    crossing's primary key makes it exactly once whoever commits; returns crossings added."""
+    sessions = sorted({s for s, _, _ in applied.hours})
+    values: dict[tuple[str, str], str | None] = {}
+    for dimension in {b.dimension for b in budgets if b.dimension is not None}:
+        column = _LABEL_COLUMNS[dimension]
+        for start in range(0, len(sessions), 500):
+            chunk = sessions[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            for sid, value in db.execute(
+                    f"SELECT id, {column} FROM collector_session_labels "
+                    f"WHERE id IN ({marks})", chunk):
+                values[(dimension, sid)] = value
+    by_name = {b.name: b for b in budgets}
+    added = 0
+    for (name, value, start_ns), cents in sorted(
+            spend_deltas(budgets, applied.hours, values).items()):
+        row = db.execute(
+            "INSERT INTO collector_budget_spend (budget, scope_value, period_start_ns, "
+            "spend_cents) VALUES (?, ?, ?, ?) ON CONFLICT DO UPDATE SET "
+            "spend_cents = spend_cents + excluded.spend_cents RETURNING spend_cents",
+            (name, value, start_ns, cents)).fetchone()
+        budget = by_name[name]
+        for threshold in reached(budget, row[0]):
+            if db.execute("INSERT INTO collector_budget_alerts VALUES (?, ?, ?, ?) "
+                          "ON CONFLICT DO NOTHING",
+                          (name, value, start_ns, threshold)).rowcount != 1:
+                continue
+            added += 1
+            db.executemany(
+                "INSERT INTO collector_alert_outbox (id, sink, payload, created_ns) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                [(*r, now_ns) for r in outbox_rows(budget, value, start_ns, threshold,
+                                                   row[0], sinks)])
+    return added
 
 
 def _read_seen_counts(db: sqlite3.Connection) -> tuple[int, int]:

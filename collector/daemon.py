@@ -26,6 +26,7 @@ from typing import Protocol
 
 from collector.accounting.pricing import Pricer
 from collector.auth_reload import TokenReloader, stop_task
+from collector.budgets.delivery import OutboxDelivery
 from collector.config import Config
 from collector.dialects import DialectSet
 from collector.listeners import check_listeners
@@ -146,6 +147,10 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
             stack.callback(loop.remove_signal_handler, signal.SIGHUP)
             await pipeline.start(on_fatal=stop.set)
             stack.push_async_callback(pipeline.shutdown)
+            if config.budgets and config.alert_sinks:
+                delivery = OutboxDelivery(config.sqlite_path, config.alert_sinks)
+                await delivery.start()
+                stack.push_async_callback(delivery.stop)
 
             receivers: list[Receiver] = []
             stack.push_async_callback(_stop_receivers, pipeline, receivers)

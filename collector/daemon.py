@@ -37,7 +37,7 @@ from collector.receivers.grpc import GrpcReceiver
 from collector.receivers.http import HttpReceiver
 from collector.security import Credentials, Security, host_check
 from collector.signals.traces import MappingOptions
-from collector.store import open_reader, open_store, web_source
+from collector.store import open_outbox, open_reader, open_store, web_source
 from collector.store.base import Store
 from collector.web.app import WebServer
 from collector.web.ops import Metrics, OpsServer, readiness_problem
@@ -148,7 +148,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
             await pipeline.start(on_fatal=stop.set)
             stack.push_async_callback(pipeline.shutdown)
             if config.budgets and config.alert_sinks:
-                delivery = OutboxDelivery(config.sqlite_path, config.alert_sinks)
+                delivery = OutboxDelivery(open_outbox(config), config.alert_sinks)
                 await delivery.start()
                 stack.push_async_callback(delivery.stop)
 

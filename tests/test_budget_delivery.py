@@ -12,7 +12,7 @@ from aiohttp import web
 
 from collector.budgets.delivery import OutboxDelivery
 from collector.config.budgets import AlertSink
-from collector.store.sqlite import SQLiteStore
+from collector.store.sqlite import SQLiteStore, open_outbox
 from tests.conftest import T0, free_port
 from tests.test_budget_store import FLEET, batch, rec
 
@@ -68,7 +68,7 @@ async def test_a_failing_sink_gets_each_alert_once_it_recovers(tmp_path: Path) -
     async with Sink() as sink:
         sink.status = 500
         sinks = await _crossed(path, sink)
-        delivery = OutboxDelivery(path, sinks, poll_s=0.05, backoff_base_s=0.05,
+        delivery = OutboxDelivery(open_outbox(path), sinks, poll_s=0.05, backoff_base_s=0.05,
                                   backoff_cap_s=0.1)
         await delivery.start()
         try:
@@ -90,7 +90,7 @@ async def test_a_lapsed_lease_resends_the_same_id(tmp_path: Path) -> None:
         with sqlite3.connect(path) as db:  # a claimant that died mid-POST: lease lapsed
             ids = {r[0] for r in db.execute("SELECT id FROM collector_alert_outbox")}
             db.execute("UPDATE collector_alert_outbox SET claimed_until_ns = 1, attempts = 1")
-        delivery = OutboxDelivery(path, sinks, poll_s=0.05)
+        delivery = OutboxDelivery(open_outbox(path), sinks, poll_s=0.05)
         await delivery.start()
         try:
             await _until(lambda: delivery.stats.delivered == 2)
@@ -106,7 +106,7 @@ async def test_a_live_lease_is_left_to_its_claimant(tmp_path: Path) -> None:
         sinks = await _crossed(path, sink)
         with sqlite3.connect(path) as db:  # another collector holds both rows
             db.execute("UPDATE collector_alert_outbox SET claimed_until_ns = ?", (2**62,))
-        delivery = OutboxDelivery(path, sinks, poll_s=0.05)
+        delivery = OutboxDelivery(open_outbox(path), sinks, poll_s=0.05)
         await delivery.start()
         try:
             await asyncio.sleep(0.3)

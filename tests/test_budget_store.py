@@ -4,13 +4,17 @@ committed by a second store on the same file; a new period re-arms."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from pathlib import Path
 
+import psycopg
+
 from collector.accounting.aggregate import Batch
 from collector.config.budgets import AlertSink, Budget
 from collector.signals.traces import SpanUsage
+from collector.store.postgres import ConnectOptions, PostgresStore
 from collector.store.sqlite import SQLiteStore
 from tests.conftest import MS, T0
 
@@ -106,3 +110,125 @@ async def test_without_budgets_no_budget_tables_exist(tmp_path: Path) -> None:
     finally:
         await store.close()
     assert _rows(path, "SELECT name FROM sqlite_master WHERE name LIKE 'collector_budget%'") == []
+
+
+# -- the same on PostgreSQL, and what an alert names -------------------------------------------
+
+def spend(key: int, session: str, user: str | None, model: str, cents: float) -> SpanUsage:
+    return rec(key, session=session, user=user, cents=cents)._replace(model=model)
+
+
+def _pg_rows(url: str, sql: str) -> list[tuple[object, ...]]:
+    with psycopg.connect(url) as conn:
+        return [tuple(r) for r in conn.execute(sql).fetchall()]
+
+
+async def _pg_store(url: str, budgets: tuple[Budget, ...] = (FLEET, PER_USER)) -> PostgresStore:
+    s = PostgresStore(ConnectOptions(url), retention_s=100, commit_timeout_s=30,
+                      budgets=budgets, sinks=SINKS)
+    await s.open()
+    return s
+
+
+async def test_postgres_records_each_threshold_once_with_one_outbox_row_per_sink(
+        pg_url: str) -> None:
+    store = await _pg_store(pg_url)
+    try:
+        for key in range(1, 8):
+            await store.commit(batch(rec(key)), now_ns=T0)
+            await store.commit(batch(rec(key)), now_ns=T0)
+    finally:
+        await store.close()
+    assert _pg_rows(pg_url, "SELECT budget, scope_value, spend_cents FROM "
+                            "collector_budget_spend ORDER BY budget") == [
+        ("fleet", "", 7.0), ("users", "alice", 7.0)]
+    assert _pg_rows(pg_url, "SELECT budget, scope_value, threshold FROM "
+                            "collector_budget_alerts ORDER BY budget, threshold") == [
+        ("fleet", "", 0.8), ("fleet", "", 1.0), ("users", "alice", 1.0)]
+    assert _pg_rows(pg_url, "SELECT count(DISTINCT id) FROM collector_alert_outbox") == [(6,)]
+
+
+async def test_postgres_without_budgets_has_no_budget_tables(pg_url: str) -> None:
+    store = await _pg_store(pg_url, ())
+    try:
+        await store.commit(batch(rec(1)), now_ns=T0)
+    finally:
+        await store.close()
+    assert _pg_rows(pg_url, "SELECT count(*) FROM pg_tables "
+                            "WHERE tablename LIKE 'collector_budget%'") == [(0,)]
+
+
+async def test_two_postgres_stores_committing_at_once_record_each_crossing_once(
+        pg_url: str) -> None:
+    """Each round both stores commit a cent at the same moment, on their own writer threads
+    and connections: the thresholds (0.8 at 4 cents, 1.0 at 5, per period) are crossed by
+    whichever commit reaches them, and recorded once."""
+    budget = Budget(name="race", amount_usd=0.05, period="day", thresholds=(0.8, 1.0))
+    one, two = await _pg_store(pg_url, (budget,)), await _pg_store(pg_url, (budget,))
+    try:
+        for day in range(6):
+            t = T0 + day * DAY
+            await asyncio.gather(
+                one.commit(batch(rec(2 * day + 1, t=t, cents=2.5)), now_ns=t),
+                two.commit(batch(rec(2 * day + 2, t=t, cents=2.5)), now_ns=t))
+    finally:
+        await one.close()
+        await two.close()
+    assert _pg_rows(pg_url, "SELECT count(*), count(DISTINCT period_start_ns) "
+                            "FROM collector_budget_spend WHERE spend_cents = 5") == [(6, 6)]
+    assert _pg_rows(pg_url, "SELECT threshold, count(*) FROM collector_budget_alerts "
+                            "GROUP BY 1 ORDER BY 1") == [(0.8, 6), (1.0, 6)]
+    assert _pg_rows(pg_url, "SELECT sink, count(DISTINCT id), count(*) FROM "
+                            "collector_alert_outbox GROUP BY 1 ORDER BY 1") == [
+        ("chat", 12, 12), ("hook", 12, 12)]
+
+
+async def _top_of_crossing(store: SQLiteStore | PostgresStore) -> None:
+    try:
+        await store.commit(batch(
+            spend(1, "s1", "alice", "big", 2), spend(2, "s2", "anna", "small", 1),
+            spend(3, "s3", None, "big", 1), spend(4, "s4", "bob", "small", 0.5)), now_ns=T0)
+        # Crosses both budgets' thresholds: the lists are as of this commit, within scope.
+        await store.commit(batch(spend(5, "s2", "anna", "small", 2)), now_ns=T0)
+    finally:
+        await store.close()
+
+
+TOP_BUDGETS = (Budget(name="fleet", amount_usd=0.06, thresholds=(1.0,)),
+               Budget(name="a-users", amount_usd=0.03, dimension="user", value="a*",
+                      thresholds=(1.0,)))
+
+
+def _check_top(rows: list[tuple[object, ...]]) -> None:
+    hooks = {(b := json.loads(str(p)))["budget"] + "/" + str(b["value"]): b
+             for s, p in rows if s == "hook"}
+    assert set(hooks) == {"fleet/None", "a-users/anna"}
+    fleet = hooks["fleet/None"]["top"]
+    assert fleet["sessions"] == [{"name": "s2", "spend_usd": 0.03},
+                                 {"name": "s1", "spend_usd": 0.02},
+                                 {"name": "s3", "spend_usd": 0.01},
+                                 {"name": "s4", "spend_usd": 0.005}]
+    assert fleet["users"] == [{"name": "anna", "spend_usd": 0.03},
+                              {"name": "alice", "spend_usd": 0.02},
+                              {"name": "bob", "spend_usd": 0.005}]  # s3 has no user
+    assert [m["name"] for m in fleet["models"]] == ["small", "big"]
+    anna = hooks["a-users/anna"]
+    assert anna["scope"] == "user" and anna["spend_usd"] == 0.03 and anna["share"] == 1.0
+    assert anna["top"] == {"sessions": [{"name": "s2", "spend_usd": 0.03}],
+                           "users": [{"name": "anna", "spend_usd": 0.03}],
+                           "models": [{"name": "small", "spend_usd": 0.03}]}
+    slack = [json.loads(str(p))["text"] for s, p in rows if s == "chat"]
+    assert any("Top sessions: s2 $0.03, s1 $0.02" in text for text in slack)
+
+
+async def test_an_alert_names_the_top_sessions_users_and_models_of_its_scope_sqlite(
+        tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    await _top_of_crossing(await _store(path, TOP_BUDGETS))
+    _check_top(_rows(path, "SELECT sink, payload FROM collector_alert_outbox"))
+
+
+async def test_an_alert_names_the_top_sessions_users_and_models_of_its_scope_postgres(
+        pg_url: str) -> None:
+    await _top_of_crossing(await _pg_store(pg_url, TOP_BUDGETS))
+    _check_top(_pg_rows(pg_url, "SELECT sink, payload FROM collector_alert_outbox"))

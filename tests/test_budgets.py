@@ -58,6 +58,13 @@ def test_budgets_and_sinks_parse(tmp_path: Path) -> None:
     assert "ops" not in repr(sinks[0])  # header values may be credentials
 
 
+def test_budgets_are_accepted_with_postgres_storage(tmp_path: Path) -> None:
+    doc = {**GOOD, "storage": {"backend": "postgres",
+                               "postgres_url": "postgresql://u@127.0.0.1:5432/db"}}
+    config = _config(doc, tmp_path)
+    assert config.storage_backend == "postgres" and len(config.budgets) == 2
+
+
 def test_secret_file_is_read_and_never_shown(tmp_path: Path) -> None:
     (tmp_path / "secret").write_text("s3cret\n")
     doc = {"alerts": {"sinks": [{"name": "h", "kind": "webhook", "url": "https://e.com/",

@@ -75,7 +75,7 @@ def threshold_cents(budget: Budget, threshold: float) -> int:
     return whole if whole == exact else whole + 1
 
 
-def reached(budget: Budget, spend_cents: int) -> tuple[float, ...]:
+def reached(budget: Budget, spend_cents: float) -> tuple[float, ...]:
     """Every threshold a period's spend has reached. The store inserts each into its
     crossings table with ON CONFLICT DO NOTHING, so the ones already recorded cost nothing and
     only the newly inserted become alerts: exactly once however commits interleave."""
@@ -123,7 +123,7 @@ class Alert:
     threshold: float
     spend_cents: int
     limit_usd: float
-    top: dict[str, list[tuple[str, int]]]  # "sessions"/"users"/"models" -> (name, cents)
+    top: dict[str, list[tuple[str, float]]]  # "sessions"/"users"/"models" -> (name, cents)
 
 
 def webhook_body(alert: Alert) -> dict[str, object]:
@@ -160,7 +160,7 @@ def slack_body(alert: Alert) -> dict[str, object]:
     return {"text": "\n".join(lines)}
 
 
-def top_n(rows: Iterable[tuple[str, int]], n: int = 5) -> list[tuple[str, int]]:
+def top_n(rows: Iterable[tuple[str, float]], n: int = 5) -> list[tuple[str, float]]:
     """The largest n by spend, ties by name so every collector builds the same alert."""
     return sorted(rows, key=lambda r: (-r[1], r[0]))[:n]
 
@@ -190,16 +190,19 @@ def spend_deltas(budgets: Iterable[Budget], hours: Mapping[HourKey, HourDelta],
 
 
 def outbox_rows(budget: Budget, value: str, period_start_ns: int, threshold: float,
-                spend_cents: float, sinks: Iterable[AlertSink]) -> list[tuple[str, str, str]]:
+                spend_cents: float, sinks: Iterable[AlertSink], *,
+                top: Mapping[str, list[tuple[str, float]]] | None = None
+                ) -> list[tuple[str, str, str]]:
     """(id, sink name, JSON body) per sink for one newly recorded crossing. The body is fixed
-    here, inside the crossing's transaction, so every redelivery sends the same bytes."""
+    here, inside the crossing's transaction, so every redelivery sends the same bytes. `top`:
+    the instance's largest spenders of the period, as of that transaction."""
     period = period_of(budget, period_start_ns)
     rows = []
     for sink in sinks:
         alert = Alert(id=alert_id(budget.name, value, period_start_ns, threshold, sink.name),
                       budget=budget.name, dimension=budget.dimension, value=value,
                       period=period, threshold=threshold, spend_cents=round(spend_cents),
-                      limit_usd=budget.amount_usd, top={})
+                      limit_usd=budget.amount_usd, top=dict(top or {}))
         body = webhook_body(alert) if sink.kind == "webhook" else slack_body(alert)
         rows.append((alert.id, sink.name, json.dumps(body, sort_keys=True)))
     return rows

@@ -15,15 +15,15 @@ import asyncio
 import contextlib
 import logging
 import random
-import sqlite3
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import aiohttp
 
 from collector.budgets import backoff_s
 from collector.config.budgets import AlertSink
+from collector.store.base import StorageError
+from collector.store.budgets import Claimed, Outbox
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +36,6 @@ POLL_S = 1.0
 BACKOFF_BASE_S = 1.0
 BACKOFF_CAP_S = 300.0
 MAX_RESPONSE_LOG_BYTES = 200
-
-_CLAIM = """
-UPDATE collector_alert_outbox SET claimed_until_ns = ?
-WHERE id = (SELECT id FROM collector_alert_outbox
-            WHERE delivered_ns IS NULL AND next_attempt_ns <= ? AND claimed_until_ns <= ?
-            ORDER BY created_ns, id LIMIT 1)
-RETURNING id, sink, payload, attempts
-"""
 
 
 @dataclass(slots=True)
@@ -58,85 +50,85 @@ class DeliveryStats:
 class OutboxDelivery:
     """Start with `start()`, stop with `stop()` (safe if never started)."""
 
-    def __init__(self, path: Path, sinks: tuple[AlertSink, ...], *,
+    def __init__(self, outbox: Outbox, sinks: tuple[AlertSink, ...], *,
                  poll_s: float = POLL_S, lease_s: float = LEASE_S,
                  backoff_base_s: float = BACKOFF_BASE_S,
                  backoff_cap_s: float = BACKOFF_CAP_S) -> None:
-        self._path = path
+        self._outbox = outbox
         self._sinks = {s.name: s for s in sinks}
         self._poll_s = poll_s
         self._lease_ns = int(lease_s * 1e9)
         self._base_s = backoff_base_s
         self._cap_s = backoff_cap_s
         self._task: asyncio.Task[None] | None = None
+        self._unreadable = 0  # consecutive failed reads: logged once, then on recovery
         self.stats = DeliveryStats()
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="alert-delivery")
 
     async def stop(self) -> None:
-        if self._task is None:
-            return
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        self._task = None
-
-    def _db(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self._path, isolation_level=None)
-        db.execute("PRAGMA busy_timeout = 2000")
-        return db
-
-    def _claim(self) -> tuple[str, str, str, int] | None:
-        now = time.time_ns()
-        with self._db() as db:
-            row = db.execute(_CLAIM, (now + self._lease_ns, now, now)).fetchone()
-        return None if row is None else (str(row[0]), str(row[1]), str(row[2]), int(row[3]))
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await asyncio.to_thread(self._outbox.close)
 
     def _settle(self, alert_id: str, delivered: bool, attempts: int) -> None:
         now = time.time_ns()
-        with self._db() as db:
-            if delivered:
-                db.execute("UPDATE collector_alert_outbox SET delivered_ns = ?, "
-                           "attempts = ?, claimed_until_ns = 0 WHERE id = ?",
-                           (now, attempts, alert_id))
-            else:
-                delay = backoff_s(attempts, base_s=self._base_s, cap_s=self._cap_s,
-                                  jitter=random.random())
-                db.execute("UPDATE collector_alert_outbox SET attempts = ?, "
-                           "next_attempt_ns = ?, claimed_until_ns = 0 WHERE id = ?",
-                           (attempts, now + int(delay * 1e9), alert_id))
+        if delivered:
+            self._outbox.delivered(alert_id, attempts, now)
+        else:
+            delay = backoff_s(attempts, base_s=self._base_s, cap_s=self._cap_s,
+                              jitter=random.random())
+            self._outbox.failed(alert_id, attempts, now + int(delay * 1e9))
 
     def pending(self) -> int:
-        with self._db() as db:
-            row = db.execute("SELECT count(*) FROM collector_alert_outbox "
-                             "WHERE delivered_ns IS NULL").fetchone()
-        return int(row[0])
+        """Alerts not yet delivered (blocks: for tests and the CLI, not the event loop)."""
+        return self._outbox.pending()
 
     async def _run(self) -> None:
         timeout = aiohttp.ClientTimeout(total=POST_TIMEOUT_S)
         async with aiohttp.ClientSession(timeout=timeout) as http:
             while True:
                 try:
-                    claimed = await asyncio.to_thread(self._claim)
-                except sqlite3.Error as exc:
-                    log.warning("alert outbox unreadable: %s", exc)
+                    claimed = await asyncio.to_thread(self._outbox.claim, time.time_ns(),
+                                                      self._lease_ns)
+                except StorageError as exc:
+                    self._unreadable += 1
+                    if self._unreadable == 1:
+                        log.warning("alert outbox unreadable (%s): %s",
+                                    self._outbox.description, exc)
                     claimed = None
+                else:
+                    if self._unreadable:
+                        log.info("alert outbox readable again after %d failed reads",
+                                 self._unreadable)
+                        self._unreadable = 0
                 if claimed is None:
                     await asyncio.sleep(self._poll_s)
                     continue
-                alert_id, sink_name, payload, attempts = claimed
-                sink = self._sinks.get(sink_name)
-                if sink is None:  # a sink removed from the config: its rows wait for it
-                    await asyncio.to_thread(self._settle, alert_id, False, attempts + 1)
-                    continue
-                ok = await self._post(http, sink, alert_id, payload)
-                await asyncio.to_thread(self._settle, alert_id, ok, attempts + 1)
-                if ok:
-                    self.stats.delivered += 1
-                    self.stats.last_success_ns = time.time_ns()
-                else:
-                    self.stats.failed_attempts += 1
+                await self._deliver(http, claimed)
+
+    async def _deliver(self, http: aiohttp.ClientSession, claimed: Claimed) -> None:
+        attempts = claimed.attempts + 1
+        sink = self._sinks.get(claimed.sink)
+        ok = False
+        if sink is not None:  # a sink removed from the config: its rows wait for it
+            ok = await self._post(http, sink, claimed.id, claimed.payload)
+        try:
+            await asyncio.to_thread(self._settle, claimed.id, ok, attempts)
+        except StorageError as exc:
+            # The lease lapses and the same id is sent again: at least once, never lost.
+            log.warning("alert %s sent but not settled: %s", claimed.id, exc)
+        if sink is None:
+            return
+        if ok:
+            self.stats.delivered += 1
+            self.stats.last_success_ns = time.time_ns()
+        else:
+            self.stats.failed_attempts += 1
 
     async def _post(self, http: aiohttp.ClientSession, sink: AlertSink, alert_id: str,
                     payload: str) -> bool:

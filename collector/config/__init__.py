@@ -294,9 +294,6 @@ def parse_config(doc: Mapping[str, Any], *, source: str, base_dir: Path) -> Conf
         raise ConfigError(source, "storage.backend",
                           f"must be one of {', '.join(STORAGE_BACKENDS)}; got {backend!r}")
     postgres = _parse_postgres(source, base_dir, values, backend)
-    if budgets and backend != "sqlite":
-        # Not yet recorded on PostgreSQL: refused rather than accepted and silently ignored.
-        raise ConfigError(source, "budgets", 'needs storage.backend = "sqlite" for now')
 
     level = get("log.level", DEFAULT_LOG_LEVEL).lower()
     if level not in LOG_LEVELS:

@@ -41,17 +41,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import os
 import sqlite3
 import stat
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 from collector.accounting.aggregate import Batch, HourDelta, SessionDelta
-from collector.budgets import outbox_rows, reached, spend_deltas
 from collector.config.budgets import AlertSink, Budget
 from collector.signals.metrics import CumulativePoint
 from collector.signals.traces import KEY_BYTES, TRACE_ID_BYTES
@@ -90,6 +90,7 @@ from collector.store.base import (
     turns_kept_since,
 )
 from collector.store.base import schema_problem as _schema_problem
+from collector.store.budgets import Outbox, dimension_sql, record_budgets
 
 __all__ = ["COLUMNS", "COLUMN_NAMES", "CommitResult", "SQLiteReader", "SQLiteStore",
            "SchemaError", "StorageError", "iso_utc"]
@@ -931,8 +932,8 @@ class SQLiteStore:
                 applied, traced = _with_traces(db, applied, now_ns, self._resolve_window_ns,
                                                self._retention_ns)
             write_sessions(db, applied)
-            if self._budgets:
-                record_budgets(db, applied, self._budgets, self._sinks, now_ns)
+            if self._budgets:  # after the rollup: an alert's top lists include this batch
+                record_budgets(_BudgetOps(db), applied, self._budgets, self._sinks, now_ns)
             swept = 0
             if sweep_before_ns is not None:
                 swept = max(db.execute(SWEEP_STALE, (iso_utc(sweep_before_ns),)).rowcount, 0)
@@ -1174,49 +1175,59 @@ CREATE TABLE IF NOT EXISTS collector_alert_outbox (
     delivered_ns INTEGER
 ) WITHOUT ROWID
 """
-# The built-in dimensions' columns in collector_session_labels.
-_LABEL_COLUMNS = {"agent": "agent", "user": "user_name", "host": "host",
-                  "credential": "credential"}
+def scope_values(db: sqlite3.Connection, dimensions: Sequence[str],
+                 session_ids: Sequence[str]) -> dict[tuple[str, str], str | None]:
+    """collector.store.budgets.BudgetOps.scope_values on SQLite: one statement, the ids as
+    one JSON array (no limit on bound parameters to chunk around)."""
+    values = ", ".join(dimension_sql(d, "j.value") for d in dimensions)
+    out: dict[tuple[str, str], str | None] = {}
+    for sid, *found in db.execute(f"SELECT j.value, {values} FROM json_each(?) AS j",
+                                  (json.dumps(list(session_ids)),)):
+        for dimension, value in zip(dimensions, found, strict=True):
+            out[(dimension, str(sid))] = value
+    return out
 
 
-def record_budgets(db: sqlite3.Connection, applied: Batch, budgets: tuple[Budget, ...],
-                   sinks: tuple[AlertSink, ...], now_ns: int = 0) -> int:
-    """Inside the usage's transaction: add the applied batch's cost to each budget period it
-    touches and record every threshold newly reached, with one outbox row per sink. The
-    crossing's primary key makes it exactly once whoever commits; returns crossings added."""
-    sessions = sorted({s for s, _, _ in applied.hours})
-    values: dict[tuple[str, str], str | None] = {}
-    for dimension in {b.dimension for b in budgets if b.dimension is not None}:
-        column = _LABEL_COLUMNS[dimension]
-        for start in range(0, len(sessions), 500):
-            chunk = sessions[start:start + 500]
-            marks = ",".join("?" * len(chunk))
-            for sid, value in db.execute(
-                    f"SELECT id, {column} FROM collector_session_labels "
-                    f"WHERE id IN ({marks})", chunk):
-                values[(dimension, sid)] = value
-    by_name = {b.name: b for b in budgets}
-    added = 0
-    for (name, value, start_ns), cents in sorted(
-            spend_deltas(budgets, applied.hours, values).items()):
-        row = db.execute(
-            "INSERT INTO collector_budget_spend (budget, scope_value, period_start_ns, "
-            "spend_cents) VALUES (?, ?, ?, ?) ON CONFLICT DO UPDATE SET "
-            "spend_cents = spend_cents + excluded.spend_cents RETURNING spend_cents",
-            (name, value, start_ns, cents)).fetchone()
-        budget = by_name[name]
-        for threshold in reached(budget, row[0]):
-            if db.execute("INSERT INTO collector_budget_alerts VALUES (?, ?, ?, ?) "
-                          "ON CONFLICT DO NOTHING",
-                          (name, value, start_ns, threshold)).rowcount != 1:
-                continue
-            added += 1
-            db.executemany(
-                "INSERT INTO collector_alert_outbox (id, sink, payload, created_ns) "
-                "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                [(*r, now_ns) for r in outbox_rows(budget, value, start_ns, threshold,
-                                                   row[0], sinks)])
-    return added
+class _BudgetOps:
+    """collector.store.budgets.BudgetOps in a flush transaction on SQLite."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def run(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        return self._db.execute(sql, params).fetchall()
+
+    def scope_values(self, dimensions: Sequence[str], session_ids: Sequence[str]
+                     ) -> dict[tuple[str, str], str | None]:
+        return scope_values(self._db, dimensions, session_ids)
+
+
+class _OutboxConnection:
+    """collector.store.budgets.OutboxConnection on the SQLite file: autocommit, and used
+    from whichever worker thread the delivery task's call lands on (one call at a time)."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        except sqlite3.Error as exc:
+            raise StorageError(f"SQLite at {path}: {exc}") from exc
+        self._path = path
+
+    def run(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        try:
+            return self._db.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StorageError(f"SQLite at {self._path}: {exc}") from exc
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def open_outbox(path: Path) -> Outbox:
+    """The alert outbox in this file, for collector.budgets.delivery."""
+    return Outbox(lambda: _OutboxConnection(path), skip_locked=False,
+                  description=f"sqlite {path}")
 
 
 def _read_seen_counts(db: sqlite3.Connection) -> tuple[int, int]:

@@ -27,9 +27,10 @@ from collector.store.budgets import Claimed, Outbox
 
 log = logging.getLogger(__name__)
 
-# How long a claimed row is left to its claimant before another may send it: well beyond
-# the POST timeout, so only a dead claimant's rows are taken over.
-LEASE_S = 60.0
+# How long a claimed row is left to its claimant before another may send it: three POST
+# timeouts, so only a dead claimant's rows are taken over, and a collector killed mid-POST
+# has its alert sent again (by whichever collector runs next) within half a minute.
+LEASE_S = 30.0
 POST_TIMEOUT_S = 10.0
 # Idle polling: crossings are rare, and a new one waits at most this long for its POST.
 POLL_S = 1.0

@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from pathlib import Path
 
 from aiohttp import web
 
 from collector.budgets.delivery import OutboxDelivery
 from collector.config.budgets import AlertSink
+from collector.store.postgres import ConnectOptions, PostgresStore
+from collector.store.postgres import open_outbox as open_pg_outbox
 from collector.store.sqlite import SQLiteStore, open_outbox
 from tests.conftest import T0, free_port
+from tests.pg import PgServer
 from tests.test_budget_store import FLEET, batch, rec
 
 DEADLINE_S = 30.0
@@ -113,3 +117,65 @@ async def test_a_live_lease_is_left_to_its_claimant(tmp_path: Path) -> None:
         finally:
             await delivery.stop()
     assert sink.received == [] and delivery.pending() == 2
+
+
+# -- on PostgreSQL -----------------------------------------------------------------------------
+
+async def _crossed_pg(url: str, sink: Sink) -> tuple[AlertSink, ...]:
+    sinks = (AlertSink(name="hook", kind="webhook", url=sink.url),)
+    store = PostgresStore(ConnectOptions(url), retention_s=100, commit_timeout_s=30,
+                          budgets=(FLEET,), sinks=sinks)
+    await store.open()
+    try:
+        await store.commit(batch(rec(1, cents=6)), now_ns=T0)
+    finally:
+        await store.close()
+    return sinks
+
+
+async def test_postgres_delivery_gets_each_alert_to_a_sink_once_it_recovers(pg_url: str) -> None:
+    async with Sink() as sink:
+        sink.status = 500
+        sinks = await _crossed_pg(pg_url, sink)
+        delivery = OutboxDelivery(open_pg_outbox(ConnectOptions(pg_url)), sinks, poll_s=0.05,
+                                  backoff_base_s=0.05, backoff_cap_s=0.1)
+        await delivery.start()
+        try:
+            await _until(lambda: delivery.stats.failed_attempts >= 2)
+            sink.status = 200
+            await _until(lambda: delivery.stats.delivered == 2)
+        finally:
+            await delivery.stop()
+    assert len({key for key, _ in sink.received}) == 2
+    assert sorted(key for key, _ in sink.received[-2:]) == sorted(
+        {key for key, _ in sink.received})
+
+
+def test_postgres_claims_from_two_collectors_at_once_never_share_a_row(pg_server: PgServer,
+                                                                        pg_url: str) -> None:
+    """Two outboxes on their own connections claim as fast as they can, at once: every row
+    is leased by exactly one of them (the lease is taken in one statement, SKIP LOCKED)."""
+    asyncio.run(_crossed_pg(pg_url, Sink()))  # makes the tables
+    pg_server.execute(pg_url, "INSERT INTO collector_alert_outbox (id, sink, payload, "
+                              "created_ns) SELECT 'a' || n, 'hook', '{}', n "
+                              "FROM generate_series(1, 400) AS n")
+    claimed: list[list[str]] = [[], []]
+    start = threading.Barrier(2)
+
+    def claim_all(index: int) -> None:
+        outbox = open_pg_outbox(ConnectOptions(pg_url))
+        try:
+            start.wait()
+            while (row := outbox.claim(T0, 10**15)) is not None:
+                claimed[index].append(row.id)
+        finally:
+            outbox.close()
+
+    threads = [threading.Thread(target=claim_all, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    total = pg_server.query(pg_url, "SELECT count(*) FROM collector_alert_outbox")[0][0]
+    assert not set(claimed[0]) & set(claimed[1])
+    assert len(claimed[0]) + len(claimed[1]) == total == 402

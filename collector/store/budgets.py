@@ -17,7 +17,7 @@ finds the crossing already there; only the one that inserted it queues the alert
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -45,6 +45,16 @@ def dimension_sql(dimension: str, session: str) -> str:
     dimension's values are stored."""
     column = LABEL_COLUMNS[dimension]
     return f"(SELECT lbl.{column} FROM {LABELS_TABLE} AS lbl WHERE lbl.id = {session})"
+
+
+def scope_rows(dimensions: Sequence[str], rows: Iterable[Sequence[Any]]
+               ) -> dict[tuple[str, str], str | None]:
+    """A backend's scope_values answer from its rows: (session id, one value per dimension)."""
+    out: dict[tuple[str, str], str | None] = {}
+    for sid, *found in rows:
+        for dimension, value in zip(dimensions, found, strict=True):
+            out[(dimension, str(sid))] = None if value is None else str(value)
+    return out
 
 
 ADD_SPEND = f"""

@@ -84,7 +84,7 @@ from collector.store.base import (
     schema_problem,
     turns_kept_since,
 )
-from collector.store.budgets import Outbox, dimension_sql, record_budgets
+from collector.store.budgets import Outbox, dimension_sql, record_budgets, scope_rows
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -1055,12 +1055,8 @@ def scope_values(conn: psycopg.Connection[Any], dimensions: Sequence[str],
     """collector.store.budgets.BudgetOps.scope_values on PostgreSQL: one statement, the ids
     as one array."""
     values = ", ".join(dimension_sql(d, "s.id") for d in dimensions)
-    out: dict[tuple[str, str], str | None] = {}
-    for sid, *found in conn.execute(f"SELECT s.id, {values} FROM unnest(%s::text[]) AS s(id)",
-                                    (list(session_ids),)):
-        for dimension, value in zip(dimensions, found, strict=True):
-            out[(dimension, str(sid))] = value
-    return out
+    sql = f"SELECT s.id, {values} FROM unnest(%s::text[]) AS s(id)"
+    return scope_rows(dimensions, conn.execute(sql, (list(session_ids),)))
 
 
 class _BudgetOps:

@@ -90,7 +90,7 @@ from collector.store.base import (
     turns_kept_since,
 )
 from collector.store.base import schema_problem as _schema_problem
-from collector.store.budgets import Outbox, dimension_sql, record_budgets
+from collector.store.budgets import Outbox, dimension_sql, record_budgets, scope_rows
 
 __all__ = ["COLUMNS", "COLUMN_NAMES", "CommitResult", "SQLiteReader", "SQLiteStore",
            "SchemaError", "StorageError", "iso_utc"]
@@ -1180,12 +1180,8 @@ def scope_values(db: sqlite3.Connection, dimensions: Sequence[str],
     """collector.store.budgets.BudgetOps.scope_values on SQLite: one statement, the ids as
     one JSON array (no limit on bound parameters to chunk around)."""
     values = ", ".join(dimension_sql(d, "j.value") for d in dimensions)
-    out: dict[tuple[str, str], str | None] = {}
-    for sid, *found in db.execute(f"SELECT j.value, {values} FROM json_each(?) AS j",
-                                  (json.dumps(list(session_ids)),)):
-        for dimension, value in zip(dimensions, found, strict=True):
-            out[(dimension, str(sid))] = value
-    return out
+    sql = f"SELECT j.value, {values} FROM json_each(?) AS j"
+    return scope_rows(dimensions, db.execute(sql, (json.dumps(list(session_ids)),)))
 
 
 class _BudgetOps:

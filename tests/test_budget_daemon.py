@@ -297,3 +297,6 @@ def test_two_collectors_on_one_postgres_cross_a_budget_once(
     assert len(per_sink) == 4 and set(per_sink.values()) == {1}
     assert Counter(path for path, _ in per_sink) == Counter({"/hook": 2, "/slack": 2})
     assert {d.key for d in sink.seen()} == ids
+    slack = [str(d.body["text"]) for d in sink.seen() if d.path == "/slack"]
+    assert all("*Budget fleet*: the fleet has spent" in t and "Top sessions: c" in t
+               for t in slack) and len(slack) == 2

@@ -26,6 +26,7 @@ from typing import Protocol
 
 from collector.accounting.pricing import Pricer
 from collector.auth_reload import TokenReloader, stop_task
+from collector.budgets.delivery import OutboxDelivery
 from collector.config import Config
 from collector.dialects import DialectSet
 from collector.listeners import check_listeners
@@ -36,7 +37,7 @@ from collector.receivers.grpc import GrpcReceiver
 from collector.receivers.http import HttpReceiver
 from collector.security import Credentials, Security, host_check
 from collector.signals.traces import MappingOptions
-from collector.store import open_reader, open_store, web_source
+from collector.store import open_outbox, open_reader, open_store, web_source
 from collector.store.base import Store
 from collector.web.app import WebServer
 from collector.web.ops import Metrics, OpsServer, readiness_problem
@@ -148,6 +149,10 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
             stack.callback(loop.remove_signal_handler, signal.SIGHUP)
             await pipeline.start(on_fatal=stop.set)
             stack.push_async_callback(pipeline.shutdown)
+            if config.budgets and config.alert_sinks:
+                delivery = OutboxDelivery(open_outbox(config), config.alert_sinks)
+                await delivery.start()
+                stack.push_async_callback(delivery.stop)
 
             receivers: list[Receiver] = []
             stack.push_async_callback(_stop_receivers, pipeline, receivers)

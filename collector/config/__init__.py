@@ -24,6 +24,13 @@ from collector.config.auth import (
     parse_web_access,
     read_token_file,
 )
+from collector.config.budgets import (
+    BUILTIN_DIMENSIONS,
+    AlertSink,
+    Budget,
+    parse_budgets,
+    parse_sinks,
+)
 from collector.config.connections import SCHEMA as CONNECTIONS_SCHEMA
 from collector.config.connections import ConnectionLimits, parse_connections
 from collector.dialects import effective_dialects
@@ -166,6 +173,8 @@ class Config:
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     # Who spends beyond agent, user, host and credential ([attribution]).
     dimensions: tuple[Dimension, ...] = DEFAULT_DIMENSIONS
+    budgets: tuple[Budget, ...] = ()
+    alert_sinks: tuple[AlertSink, ...] = ()
 
 
 # The schema of the file: section -> key -> expected kind. Tables of arbitrary names (pricing)
@@ -223,6 +232,15 @@ def parse_config(doc: Mapping[str, Any], *, source: str, base_dir: Path) -> Conf
     """Validate a parsed document. Relative paths are resolved against `base_dir`."""
     values = _flatten(doc, source)
     dimensions = parse_attribution(doc.get("attribution"), source=source)
+    budgets = parse_budgets(doc.get("budgets", []), source=source,
+                            dimensions=(*BUILTIN_DIMENSIONS, *(d.name for d in dimensions)))
+    alerts = doc.get("alerts", {})
+    if not isinstance(alerts, dict):
+        raise ConfigError(source, "alerts", "must be a table")
+    for key in alerts:
+        if key != "sinks":
+            raise ConfigError(source, f"alerts.{key}", "unknown key")
+    sinks = parse_sinks(alerts.get("sinks", []), source=source, base_dir=base_dir)
     pricing = _parse_pricing(doc.get("pricing", {}), source)
     try:
         dialects = effective_dialects(doc.get("dialects", {}))
@@ -337,6 +355,8 @@ def parse_config(doc: Mapping[str, Any], *, source: str, base_dir: Path) -> Conf
         dialects=dialects,
         connections=parse_connections(values, source),
         dimensions=dimensions,
+        budgets=budgets,
+        alert_sinks=sinks,
     )
 
 
@@ -464,7 +484,7 @@ def _flatten(doc: Mapping[str, Any], source: str) -> dict[str, Any]:
     """Check every key against the schema and return dotted key -> value."""
     out: dict[str, Any] = {}
     for top, value in doc.items():
-        if top in ("pricing", "dialects", "attribution"):
+        if top in ("pricing", "dialects", "attribution", "budgets", "alerts"):
             continue
         if top == "receivers":
             if not isinstance(value, dict):

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from collector.store.base import Reader, Store
+from collector.store.budgets import Outbox
 
 if TYPE_CHECKING:
     from collector.config import Config, PostgresConfig
@@ -25,11 +26,26 @@ def open_store(config: Config) -> Store:
         return PostgresStore(connect_options(config.postgres),
                              retention_s=config.dedupe_retention_s,
                              commit_timeout_s=config.postgres.commit_timeout_s,
-                             resolve_window_s=config.resolve_window_s)
+                             resolve_window_s=config.resolve_window_s,
+                             budgets=config.budgets, sinks=config.alert_sinks)
     from collector.store.sqlite import SQLiteStore
 
     return SQLiteStore(config.sqlite_path, retention_s=config.dedupe_retention_s,
-                       resolve_window_s=config.resolve_window_s)
+                       resolve_window_s=config.resolve_window_s,
+                       budgets=config.budgets, sinks=config.alert_sinks)
+
+
+def open_outbox(config: Config) -> Outbox:
+    """The alert outbox of the configured database, for the delivery task (its own
+    connection, opened on first use)."""
+    if config.storage_backend == "postgres":
+        from collector.store.postgres import open_outbox as open_pg_outbox
+
+        assert config.postgres is not None
+        return open_pg_outbox(connect_options(config.postgres))
+    from collector.store.sqlite import open_outbox as open_sqlite_outbox
+
+    return open_sqlite_outbox(config.sqlite_path)
 
 
 def open_reader(config: Config) -> Reader:

@@ -48,6 +48,7 @@ import psycopg
 from psycopg import conninfo, errors
 
 from collector.accounting.aggregate import Batch
+from collector.config.budgets import AlertSink, Budget
 from collector.signals.metrics import CumulativePoint
 from collector.signals.traces import KEY_BYTES
 from collector.store.base import (
@@ -84,6 +85,7 @@ from collector.store.base import (
     turns_kept_since,
     usage_group,
 )
+from collector.store.budgets import Outbox, dimension_sql, record_budgets, scope_rows
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -243,6 +245,35 @@ INSERT INTO collector_meta (name, value) VALUES ('seen_current_count', 0),
     ('seen_previous_count', 0) ON CONFLICT (name) DO NOTHING;
 INSERT INTO collector_meta (name, value)
     SELECT 'held_count', count(*) FROM collector_held_usage ON CONFLICT (name) DO NOTHING
+"""
+
+# Made only when budgets are configured (collector.store.budgets); the SQLite store's tables
+# with PostgreSQL's types.
+BUDGET_SCHEMA = """
+CREATE TABLE IF NOT EXISTS collector_budget_spend (
+    budget TEXT COLLATE "C" NOT NULL,
+    scope_value TEXT COLLATE "C" NOT NULL,
+    period_start_ns BIGINT NOT NULL,
+    spend_cents DOUBLE PRECISION NOT NULL DEFAULT 0.0,
+    PRIMARY KEY (budget, scope_value, period_start_ns)
+);
+CREATE TABLE IF NOT EXISTS collector_budget_alerts (
+    budget TEXT COLLATE "C" NOT NULL,
+    scope_value TEXT COLLATE "C" NOT NULL,
+    period_start_ns BIGINT NOT NULL,
+    threshold DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (budget, scope_value, period_start_ns, threshold)
+);
+CREATE TABLE IF NOT EXISTS collector_alert_outbox (
+    id TEXT COLLATE "C" PRIMARY KEY,
+    sink TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    created_ns BIGINT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_ns BIGINT NOT NULL DEFAULT 0,
+    claimed_until_ns BIGINT NOT NULL DEFAULT 0,
+    delivered_ns BIGINT
+)
 """
 
 # -- the daily table -------------------------------------------------------------------------
@@ -678,8 +709,12 @@ class PostgresStore:
 
     def __init__(self, options: ConnectOptions, *, retention_s: int,
                  commit_timeout_s: float,
-                 resolve_window_s: int = DEFAULT_RESOLVE_WINDOW_S) -> None:
+                 resolve_window_s: int = DEFAULT_RESOLVE_WINDOW_S,
+                 budgets: tuple[Budget, ...] = (),
+                 sinks: tuple[AlertSink, ...] = ()) -> None:
         self._options = options
+        self._budgets = budgets
+        self._sinks = sinks
         self._retention_ns = retention_s * 1_000_000_000
         self._resolve_window_ns = resolve_window_s * 1_000_000_000
         # Usage held in the database (by any collector on it), as of this one's last commit.
@@ -729,7 +764,8 @@ class PostgresStore:
                     raise SchemaError(f"{self._options.where}: {problem}")
                 regclass = conn.execute("SELECT to_regclass(%s)", (DAILY_TABLE,)).fetchone()
                 had_daily = regclass is not None and regclass[0] is not None
-                for statement in SCHEMA.split(";"):
+                schema = SCHEMA + (";" + BUDGET_SCHEMA if self._budgets else "")
+                for statement in schema.split(";"):
                     if statement.strip():
                         conn.execute(statement)
                 _daily_triggers(conn, backfill=not had_daily)
@@ -861,6 +897,11 @@ class PostgresStore:
         if applied.sessions:
             for write in BATCH_WRITES:
                 self._run_write(conn, write.table, write.rows(applied))
+        if self._budgets:
+            # After the rollup (an alert's top lists include this batch), before the counter
+            # rows: a period's spend row is held to commit, like them, and taken after the
+            # sessions in every collector's flush.
+            record_budgets(_BudgetOps(conn), applied, self._budgets, self._sinks, now_ns)
         if traced is not None:
             # Near the end, like the span-id count (and before it: one order for both rows),
             # so flushes of several collectors hold this row only until their commit.
@@ -1027,6 +1068,61 @@ WHERE name IN ('{SEEN_CURRENT_COUNT}', '{SEEN_PREVIOUS_COUNT}', '{HELD_COUNT}') 
 """
 
 
+def portable(sql: str) -> str:
+    """SQL written once for both backends (SQLite's spelling) as PostgreSQL takes it: `?`
+    placeholders, and `instr(a, b) > 0` as `strpos`."""
+    return sql.replace("%", "%%").replace("?", "%s").replace("instr(", "strpos(")
+
+
+def scope_values(conn: psycopg.Connection[Any], dimensions: Sequence[str],
+                 session_ids: Sequence[str]) -> dict[tuple[str, str], str | None]:
+    """collector.store.budgets.BudgetOps.scope_values on PostgreSQL: one statement, the ids
+    as one array."""
+    values = ", ".join(dimension_sql(d, "s.id") for d in dimensions)
+    sql = f"SELECT s.id, {values} FROM unnest(%s::text[]) AS s(id)"
+    return scope_rows(dimensions, conn.execute(sql, (list(session_ids),)))
+
+
+class _BudgetOps:
+    """collector.store.budgets.BudgetOps in a flush transaction on PostgreSQL."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self._conn = conn
+
+    def run(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        cursor = self._conn.execute(portable(sql), params)
+        return cursor.fetchall() if cursor.description is not None else []
+
+    def scope_values(self, dimensions: Sequence[str], session_ids: Sequence[str]
+                     ) -> dict[tuple[str, str], str | None]:
+        return scope_values(self._conn, dimensions, session_ids)
+
+
+class _OutboxConnection:
+    """collector.store.budgets.OutboxConnection on PostgreSQL: the delivery task's own
+    connection (never the writer's), autocommit."""
+
+    def __init__(self, options: ConnectOptions) -> None:
+        self._options = options
+        self._conn = options.connect()
+
+    def run(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        try:
+            return _BudgetOps(self._conn).run(sql, params)
+        except psycopg.Error as exc:
+            raise StorageError(f"PostgreSQL at {self._options.where}: {_message(exc)}") from exc
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def open_outbox(options: ConnectOptions) -> Outbox:
+    """The alert outbox in this database, for collector.budgets.delivery; claims skip rows
+    another collector is leasing at that instant."""
+    return Outbox(lambda: _OutboxConnection(options), skip_locked=True,
+                  description=f"postgres {options.where}")
+
+
 class QueryConnection:
     """A read-only PostgreSQL connection that runs the fleet view's queries
     (collector.web.queries), which are written once, in the SQL both backends share, with
@@ -1041,10 +1137,9 @@ class QueryConnection:
         self._conn.read_only = True
 
     def execute(self, sql: str, params: Sequence[Any] = (), /) -> _Rows:
-        text = sql.replace("%", "%%").replace("?", "%s").replace("instr(", "strpos(")
         try:
             return _Rows([tuple(_plain(v) for v in row)
-                          for row in self._conn.execute(text, params).fetchall()])
+                          for row in self._conn.execute(portable(sql), params).fetchall()])
         except psycopg.Error as exc:
             raise StorageError(f"PostgreSQL at {self._options.where}: {_message(exc)}") from exc
 

@@ -41,16 +41,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import os
 import sqlite3
 import stat
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 from collector.accounting.aggregate import Batch, HourDelta, SessionDelta
+from collector.config.budgets import AlertSink, Budget
 from collector.signals.metrics import CumulativePoint
 from collector.signals.traces import KEY_BYTES, TRACE_ID_BYTES
 from collector.store.base import (
@@ -89,6 +91,7 @@ from collector.store.base import (
     usage_group,
 )
 from collector.store.base import schema_problem as _schema_problem
+from collector.store.budgets import Outbox, dimension_sql, record_budgets, scope_rows
 
 __all__ = ["COLUMNS", "COLUMN_NAMES", "CommitResult", "SQLiteReader", "SQLiteStore",
            "SchemaError", "StorageError", "iso_utc"]
@@ -832,8 +835,12 @@ class SQLiteStore:
     """
 
     def __init__(self, path: Path, *, retention_s: int,
-                 resolve_window_s: int = DEFAULT_RESOLVE_WINDOW_S) -> None:
+                 resolve_window_s: int = DEFAULT_RESOLVE_WINDOW_S,
+                 budgets: tuple[Budget, ...] = (),
+                 sinks: tuple[AlertSink, ...] = ()) -> None:
         self.path = path
+        self._budgets = budgets
+        self._sinks = sinks
         self._retention_ns = retention_s * 1_000_000_000
         self._resolve_window_ns = resolve_window_s * 1_000_000_000
         # Usage held in the database (by any collector on it), as of this daemon's last commit.
@@ -893,6 +900,10 @@ class SQLiteStore:
                     if statement.strip():
                         db.execute(statement)
                 add_label_columns(db)
+                if self._budgets:  # no budget tables in a database that never had budgets
+                    for statement in BUDGET_SCHEMA.split(";"):
+                        if statement.strip():
+                            db.execute(statement)
                 if not had_rollup:
                     backfilled = db.execute(BACKFILL_HOURLY).rowcount
                     if backfilled > 0:
@@ -957,6 +968,8 @@ class SQLiteStore:
                 applied, traced = _with_traces(db, applied, now_ns, self._resolve_window_ns,
                                                self._retention_ns)
             write_sessions(db, applied)
+            if self._budgets:  # after the rollup: an alert's top lists include this batch
+                record_budgets(_BudgetOps(db), applied, self._budgets, self._sinks, now_ns)
             swept = 0
             if sweep_before_ns is not None:
                 swept = max(db.execute(SWEEP_STALE, (iso_utc(sweep_before_ns),)).rowcount, 0)
@@ -1170,6 +1183,83 @@ def _with_traces(db: sqlite3.Connection, applied: Batch, now_ns: int,
     row = db.execute(ADD_HELD_COUNT, (HELD_COUNT, traced.held_delta)).fetchone()
     traced.held_now = int(row[0])
     return combined, traced
+
+
+BUDGET_SCHEMA = """
+CREATE TABLE IF NOT EXISTS collector_budget_spend (
+    budget TEXT NOT NULL,
+    scope_value TEXT NOT NULL,
+    period_start_ns INTEGER NOT NULL,
+    spend_cents REAL NOT NULL DEFAULT 0.0,
+    PRIMARY KEY (budget, scope_value, period_start_ns)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS collector_budget_alerts (
+    budget TEXT NOT NULL,
+    scope_value TEXT NOT NULL,
+    period_start_ns INTEGER NOT NULL,
+    threshold REAL NOT NULL,
+    PRIMARY KEY (budget, scope_value, period_start_ns, threshold)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS collector_alert_outbox (
+    id TEXT PRIMARY KEY,
+    sink TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    created_ns INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_ns INTEGER NOT NULL DEFAULT 0,
+    claimed_until_ns INTEGER NOT NULL DEFAULT 0,
+    delivered_ns INTEGER
+) WITHOUT ROWID
+"""
+def scope_values(db: sqlite3.Connection, dimensions: Sequence[str],
+                 session_ids: Sequence[str]) -> dict[tuple[str, str], str | None]:
+    """collector.store.budgets.BudgetOps.scope_values on SQLite: one statement, the ids as
+    one JSON array (no limit on bound parameters to chunk around)."""
+    values = ", ".join(dimension_sql(d, "j.value") for d in dimensions)
+    sql = f"SELECT j.value, {values} FROM json_each(?) AS j"
+    return scope_rows(dimensions, db.execute(sql, (json.dumps(list(session_ids)),)))
+
+
+class _BudgetOps:
+    """collector.store.budgets.BudgetOps in a flush transaction on SQLite."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def run(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        return self._db.execute(sql, params).fetchall()
+
+    def scope_values(self, dimensions: Sequence[str], session_ids: Sequence[str]
+                     ) -> dict[tuple[str, str], str | None]:
+        return scope_values(self._db, dimensions, session_ids)
+
+
+class _OutboxConnection:
+    """collector.store.budgets.OutboxConnection on the SQLite file: autocommit, and used
+    from whichever worker thread the delivery task's call lands on (one call at a time)."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        except sqlite3.Error as exc:
+            raise StorageError(f"SQLite at {path}: {exc}") from exc
+        self._path = path
+
+    def run(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        try:
+            return self._db.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StorageError(f"SQLite at {self._path}: {exc}") from exc
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def open_outbox(path: Path) -> Outbox:
+    """The alert outbox in this file, for collector.budgets.delivery."""
+    return Outbox(lambda: _OutboxConnection(path), skip_locked=False,
+                  description=f"sqlite {path}")
 
 
 def _read_seen_counts(db: sqlite3.Connection) -> tuple[int, int]:

@@ -1,0 +1,253 @@
+"""Budgets in the store, the same on every backend: what a flush adds to each budget period,
+the crossings it records, the alerts it queues, and the outbox the delivery task drains.
+
+The planning is pure (collector.budgets). The statements here are written once, in the SQL
+SQLite and PostgreSQL share, with `?` placeholders (the PostgreSQL store translates them, as
+it does for the fleet view's queries). What differs per backend sits behind two small
+protocols: how a statement runs (in the flush transaction, or on the delivery task's own
+connection), and `scope_values`, the one lookup of a session's dimension values. Where a
+dimension's value lives is said once, in `dimension_sql`, which both that lookup and the
+alerts' top lists use; a new kind of dimension changes that function and nothing else.
+
+Exactly once: a crossing is a row of collector_budget_alerts inserted with ON CONFLICT DO
+NOTHING. The spend upsert that precedes it locks the period's spend row until commit, so of
+two collectors crossing one threshold at once the second waits, reads the first's sum, and
+finds the crossing already there; only the one that inserted it queues the alert.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from collector.accounting.aggregate import HOUR_NS, Batch
+from collector.budgets import Period, outbox_rows, period_of, reached, spend_deltas, top_n
+from collector.config.attribution import NAME_PATTERN
+from collector.config.budgets import AlertSink, Budget
+from collector.store.base import (
+    DIMENSIONS_TABLE,
+    HOURLY_TABLE,
+    LABELS_TABLE,
+    StorageError,
+    iso_utc,
+)
+
+SPEND_TABLE = "collector_budget_spend"
+ALERTS_TABLE = "collector_budget_alerts"
+OUTBOX_TABLE = "collector_alert_outbox"
+# How many sessions, users and models an alert names: enough to act on, short enough to read.
+TOP_N = 5
+TOP_KINDS = ("sessions", "users", "models")
+# Fractions of a cent kept in the top lists: a session of a few tenths of a cent still shows.
+CENTS_DIGITS = 4
+# The built-in dimensions' columns in collector_session_labels.
+LABEL_COLUMNS = {"agent": "agent", "user": "user_name", "host": "host",
+                 "credential": "credential"}
+
+
+def dimension_sql(dimension: str, session: str) -> str:
+    """An SQL expression for the latest value of `dimension` of the session whose id is the
+    expression `session` (NULL when it has none): the single place that knows where a
+    dimension's values are stored: a built-in one's column of the labels, or a configured
+    one's row of collector_session_dimensions (its name, an identifier by
+    collector.config.attribution's rule, is safe as a literal)."""
+    column = LABEL_COLUMNS.get(dimension)
+    if column is not None:
+        return f"(SELECT lbl.{column} FROM {LABELS_TABLE} AS lbl WHERE lbl.id = {session})"
+    if not NAME_PATTERN.fullmatch(dimension):
+        raise ValueError(f"not a dimension name: {dimension!r}")
+    return (f"(SELECT dv.value FROM {DIMENSIONS_TABLE} AS dv WHERE dv.session_id = {session} "
+            f"AND dv.dimension = '{dimension}')")
+
+
+def scope_rows(dimensions: Sequence[str], rows: Iterable[Sequence[Any]]
+               ) -> dict[tuple[str, str], str | None]:
+    """A backend's scope_values answer from its rows: (session id, one value per dimension)."""
+    out: dict[tuple[str, str], str | None] = {}
+    for sid, *found in rows:
+        for dimension, value in zip(dimensions, found, strict=True):
+            out[(dimension, str(sid))] = None if value is None else str(value)
+    return out
+
+
+ADD_SPEND = f"""
+INSERT INTO {SPEND_TABLE} (budget, scope_value, period_start_ns, spend_cents)
+VALUES (?, ?, ?, ?)
+ON CONFLICT (budget, scope_value, period_start_ns) DO UPDATE SET
+    spend_cents = {SPEND_TABLE}.spend_cents + excluded.spend_cents
+RETURNING spend_cents
+"""
+ADD_CROSSING = f"""
+INSERT INTO {ALERTS_TABLE} (budget, scope_value, period_start_ns, threshold)
+VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING threshold
+"""
+ADD_OUTBOX = f"""
+INSERT INTO {OUTBOX_TABLE} (id, sink, payload, created_ns) VALUES (?, ?, ?, ?)
+ON CONFLICT DO NOTHING
+"""
+
+
+class BudgetOps(Protocol):
+    """A backend's side of recording budgets, in the open flush transaction."""
+
+    def run(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        """One of this module's statements (`?` placeholders); its rows, if it returns any."""
+        ...
+
+    def scope_values(self, dimensions: Sequence[str], session_ids: Sequence[str]
+                     ) -> dict[tuple[str, str], str | None]:
+        """(dimension, session id) -> the session's value as committed by this flush, for
+        every pair asked (None when the session has no value)."""
+        ...
+
+
+def record_budgets(ops: BudgetOps, applied: Batch, budgets: Sequence[Budget],
+                   sinks: Sequence[AlertSink], now_ns: int) -> int:
+    """Inside the usage's transaction, after the rollup is written: add the applied batch's
+    cost to each budget period it touches and record every threshold newly reached, with one
+    outbox row per sink. Spend rows are taken in key order, the same in every collector, so
+    concurrent flushes queue on them instead of deadlocking. Returns the crossings added."""
+    if not budgets:
+        return 0
+    dimensions = sorted({b.dimension for b in budgets if b.dimension is not None})
+    sessions = sorted({s for s, _, _ in applied.hours})
+    values = ops.scope_values(dimensions, sessions) if dimensions and sessions else {}
+    by_name = {b.name: b for b in budgets}
+    added = 0
+    for (name, value, start_ns), cents in sorted(
+            spend_deltas(budgets, applied.hours, values).items()):
+        spend = float(ops.run(ADD_SPEND, (name, value, start_ns, cents))[0][0])
+        budget = by_name[name]
+        top: dict[str, list[tuple[str, float]]] | None = None
+        for threshold in reached(budget, spend):
+            if not ops.run(ADD_CROSSING, (name, value, start_ns, threshold)):
+                continue  # recorded before, by this collector or another
+            added += 1
+            if top is None:
+                top = top_spenders(ops, budget, value, period_of(budget, start_ns))
+            for row in outbox_rows(budget, value, start_ns, threshold, spend, sinks, top=top):
+                ops.run(ADD_OUTBOX, (*row, now_ns))
+    return added
+
+
+def _top_sql(budget: Budget, kind: str) -> str:
+    name = {"sessions": "h.session_id", "models": "h.model",
+            "users": dimension_sql("user", "h.session_id")}[kind]
+    scope = ("" if budget.dimension is None
+             else f" AND {dimension_sql(budget.dimension, 'h.session_id')} = ?")
+    return (f"SELECT who, sum(cost) FROM (SELECT {name} AS who, h.cost_cents AS cost "
+            f"FROM {HOURLY_TABLE} AS h WHERE h.hour >= ? AND h.hour < ?{scope}) AS r "
+            f"WHERE who IS NOT NULL GROUP BY who HAVING sum(cost) > 0 "
+            f"ORDER BY 2 DESC, 1 LIMIT ?")
+
+
+def period_hours(period: Period) -> tuple[str, str]:
+    """[lo, hi) in the rollup's hour text for the hours counted in `period`: those starting
+    in it (collector.budgets.spend_deltas files an hour under the period of its start)."""
+    def first_hour_from(ns: int) -> str:
+        return iso_utc(-(-ns // HOUR_NS) * HOUR_NS)
+
+    return first_hour_from(period.start_ns), first_hour_from(period.end_ns)
+
+
+def top_spenders(ops: BudgetOps, budget: Budget, value: str, period: Period
+                 ) -> dict[str, list[tuple[str, float]]]:
+    """The budget instance's largest sessions, users and models of the period, in cents, as
+    committed by this flush. Bounded to the period's hours (the rollup's key starts with the
+    hour) and to the instance's scope; run only when a threshold is crossed."""
+    lo, hi = period_hours(period)
+    scope: tuple[Any, ...] = () if budget.dimension is None else (value,)
+    return {kind: top_n(((str(n), round(float(c), CENTS_DIGITS))
+                         for n, c in ops.run(_top_sql(budget, kind), (lo, hi, *scope, TOP_N))),
+                        TOP_N)
+            for kind in TOP_KINDS}
+
+
+# -- the outbox ------------------------------------------------------------------------------
+
+def _claim_sql(skip_locked: bool) -> str:
+    # SKIP LOCKED (PostgreSQL): a row another collector is claiming this instant is passed
+    # over, not waited for; SQLite runs one writer at a time and needs no such clause.
+    lock = " FOR UPDATE SKIP LOCKED" if skip_locked else ""
+    return f"""
+UPDATE {OUTBOX_TABLE} SET claimed_until_ns = ?
+WHERE id = (SELECT id FROM {OUTBOX_TABLE}
+            WHERE delivered_ns IS NULL AND next_attempt_ns <= ? AND claimed_until_ns <= ?
+            ORDER BY created_ns, id LIMIT 1{lock})
+RETURNING id, sink, payload, attempts
+"""
+
+
+SETTLE_DELIVERED = f"""
+UPDATE {OUTBOX_TABLE} SET delivered_ns = ?, attempts = ?, claimed_until_ns = 0 WHERE id = ?
+"""
+SETTLE_FAILED = f"""
+UPDATE {OUTBOX_TABLE} SET attempts = ?, next_attempt_ns = ?, claimed_until_ns = 0
+WHERE id = ? AND delivered_ns IS NULL
+"""
+COUNT_PENDING = f"SELECT count(*) FROM {OUTBOX_TABLE} WHERE delivered_ns IS NULL"
+
+
+class OutboxConnection(Protocol):
+    """A backend connection for the delivery task; each statement commits on its own.
+    Database errors surface as StorageError."""
+
+    def run(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    id: str
+    sink: str
+    payload: str
+    attempts: int
+
+
+class Outbox:
+    """The outbox as the delivery task sees it: lease the next due row, settle it. One
+    connection, opened on first use and again after an error. Methods block: call them off
+    the event loop, one at a time."""
+
+    def __init__(self, connect: Callable[[], OutboxConnection], *, skip_locked: bool,
+                 description: str) -> None:
+        self._connect = connect
+        self._claim = _claim_sql(skip_locked)
+        self._conn: OutboxConnection | None = None
+        self.description = description
+
+    def _run(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        if self._conn is None:
+            self._conn = self._connect()
+        try:
+            return self._conn.run(sql, params)
+        except StorageError:
+            self.close()  # a broken connection is replaced at the next call
+            raise
+
+    def claim(self, now_ns: int, lease_ns: int) -> Claimed | None:
+        """The oldest due row no live lease holds, leased to the caller until now + lease:
+        atomically, so two collectors never hold one row at once."""
+        rows = self._run(self._claim, (now_ns + lease_ns, now_ns, now_ns))
+        if not rows:
+            return None
+        alert_id, sink, payload, attempts = rows[0]
+        return Claimed(str(alert_id), str(sink), str(payload), int(attempts))
+
+    def delivered(self, alert_id: str, attempts: int, now_ns: int) -> None:
+        self._run(SETTLE_DELIVERED, (now_ns, attempts, alert_id))
+
+    def failed(self, alert_id: str, attempts: int, next_attempt_ns: int) -> None:
+        """Back off; a row another claimant delivered meanwhile (our lease lapsed) stays
+        delivered."""
+        self._run(SETTLE_FAILED, (attempts, next_attempt_ns, alert_id))
+
+    def pending(self) -> int:
+        return int(self._run(COUNT_PENDING, ())[0][0])
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()

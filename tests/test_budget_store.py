@@ -1,0 +1,276 @@
+"""Budget spend and crossings recorded in the usage's own SQLite transaction: each threshold
+once per budget instance and period, however the usage is split into commits, retried or
+committed by a second store on the same file; a new period re-arms."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from collector.accounting.aggregate import Batch
+from collector.config.budgets import AlertSink, Budget
+from collector.signals.traces import SpanUsage
+from collector.store.postgres import ConnectOptions, PostgresStore
+from collector.store.sqlite import SQLiteStore
+from tests.conftest import MS, T0
+
+DAY = 24 * 3600 * 1_000_000_000
+SINKS = (AlertSink(name="hook", kind="webhook", url="http://127.0.0.1:9/"),
+         AlertSink(name="chat", kind="slack", url="http://127.0.0.1:9/"))
+FLEET = Budget(name="fleet", amount_usd=0.05, thresholds=(0.8, 1.0))  # 4 and 5 cents
+PER_USER = Budget(name="users", amount_usd=0.02, dimension="user", value="a*",
+                  period="day", thresholds=(1.0,))
+
+
+def rec(key: int, *, session: str = "s", user: str | None = "alice", t: int = T0,
+        cents: float = 1.0) -> SpanUsage:
+    return SpanUsage(key.to_bytes(32, "big"), session, t, t + MS, 1, 10, 2, 0, 0, 0,
+                     cents, True, "m", None, None, None, None, user=user)
+
+
+def batch(*records: SpanUsage) -> Batch:
+    b = Batch()
+    b.add(records)
+    return b
+
+
+async def _store(path: Path, budgets: tuple[Budget, ...] = (FLEET, PER_USER)) -> SQLiteStore:
+    s = SQLiteStore(path, retention_s=100, budgets=budgets, sinks=SINKS)
+    await s.open()
+    return s
+
+
+def _rows(path: Path, sql: str) -> list[tuple[object, ...]]:
+    with sqlite3.connect(path) as db:
+        return db.execute(sql).fetchall()
+
+
+async def test_each_threshold_is_recorded_once_with_one_outbox_row_per_sink(
+        tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    store = await _store(path)
+    try:
+        for key in range(1, 8):  # 1 cent per commit: 0.8 at the 4th, 1.0 at the 5th
+            await store.commit(batch(rec(key)), now_ns=T0)
+            await store.commit(batch(rec(key)), now_ns=T0)  # a retry: deduped, adds nothing
+    finally:
+        await store.close()
+    assert _rows(path, "SELECT budget, scope_value, spend_cents FROM collector_budget_spend "
+                       "ORDER BY budget") == [("fleet", "", 7.0), ("users", "alice", 7.0)]
+    crossings = _rows(path, "SELECT budget, scope_value, threshold FROM collector_budget_alerts "
+                            "ORDER BY budget, threshold")
+    assert crossings == [("fleet", "", 0.8), ("fleet", "", 1.0), ("users", "alice", 1.0)]
+    outbox = _rows(path, "SELECT id, sink, payload FROM collector_alert_outbox")
+    assert len(outbox) == 6 and len({r[0] for r in outbox}) == 6
+    hooks = [json.loads(str(p)) for _, s, p in outbox if s == "hook"]
+    first = next(h for h in hooks if h["budget"] == "fleet" and h["threshold"] == 0.8)
+    assert first["spend_usd"] == 0.04 and first["limit_usd"] == 0.05
+    assert first["period"]["start"] == "2026-01-01T00:00:00+00:00"
+
+
+async def test_two_stores_on_one_file_record_a_crossing_once(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    one, two = await _store(path, (FLEET,)), await _store(path, (FLEET,))
+    try:
+        await one.commit(batch(rec(1, cents=3)), now_ns=T0)
+        await two.commit(batch(rec(2, cents=3)), now_ns=T0)  # crosses 0.8 and 1.0
+        await one.commit(batch(rec(3, cents=3)), now_ns=T0)
+    finally:
+        await one.close()
+        await two.close()
+    assert _rows(path, "SELECT threshold FROM collector_budget_alerts ORDER BY 1") == [
+        (0.8,), (1.0,)]
+    assert _rows(path, "SELECT count(*) FROM collector_alert_outbox") == [(4,)]
+
+
+async def test_a_new_period_rearms_and_other_values_have_their_own_instances(
+        tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    store = await _store(path, (PER_USER,))
+    try:
+        await store.commit(batch(rec(1, cents=2), rec(2, session="b", user="bob", cents=9),
+                                 rec(3, session="n", user=None, cents=9)), now_ns=T0)
+        await store.commit(batch(rec(4, cents=2, t=T0 + DAY)), now_ns=T0 + DAY)
+        await store.commit(batch(rec(5, session="a2", user="anna", cents=5)), now_ns=T0)
+    finally:
+        await store.close()
+    assert _rows(path, "SELECT scope_value, period_start_ns FROM collector_budget_alerts "
+                       "ORDER BY 2, 1") == [("alice", T0), ("anna", T0), ("alice", T0 + DAY)]
+
+
+async def test_without_budgets_no_budget_tables_exist(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    store = await _store(path, ())
+    try:
+        await store.commit(batch(rec(1)), now_ns=T0)
+    finally:
+        await store.close()
+    assert _rows(path, "SELECT name FROM sqlite_master WHERE name LIKE 'collector_budget%'") == []
+
+
+# -- the same on PostgreSQL, and what an alert names -------------------------------------------
+
+def spend(key: int, session: str, user: str | None, model: str, cents: float) -> SpanUsage:
+    return rec(key, session=session, user=user, cents=cents)._replace(model=model)
+
+
+def _pg_rows(url: str, sql: str) -> list[tuple[object, ...]]:
+    with psycopg.connect(url) as conn:
+        return [tuple(r) for r in conn.execute(sql).fetchall()]
+
+
+async def _pg_store(url: str, budgets: tuple[Budget, ...] = (FLEET, PER_USER)) -> PostgresStore:
+    s = PostgresStore(ConnectOptions(url), retention_s=100, commit_timeout_s=30,
+                      budgets=budgets, sinks=SINKS)
+    await s.open()
+    return s
+
+
+async def test_postgres_records_each_threshold_once_with_one_outbox_row_per_sink(
+        pg_url: str) -> None:
+    store = await _pg_store(pg_url)
+    try:
+        for key in range(1, 8):
+            await store.commit(batch(rec(key)), now_ns=T0)
+            await store.commit(batch(rec(key)), now_ns=T0)
+    finally:
+        await store.close()
+    assert _pg_rows(pg_url, "SELECT budget, scope_value, spend_cents FROM "
+                            "collector_budget_spend ORDER BY budget") == [
+        ("fleet", "", 7.0), ("users", "alice", 7.0)]
+    assert _pg_rows(pg_url, "SELECT budget, scope_value, threshold FROM "
+                            "collector_budget_alerts ORDER BY budget, threshold") == [
+        ("fleet", "", 0.8), ("fleet", "", 1.0), ("users", "alice", 1.0)]
+    assert _pg_rows(pg_url, "SELECT count(DISTINCT id) FROM collector_alert_outbox") == [(6,)]
+
+
+async def test_postgres_without_budgets_has_no_budget_tables(pg_url: str) -> None:
+    store = await _pg_store(pg_url, ())
+    try:
+        await store.commit(batch(rec(1)), now_ns=T0)
+    finally:
+        await store.close()
+    assert _pg_rows(pg_url, "SELECT count(*) FROM pg_tables "
+                            "WHERE tablename LIKE 'collector_budget%'") == [(0,)]
+
+
+async def test_two_postgres_stores_committing_at_once_record_each_crossing_once(
+        pg_url: str) -> None:
+    """Each round both stores commit a cent at the same moment, on their own writer threads
+    and connections: the thresholds (0.8 at 4 cents, 1.0 at 5, per period) are crossed by
+    whichever commit reaches them, and recorded once."""
+    budget = Budget(name="race", amount_usd=0.05, period="day", thresholds=(0.8, 1.0))
+    one, two = await _pg_store(pg_url, (budget,)), await _pg_store(pg_url, (budget,))
+    try:
+        for day in range(6):
+            t = T0 + day * DAY
+            await asyncio.gather(
+                one.commit(batch(rec(2 * day + 1, t=t, cents=2.5)), now_ns=t),
+                two.commit(batch(rec(2 * day + 2, t=t, cents=2.5)), now_ns=t))
+    finally:
+        await one.close()
+        await two.close()
+    assert _pg_rows(pg_url, "SELECT count(*), count(DISTINCT period_start_ns) "
+                            "FROM collector_budget_spend WHERE spend_cents = 5") == [(6, 6)]
+    assert _pg_rows(pg_url, "SELECT threshold, count(*) FROM collector_budget_alerts "
+                            "GROUP BY 1 ORDER BY 1") == [(0.8, 6), (1.0, 6)]
+    assert _pg_rows(pg_url, "SELECT sink, count(DISTINCT id), count(*) FROM "
+                            "collector_alert_outbox GROUP BY 1 ORDER BY 1") == [
+        ("chat", 12, 12), ("hook", 12, 12)]
+
+
+async def _top_of_crossing(store: SQLiteStore | PostgresStore) -> None:
+    try:
+        await store.commit(batch(
+            spend(1, "s1", "alice", "big", 2), spend(2, "s2", "anna", "small", 1),
+            spend(3, "s3", None, "big", 1), spend(4, "s4", "bob", "small", 0.5)), now_ns=T0)
+        # Crosses both budgets' thresholds: the lists are as of this commit, within scope.
+        await store.commit(batch(spend(5, "s2", "anna", "small", 2)), now_ns=T0)
+    finally:
+        await store.close()
+
+
+TOP_BUDGETS = (Budget(name="fleet", amount_usd=0.06, thresholds=(1.0,)),
+               Budget(name="a-users", amount_usd=0.03, dimension="user", value="a*",
+                      thresholds=(1.0,)))
+
+
+def _check_top(rows: list[tuple[object, ...]]) -> None:
+    hooks = {(b := json.loads(str(p)))["budget"] + "/" + str(b["value"]): b
+             for s, p in rows if s == "hook"}
+    assert set(hooks) == {"fleet/None", "a-users/anna"}
+    fleet = hooks["fleet/None"]["top"]
+    assert fleet["sessions"] == [{"name": "s2", "spend_usd": 0.03},
+                                 {"name": "s1", "spend_usd": 0.02},
+                                 {"name": "s3", "spend_usd": 0.01},
+                                 {"name": "s4", "spend_usd": 0.005}]
+    assert fleet["users"] == [{"name": "anna", "spend_usd": 0.03},
+                              {"name": "alice", "spend_usd": 0.02},
+                              {"name": "bob", "spend_usd": 0.005}]  # s3 has no user
+    assert [m["name"] for m in fleet["models"]] == ["small", "big"]
+    anna = hooks["a-users/anna"]
+    assert anna["scope"] == "user" and anna["spend_usd"] == 0.03 and anna["share"] == 1.0
+    assert anna["top"] == {"sessions": [{"name": "s2", "spend_usd": 0.03}],
+                           "users": [{"name": "anna", "spend_usd": 0.03}],
+                           "models": [{"name": "small", "spend_usd": 0.03}]}
+    slack = [json.loads(str(p))["text"] for s, p in rows if s == "chat"]
+    assert any("Top sessions: s2 $0.03, s1 $0.02" in text for text in slack)
+
+
+async def test_an_alert_names_the_top_sessions_users_and_models_of_its_scope_sqlite(
+        tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    await _top_of_crossing(await _store(path, TOP_BUDGETS))
+    _check_top(_rows(path, "SELECT sink, payload FROM collector_alert_outbox"))
+
+
+async def test_an_alert_names_the_top_sessions_users_and_models_of_its_scope_postgres(
+        pg_url: str) -> None:
+    await _top_of_crossing(await _pg_store(pg_url, TOP_BUDGETS))
+    _check_top(_pg_rows(pg_url, "SELECT sink, payload FROM collector_alert_outbox"))
+
+
+PER_TEAM = Budget(name="teams", amount_usd=0.03, dimension="team", value="*",
+                  thresholds=(1.0,))
+
+
+def tagged(key: int, team: str | None, **kwargs: Any) -> SpanUsage:
+    """A record of a session tagged with a configured dimension ([attribution] team)."""
+    return rec(key, **kwargs)._replace(dimensions=(("team", team),) if team else ())
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_a_budget_per_value_of_a_configured_dimension(
+        tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
+    """Each team is its own instance; the session's latest team takes the spend of the
+    commit, and a session without a team is in no instance."""
+    url = request.getfixturevalue("pg_url") if backend == "postgres" else None
+    path = tmp_path / "db.sqlite"
+    store = await (_pg_store(url, (PER_TEAM,)) if url else _store(path, (PER_TEAM,)))
+    try:
+        await store.commit(batch(tagged(1, "platform", session="a", cents=2),
+                                 tagged(2, "growth", session="b", cents=1),
+                                 tagged(3, None, session="c", cents=5)), now_ns=T0)
+        # Session b moves to platform: this commit's cent is platform's, and crosses it.
+        await store.commit(batch(tagged(4, "platform", session="b", t=T0 + MS, cents=1)),
+                           now_ns=T0)
+    finally:
+        await store.close()
+    rows = _pg_rows if url else (lambda _, sql: _rows(path, sql))
+    where = url or path
+    assert rows(where, "SELECT scope_value, spend_cents FROM collector_budget_spend "
+                       "ORDER BY scope_value") == [("growth", 1.0), ("platform", 3.0)]
+    assert rows(where, "SELECT scope_value, threshold FROM collector_budget_alerts") == [
+        ("platform", 1.0)]
+    payloads = [json.loads(str(p)) for (p,) in rows(
+        where, "SELECT payload FROM collector_alert_outbox WHERE sink = 'hook'")]
+    assert [(p["scope"], p["value"], p["threshold"]) for p in payloads] == [
+        ("team", "platform", 1.0)]
+    # Behind it: the sessions whose team is platform now, never the untagged one.
+    assert {t["name"] for t in payloads[0]["top"]["sessions"]} == {"a", "b"}

@@ -1,0 +1,193 @@
+"""Budgets: config validation and the pure core (periods, crossings, alert bodies)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from collector.budgets import (
+    Alert,
+    Period,
+    alert_id,
+    backoff_s,
+    period_of,
+    projected_cents,
+    reached,
+    scope_matches,
+    scope_value,
+    slack_body,
+    threshold_cents,
+    webhook_body,
+)
+from collector.config import Config, ConfigError, parse_config
+from collector.config.budgets import Budget
+
+
+def _ns(*args: int, tz: object = UTC) -> int:
+    return int(datetime(*args, tzinfo=tz).timestamp()) * 1_000_000_000  # type: ignore[arg-type]
+
+
+def _config(doc: dict[str, object], tmp_path: Path) -> Config:
+    return parse_config(doc, source="budgets.toml", base_dir=tmp_path)
+
+
+GOOD = {
+    "budgets": [
+        {"name": "fleet", "scope": "fleet", "period": "month", "amount_usd": 1000},
+        {"name": "teams", "dimension": "user", "value": "*", "period": "week",
+         "timezone": "Europe/Berlin", "amount_usd": 50.5, "thresholds": [1.0, 0.5, 0.8]},
+    ],
+    "alerts": {"sinks": [
+        {"name": "hook", "kind": "webhook", "url": "http://127.0.0.1:9/x",
+         "headers": {"X-Team": "ops"}},
+        {"name": "chat", "kind": "slack", "url": "https://hooks.slack.com/services/T/B/C"},
+    ]},
+}
+
+
+def test_budgets_and_sinks_parse(tmp_path: Path) -> None:
+    config = _config(GOOD, tmp_path)
+    budgets = config.budgets
+    assert budgets[0] == Budget(name="fleet", amount_usd=1000.0)
+    assert budgets[1].thresholds == (0.5, 0.8, 1.0) and budgets[1].is_glob
+    assert budgets[1].timezone == "Europe/Berlin" and budgets[1].period == "week"
+    sinks = config.alert_sinks
+    assert [s.kind for s in sinks] == ["webhook", "slack"]
+    assert "ops" not in repr(sinks[0])  # header values may be credentials
+
+
+def test_budgets_are_accepted_with_postgres_storage(tmp_path: Path) -> None:
+    doc = {**GOOD, "storage": {"backend": "postgres",
+                               "postgres_url": "postgresql://u@127.0.0.1:5432/db"}}
+    config = _config(doc, tmp_path)
+    assert config.storage_backend == "postgres" and len(config.budgets) == 2
+
+
+def test_secret_file_is_read_and_never_shown(tmp_path: Path) -> None:
+    (tmp_path / "secret").write_text("s3cret\n")
+    doc = {"alerts": {"sinks": [{"name": "h", "kind": "webhook", "url": "https://e.com/",
+                                 "secret_file": "secret"}]}}
+    sink = _config(doc, tmp_path).alert_sinks[0]
+    assert sink.secret == "s3cret" and "s3cret" not in repr(sink)
+
+
+def _budget(**over: object) -> dict[str, object]:
+    return {"budgets": [{"name": "b", "scope": "fleet", "amount_usd": 10, **over}]}
+
+
+@pytest.mark.parametrize(("doc", "key", "words"), [
+    ({"budgets": [{"name": "b", "dimension": "squad", "value": "x", "amount_usd": 1}]},
+     "budgets[0].dimension", "unknown dimension 'squad'"),
+    (_budget(amount_usd=-5), "budgets[0].amount_usd", "must be a number > 0"),
+    (_budget(amount_usd=0), "budgets[0].amount_usd", "must be a number > 0"),
+    ({"budgets": [{"name": "b", "scope": "fleet"}]}, "budgets[0].amount_usd", "missing"),
+    (_budget(thresholds=[0.8, 10.5]), "budgets[0].thresholds", "(0, 10]"),
+    (_budget(thresholds=[0]), "budgets[0].thresholds", "(0, 10]"),
+    (_budget(thresholds=[]), "budgets[0].thresholds", "non-empty"),
+    (_budget(timezone="Mars/Olympus"), "budgets[0].timezone", "not an IANA time zone"),
+    (_budget(period="year"), "budgets[0].period", "must be one of day, week, month"),
+    (_budget(scope="everyone"), "budgets[0].scope", 'must be "fleet"'),
+    (_budget(colour="red"), "budgets[0].colour", "unknown key"),
+    ({"budgets": [{"scope": "fleet", "amount_usd": 1}]}, "budgets[0].name", "missing"),
+    ({"budgets": [{"name": "b", "scope": "fleet", "amount_usd": 1}] * 2},
+     "budgets[1].name", "names another budget"),
+    ({"budgets": [{"name": "b", "amount_usd": 1}]}, "budgets[0].dimension", "missing"),
+    ({"alerts": {"sinks": [{"name": "h", "kind": "webhook", "url": "ftp://e.com/"}]}},
+     "alerts.sinks[0].url", "http:// or https://"),
+    ({"alerts": {"sinks": [{"name": "h", "kind": "webhook", "url": "file:///etc/passwd"}]}},
+     "alerts.sinks[0].url", "http:// or https://"),
+    ({"alerts": {"sinks": [{"name": "h", "kind": "email", "url": "https://e.com/"}]}},
+     "alerts.sinks[0].kind", "must be one of webhook, slack"),
+    ({"alerts": {"sinks": [{"name": "h", "kind": "slack", "url": "https://e.com/",
+                            "secret_file": "nope"}]}},
+     "alerts.sinks[0].secret_file", "cannot read"),
+    ({"alerts": {"digest": True}}, "alerts.digest", "unknown key"),
+])
+def test_bad_budget_config_names_key_and_file(doc: dict[str, object], key: str, words: str,
+                                              tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        _config(doc, tmp_path)
+    assert info.value.key == key
+    assert words in info.value.problem
+    assert "budgets.toml" in str(info.value)
+
+
+def test_a_bad_url_error_does_not_echo_the_url(tmp_path: Path) -> None:
+    doc = {"alerts": {"sinks": [{"name": "h", "kind": "slack",
+                                 "url": "ftp://hooks.example/T0KEN"}]}}
+    with pytest.raises(ConfigError) as info:
+        _config(doc, tmp_path)
+    assert "T0KEN" not in str(info.value)
+
+
+def test_periods_follow_the_budget_time_zone() -> None:
+    berlin = Budget(name="b", amount_usd=1, period="month", timezone="Europe/Berlin")
+    # 23:30 UTC on 31 January is already 1 February in Berlin.
+    p = period_of(berlin, _ns(2026, 1, 31, 23, 30))
+    assert p == Period(_ns(2026, 1, 31, 23), _ns(2026, 2, 28, 23))
+    utc = Budget(name="b", amount_usd=1, period="month")
+    assert period_of(utc, _ns(2026, 1, 31, 23, 30)).start_ns == _ns(2026, 1, 1)
+    assert period_of(utc, _ns(2026, 12, 31, 23)).end_ns == _ns(2027, 1, 1)
+    week = Budget(name="b", amount_usd=1, period="week")
+    assert period_of(week, _ns(2026, 12, 3, 6)) == Period(_ns(2026, 11, 30), _ns(2026, 12, 7))
+    # A day across the end of summer time is 25 hours long.
+    day = Budget(name="b", amount_usd=1, period="day", timezone="Europe/Berlin")
+    p = period_of(day, _ns(2026, 10, 25, 12))
+    assert p.end_ns - p.start_ns == 25 * 3600 * 1_000_000_000
+
+
+def test_thresholds_are_reached_at_whole_cents() -> None:
+    b = Budget(name="b", amount_usd=0.05, thresholds=(0.8, 1.0))
+    assert threshold_cents(b, 0.8) == 4 and threshold_cents(b, 1.0) == 5
+    assert reached(b, 3) == () and reached(b, 4) == (0.8,) and reached(b, 9) == (0.8, 1.0)
+    big = Budget(name="b", amount_usd=100, thresholds=(0.1, 0.7))
+    assert threshold_cents(big, 0.7) == 7000 and threshold_cents(big, 0.1) == 1000
+
+
+def test_scopes_and_glob_instances() -> None:
+    fleet = Budget(name="f", amount_usd=1)
+    assert scope_matches(fleet, None) and scope_value(fleet, "x") == ""
+    plat = Budget(name="p", amount_usd=1, dimension="user", value="plat*")
+    assert scope_matches(plat, "platform") and not scope_matches(plat, "web")
+    assert not scope_matches(plat, None)
+    assert scope_value(plat, "platform") == "platform"
+
+
+def test_alert_ids_are_stable_and_distinct() -> None:
+    a = alert_id("b", "platform", 5, 0.8, "hook")
+    assert a == alert_id("b", "platform", 5, 0.8, "hook")
+    assert len({a, alert_id("b", "platform", 6, 0.8, "hook"),
+                alert_id("b", "platform", 5, 1.0, "hook"),
+                alert_id("b", "platform", 5, 0.8, "chat")}) == 4
+
+
+def test_projection_and_backoff() -> None:
+    p = Period(0, 100)
+    assert projected_cents(250, p, 25) == 1000
+    assert projected_cents(250, p, 0) == 250 and projected_cents(250, p, 500) == 250
+    assert [backoff_s(n, cap_s=10) for n in (1, 2, 3, 4, 5)] == [1, 2, 4, 8, 10]
+    assert backoff_s(3, jitter=0.5) == 3.0
+
+
+def _alert() -> Alert:
+    return Alert(id="abc", budget="teams", dimension="team", value="<!channel> & co",
+                 period=Period(_ns(2026, 12, 1), _ns(2027, 1, 1)), threshold=0.8,
+                 spend_cents=8050, limit_usd=100.0,
+                 top={"users": [("<@U1>", 5000)], "models": [("m", 8050)]})
+
+
+def test_webhook_body() -> None:
+    body = webhook_body(_alert())
+    assert body["id"] == "abc" and body["spend_usd"] == 80.5 and body["share"] == 0.805
+    assert body["period"] == {"start": "2026-12-01T00:00:00+00:00",
+                              "end": "2027-01-01T00:00:00+00:00"}
+    assert body["top"] == {"users": [{"name": "<@U1>", "spend_usd": 50.0}],
+                           "models": [{"name": "m", "spend_usd": 80.5}]}
+
+
+def test_slack_text_escapes_agent_text() -> None:
+    text = str(slack_body(_alert())["text"])
+    assert "<!channel>" not in text and "<@U1>" not in text
+    assert "&lt;!channel&gt; &amp; co" in text and "$80.50 of $100.00" in text

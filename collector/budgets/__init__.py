@@ -75,7 +75,7 @@ def threshold_cents(budget: Budget, threshold: float) -> int:
     return whole if whole == exact else whole + 1
 
 
-def reached(budget: Budget, spend_cents: int) -> tuple[float, ...]:
+def reached(budget: Budget, spend_cents: float) -> tuple[float, ...]:
     """Every threshold a period's spend has reached. The store inserts each into its
     crossings table with ON CONFLICT DO NOTHING, so the ones already recorded cost nothing and
     only the newly inserted become alerts: exactly once however commits interleave."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from collector.budgets import NS_PER_S, Period, period_of, projected_cents, reached
@@ -138,7 +139,7 @@ def local_iso(ns: int, timezone: str) -> str:
         ZoneInfo(timezone)).isoformat()
 
 
-def to_json(status: BudgetStatus) -> dict[str, object]:
+def to_json(status: BudgetStatus) -> dict[str, Any]:
     """The document `collector budgets --json` prints and /api/budgets answers. Amounts in
     USD (spend to 1e-8, as reports give it); shares as fractions of the limit."""
     return {

@@ -3,10 +3,13 @@ zero lines for budgets without spend, projection, crossings of the current perio
 
 from __future__ import annotations
 
+import tomllib
 from datetime import UTC, datetime
+from pathlib import Path
 
 from collector.budgets import period_of
 from collector.budgets.status import budget_status, current_periods, to_json
+from collector.config import parse_config
 from collector.config.budgets import Budget
 
 NOW = int(datetime(2026, 12, 11, 12, tzinfo=UTC).timestamp()) * 1_000_000_000
@@ -51,3 +54,17 @@ def test_a_glob_without_values_shows_once_and_a_cap_counts_the_rest() -> None:
     status = budget_status((USERS,), spend, [], NOW, max_instances=3)
     assert [s.value for s in status.instances] == ["u9", "u8", "u7"]
     assert status.omitted == {"users": 7}
+
+
+def test_config_toml_budget_example_uncommented_is_valid(tmp_path: Path) -> None:
+    """config.toml's commented budgets and sinks, uncommented, are accepted as they are."""
+    text = (Path(__file__).resolve().parent.parent / "config.toml").read_text()
+    block = text[text.index("# [[budgets]]"):text.index("# Dialects:")]
+    toml = "\n".join(line[2:] if line.startswith("# ") else line.lstrip("#")
+                     for line in block.splitlines())
+    (tmp_path / "alert-secret.txt").write_text("s3cret\n")
+    config = parse_config(tomllib.loads(toml), source="config.toml", base_dir=tmp_path)
+    assert [(b.name, b.dimension, b.period) for b in config.budgets] == [
+        ("fleet-monthly", None, "month"), ("per-user-daily", "user", "day")]
+    assert [(s.name, s.kind, s.secret) for s in config.alert_sinks] == [
+        ("finops-slack", "slack", None), ("finops-hook", "webhook", "s3cret")]

@@ -7,6 +7,8 @@ import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
 from collector.budgets import period_of
 from collector.budgets.status import budget_status, current_periods, to_json
 from collector.config import parse_config
@@ -68,3 +70,37 @@ def test_config_toml_budget_example_uncommented_is_valid(tmp_path: Path) -> None
         ("fleet-monthly", None, "month"), ("per-user-daily", "user", "day")]
     assert [(s.name, s.kind, s.secret) for s in config.alert_sinks] == [
         ("finops-slack", "slack", None), ("finops-hook", "webhook", "s3cret")]
+
+
+def test_metric_families_bound_a_glob_and_skip_budgets_without_an_instance() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from collector.budgets.delivery import DeliveryStats
+    from collector.web.ops import METRICS_BUDGET_INSTANCES, BudgetCollector, BudgetGauges
+
+    start = period_of(USERS, NOW).start_ns
+    spend = [("users", f"u{i:03d}", start, float(i)) for i in range(METRICS_BUDGET_INSTANCES + 7)]
+    many = budget_status((FLEET, USERS), spend, [], NOW, max_instances=METRICS_BUDGET_INSTANCES)
+    none_yet = budget_status((USERS,), [], [], NOW)
+    for status, delivery in ((many, DeliveryStats(3, 2, 5 * 10**9)), (none_yet, None)):
+        registry = CollectorRegistry()
+        registry.register(BudgetCollector(lambda s=status: BudgetGauges(s, 4), delivery))
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in
+                   text_string_to_metric_families(generate_latest(registry).decode())
+                   for s in f.samples}
+        spends = {k: v for k, v in samples.items() if k[0] == "collector_budget_spend_usd"}
+        if status is many:
+            assert len(spends) == 1 + METRICS_BUDGET_INSTANCES
+            top = f"user=u{METRICS_BUDGET_INSTANCES + 6:03d}"
+            assert spends[("collector_budget_spend_usd",
+                           (("budget", "users"), ("scope", top)))] == pytest.approx(
+                (METRICS_BUDGET_INSTANCES + 6) / 100)
+            assert samples[("collector_budget_instances_not_exported",
+                            (("budget", "users"),))] == 7
+            assert samples[("collector_alert_delivery_failures_total", ())] == 2
+            assert samples[("collector_alert_last_success_timestamp_seconds", ())] == 5.0
+        else:
+            assert spends == {}  # a glob nobody matched: no series with a made-up scope
+            assert samples[("collector_alert_deliveries_total", ())] == 0
+        assert samples[("collector_alert_outbox_pending", ())] == 4

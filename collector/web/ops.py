@@ -253,11 +253,27 @@ class BudgetGauges:
     outbox_pending: int
 
 
-def budget_families(gauges: BudgetGauges, delivery: DeliveryStats | None) -> list[Metric]:
+def budget_families(gauges: BudgetGauges | None,
+                    delivery: DeliveryStats | None) -> list[Metric]:
     """Spend and limit per budget instance in its current period (the `scope` label as
     `collector budgets` shows it: "fleet" or "DIMENSION=VALUE"), and the alert outbox's
     health. Pure: values in, families out. Without sinks (`delivery` None) nothing is
-    delivered, and the outbox stays empty."""
+    delivered, and the outbox stays empty. `gauges` None (the database not read yet): no
+    spend at all rather than a made-up zero."""
+    stats = delivery or DeliveryStats()
+    counters: list[Metric] = [
+        CounterMetricFamily("collector_alert_deliveries",
+                            "Alerts delivered (a 2xx from the sink) by this collector",
+                            value=stats.delivered),
+        CounterMetricFamily("collector_alert_delivery_failures",
+                            "Delivery attempts that failed (not 2xx, unreachable, timed out) "
+                            "and were rescheduled with backoff", value=stats.failed_attempts),
+        GaugeMetricFamily("collector_alert_last_success_timestamp_seconds",
+                          "When this collector last delivered an alert (0: never)",
+                          value=stats.last_success_ns / 1e9),
+    ]
+    if gauges is None:
+        return counters
     spend = GaugeMetricFamily(
         "collector_budget_spend_usd",
         "Spend of each budget instance in its current period (its own zone and period)",
@@ -276,28 +292,19 @@ def budget_families(gauges: BudgetGauges, delivery: DeliveryStats | None) -> lis
         "exports (see `collector budgets`)", labels=("budget",))
     for name, count in sorted(gauges.status.omitted.items()):
         dropped.add_metric((name,), count)
-    stats = delivery or DeliveryStats()
     return [
         spend, limit, dropped,
         GaugeMetricFamily("collector_alert_outbox_pending",
                           "Alerts recorded but not yet delivered (all sinks, all collectors "
                           "on the database)", value=gauges.outbox_pending),
-        CounterMetricFamily("collector_alert_deliveries",
-                            "Alerts delivered (a 2xx from the sink) by this collector",
-                            value=stats.delivered),
-        CounterMetricFamily("collector_alert_delivery_failures",
-                            "Delivery attempts that failed (not 2xx, unreachable, timed out) "
-                            "and were rescheduled with backoff", value=stats.failed_attempts),
-        GaugeMetricFamily("collector_alert_last_success_timestamp_seconds",
-                          "When this collector last delivered an alert (0: never)",
-                          value=stats.last_success_ns / 1e9),
+        *counters,
     ]
 
 
 class BudgetCollector:
     """Reads the last refresh's budget gauges and the delivery counters when scraped."""
 
-    def __init__(self, gauges: Callable[[], BudgetGauges],
+    def __init__(self, gauges: Callable[[], BudgetGauges | None],
                  delivery: DeliveryStats | None) -> None:
         self._gauges = gauges
         self._delivery = delivery
@@ -320,7 +327,7 @@ class Metrics:
             buckets=FLUSH_ROWS_BUCKETS, registry=self.registry)
         self._statuses: dict[str, int] = {}
         self._budgets: tuple[Budget, ...] = ()
-        self._budget_gauges = BudgetGauges(budget_status((), [], [], 0), 0)
+        self._budget_gauges: BudgetGauges | None = None  # until the first refresh reads them
         self._reader: Reader | None = None
         self._refresh_lock = asyncio.Lock()
 
@@ -337,7 +344,6 @@ class Metrics:
                       delivery: DeliveryStats | None) -> None:
         """Export the budgets' spend and the outbox's health (call after `watch`)."""
         self._budgets = budgets
-        self._budget_gauges = BudgetGauges(budget_status(budgets, [], [], time.time_ns()), 0)
         self.registry.register(BudgetCollector(lambda: self._budget_gauges, delivery))
 
     def watch_connections(self, stats: ConnectionStats,
@@ -358,7 +364,8 @@ class Metrics:
                 try:
                     self._budget_gauges = await asyncio.to_thread(
                         _read_budget_gauges, reader, self._budgets)
-                except Exception as exc:  # the last values stay; the scrape goes on
+                except Exception as exc:  # the last values stay (a failing database shows
+                    # in /readyz and the flush metrics); the scrape goes on
                     log.debug("cannot read budget spend: %s", exc)
 
     def exposition(self, accept: str) -> tuple[bytes, str]:
@@ -367,7 +374,7 @@ class Metrics:
 
 
 def _read_budget_gauges(reader: Reader, budgets: tuple[Budget, ...]) -> BudgetGauges:
-    """On a worker thread: the budgets' current periods and the outbox, in two reads."""
+    """On a worker thread: the budgets' current periods and the outbox's pending count."""
     now_ns = time.time_ns()
     spend, crossings = reader.read_budgets(current_periods(budgets, now_ns))
     return BudgetGauges(budget_status(budgets, spend, crossings, now_ns,

@@ -1,5 +1,6 @@
 """The pure budget status (collector.budgets.status): current periods in each budget's zone,
-zero lines for budgets without spend, projection, crossings of the current period only."""
+zero lines for budgets without spend, projection, crossings of the current period only; the
+budget metric families built from it; config.toml's commented example."""
 
 from __future__ import annotations
 

@@ -41,9 +41,10 @@ class InstanceStatus:
     limit_usd: float
     projected_cents: int
     thresholds: tuple[float, ...]
-    # Thresholds the spend has reached, and the crossings recorded (each alerted once). They
-    # agree once the flush that crossed committed; a threshold added to the config later
-    # shows as reached here before its crossing is recorded by the next flush.
+    # Thresholds the spend has reached, and the crossings recorded (their alerts queued in the
+    # outbox, delivered or not). Both are written by one flush, so they differ only when the
+    # config changed: a threshold added mid-period is reached here before the next flush
+    # records it, and a removed one stays alerted.
     reached: tuple[float, ...]
     alerted: tuple[float, ...]
 
@@ -61,7 +62,7 @@ class InstanceStatus:
 
     @property
     def scope(self) -> str:
-        """How people read the instance: "fleet", "user=alice", "user=* (none yet)"."""
+        """How people read the instance: "fleet", "user=alice", "user (no value yet)"."""
         if self.dimension is None:
             return "fleet"
         return f"{self.dimension}={self.value}" if self.value is not None else \

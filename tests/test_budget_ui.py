@@ -275,3 +275,17 @@ def test_without_budgets_the_cli_and_api_say_so(start_daemon: Any) -> None:
     result = budgets_cli(daemon)
     assert result.returncode == 0 and "no budgets configured" in result.stdout
     assert "collector_budget_spend_usd" not in str(scrape(daemon))
+
+
+def test_page_follows_new_spend_live(start_daemon: Any, page: Any) -> None:  # noqa: F811
+    from playwright.sync_api import expect
+
+    daemon = start_daemon(BUDGETS)
+    page.goto(daemon.web_url + "/#/budgets")
+    spend = page.locator('tr[data-budget="fleet-monthly"] [data-col="spend"]')
+    expect(spend).to_have_text("$0.00", timeout=UI_TIMEOUT_MS)
+    expect(page.get_by_test_id("live")).to_have_text("live", timeout=UI_TIMEOUT_MS)
+    daemon.export_http([usage_span("live-1", "ana@example.com", 0.42, time.time_ns(), 9001)])
+    (cents,) = db(daemon, "SELECT sum(cost_cents) FROM agent_sessions")[0]
+    expect(spend).to_have_text(format_usd(cents), timeout=UI_TIMEOUT_MS)
+    expect(page.locator('tr[data-scope="user=ana@example.com"]')).to_have_count(1)

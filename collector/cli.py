@@ -1,4 +1,4 @@
-"""The `collector` command: serve, sessions, report, check-config."""
+"""The `collector` command: serve, sessions, report, budgets, check-config."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import json
 import logging
 import sqlite3
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -43,7 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"collector: config error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     handler: Any = {"serve": _serve, "sessions": _sessions, "check-config": _check_config,
-                    "report": _report, "migrate-sqlite": _migrate_sqlite}
+                    "report": _report, "migrate-sqlite": _migrate_sqlite,
+                    "budgets": _budgets}
     code: int = handler[args.command](config, args)
     return code
 
@@ -77,6 +79,13 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--breakdown", action="store_true", help="split each line by model")
     rep.add_argument("--timezone", type=_zone, default="UTC",
                      help="IANA time zone for days and months, e.g. Europe/Berlin (default UTC)")
+    budgets = sub.add_parser(
+        "budgets", help="each budget's spend in its current period",
+        description="Spend, limit, share and the end-of-period projection at the current burn "
+        "rate of every [[budgets]] instance (the fleet, or each value of its dimension) in its "
+        "current period and time zone, with the thresholds already alerted.")
+    budgets.add_argument("--config", help=CONFIG_HELP)
+    budgets.add_argument("--json", action="store_true", help="the same numbers as JSON")
     migrate = sub.add_parser(
         "migrate-sqlite", help="move a SQLite database's data into the configured PostgreSQL",
         description="Adds the sessions, rollup and remembered span ids of a SQLite database "
@@ -282,6 +291,44 @@ def _escape(char: str) -> str:
     return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
+BUDGET_HEADERS = ("budget", "scope", "period", "spend USD", "limit USD", "share %",
+                  "projected USD", "alerted")
+BUDGET_NUMERIC = (False, False, False, True, True, True, True, False)
+
+
+def _budgets(config: Config, args: argparse.Namespace) -> int:
+    from collector.budgets.status import budget_status, current_periods, local_iso, to_json
+
+    now_ns = time.time_ns()
+    status = budget_status(config.budgets, [], [], now_ns)
+    if config.budgets:
+        reader = _reader(config)
+        if reader is None:
+            return EXIT_FAILURE
+        try:
+            spend, crossings = reader.read_budgets(current_periods(config.budgets, now_ns))
+        except StorageError as exc:
+            print(f"collector: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        finally:
+            reader.close()
+        status = budget_status(config.budgets, spend, crossings, now_ns)
+    if args.json:
+        json.dump(to_json(status), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return EXIT_OK
+    if not config.budgets:
+        print(f"no budgets configured in {config.source} (see [[budgets]] in the README)")
+        return EXIT_OK
+    rows = [[s.budget, s.scope,
+             f"{s.period} from {local_iso(s.period_start_ns, s.timezone)[:10]} ({s.timezone})",
+             report.format_usd(s.spend_cents), f"${s.limit_usd:,.2f}", f"{s.share * 100:.1f}",
+             report.format_usd(s.projected_cents),
+             ", ".join(f"{t:g}" for t in s.alerted) or "-"] for s in status.instances]
+    _print_table("budgets, current period", BUDGET_HEADERS, BUDGET_NUMERIC, rows)
+    return EXIT_OK
+
+
 def _check_config(config: Config, args: argparse.Namespace) -> int:
     effective = json.loads(json.dumps(asdict(config), default=str))
     effective["auth_token"] = "<set>" if config.auth_token else None
@@ -296,8 +343,21 @@ def _check_config(config: Config, args: argparse.Namespace) -> int:
     effective["ops_endpoint"] = "" if config.ops_endpoint is None else str(config.ops_endpoint)
     effective["web_endpoint"] = "" if config.web_endpoint is None else str(config.web_endpoint)
     effective["dialects"] = {d.name: d.summary() for d in config.dialects}
+    # A sink's URL may be its credential (a Slack webhook's path is), its headers and
+    # secret are: only the scheme and host, header names and whether a secret is set.
+    effective["alert_sinks"] = [
+        {"name": s.name, "kind": s.kind, "url": _url_origin(s.url),
+         "headers": {name: "<set>" for name in s.headers},
+         "secret": "<set>" if s.secret is not None else None} for s in config.alert_sinks]
     print(json.dumps(effective, indent=2, sort_keys=True))
     return EXIT_OK
+
+
+def _url_origin(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}/<hidden>"
 
 
 # The rollup grouping each report reads (see collector.store.sqlite.read_usage). The model report

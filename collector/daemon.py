@@ -113,8 +113,14 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
             pipeline = build_pipeline(config, store,
                                       on_flush=metrics.observe_flush if metrics else None)
             listening = asyncio.Event()  # set once every receiver listens
+            # Built here, started once the pipeline runs: /metrics reads its counters.
+            delivery = (OutboxDelivery(open_outbox(config), config.alert_sinks)
+                        if config.budgets and config.alert_sinks else None)
             if metrics is not None and config.ops_endpoint is not None:
                 metrics.watch(pipeline, store, open_reader(config))
+                if config.budgets:
+                    metrics.watch_budgets(config.budgets,
+                                          delivery.stats if delivery is not None else None)
                 metrics.watch_connections(connections.stats, decoding)
                 ops = OpsServer(config.ops_endpoint, metrics, lambda: readiness_problem(
                     receivers_listening=listening.is_set(), closing=pipeline.closing,
@@ -130,7 +136,8 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
                 fleet_view = WebServer(config.web_endpoint, web_source(config),
                                        open_reader(config), security=web_security,
                                        connections=connections,
-                                       dimensions=[d.name for d in config.dimensions])
+                                       dimensions=[d.name for d in config.dimensions],
+                                       budgets=config.budgets)
                 await fleet_view.start()
                 stack.push_async_callback(fleet_view.stop)
             # SIGHUP is handled whatever the config: its default action would end the daemon
@@ -149,8 +156,7 @@ async def serve(config: Config, stop: asyncio.Event | None = None) -> int:
             stack.callback(loop.remove_signal_handler, signal.SIGHUP)
             await pipeline.start(on_fatal=stop.set)
             stack.push_async_callback(pipeline.shutdown)
-            if config.budgets and config.alert_sinks:
-                delivery = OutboxDelivery(open_outbox(config), config.alert_sinks)
+            if delivery is not None:
                 await delivery.start()
                 stack.push_async_callback(delivery.stop)
 

@@ -25,11 +25,10 @@ from collector.security import Credentials, HostCheck, ReloadRefused, host_check
 from collector.signals import Signal
 from collector.store.sqlite import SQLiteStore
 from collector.web.sessions import WebSessions
-from tests.conftest import MS, T0, Daemon, make_span
+from tests.conftest import CHROMIUM, CHROMIUM_ARGS, MS, T0, Daemon, make_span
 from tests.test_receivers import new_trace, request_bytes, usage
 from tests.test_security import Pki, pki  # noqa: F401 - the fixture
 from tests.test_signal_receivers import METHODS, raw_body
-from tests.test_web import CHROMIUM, CHROMIUM_ARGS, browser  # noqa: F401 - the fixture
 
 StartDaemon = Callable[..., Daemon]
 INGEST = "ingest-t0ken-for-laptops"
@@ -690,7 +689,7 @@ def test_with_tokens_the_token_is_what_counts_not_the_host(tokens_daemon: Daemon
 # -- the sign-in flow in a real browser -----------------------------------------------------
 
 @pytest.fixture
-def context(browser: Any) -> Iterator[Any]:  # noqa: F811
+def context(browser: Any) -> Iterator[Any]:
     ctx = browser.new_context()
     ctx.set_default_timeout(20_000)
     yield ctx

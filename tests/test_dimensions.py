@@ -8,6 +8,7 @@ the CSV and the page are compared with agent_sessions over the same sessions.
 
 from __future__ import annotations
 
+import calendar
 import csv
 import io
 import json
@@ -39,6 +40,9 @@ FLEET = (
     ("", "review-agent", 2),  # untagged: the '' line of every dimension report
 )
 XSS = "<img src=x onerror=alert(1)>"
+# A monthly budget per team (UTC): every team value its own instance.
+TEAM_BUDGET = ('[[budgets]]\nname = "team-monthly"\ndimension = "team"\nvalue = "*"\n'
+               'amount_usd = 1000\nthresholds = [0.8, 1.0]\n')
 DIMENSIONS = ("team", "department", "cost_center", "project")
 _trace = iter(range(1, 10**9))
 
@@ -75,7 +79,7 @@ def fleet(request: pytest.FixtureRequest,
     monkeypatch = pytest.MonkeyPatch()
     url = None if request.param == "sqlite" else \
         request.getfixturevalue("pg_server").new_database()
-    daemon = Daemon(tmp_path_factory.mktemp("dims"), NOT_STALE, postgres_url=url)
+    daemon = Daemon(tmp_path_factory.mktemp("dims"), NOT_STALE + TEAM_BUDGET, postgres_url=url)
     daemon.start()
     try:
         now = time.time_ns()
@@ -282,3 +286,35 @@ def test_held_usage_keeps_its_dimensions() -> None:
     # A row held before dimensions existed decodes with none.
     old = json.dumps(list(usage[2:-1]))
     assert held_usage(usage.key, "s", old).dimensions == ()
+
+
+def test_a_budget_per_team_spends_what_each_team_spent_this_month(
+        fleet: Daemon, capsys: pytest.CaptureFixture[str]) -> None:
+    """From the rollup's hours since the month began (UTC), by each session's latest team
+    when its usage was committed, as `collector budgets` and /api/budgets show it."""
+    month = time.strftime("%Y-%m-01T00:00:00.000Z", time.gmtime())
+    expected: dict[str, float] = {}
+    rows = db(fleet, "SELECT h.session_id, h.cost_cents FROM collector_usage_hourly h "
+                     "WHERE h.hour >= ?", month)
+    teams = {sid: d["team"] for sid, d in stored(fleet).items() if "team" in d}
+    # Each session's team never changed between its commits except dim-0-0's: its last call
+    # (security) committed with the second half of the spans; count it from the table itself.
+    month_ns = calendar.timegm(time.strptime(month[:10], "%Y-%m-%d")) * 10**9
+    spend = dict(db(fleet, "SELECT scope_value, spend_cents FROM collector_budget_spend "
+                           "WHERE budget = 'team-monthly' AND period_start_ns = ?", month_ns))
+    for sid, cents in rows:
+        if sid in teams and sid != "dim-0-0":
+            expected[teams[sid]] = expected.get(teams[sid], 0.0) + cents
+    dim00 = sum(c for sid, c in rows if sid == "dim-0-0")
+    assert spend.get("platform", 0) + spend.get("security", 0) == pytest.approx(
+        expected.get("platform", 0) + expected.get("security", 0) + dim00)
+    for team in ("growth", XSS):
+        assert spend[team] == pytest.approx(expected[team])
+    assert cli.main(["budgets", "--config", str(fleet.config_path), "--json"]) == 0
+    printed = {line["value"]: line["spend_usd"]
+               for line in json.loads(capsys.readouterr().out)["budgets"]}
+    assert printed == pytest.approx({team: cents / 100 for team, cents in spend.items()})
+    status, _, body = get(fleet.web_url + "/api/budgets")
+    assert status == 200
+    assert {line["value"]: line["spend_usd"]
+            for line in json.loads(body)["budgets"]} == pytest.approx(printed)

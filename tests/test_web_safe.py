@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from collector.web import export
-from tests.conftest import Daemon
-from tests.test_web import UI_TIMEOUT_MS, browser, db, get, page, turn  # noqa: F401
+from tests.conftest import UI_TIMEOUT_MS, Daemon
+from tests.test_web import db, get, turn
 from tests.test_web_flood import seed
 
 # Session ids, models and users a spreadsheet would run as formulas.
@@ -217,7 +217,7 @@ def test_the_session_parameter_opens_any_id(odd: Daemon) -> None:
 # -- the page, in Chromium -------------------------------------------------------------------
 
 def test_any_session_opens_from_the_page_and_shows_literally(
-        odd: Daemon, page: Any) -> None:  # noqa: F811 (page: the fixture imported above)
+        odd: Daemon, page: Any) -> None:
     """Each odd id, clicked in the sessions table, opens its own page with its numbers; the
     markup-like id is text (no image element anywhere), and no console error is raised (the
     `page` fixture asserts that)."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -162,6 +162,12 @@ class Store(Protocol):
         ...
 
 
+# (budget, scope value, period start ns, spend cents or threshold) rows: the spend and the
+# recorded crossings of collector_budget_spend and collector_budget_alerts.
+BudgetRow = tuple[str, str, int, float]
+BudgetRows = tuple[list[BudgetRow], list[BudgetRow]]
+
+
 class Reader(Protocol):
     """Read-only access for the CLI, reports and gauges. Methods block: call them off the
     event loop. Backend errors surface as StorageError."""
@@ -187,7 +193,49 @@ class Reader(Protocol):
 
     def count_sessions_by_status(self) -> dict[str, int]: ...
 
+    def read_budgets(self, periods: Sequence[tuple[str, int]]) -> BudgetRows:
+        """For each (budget, period start): its spend rows (budget, scope value, period
+        start ns, spend cents) and recorded crossings (budget, scope value, period start ns,
+        threshold), as collector.budgets.status.budget_status takes them."""
+        ...
+
+    def count_alerts_pending(self) -> int:
+        """Outbox rows not yet delivered (every sink, every collector on the database)."""
+        ...
+
     def close(self) -> None: ...
+
+
+# The budget reads, one statement each for both backends: plain SELECTs over the tables'
+# primary keys (collector_budget_spend and collector_budget_alerts lead with budget and
+# period start per instance), `mark` being the backend's parameter style. At most
+# BUDGET_PERIODS_PER_READ pairs a statement, far above any config's budget count.
+BUDGET_PERIODS_PER_READ = 200
+ALERTS_PENDING_SQL = "SELECT count(*) FROM collector_alert_outbox WHERE delivered_ns IS NULL"
+
+
+def budget_read_sql(table: str, column: str, pairs: int, mark: str) -> str:
+    """SELECT budget, scope_value, period_start_ns, `column` FROM `table` for `pairs`
+    (budget, period start) pairs, bound as budget, start, budget, start, ..."""
+    where = " OR ".join([f"(budget = {mark} AND period_start_ns = {mark})"] * pairs)
+    return (f"SELECT budget, scope_value, period_start_ns, {column} FROM {table} "
+            f"WHERE {where} ORDER BY budget, scope_value, period_start_ns")
+
+
+def read_budget_rows(execute: Callable[[str, list[Any]], Iterable[Sequence[Any]]],
+                     periods: Sequence[tuple[str, int]], mark: str
+                     ) -> BudgetRows:
+    """Reader.read_budgets over a backend's `execute(sql, params) -> rows`."""
+    spend: list[BudgetRow] = []
+    crossings: list[BudgetRow] = []
+    for start in range(0, len(periods), BUDGET_PERIODS_PER_READ):
+        chunk = periods[start:start + BUDGET_PERIODS_PER_READ]
+        params: list[Any] = [v for pair in chunk for v in pair]
+        for out, table, column in ((spend, "collector_budget_spend", "spend_cents"),
+                                   (crossings, "collector_budget_alerts", "threshold")):
+            out.extend((str(r[0]), str(r[1]), int(r[2]), float(r[3])) for r in execute(
+                budget_read_sql(table, column, len(chunk), mark), params))
+    return spend, crossings
 
 
 # Seconds whose formatted prefix is kept: a flush's span times cluster within a few seconds

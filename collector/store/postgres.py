@@ -52,6 +52,7 @@ from collector.config.budgets import AlertSink, Budget
 from collector.signals.metrics import CumulativePoint
 from collector.signals.traces import KEY_BYTES
 from collector.store.base import (
+    ALERTS_PENDING_SQL,
     BATCH_WRITES,
     COLUMN_NAMES,
     COLUMNS,
@@ -68,6 +69,7 @@ from collector.store.base import (
     SEEN_CURRENT_COUNT,
     SEEN_PREVIOUS_COUNT,
     TURNS_TABLE,
+    BudgetRows,
     CommitResult,
     HeldRow,
     LinkRow,
@@ -80,6 +82,7 @@ from collector.store.base import (
     hold_and_resolve,
     iso_utc,
     links_kept_since,
+    read_budget_rows,
     resolve_cumulative,
     schema_problem,
     turns_kept_since,
@@ -1231,6 +1234,21 @@ class PostgresReader:
     def count_sessions_by_status(self) -> dict[str, int]:
         rows = self._query("SELECT status, count(*) FROM agent_sessions GROUP BY status", ())
         return {str(status): int(count) for status, count in rows}
+
+    def read_budgets(self, periods: Sequence[tuple[str, int]]) -> BudgetRows:
+        if not self._has_budget_tables():
+            return [], []
+        return read_budget_rows(self._query, periods, "%s")
+
+    def count_alerts_pending(self) -> int:
+        if not self._has_budget_tables():
+            return 0
+        return int(self._query(ALERTS_PENDING_SQL, ())[0][0])
+
+    def _has_budget_tables(self) -> bool:
+        """A database no collector with budgets wrote has none: nothing spent, no error."""
+        rows = self._query("SELECT to_regclass('collector_budget_spend') IS NOT NULL", ())
+        return bool(rows[0][0])
 
     def close(self) -> None:
         """Nothing is held between calls."""

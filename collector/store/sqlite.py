@@ -56,6 +56,7 @@ from collector.config.budgets import AlertSink, Budget
 from collector.signals.metrics import CumulativePoint
 from collector.signals.traces import KEY_BYTES, TRACE_ID_BYTES
 from collector.store.base import (
+    ALERTS_PENDING_SQL,
     BATCH_WRITES,
     COLUMN_NAMES,
     COLUMNS,
@@ -72,6 +73,7 @@ from collector.store.base import (
     SEEN_CURRENT_COUNT,
     SEEN_PREVIOUS_COUNT,
     TURNS_TABLE,
+    BudgetRows,
     CommitResult,
     HeldRow,
     LinkRow,
@@ -85,6 +87,7 @@ from collector.store.base import (
     iso_utc,
     links_kept_since,
     mark_params,
+    read_budget_rows,
     resolve_cumulative,
     session_params,
     turns_kept_since,
@@ -1360,6 +1363,29 @@ class SQLiteReader:
 
     def count_sessions_by_status(self) -> dict[str, int]:
         return _reading(self.path, count_sessions_by_status, self.path)
+
+    def read_budgets(self, periods: Sequence[tuple[str, int]]) -> BudgetRows:
+        rows: BudgetRows = _reading(self.path, self._budget_query, read_budget_rows,
+                                    periods, "?")
+        return rows
+
+    def count_alerts_pending(self) -> int:
+        rows = _reading(self.path, self._budget_query,
+                        lambda execute: list(execute(ALERTS_PENDING_SQL, [])))
+        return int(rows[0][0]) if rows else 0
+
+    def _budget_query(self, read: Callable[..., _T], *args: Any) -> _T:
+        """`read(execute, *args)` on one read-only connection. A database whose daemon never
+        had budgets has no budget tables: that reads as nothing spent, not an error."""
+        uri = f"{self.path.resolve().as_uri()}?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+        try:
+            if conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND "
+                            "name = 'collector_budget_spend'").fetchone()[0] == 0:
+                return read(lambda sql, params: [], *args)
+            return read(lambda sql, params: conn.execute(sql, params).fetchall(), *args)
+        finally:
+            conn.close()
 
     def close(self) -> None:
         """Nothing is held between calls."""

@@ -49,13 +49,16 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from aiohttp import web
 
 from collector import report
+from collector.budgets.status import budget_status, current_periods
+from collector.budgets.status import to_json as budgets_json
 from collector.config import Endpoint
 from collector.config.auth import ROLE_READ
+from collector.config.budgets import Budget
 from collector.receivers.common import start_app
 from collector.receivers.connections import Connections
 from collector.security import Security, bearer_token
+from collector.store.base import BudgetRow, StorageError
 from collector.store.base import Reader as UsageReader
-from collector.store.base import StorageError
 from collector.store.sqlite import BUSY_TIMEOUT_MS
 from collector.web import export, params, queries
 from collector.web.sessions import SESSION_TTL_S, WebSession, WebSessions
@@ -89,6 +92,9 @@ SECURITY_HEADERS = {
     # browser sends `Origin: null`, which the sign-in check must treat as another site).
     "Referrer-Policy": "same-origin",
 }
+# Budget instances /api/budgets lists per budget: a glob over users may match thousands, and the
+# page wants the ones that spend most.
+API_BUDGET_INSTANCES = 500
 PUBLIC_PATHS = frozenset({"/login", "/static/app.css", "/static/login.js", "/api/auth"})
 
 
@@ -177,12 +183,15 @@ class WebServer:
                  usage: UsageReader, *, security: Security | None = None,
                  now: Callable[[], dt.datetime] | None = None,
                  connections: Connections | None = None,
-                 dimensions: Sequence[str] = ()) -> None:
+                 dimensions: Sequence[str] = (),
+                 budgets: tuple[Budget, ...] = ()) -> None:
         """`source`: what the view's own connection opens (collector.store.web_source);
         `usage`: the storage Reader the agent, user and host reports go through;
         `security`: its tokens (shared with the receivers, so a reload reaches both), TLS and
         the Host names it answers without tokens; `dimensions`: the configured ones
-        ([attribution]), each a who-spends page, a filter and a CSV column."""
+        ([attribution]), each a who-spends page, a filter and a CSV column; `budgets`: the
+        configured budgets /api/budgets reports on (read through `usage`, so on either
+        backend)."""
         self.endpoint = endpoint
         self._dimensions = tuple(dimensions)
         self._source = source
@@ -200,6 +209,7 @@ class WebServer:
         self._watcher: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._connections = connections
+        self._budgets = budgets
 
     async def start(self) -> None:
         self._reader = Reader(self._source)
@@ -220,6 +230,7 @@ class WebServer:
         r.add_get("/api/filters/search", self._search)
         r.add_get("/api/who/{kind}", self._who)
         r.add_get("/api/dimensions", self._dimensions_list)
+        r.add_get("/api/budgets", self._budget_status)
         r.add_get("/api/events", self._events)
         r.add_static("/static/", STATIC_DIR, append_version=False)
         try:
@@ -469,6 +480,30 @@ class WebServer:
         for line, item in zip(result.lines, data["lines"], strict=True):
             item["cost_text"] = report.format_usd(line.usage.cost_cents)
         data["totals"]["cost_text"] = report.format_usd(result.totals.cost_cents)
+        return web.json_response(data, headers=JSON_HEADERS)
+
+    async def _budget_status(self, request: web.Request) -> web.StreamResponse:
+        """Each budget instance in its current period, as `collector budgets --json` gives
+        it (at most API_BUDGET_INSTANCES per budget, the largest spenders; `omitted` counts
+        the rest), with the amounts also as the reports format them."""
+        now_ns = int(self._now().timestamp()) * 1_000_000_000
+        spend: list[BudgetRow] = []
+        crossings: list[BudgetRow] = []
+        if self._budgets:
+            assert self._reader is not None
+            periods = current_periods(self._budgets, now_ns)
+            try:
+                spend, crossings = await self._reader.call(self._usage.read_budgets, periods)
+            except READ_ERRORS as exc:
+                return web.json_response({"error": f"cannot read the database: {exc}"},
+                                         status=503)
+        status = budget_status(self._budgets, spend, crossings, now_ns,
+                               max_instances=API_BUDGET_INSTANCES)
+        data = budgets_json(status)
+        for line, item in zip(status.instances, data["budgets"], strict=True):
+            item["spend_text"] = report.format_usd(line.spend_cents)
+            item["limit_text"] = report.format_usd(line.limit_cents)
+            item["projected_text"] = report.format_usd(line.projected_cents)
         return web.json_response(data, headers=JSON_HEADERS)
 
     async def _sessions_csv(self, request: web.Request) -> web.StreamResponse:

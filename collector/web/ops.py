@@ -8,13 +8,16 @@ and a custom collector turns them into metric families when Prometheus scrapes. 
 values observed as they happen are the two flush histograms, once per flush. Sessions by status
 come from the database at scrape time (an index-only count on a read-only connection, off the
 event loop), because an upsert may change a session's status without the pipeline knowing
-the old one.
+the old one. Budget spend and the alert outbox's pending rows are read the same way, in the
+same refresh (collector.budgets.status, so /metrics, /api/budgets and `collector budgets`
+agree); delivery counters come from the delivery task's own DeliveryStats.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -24,7 +27,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder
 
 from collector import __version__
+from collector.budgets.delivery import DeliveryStats
+from collector.budgets.status import BudgetStatus, budget_status, current_periods
 from collector.config import Endpoint
+from collector.config.budgets import Budget
 from collector.pipeline import ItemCounts, Pipeline, Stats
 from collector.receivers.common import start_app
 from collector.receivers.connections import Connections, ConnectionStats
@@ -233,6 +239,80 @@ class PipelineCollector:
         ))
 
 
+# Budget instances exported per budget: a glob over users or hosts has one instance per value,
+# and each is two series. The largest spenders are kept; collector_budget_instances_not_exported
+# counts the rest (`collector budgets` lists them all).
+METRICS_BUDGET_INSTANCES = 50
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetGauges:
+    """What only the database knows about budgets, as of the last refresh."""
+
+    status: BudgetStatus
+    outbox_pending: int
+
+
+def budget_families(gauges: BudgetGauges | None,
+                    delivery: DeliveryStats | None) -> list[Metric]:
+    """Spend and limit per budget instance in its current period (the `scope` label as
+    `collector budgets` shows it: "fleet" or "DIMENSION=VALUE"), and the alert outbox's
+    health. Pure: values in, families out. Without sinks (`delivery` None) nothing is
+    delivered, and the outbox stays empty. `gauges` None (the database not read yet): no
+    spend at all rather than a made-up zero."""
+    stats = delivery or DeliveryStats()
+    counters: list[Metric] = [
+        CounterMetricFamily("collector_alert_deliveries",
+                            "Alerts delivered (a 2xx from the sink) by this collector",
+                            value=stats.delivered),
+        CounterMetricFamily("collector_alert_delivery_failures",
+                            "Delivery attempts that failed (not 2xx, unreachable, timed out) "
+                            "and were rescheduled with backoff", value=stats.failed_attempts),
+        GaugeMetricFamily("collector_alert_last_success_timestamp_seconds",
+                          "When this collector last delivered an alert (0: never)",
+                          value=stats.last_success_ns / 1e9),
+    ]
+    if gauges is None:
+        return counters
+    spend = GaugeMetricFamily(
+        "collector_budget_spend_usd",
+        "Spend of each budget instance in its current period (its own zone and period)",
+        labels=("budget", "scope"))
+    limit = GaugeMetricFamily("collector_budget_limit_usd",
+                              "The amount of each budget instance per period",
+                              labels=("budget", "scope"))
+    for line in gauges.status.instances:
+        if line.value is None:  # a glob no value matched yet: no instance to speak of
+            continue
+        spend.add_metric((line.budget, line.scope), line.spend_cents / 100)
+        limit.add_metric((line.budget, line.scope), line.limit_usd)
+    dropped = GaugeMetricFamily(
+        "collector_budget_instances_not_exported",
+        f"Budget instances beyond the {METRICS_BUDGET_INSTANCES} largest spenders a budget "
+        "exports (see `collector budgets`)", labels=("budget",))
+    for name, count in sorted(gauges.status.omitted.items()):
+        dropped.add_metric((name,), count)
+    return [
+        spend, limit, dropped,
+        GaugeMetricFamily("collector_alert_outbox_pending",
+                          "Alerts recorded but not yet delivered (all sinks, all collectors "
+                          "on the database)", value=gauges.outbox_pending),
+        *counters,
+    ]
+
+
+class BudgetCollector:
+    """Reads the last refresh's budget gauges and the delivery counters when scraped."""
+
+    def __init__(self, gauges: Callable[[], BudgetGauges | None],
+                 delivery: DeliveryStats | None) -> None:
+        self._gauges = gauges
+        self._delivery = delivery
+
+    def collect(self) -> Iterable[Metric]:
+        return budget_families(self._gauges(), self._delivery)
+
+
 class Metrics:
     """The registry `/metrics` serves: process metrics, flush histograms, pipeline counters."""
 
@@ -246,6 +326,8 @@ class Metrics:
             "collector_flush_rows", "Session rows upserted by one flush",
             buckets=FLUSH_ROWS_BUCKETS, registry=self.registry)
         self._statuses: dict[str, int] = {}
+        self._budgets: tuple[Budget, ...] = ()
+        self._budget_gauges: BudgetGauges | None = None  # until the first refresh reads them
         self._reader: Reader | None = None
         self._refresh_lock = asyncio.Lock()
 
@@ -257,6 +339,12 @@ class Metrics:
     def watch(self, pipeline: Pipeline, store: Store, reader: Reader) -> None:
         self._reader = reader
         self.registry.register(PipelineCollector(pipeline, store, lambda: self._statuses))
+
+    def watch_budgets(self, budgets: tuple[Budget, ...],
+                      delivery: DeliveryStats | None) -> None:
+        """Export the budgets' spend and the outbox's health (call after `watch`)."""
+        self._budgets = budgets
+        self.registry.register(BudgetCollector(lambda: self._budget_gauges, delivery))
 
     def watch_connections(self, stats: ConnectionStats,
                           decoding: DecodeStats | None = None) -> None:
@@ -272,10 +360,26 @@ class Metrics:
                 self._statuses = await asyncio.to_thread(reader.count_sessions_by_status)
             except Exception as exc:  # a scrape must not fail because a count did
                 log.debug("cannot count sessions by status: %s", exc)
+            if self._budgets:
+                try:
+                    self._budget_gauges = await asyncio.to_thread(
+                        _read_budget_gauges, reader, self._budgets)
+                except Exception as exc:  # the last values stay (a failing database shows
+                    # in /readyz and the flush metrics); the scrape goes on
+                    log.debug("cannot read budget spend: %s", exc)
 
     def exposition(self, accept: str) -> tuple[bytes, str]:
         encoder, content_type = choose_encoder(accept)
         return encoder(self.registry), content_type
+
+
+def _read_budget_gauges(reader: Reader, budgets: tuple[Budget, ...]) -> BudgetGauges:
+    """On a worker thread: the budgets' current periods and the outbox's pending count."""
+    now_ns = time.time_ns()
+    spend, crossings = reader.read_budgets(current_periods(budgets, now_ns))
+    return BudgetGauges(budget_status(budgets, spend, crossings, now_ns,
+                                      max_instances=METRICS_BUDGET_INSTANCES),
+                        reader.count_alerts_pending())
 
 
 def readiness_problem(*, receivers_listening: bool, closing: bool,

@@ -329,6 +329,58 @@ async function who(kind) {
   );
 }
 
+// -- budgets --------------------------------------------------------------------------------
+
+// A bar is drawn to BAR_MAX times the limit: spend past it (or a projection) is pinned to the
+// end. Widths are set through the style object (CSSOM), which the page's CSP allows, never
+// as style attributes.
+const BAR_MAX = 1.25;
+
+function spendBar(line) {
+  const at = (share) => (Math.min(Math.max(share, 0), BAR_MAX) / BAR_MAX * 100) + "%";
+  const spent = el("div", { class: line.share >= 1 ? "spent over" : "spent", "data-testid": "bar-spent" });
+  spent.style.width = at(line.share);
+  const projected = el("div", {
+    class: "projected", "data-testid": "bar-projected",
+    title: "projected at the current burn rate: " + line.projected_text,
+  });
+  projected.style.left = at(line.projected_share);
+  const marks = line.thresholds.map((t) => {
+    const mark = el("div", { class: "mark", title: pct(t) });
+    mark.style.left = at(t);
+    return mark;
+  });
+  return el("div", { class: "bar", title: pct(line.share) + " of the limit" }, spent, marks, projected);
+}
+
+async function budgets() {
+  const data = await api("/api/budgets");
+  clearCharts();
+  const headers = ["budget", "scope", "period", "spend", "spend (USD)", "limit (USD)", "share",
+    "projected (USD)", "alerted"];
+  const omitted = Object.entries(data.omitted).map(([name, n]) =>
+    el("p", { class: "muted" }, `${name}: ${int(n)} more instances with less spend not shown`));
+  const row = (line) => el("tr", { "data-budget": line.budget, "data-scope": line.scope },
+    el("td", {}, line.budget),
+    el("td", { "data-col": "scope" }, line.scope),
+    el("td", {}, line.period + " from " + line.period_start.slice(0, 10) + " (" + line.timezone + ")"),
+    el("td", {}, spendBar(line)),
+    el("td", { class: "num", "data-col": "spend" }, line.spend_text),
+    el("td", { class: "num", "data-col": "limit" }, line.limit_text),
+    el("td", { class: "num", "data-col": "share" }, pct(line.share)),
+    el("td", { class: "num", "data-col": "projected" }, line.projected_text),
+    el("td", { class: "num", "data-col": "alerted" }, line.alerted.map(pct).join(", ") || "–"));
+  const table = el("table", { "data-testid": "budgets-table" },
+    el("thead", {}, el("tr", {}, headers.map((h, i) => el("th", { class: i > 3 ? "num" : null }, h)))),
+    el("tbody", {}, data.budgets.map(row)));
+  view.replaceChildren(
+    el("h2", {}, "Budgets, current period"),
+    data.budgets.length ? table : el("p", { class: "muted", "data-testid": "no-budgets" },
+      "No budgets configured: add [[budgets]] to the collector's config."),
+    omitted,
+  );
+}
+
 // -- routing and live updates ---------------------------------------------------------------
 
 function sessionId(parts) {
@@ -351,7 +403,8 @@ function route() {
     redraw = () => session(id);
   } else if (parts[0] === "who" && ["agent", "user", "host", "credential", ...dimensions].includes(parts[1])) {
     current = parts[1]; redraw = () => who(parts[1]);
-  } else { redraw = overview; }
+  } else if (parts[0] === "budgets") { current = "budgets"; redraw = budgets; }
+  else { redraw = overview; }
   for (const a of document.querySelectorAll("header nav a")) {
     a.classList.toggle("current", a.dataset.nav === current);
   }

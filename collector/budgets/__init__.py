@@ -174,18 +174,35 @@ def spend_deltas(budgets: Iterable[Budget], hours: Mapping[HourKey, HourDelta],
     """What an applied batch adds to each budget instance's period, in cents. `values`:
     (dimension, session id) -> the session's value as committed (the latest wins, as for the
     model), for every dimension a budget names. Costs only the batch's hours, never a scan."""
+    # Many budgets share a dimension, and a batch holds many session hours but few hours and
+    # values: each dimension's cost is summed per (value, hour) once, then each budget walks
+    # those sums, finding its period (time zone arithmetic, the costliest step) once per hour
+    # and trying its glob once per value.
+    sums: dict[str | None, dict[tuple[str | None, int], float]] = {}
+    for dimension in {b.dimension for b in budgets}:
+        per_value: dict[tuple[str | None, int], float] = {}
+        for (session_id, _, hour), delta in hours.items():
+            cost = delta.cost_cents
+            if not cost:
+                continue
+            key = (None if dimension is None else values.get((dimension, session_id)), hour)
+            per_value[key] = per_value.get(key, 0.0) + cost
+        sums[dimension] = per_value
     out: dict[SpendKey, float] = {}
     for budget in budgets:
-        for (session_id, _, hour), delta in hours.items():
-            if not delta.cost_cents:
+        starts: dict[int, int] = {}
+        matches: dict[str | None, bool] = {}
+        for (value, hour), cost in sums[budget.dimension].items():
+            matched = matches.get(value)
+            if matched is None:
+                matched = matches[value] = scope_matches(budget, value)
+            if not matched:
                 continue
-            value = None if budget.dimension is None else values.get(
-                (budget.dimension, session_id))
-            if not scope_matches(budget, value):
-                continue
-            key = (budget.name, scope_value(budget, value),
-                   period_of(budget, hour * HOUR_NS).start_ns)
-            out[key] = out.get(key, 0.0) + delta.cost_cents
+            start = starts.get(hour)
+            if start is None:
+                start = starts[hour] = period_of(budget, hour * HOUR_NS).start_ns
+            spend_key = (budget.name, scope_value(budget, value), start)
+            out[spend_key] = out.get(spend_key, 0.0) + cost
     return out
 
 

@@ -814,17 +814,30 @@ def _labels(v: list[Any], fallback: Labels, who: str, limit: int,
 def _dimensions(v: list[Any], fallback: Dimensions, who: str, limit: int,
                 options: MappingOptions) -> Dimensions:
     """Each dimension's first present attribute of `v`, else its value in `fallback`."""
-    given = dict(fallback)
     names = options.slot_names
+    found: list[tuple[str, str]] = []
     for dimension, slots in options.dimension_slots:
         for slot in slots:
-            if v[slot] is not None:
-                value = values.bounded_text(v[slot], names[slot], who, limit)
+            raw = v[slot]
+            if raw is not None:
+                # Inline for the usual short ASCII text (its length is its size in bytes);
+                # anything else goes through bounded_text, which also raises on a long one.
+                if raw.__class__ is str and len(raw) <= limit and raw.isascii():
+                    value = raw or None
+                else:
+                    value = values.bounded_text(raw, names[slot], who, limit)
                 if value:
-                    given[dimension] = value
+                    found.append((dimension, value))
                     break
-    if not given:
-        return ()
+    # Runs once per tagged span: the usual cases (tags on the span alone, or on the resource
+    # alone) return without building a mapping. `fallback` is this function's own result for
+    # the resource, so it is already in dimension order.
+    if not fallback:
+        return tuple(found)
+    if not found:
+        return fallback
+    given = dict(fallback)
+    given.update(found)
     return tuple((d, given[d]) for d, _ in options.dimension_slots if d in given)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 from collector.accounting.aggregate import NO_TIME, Batch
 from collector.signals.traces import SpanUsage
 from tests.conftest import MS, T0
@@ -118,3 +120,21 @@ def test_who_spends_follows_the_latest_span_per_label() -> None:
     unlabelled.add([rec(4)])
     assert not unlabelled.sessions["s"].has_labels()
     assert unlabelled.sessions["s"].agent_ns == NO_TIME
+
+
+def test_each_dimension_keeps_its_latest_value_in_any_arrival_order() -> None:
+    """The fold's shortcut for a repeated set of tags gives what a plain per-name fold does."""
+    tag_sets = [(("team", "a"), ("project", "p")), (("team", "b"),), (("project", "q"),),
+                (("team", "a"), ("project", "p")), (("cost_center", "c"), ("team", "b"))]
+    rng = random.Random(7)
+    for _ in range(300):
+        spans = [(rng.randrange(1, 40) * MS, rng.choice(tag_sets)) for _ in range(12)]
+        batch = Batch()
+        batch.add(rec(i, end=T0 + t)._replace(dimensions=tags)
+                  for i, (t, tags) in enumerate(spans))
+        expected: dict[str, tuple[str, int]] = {}
+        for t, tags in spans:  # ties go to the later arrival, as for every latest value
+            for name, value in tags:
+                if name not in expected or T0 + t >= expected[name][1]:
+                    expected[name] = (value, T0 + t)
+        assert batch.sessions["s"].latest_dimensions() == expected

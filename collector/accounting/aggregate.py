@@ -65,8 +65,19 @@ class SessionDelta:
     # The ingest token that carried the latest span (who spends, as proven by the credential).
     credential: str | None = None
     credential_ns: int = NO_TIME
-    # The configured dimensions ([attribution]): name -> (latest value, its end time).
+    # The configured dimensions ([attribution]): name -> (latest value, its end time), read
+    # through latest_dimensions(). A session's spans nearly always repeat one set of tags: the
+    # latest such set is kept whole in `tags` (its end time `tags_ns`, later than that of any
+    # of its names in `dimensions`), so a span repeating it only moves `tags_ns`.
     dimensions: dict[str, tuple[str, int]] | None = None
+    tags: Dimensions = ()
+    tags_ns: int = NO_TIME
+
+    def latest_dimensions(self) -> dict[str, tuple[str, int]]:
+        given = dict(self.dimensions or {})
+        for name, value in self.tags:
+            given[name] = (value, self.tags_ns)
+        return given
 
     def has_labels(self) -> bool:
         return max(self.agent_ns, self.agent_version_ns, self.user_ns, self.host_ns,
@@ -199,7 +210,10 @@ class Batch:
             if carried_by is not None and end >= delta.credential_ns:
                 delta.credential, delta.credential_ns = carried_by, end
             if dimensions:
-                _latest_dimensions(delta, end, dimensions)
+                if dimensions == delta.tags and end >= delta.tags_ns:
+                    delta.tags_ns = end
+                else:
+                    _latest_dimensions(delta, end, dimensions)
             hour_key = (session_id, model or NO_MODEL, end // HOUR_NS)
             hour = hours.get(hour_key)
             if hour is None:
@@ -269,13 +283,21 @@ def _latest_session_values(delta: SessionDelta, end: int, kind: str | None, stat
 
 
 def _latest_dimensions(delta: SessionDelta, end: int, dimensions: Dimensions) -> None:
-    given = delta.dimensions
-    if given is None:
-        given = delta.dimensions = {}
+    """Fold a span's tags in per name (latest end time wins); they become the session's
+    whole `tags` when they are the latest for every name they give."""
+    given = delta.latest_dimensions()
+    latest = True
     for name, value in dimensions:
         known = given.get(name)
         if known is None or end >= known[1]:
             given[name] = (value, end)
+        else:
+            latest = False
+    delta.dimensions = given
+    delta.tags, delta.tags_ns = (dimensions, end) if latest else ((), NO_TIME)
+    if latest:
+        for name, _ in dimensions:
+            del given[name]
 
 
 def credit(result: MappingResult, credential: str) -> None:

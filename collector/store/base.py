@@ -307,7 +307,8 @@ def label_rows(batch: Batch) -> Iterable[tuple[Any, ...]]:
 def dimension_rows(batch: Batch) -> Iterable[tuple[Any, ...]]:
     """(session, dimension, value, end time of the span that set it) per dimension given."""
     return ((d.session_id, name, value, value_ns) for d in batch.sessions.values()
-            if d.dimensions for name, (value, value_ns) in d.dimensions.items())
+            if d.tags or d.dimensions
+            for name, (value, value_ns) in d.latest_dimensions().items())
 
 
 def hour_rows(batch: Batch) -> Iterable[tuple[Any, ...]]:

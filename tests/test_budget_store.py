@@ -274,3 +274,31 @@ async def test_a_budget_per_value_of_a_configured_dimension(
         ("team", "platform", 1.0)]
     # Behind it: the sessions whose team is platform now, never the untagged one.
     assert {t["name"] for t in payloads[0]["top"]["sessions"]} == {"a", "b"}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_a_flush_touching_many_instances_adds_to_each_once(
+        tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
+    """More instances than one spend statement takes (SPEND_CHUNK): each gets its own cost,
+    twice over two commits, and only the one past its threshold is a crossing."""
+    from collector.store.budgets import SPEND_CHUNK
+
+    url = request.getfixturevalue("pg_url") if backend == "postgres" else None
+    path = tmp_path / "db.sqlite"
+    per_team = Budget(name="teams", amount_usd=0.05, dimension="team", value="*",
+                      thresholds=(1.0,))
+    store = await (_pg_store(url, (per_team,)) if url else _store(path, (per_team,)))
+    n = 2 * SPEND_CHUNK + 7
+    try:
+        for round_ in range(2):
+            await store.commit(batch(*(
+                tagged(round_ * n + i + 1, f"team-{i:04d}", session=f"s{i}",
+                       cents=3.0 if i == 5 else 0.5)
+                for i in range(n))), now_ns=T0)
+    finally:
+        await store.close()
+    rows = _pg_rows if url else (lambda _, sql: _rows(path, sql))
+    where = url or path
+    spend = dict(rows(where, "SELECT scope_value, spend_cents FROM collector_budget_spend"))
+    assert spend == {f"team-{i:04d}": 6.0 if i == 5 else 1.0 for i in range(n)}
+    assert rows(where, "SELECT scope_value FROM collector_budget_alerts") == [("team-0005",)]

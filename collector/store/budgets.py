@@ -71,12 +71,21 @@ def scope_rows(dimensions: Sequence[str], rows: Iterable[Sequence[Any]]
     return out
 
 
-ADD_SPEND = f"""
+# A flush may touch thousands of budget instances (a glob over 1,000 teams): their spend is
+# added SPEND_CHUNK rows a statement, each returning its row's new total.
+SPEND_CHUNK = 256
+
+
+def add_spend_sql(rows: int) -> str:
+    """Add to `rows` spend rows at once (in the order given: key order, so that concurrent
+    flushes lock them alike); each row's new total comes back with its key."""
+    values = ", ".join(["(?, ?, ?, ?)"] * rows)
+    return f"""
 INSERT INTO {SPEND_TABLE} (budget, scope_value, period_start_ns, spend_cents)
-VALUES (?, ?, ?, ?)
+VALUES {values}
 ON CONFLICT (budget, scope_value, period_start_ns) DO UPDATE SET
     spend_cents = {SPEND_TABLE}.spend_cents + excluded.spend_cents
-RETURNING spend_cents
+RETURNING budget, scope_value, period_start_ns, spend_cents
 """
 ADD_CROSSING = f"""
 INSERT INTO {ALERTS_TABLE} (budget, scope_value, period_start_ns, threshold)
@@ -114,11 +123,20 @@ def record_budgets(ops: BudgetOps, applied: Batch, budgets: Sequence[Budget],
     sessions = sorted({s for s, _, _ in applied.hours})
     values = ops.scope_values(dimensions, sessions) if dimensions and sessions else {}
     by_name = {b.name: b for b in budgets}
+    deltas = sorted(spend_deltas(budgets, applied.hours, values).items())
+    totals: dict[tuple[str, str, int], float] = {}
+    for first in range(0, len(deltas), SPEND_CHUNK):
+        chunk = deltas[first:first + SPEND_CHUNK]
+        for name, value, start_ns, spend in ops.run(
+                add_spend_sql(len(chunk)),
+                tuple(v for key, cents in chunk for v in (*key, cents))):
+            totals[(str(name), str(value), int(start_ns))] = float(spend)
     added = 0
-    for (name, value, start_ns), cents in sorted(
-            spend_deltas(budgets, applied.hours, values).items()):
-        spend = float(ops.run(ADD_SPEND, (name, value, start_ns, cents))[0][0])
+    for (name, value, start_ns), _ in deltas:
+        spend = totals[(name, value, start_ns)]
         budget = by_name[name]
+        if spend < budget.amount_usd * 100 * min(budget.thresholds):
+            continue  # below its lowest threshold: nothing to look at
         top: dict[str, list[tuple[str, float]]] | None = None
         for threshold in reached(budget, spend):
             if not ops.run(ADD_CROSSING, (name, value, start_ns, threshold)):

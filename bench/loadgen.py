@@ -252,8 +252,8 @@ async def _open_loop(send: Send, factory: RequestFactory, plan: Plan, tally: Tal
 
 
 async def run_load(transport: str, target: str, plan: Plan, *, sessions: int,
-                   pid: int | None) -> tuple[dict[str, Any], Tally]:
-    factory = RequestFactory(sessions)
+                   pid: int | None, tagged: bool = False) -> tuple[dict[str, Any], Tally]:
+    factory = RequestFactory(sessions, tagged=tagged)
     tally = Tally()
     sampler = RssSampler(pid)
     sampling_done = asyncio.Event()
@@ -285,6 +285,7 @@ async def run_load(transport: str, target: str, plan: Plan, *, sessions: int,
         "target": target,
         "plan": asdict(plan),
         "sessions": sessions,
+        "tagged": tagged,
         "requests_acked": len(tally.acked),
         "spans_acked": len(tally.acked) * SPANS_PER_REQUEST,
         "failures": dict(tally.failures),
@@ -324,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, help="open loop: spans per second")
     parser.add_argument("--first-request", type=int, default=0,
                         help="number of the first request (ids stay unique across runs)")
+    parser.add_argument("--tagged", action="store_true",
+                        help="spans also carry dimension tags (team.id, department, "
+                        "cost_center, project; see bench.payload.TAGS)")
     parser.add_argument("--pid", type=int, help="server process, for its peak RSS")
     parser.add_argument("--verify-db", type=Path, help="collector SQLite file to check sums in")
     parser.add_argument("--json-out", type=Path, help="write the result here (else stdout)")
@@ -341,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
                 concurrency=args.concurrency, rate_spans_s=args.rate,
                 first_request=args.first_request)
     result, tally = uvloop.run(run_load(args.transport, args.target, plan,
-                                        sessions=args.sessions, pid=args.pid))
+                                        sessions=args.sessions, pid=args.pid,
+                                        tagged=args.tagged))
     if args.verify_db is not None:
         # Every acknowledged request is committed (the collector answers after commit), so
         # the database can be checked now, with the daemon still running.

@@ -32,6 +32,19 @@ SESSION_DIGITS = 7  # fixed width, so a session id can be rewritten in place
 MAX_SESSIONS = 10**SESSION_DIGITS
 SPAN_DURATION_NS = 1_500_000_000
 
+# Dimension tags (bench.run's budgets phase): the collector's default [attribution] reads these
+# keys. Every value is a prefix and TAG_DIGITS digits, rewritten in place like the session id;
+# a position's placeholder is its own number, so TAG_DIGITS must cover SPANS_PER_REQUEST.
+# The value is a pure function of the session, as an agent's OTEL_RESOURCE_ATTRIBUTES would be.
+TAG_DIGITS = 3
+TAGS: tuple[tuple[str, str, int], ...] = (  # attribute, value prefix, distinct values
+    ("team.id", "bench-team-", 1000),
+    ("department", "bench-dept-", 10),
+    ("cost_center", "bench-cc-", 25),
+    ("project", "bench-project-", 50),
+)
+assert 10**TAG_DIGITS >= SPANS_PER_REQUEST
+
 # The 16 attributes on every span: GenAI semantic conventions and OpenInference side by side,
 # as an emitter instrumented with both would send them. The collector must count each span once.
 ATTRIBUTE_KEYS = (
@@ -86,13 +99,23 @@ def session_id(index: int) -> str:
     return f"{SESSION_PREFIX}{index:0{SESSION_DIGITS}d}"
 
 
+def tag_values(session: int) -> tuple[int, ...]:
+    """The number behind each of TAGS for a session: team is its last three digits, so 1,000
+    sessions or more carry 1,000 teams; the others repeat over fewer values."""
+    return tuple(session % count for _, _, count in TAGS)
+
+
+def tag_value(prefix: str, number: int) -> str:
+    return f"{prefix}{number:0{TAG_DIGITS}d}"
+
+
 def _kv(key: str, value: str | int) -> KeyValue:
     if isinstance(value, int):
         return KeyValue(key=key, value=AnyValue(int_value=value))
     return KeyValue(key=key, value=AnyValue(string_value=value))
 
 
-def _span_attributes(position: int) -> list[KeyValue]:
+def _span_attributes(position: int, *, tagged: bool) -> list[KeyValue]:
     t = POSITION_TOKENS[position]
     placeholder = session_id(position)
     values: dict[str, str | int] = {
@@ -114,6 +137,9 @@ def _span_attributes(position: int) -> list[KeyValue]:
         "openinference.span.kind": "LLM",
     }
     assert tuple(values) == ATTRIBUTE_KEYS
+    if tagged:
+        for key, prefix, _ in TAGS:
+            values[key] = tag_value(prefix, position)
     return [_kv(k, v) for k, v in values.items()]
 
 
@@ -133,10 +159,11 @@ class RequestFactory:
     """Builds request number `r` as bytes: spans with global index r*512 .. r*512+511.
 
     `nonce` (the first 8 bytes of every trace id) keeps ids of different runs apart.
+    `tagged`: every span also carries the dimension tags of TAGS (20 attributes, not 16).
     """
 
     def __init__(self, sessions: int = DEFAULT_SESSIONS, *, nonce: int | None = None,
-                 now_ns: int | None = None) -> None:
+                 now_ns: int | None = None, tagged: bool = False) -> None:
         if not 1 <= sessions < MAX_SESSIONS:
             raise ValueError(f"sessions must be in 1..{MAX_SESSIONS - 1}")
         self.sessions = sessions
@@ -159,7 +186,7 @@ class RequestFactory:
                 kind=Span.SpanKind.SPAN_KIND_CLIENT,
                 start_time_unix_nano=end - SPAN_DURATION_NS,
                 end_time_unix_nano=end,
-                attributes=_span_attributes(j),
+                attributes=_span_attributes(j, tagged=tagged),
             ))
         template = request.SerializeToString()
         self.template = template
@@ -170,6 +197,25 @@ class RequestFactory:
             tuple(o + digits_at for o in _only_offset(template, session_id(j).encode(), 2))
             for j in range(SPANS_PER_REQUEST)
         ]
+        # The tags are adjacent attributes of fixed width, so from a span's first tag digit to
+        # its last, the bytes differ only in the digits: one slice per span rewrites them all,
+        # copied from a run precomputed per session (the sending path stays cheap).
+        self._tag_offsets: list[int] = []
+        self._tag_runs: list[bytes] = []
+        if tagged:
+            per_span = [[_only_offset(template, tag_value(prefix, j).encode(), 1)[0]
+                         + len(prefix) for _, prefix, _ in TAGS]
+                        for j in range(SPANS_PER_REQUEST)]
+            relative = [o - per_span[0][0] for o in per_span[0]]
+            if any([o - offsets[0] for o in offsets] != relative for offsets in per_span):
+                raise RuntimeError("tag attributes are not laid out alike in every span")
+            self._tag_offsets = [offsets[0] for offsets in per_span]
+            first = self._tag_offsets[0]
+            run = bytearray(template[first:first + relative[-1] + TAG_DIGITS])
+            for session in range(sessions):
+                for at, n in zip(relative, tag_values(session), strict=True):
+                    run[at:at + TAG_DIGITS] = tag_value("", n).encode()
+                self._tag_runs.append(bytes(run))
 
     def request(self, number: int) -> bytes:
         """The bytes of request `number`; cheap enough to call on the sending path."""
@@ -179,15 +225,20 @@ class RequestFactory:
         sessions = self.sessions
         pack_trace = struct.Struct(">QQ").pack_into
         pack_span = struct.Struct(">Q").pack_into
+        tag_offsets, tag_runs = self._tag_offsets, self._tag_runs
         for j, (t_off, s_off, (c_off, i_off)) in enumerate(
                 zip(self._trace_offsets, self._span_offsets, self._session_offsets,
                     strict=True)):
             g = base + j
             pack_trace(buf, t_off, nonce, g)
             pack_span(buf, s_off, g + 1)  # a span id of zero is invalid
-            digits = b"%07d" % (g % sessions)
+            session = g % sessions
+            digits = b"%07d" % session
             buf[c_off:c_off + SESSION_DIGITS] = digits
             buf[i_off:i_off + SESSION_DIGITS] = digits
+            if tag_offsets:
+                run = tag_runs[session]
+                buf[tag_offsets[j]:tag_offsets[j] + len(run)] = run
         return bytes(buf)
 
 

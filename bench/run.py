@@ -18,6 +18,10 @@ Phases:
 5. sweep: closed loop at 1, 8 and 64 requests in flight, per
    transport, baseline and collector back to back at each level; ratios and the p50 ack gap.
    Twice: with the spans of a request in 512 sessions (the fan-out above) and in 8.
+6. budgets: per transport, rounds of A (no budgets, untagged spans) and B (20 budgets and an
+   alert sink, spans tagged with 1,000 teams), interleaved, each against its own baseline;
+   after every B run the fleet budget's spend must equal the sessions' cost and the team
+   budget must have 1,000 instances.
 
 Results: a markdown report on stdout and, with the raw JSON, in bench/results/ (git-ignored).
 """
@@ -45,7 +49,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bench.payload import SPANS_PER_REQUEST, RequestFactory, decode_check
+from bench.budgets import BUDGETS, budgets_toml, check_budgets
+from bench.payload import SPANS_PER_REQUEST, TAGS, RequestFactory, decode_check
 from bench.verify import storage_footprint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,6 +72,9 @@ SWEEP_LEVELS = (1, 8, 64)
 SWEEP_RATIO_GOALS = {8: 0.85, 64: 0.9}
 SWEEP_P50_GAP_GOAL_MS = 10.0
 RSS_GOAL_MB = 150
+# The budgets issue's goal: 20 budgets over 1,000 dimension values cost ingestion at most 5 %.
+BUDGETS_LOSS_GOAL = 0.05
+BUDGET_CONFIGS = ("none", "budgets")
 LATENCY_LOAD_FRACTION = 0.8
 OPEN_LOOP_MAX_IN_FLIGHT = 512
 
@@ -83,6 +91,8 @@ class Settings:
     concurrency: int
     flush_interval_ms: int
     sweep_s: float = 10
+    budgets_s: float = 10
+    budget_rounds: int = 5
     sessions: int = 1000
     # The sweep's request shapes: the benchmark's fan-out (a request's 512 spans in 512
     # sessions, as a gateway batching a whole fleet sends) and spans in a handful of sessions
@@ -95,7 +105,8 @@ class Settings:
 FULL = Settings(throughput_s=20, warmup_s=3, latency_s=20, scaling_spans=1_000_000,
                 profile_s=15, concurrency=64, flush_interval_ms=0)
 QUICK = Settings(throughput_s=5, warmup_s=1, latency_s=5, scaling_spans=100_000,
-                 profile_s=5, concurrency=64, flush_interval_ms=0, sweep_s=5)
+                 profile_s=5, concurrency=64, flush_interval_ms=0, sweep_s=5, budgets_s=5,
+                 budget_rounds=3)
 
 
 def free_port() -> int:
@@ -187,7 +198,7 @@ def listeners_toml(grpc_port: int, http_port: int) -> str:
 
 
 def start_collector(work: Path, tag: str, settings: Settings, *,
-                    log_level: str = "info") -> Server:
+                    log_level: str = "info", extra_toml: str = "") -> Server:
     http, grpc_port = free_port(), free_port()
     db = work / f"collector-{tag}.db"
     config = work / f"collector-{tag}.toml"
@@ -198,7 +209,7 @@ def start_collector(work: Path, tag: str, settings: Settings, *,
         "[flush]\n"
         f"interval_ms = {settings.flush_interval_ms}\n"
         "[log]\n"
-        f'level = "{log_level}"\n')
+        f'level = "{log_level}"\n' + extra_toml)
     return Server("collector", [PYTHON, "-m", "collector", "serve", "--config", str(config)],
                   http_port=http, grpc_port=grpc_port, log=work / f"collector-{tag}.log", db=db,
                   pythonpath=settings.collector_src or str(ROOT),
@@ -210,7 +221,7 @@ def start_collector(work: Path, tag: str, settings: Settings, *,
 def loadgen(work: Path, tag: str, server: Server, transport: str, *, concurrency: int,
             sessions: int, duration_s: float = 0, warmup_s: float = 0,
             requests: int | None = None, rate: float | None = None,
-            verify_db: Path | None = None, background: bool = False
+            verify_db: Path | None = None, background: bool = False, tagged: bool = False
             ) -> dict[str, Any] | subprocess.Popen[bytes]:
     """Run bench.loadgen in its own process; its JSON result (or the process if background)."""
     port = server.http_port if transport == "http" else server.grpc_port
@@ -226,6 +237,8 @@ def loadgen(work: Path, tag: str, server: Server, transport: str, *, concurrency
         argv += ["--rate", f"{rate:.1f}"]
     if verify_db is not None:
         argv += ["--verify-db", str(verify_db)]
+    if tagged:
+        argv.append("--tagged")
     if background:
         return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL)
     planned = duration_s + warmup_s + (requests or 0) * SPANS_PER_REQUEST / 5_000
@@ -316,6 +329,57 @@ def phase_sweep(work: Path, s: Settings) -> dict[str, Any]:
                     "baseline": b, "collector": c,
                     "ratio": c["spans_per_s"] / b["spans_per_s"],
                     "p50_gap_ms": round(c["latency_ms"]["p50"] - b["latency_ms"]["p50"], 1)}
+    return results
+
+
+def phase_budgets(work: Path, s: Settings) -> dict[str, Any]:
+    """Per transport, `budget_rounds` rounds of A ("none": no budgets, untagged spans) then B
+    ("budgets": bench.budgets' 20 budgets and a sink, spans tagged with 1,000 teams), each
+    run as a baseline then a collector back to back on the same payload, so every ratio has
+    its own baseline and the machine's drift shows as spread between rounds, not as a loss."""
+    results: dict[str, Any] = {}
+    for transport in ("http", "grpc"):
+        rounds: list[dict[str, Any]] = []
+        for number in range(1, s.budget_rounds + 1):
+            row: dict[str, Any] = {"round": number}
+            for name in BUDGET_CONFIGS:
+                tagged = name == "budgets"
+                tag = f"bud-{transport}-{number}-{name}"
+                _say(f"budgets {transport}, round {number}/{s.budget_rounds}, {name}: baseline")
+                with running(lambda tag=tag: start_baseline(work, tag)) as base:
+                    b = loadgen(work, f"{tag}-baseline", base, transport,
+                                concurrency=s.concurrency, sessions=s.sessions,
+                                duration_s=s.budgets_s, warmup_s=s.warmup_s, tagged=tagged)
+                # Closed at once: a sink that refuses every connection, as a down one would.
+                extra = budgets_toml(free_port()) if tagged else ""
+                _say(f"budgets {transport}, round {number}/{s.budget_rounds}, {name}: "
+                     "collector")
+                with running(lambda tag=tag, extra=extra: start_collector(
+                        work, tag, s, extra_toml=extra)) as col:
+                    c = loadgen(work, f"{tag}-collector", col, transport,
+                                concurrency=s.concurrency, sessions=s.sessions,
+                                duration_s=s.budgets_s, warmup_s=s.warmup_s,
+                                verify_db=col.db, tagged=tagged)
+                    assert isinstance(c, dict) and col.db is not None
+                    if tagged:
+                        c["budget_check"] = check_budgets(col.db).as_dict()
+                assert isinstance(b, dict)
+                row[name] = {"baseline": b, "collector": c,
+                             "ratio": c["spans_per_s"] / b["spans_per_s"]}
+            row["b_over_a"] = row["budgets"]["ratio"] / row["none"]["ratio"]
+            rounds.append(row)
+        means = {name: sum(r[name]["ratio"] for r in rounds) / len(rounds)
+                 for name in BUDGET_CONFIGS}
+        cpu = {name: sum(r[name]["collector"]["server_cpu_us_per_span"] for r in rounds)
+               / len(rounds) for name in BUDGET_CONFIGS}
+        paired = sorted(r["b_over_a"] for r in rounds)
+        results[transport] = {
+            "rounds": rounds, "mean_ratio": means,
+            "loss": 1 - means["budgets"] / means["none"],
+            "paired_b_over_a": paired,
+            "mean_cpu_us_per_span": cpu,
+            "cpu_increase": cpu["budgets"] / cpu["none"] - 1,
+        }
     return results
 
 
@@ -656,6 +720,8 @@ def report(results: dict[str, Any], s: Settings, command: str) -> str:
                        f"{c['latency_ms']['p99']} | {goal[0] if goal else ''} | {met} | "
                        f"{_sums(c)} |")
         out.append("")
+    if "budgets" in results:
+        out.append(_budgets_report(results["budgets"], s, names))
     out.append("### Goals\n")
     out.append("| goal | measured | met |")
     out.append("|---|---|---|")
@@ -679,13 +745,76 @@ def report(results: dict[str, Any], s: Settings, command: str) -> str:
             out.append(f"| {names[r['transport']]} at {r['in_flight']} in flight, "
                        f"{r['sessions']:,} sessions: {goal[0]} | "
                        f"{measured} | {'yes' if goal[1] else '**no**'} |")
+    for transport, t in results.get("budgets", {}).items():
+        met = t["loss"] <= BUDGETS_LOSS_GOAL
+        out.append(f"| {names[transport]}: {len(BUDGETS)} budgets over {TAGS[0][2]:,} teams "
+                   f"lose ≤ {BUDGETS_LOSS_GOAL:.0%} vs none | {t['loss']:+.1%} "
+                   f"(CPU/span {t['cpu_increase']:+.1%}) | {'yes' if met else '**no**'} |")
+    checks = [r["budget_check"] for r in _all_runs(results) if "budget_check" in r]
+    if checks:
+        good = all(c["ok"] for c in checks)
+        out.append(f"| fleet spend = Σ cost_cents and {TAGS[0][2]:,} team instances in every "
+                   f"budgets run | {'all' if good else 'FAILED'} ({len(checks)} runs) | "
+                   f"{'yes' if good else '**no**'} |")
     ok = all(r.get("verification", {}).get("ok", True) for r in _all_runs(results))
     out.append(f"| committed sums exact in every collector run | "
                f"{'all exact' if ok else 'MISMATCH'} | {'yes' if ok else '**no**'} |")
     return "\n".join(out) + "\n"
 
 
+def _budgets_report(budgets: dict[str, Any], s: Settings, names: dict[str, str]) -> str:
+    out = [f"### Budgets: {len(BUDGETS)} budgets over {TAGS[0][2]:,} teams vs none "
+           f"(closed loop, {s.concurrency} in flight, {s.warmup_s:.0f} s warm-up + "
+           f"{s.budgets_s:.0f} s measured per run, rounds interleaved A B A B)\n",
+           "A: no [[budgets]], spans untagged. B: bench/budgets.py's budgets and a webhook "
+           "sink on a closed port, spans tagged (" + ", ".join(
+               f"{key}: {count:,} values" for key, _, count in TAGS)
+           + "). Each ratio is to a baseline run just before it on the same payload.\n",
+           "| transport | round | A baseline spans/s | A collector spans/s | A ratio "
+           "| B baseline spans/s | B collector spans/s | B ratio | B/A | A CPU µs/span "
+           "| B CPU µs/span | sums | budget check |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    for transport, t in budgets.items():
+        for r in t["rounds"]:
+            a, b = r["none"], r["budgets"]
+            check = b["collector"].get("budget_check", {})
+            check_text = ("ok: fleet {:.1f} = Σ cost {:.1f} ¢, {} team instances, {} crossings, "
+                          "{} outbox rows ({} attempts)".format(
+                              check["fleet_spend_cents"], check["sessions_cost_cents"],
+                              check["team_instances"], check["crossings"],
+                              check["outbox_rows"], check["delivery_attempts"])
+                          if check.get("ok") else
+                          f"**FAILED**: {'; '.join(check.get('problems', ()))}")
+            sums = (_sums(b["collector"]) if a["collector"]["verification"]["ok"]
+                    else f"A: {_sums(a['collector'])}")
+            out.append(f"| {names[transport]} | {r['round']} | "
+                       f"{a['baseline']['spans_per_s']:,.0f} | "
+                       f"{a['collector']['spans_per_s']:,.0f} | {a['ratio']:.3f} | "
+                       f"{b['baseline']['spans_per_s']:,.0f} | "
+                       f"{b['collector']['spans_per_s']:,.0f} | {b['ratio']:.3f} | "
+                       f"{r['b_over_a']:.3f} | "
+                       f"{a['collector']['server_cpu_us_per_span']} | "
+                       f"{b['collector']['server_cpu_us_per_span']} | "
+                       f"{sums} | "
+                       f"{check_text} |")
+    out.append("")
+    out.append("| transport | mean ratio A | mean ratio B | loss (1 - B/A) | B/A per round, "
+               "min … max | mean CPU µs/span A → B |")
+    out.append("|---|---:|---:|---:|---|---|")
+    for transport, t in budgets.items():
+        m, cpu, paired = t["mean_ratio"], t["mean_cpu_us_per_span"], t["paired_b_over_a"]
+        out.append(f"| {names[transport]} | {m['none']:.3f} | {m['budgets']:.3f} | "
+                   f"{t['loss']:+.1%} | {paired[0]:.3f} … {paired[-1]:.3f} | "
+                   f"{cpu['none']:.2f} → {cpu['budgets']:.2f} ({t['cpu_increase']:+.1%}) |")
+    out.append("")
+    return "\n".join(out)
+
+
 def _all_runs(results: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    for t in results.get("budgets", {}).values():
+        for r in t["rounds"]:
+            yield r["none"]["collector"]
+            yield r["budgets"]["collector"]
     for t in results.get("throughput", {}).values():
         yield t["collector"]
     for t in results.get("sweep", {}).values():
@@ -707,13 +836,19 @@ def self_check() -> None:
         raise RuntimeError("request factory produced duplicate or missing spans")
     if len(spans_a[0].attributes) != 16:
         raise RuntimeError("each span must carry 16 attributes")
+    tagged = decode_check(RequestFactory(1000, tagged=True).request(1))
+    for span in tagged.resource_spans[0].scope_spans[0].spans:
+        attrs = {kv.key: kv.value.string_value for kv in span.attributes}
+        if (len(attrs) != 16 + len(TAGS)
+                or attrs["team.id"][-3:] != attrs["session.id"][-3:]):
+            raise RuntimeError("tagged spans must carry their session's team")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="collector benchmark (see bench/run.py)")
     parser.add_argument("--quick", action="store_true", help="about a minute instead of ~5")
     parser.add_argument("--only", choices=("throughput", "latency", "scaling", "profile",
-                                           "sweep"),
+                                           "sweep", "budgets"),
                         action="append", help="run only these phases (latency implies "
                         "throughput, which sets its rate)")
     parser.add_argument("--concurrency", type=int, help="requests in flight (default 64)")
@@ -731,7 +866,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"no collector package in {args.collector_src}")
         overrides["collector_src"] = str(args.collector_src.resolve())
     settings = replace(settings, **overrides)
-    phases = set(args.only or ("throughput", "latency", "scaling", "profile", "sweep"))
+    phases = set(args.only or ("throughput", "latency", "scaling", "profile", "sweep",
+                               "budgets"))
     if "latency" in phases:
         phases.add("throughput")
     self_check()
@@ -751,6 +887,8 @@ def main(argv: list[str] | None = None) -> int:
             results["profile"] = phase_profile(work, settings)
         if "sweep" in phases:
             results["sweep"] = phase_sweep(work, settings)
+        if "budgets" in phases:
+            results["budgets"] = phase_budgets(work, settings)
     finally:
         if args.keep:
             _say(f"logs and databases kept in {work}")
@@ -766,7 +904,8 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS_DIR / f"report-{stamp}.md").write_text(text)
     print(text)
     _say(f"done in {results['elapsed_s']:.0f} s; results in {RESULTS_DIR}")
-    ok = all(r.get("verification", {}).get("ok", True) for r in _all_runs(results))
+    ok = all(r.get("verification", {}).get("ok", True)
+             and r.get("budget_check", {}).get("ok", True) for r in _all_runs(results))
     return 0 if ok else 1
 
 

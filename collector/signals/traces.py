@@ -470,6 +470,7 @@ LABEL_SLOTS = (S_AGENT, S_AGENT_VERSION, S_HOST, S_USER_EMAIL, S_USER_ID, S_ENDU
 # agent, version, user, host, dimensions
 Labels = tuple[str | None, str | None, str | None, str | None, Dimensions]
 NO_LABELS: Labels = (None, None, None, None, ())
+_NO_LABEL_VALUES = [None] * (N_SLOTS - S_AGENT)
 
 
 _new_usage = tuple.__new__
@@ -539,6 +540,11 @@ def map_span(span: SpanScan, fallbacks: list[tuple[tuple[int, ...], list[Any]]],
         kind, status, channel, goal = _session_values(v, span_id, limit, result)
     if v[S_AGENT:] == options.no_label_values:
         agent, agent_version, user, host, dimensions = resource_labels
+    elif v[S_AGENT:N_SLOTS] == _NO_LABEL_VALUES:
+        # Tags of its own but none of the labels (a span tagged per team, say): the
+        # resource's labels with the span's dimensions.
+        agent, agent_version, user, host, dimensions = resource_labels
+        dimensions = _dimensions(v, dimensions, span_id, limit, options)
     else:
         agent, agent_version, user, host, dimensions = _labels(
             v, resource_labels, f"span {_ref(span_id)}", limit, options)
@@ -811,9 +817,10 @@ def _labels(v: list[Any], fallback: Labels, who: str, limit: int,
     return agent, agent_version, user, host, dimensions
 
 
-def _dimensions(v: list[Any], fallback: Dimensions, who: str, limit: int,
+def _dimensions(v: list[Any], fallback: Dimensions, who: str | bytes, limit: int,
                 options: MappingOptions) -> Dimensions:
-    """Each dimension's first present attribute of `v`, else its value in `fallback`."""
+    """Each dimension's first present attribute of `v`, else its value in `fallback`. `who`
+    names the resource, or is the span's id (named only if a value is refused)."""
     names = options.slot_names
     found: list[tuple[str, str]] = []
     for dimension, slots in options.dimension_slots:
@@ -825,7 +832,9 @@ def _dimensions(v: list[Any], fallback: Dimensions, who: str, limit: int,
                 if raw.__class__ is str and len(raw) <= limit and raw.isascii():
                     value = raw or None
                 else:
-                    value = values.bounded_text(raw, names[slot], who, limit)
+                    value = values.bounded_text(
+                        raw, names[slot], who if isinstance(who, str) else f"span {_ref(who)}",
+                        limit)
                 if value:
                     found.append((dimension, value))
                     break

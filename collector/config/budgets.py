@@ -10,7 +10,7 @@ crossing recorded for a sink that can never answer.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,26 +66,36 @@ class AlertSink:
     secret: str | None = field(default=None, repr=False)
 
 
+def _named_tables(items: Any, source: str, key: str, keys: frozenset[str], what: str
+                  ) -> Iterator[tuple[str, dict[str, Any], str]]:
+    """(key prefix, table, name) of each table of an array of tables whose names are its
+    identity: unknown keys, a missing name and a name given twice are errors."""
+    from collector.config import ConfigError
+
+    if not isinstance(items, list):
+        raise ConfigError(source, key, f"must be an array of tables ([[{key}]])")
+    seen: set[str] = set()
+    for index, item in enumerate(items):
+        prefix = f"{key}[{index}]"
+        if not isinstance(item, dict):
+            raise ConfigError(source, prefix, "must be a table")
+        for name in item:
+            if name not in keys:
+                raise ConfigError(source, f"{prefix}.{name}", "unknown key")
+        name = _text(source, f"{prefix}.name", item.get("name"), required=True)
+        if name in seen:
+            raise ConfigError(source, f"{prefix}.name", f"{name!r} names another {what} too")
+        seen.add(name)
+        yield prefix, item, name
+
+
 def parse_budgets(items: Any, *, source: str, dimensions: Sequence[str]) -> tuple[Budget, ...]:
     """`items`: the file's `budgets` value. `dimensions`: every dimension a budget may name
     (built-in and configured). Raises collector.config.ConfigError naming the key."""
     from collector.config import ConfigError  # the package imports this module
 
-    if not isinstance(items, list):
-        raise ConfigError(source, "budgets", "must be an array of tables ([[budgets]])")
     budgets: list[Budget] = []
-    seen: set[str] = set()
-    for index, item in enumerate(items):
-        prefix = f"budgets[{index}]"
-        if not isinstance(item, dict):
-            raise ConfigError(source, prefix, "must be a table")
-        for key in item:
-            if key not in _BUDGET_KEYS:
-                raise ConfigError(source, f"{prefix}.{key}", "unknown key")
-        name = _text(source, f"{prefix}.name", item.get("name"), required=True)
-        if name in seen:
-            raise ConfigError(source, f"{prefix}.name", f"{name!r} names another budget too")
-        seen.add(name)
+    for prefix, item, name in _named_tables(items, source, "budgets", _BUDGET_KEYS, "budget"):
         dimension: str | None
         if "scope" in item:
             if item["scope"] != FLEET_SCOPE:
@@ -131,21 +141,8 @@ def parse_sinks(items: Any, *, source: str, base_dir: Path) -> tuple[AlertSink, 
     """`items`: the file's `alerts.sinks` value."""
     from collector.config import ConfigError
 
-    if not isinstance(items, list):
-        raise ConfigError(source, "alerts.sinks", "must be an array of tables ([[alerts.sinks]])")
     sinks: list[AlertSink] = []
-    seen: set[str] = set()
-    for index, item in enumerate(items):
-        prefix = f"alerts.sinks[{index}]"
-        if not isinstance(item, dict):
-            raise ConfigError(source, prefix, "must be a table")
-        for key in item:
-            if key not in _SINK_KEYS:
-                raise ConfigError(source, f"{prefix}.{key}", "unknown key")
-        name = _text(source, f"{prefix}.name", item.get("name"), required=True)
-        if name in seen:
-            raise ConfigError(source, f"{prefix}.name", f"{name!r} names another sink too")
-        seen.add(name)
+    for prefix, item, name in _named_tables(items, source, "alerts.sinks", _SINK_KEYS, "sink"):
         kind = item.get("kind")
         if kind not in SINK_KINDS:
             raise ConfigError(source, f"{prefix}.kind",

@@ -78,9 +78,15 @@ DAILY_SUMS = ("turns", "prompt_tokens", "completion_tokens", "reasoning_tokens",
               "cache_read_tokens", "cache_write_tokens", "cost_cents")
 # What a report groups the rollup by (the model is always a second group): a rollup column, or
 # a label of the row's session (its latest value; '' for sessions without one).
-USAGE_GROUPS = {"hour": "hour", "session": "session_id", "agent": "coalesce(l.agent, '')",
-                "user": "coalesce(l.user_name, '')", "host": "coalesce(l.host, '')",
-                "credential": "coalesce(l.credential, '')"}
+# The built-in who-spends labels and their columns in collector_session_labels.
+LABEL_COLUMNS = {"agent": "agent", "user": "user_name", "host": "host",
+                 "credential": "credential"}
+USAGE_GROUPS = {"hour": "hour", "session": "session_id",
+                **{name: f"coalesce(l.{column}, '')" for name, column in LABEL_COLUMNS.items()}}
+# Made only when budgets are configured (collector.store.budgets writes them).
+SPEND_TABLE = "collector_budget_spend"
+ALERTS_TABLE = "collector_budget_alerts"
+OUTBOX_TABLE = "collector_alert_outbox"
 
 
 def usage_group(group: str, mark: str) -> tuple[str, str, tuple[Any, ...]]:
@@ -211,7 +217,7 @@ class Reader(Protocol):
 # period start per instance), `mark` being the backend's parameter style. At most
 # BUDGET_PERIODS_PER_READ pairs a statement, far above any config's budget count.
 BUDGET_PERIODS_PER_READ = 200
-ALERTS_PENDING_SQL = "SELECT count(*) FROM collector_alert_outbox WHERE delivered_ns IS NULL"
+ALERTS_PENDING_SQL = f"SELECT count(*) FROM {OUTBOX_TABLE} WHERE delivered_ns IS NULL"
 
 
 def budget_read_sql(table: str, column: str, pairs: int, mark: str) -> str:
@@ -231,8 +237,8 @@ def read_budget_rows(execute: Callable[[str, list[Any]], Iterable[Sequence[Any]]
     for start in range(0, len(periods), BUDGET_PERIODS_PER_READ):
         chunk = periods[start:start + BUDGET_PERIODS_PER_READ]
         params: list[Any] = [v for pair in chunk for v in pair]
-        for out, table, column in ((spend, "collector_budget_spend", "spend_cents"),
-                                   (crossings, "collector_budget_alerts", "threshold")):
+        for out, table, column in ((spend, SPEND_TABLE, "spend_cents"),
+                                   (crossings, ALERTS_TABLE, "threshold")):
             out.extend((str(r[0]), str(r[1]), int(r[2]), float(r[3])) for r in execute(
                 budget_read_sql(table, column, len(chunk), mark), params))
     return spend, crossings

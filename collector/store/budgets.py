@@ -26,24 +26,23 @@ from collector.budgets import Period, outbox_rows, period_of, reached, spend_del
 from collector.config.attribution import NAME_PATTERN
 from collector.config.budgets import AlertSink, Budget
 from collector.store.base import (
+    ALERTS_PENDING_SQL,
+    ALERTS_TABLE,
     DIMENSIONS_TABLE,
     HOURLY_TABLE,
+    LABEL_COLUMNS,
     LABELS_TABLE,
+    OUTBOX_TABLE,
+    SPEND_TABLE,
     StorageError,
     iso_utc,
 )
 
-SPEND_TABLE = "collector_budget_spend"
-ALERTS_TABLE = "collector_budget_alerts"
-OUTBOX_TABLE = "collector_alert_outbox"
 # How many sessions, users and models an alert names: enough to act on, short enough to read.
 TOP_N = 5
 TOP_KINDS = ("sessions", "users", "models")
 # Fractions of a cent kept in the top lists: a session of a few tenths of a cent still shows.
 CENTS_DIGITS = 4
-# The built-in dimensions' columns in collector_session_labels.
-LABEL_COLUMNS = {"agent": "agent", "user": "user_name", "host": "host",
-                 "credential": "credential"}
 
 
 def dimension_sql(dimension: str, session: str) -> str:
@@ -204,7 +203,6 @@ SETTLE_FAILED = f"""
 UPDATE {OUTBOX_TABLE} SET attempts = ?, next_attempt_ns = ?, claimed_until_ns = 0
 WHERE id = ? AND delivered_ns IS NULL
 """
-COUNT_PENDING = f"SELECT count(*) FROM {OUTBOX_TABLE} WHERE delivered_ns IS NULL"
 
 
 class OutboxConnection(Protocol):
@@ -263,7 +261,7 @@ class Outbox:
         self._run(SETTLE_FAILED, (attempts, next_attempt_ns, alert_id))
 
     def pending(self) -> int:
-        return int(self._run(COUNT_PENDING, ())[0][0])
+        return int(self._run(ALERTS_PENDING_SQL, ())[0][0])
 
     def close(self) -> None:
         conn, self._conn = self._conn, None

@@ -68,6 +68,7 @@ from collector.store.base import (
     LINKS_TABLE,
     SEEN_CURRENT_COUNT,
     SEEN_PREVIOUS_COUNT,
+    SPEND_TABLE,
     TURNS_TABLE,
     BudgetRows,
     CommitResult,
@@ -1247,7 +1248,7 @@ class PostgresReader:
 
     def _has_budget_tables(self) -> bool:
         """A database no collector with budgets wrote has none: nothing spent, no error."""
-        rows = self._query("SELECT to_regclass('collector_budget_spend') IS NOT NULL", ())
+        rows = self._query(f"SELECT to_regclass('{SPEND_TABLE}') IS NOT NULL", ())
         return bool(rows[0][0])
 
     def close(self) -> None:

@@ -72,6 +72,7 @@ from collector.store.base import (
     LINKS_TABLE,
     SEEN_CURRENT_COUNT,
     SEEN_PREVIOUS_COUNT,
+    SPEND_TABLE,
     TURNS_TABLE,
     BudgetRows,
     CommitResult,
@@ -1381,7 +1382,7 @@ class SQLiteReader:
         conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
         try:
             if conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND "
-                            "name = 'collector_budget_spend'").fetchone()[0] == 0:
+                            "name = ?", (SPEND_TABLE,)).fetchone()[0] == 0:
                 return read(lambda sql, params: [], *args)
             return read(lambda sql, params: conn.execute(sql, params).fetchall(), *args)
         finally:

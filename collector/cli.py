@@ -297,7 +297,7 @@ BUDGET_NUMERIC = (False, False, False, True, True, True, True, False)
 
 
 def _budgets(config: Config, args: argparse.Namespace) -> int:
-    from collector.budgets.status import budget_status, current_periods, local_iso, to_json
+    from collector.budgets.status import budget_status, local_iso, read_status, to_json
 
     now_ns = time.time_ns()
     status = budget_status(config.budgets, [], [], now_ns)
@@ -306,13 +306,12 @@ def _budgets(config: Config, args: argparse.Namespace) -> int:
         if reader is None:
             return EXIT_FAILURE
         try:
-            spend, crossings = reader.read_budgets(current_periods(config.budgets, now_ns))
+            status = read_status(reader, config.budgets, now_ns)
         except StorageError as exc:
             print(f"collector: {exc}", file=sys.stderr)
             return EXIT_FAILURE
         finally:
             reader.close()
-        status = budget_status(config.budgets, spend, crossings, now_ns)
     if args.json:
         json.dump(to_json(status), sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -4,7 +4,8 @@ the three can never disagree on a number).
 
 A budget's current period depends on its own time zone and period, so the caller first asks
 `current_periods` which (budget, period start) pairs to read, reads those rows through the
-storage Reader, and hands them back to `budget_status` with the same `now_ns`.
+storage Reader, and hands them back to `budget_status` with the same `now_ns`; `read_status`
+is that sequence, the one impure function here.
 """
 
 from __future__ import annotations
@@ -12,11 +13,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 from collector.budgets import NS_PER_S, Period, period_of, projected_cents, reached
 from collector.config.budgets import Budget
+
+if TYPE_CHECKING:
+    from collector.store.base import Reader
 
 # (budget, scope value, period start ns, spend cents) as collector_budget_spend holds it.
 SpendRow = tuple[str, str, int, float]
@@ -80,6 +84,15 @@ class BudgetStatus:
 def current_periods(budgets: Iterable[Budget], now_ns: int) -> list[tuple[str, int]]:
     """(budget name, current period start) for each budget: what the Reader must read."""
     return [(b.name, period_of(b, now_ns).start_ns) for b in budgets]
+
+
+def read_status(reader: Reader, budgets: Sequence[Budget], now_ns: int,
+                max_instances: int | None = None) -> BudgetStatus:
+    """budget_status over what `reader` holds for the budgets' current periods. Blocks: call
+    it off the event loop. Without budgets nothing is read."""
+    spend, crossings = (reader.read_budgets(current_periods(budgets, now_ns)) if budgets
+                        else ([], []))
+    return budget_status(budgets, spend, crossings, now_ns, max_instances=max_instances)
 
 
 def budget_status(budgets: Sequence[Budget], spend: Iterable[SpendRow],

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from aiohttp import web
 
 from collector import report
-from collector.budgets.status import budget_status, current_periods
+from collector.budgets.status import read_status
 from collector.budgets.status import to_json as budgets_json
 from collector.config import Endpoint
 from collector.config.auth import ROLE_READ
@@ -57,8 +57,8 @@ from collector.config.budgets import Budget
 from collector.receivers.common import start_app
 from collector.receivers.connections import Connections
 from collector.security import Security, bearer_token
-from collector.store.base import BudgetRow, StorageError
 from collector.store.base import Reader as UsageReader
+from collector.store.base import StorageError
 from collector.store.sqlite import BUSY_TIMEOUT_MS
 from collector.web import export, params, queries
 from collector.web.sessions import SESSION_TTL_S, WebSession, WebSessions
@@ -487,18 +487,13 @@ class WebServer:
         it (at most API_BUDGET_INSTANCES per budget, the largest spenders; `omitted` counts
         the rest), with the amounts also as the reports format them."""
         now_ns = int(self._now().timestamp()) * 1_000_000_000
-        spend: list[BudgetRow] = []
-        crossings: list[BudgetRow] = []
-        if self._budgets:
-            assert self._reader is not None
-            periods = current_periods(self._budgets, now_ns)
-            try:
-                spend, crossings = await self._reader.call(self._usage.read_budgets, periods)
-            except READ_ERRORS as exc:
-                return web.json_response({"error": f"cannot read the database: {exc}"},
-                                         status=503)
-        status = budget_status(self._budgets, spend, crossings, now_ns,
-                               max_instances=API_BUDGET_INSTANCES)
+        assert self._reader is not None
+        try:
+            status = await self._reader.call(read_status, self._usage, self._budgets, now_ns,
+                                             API_BUDGET_INSTANCES)
+        except READ_ERRORS as exc:
+            return web.json_response({"error": f"cannot read the database: {exc}"},
+                                     status=503)
         data = budgets_json(status)
         for line, item in zip(status.instances, data["budgets"], strict=True):
             item["spend_text"] = report.format_usd(line.spend_cents)

@@ -28,7 +28,7 @@ from prometheus_client.exposition import choose_encoder
 
 from collector import __version__
 from collector.budgets.delivery import DeliveryStats
-from collector.budgets.status import BudgetStatus, budget_status, current_periods
+from collector.budgets.status import BudgetStatus, read_status
 from collector.config import Endpoint
 from collector.config.budgets import Budget
 from collector.pipeline import ItemCounts, Pipeline, Stats
@@ -375,10 +375,7 @@ class Metrics:
 
 def _read_budget_gauges(reader: Reader, budgets: tuple[Budget, ...]) -> BudgetGauges:
     """On a worker thread: the budgets' current periods and the outbox's pending count."""
-    now_ns = time.time_ns()
-    spend, crossings = reader.read_budgets(current_periods(budgets, now_ns))
-    return BudgetGauges(budget_status(budgets, spend, crossings, now_ns,
-                                      max_instances=METRICS_BUDGET_INSTANCES),
+    return BudgetGauges(read_status(reader, budgets, time.time_ns(), METRICS_BUDGET_INSTANCES),
                         reader.count_alerts_pending())
 
 

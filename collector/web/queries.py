@@ -533,13 +533,13 @@ def search_values(conn: Connection, field: str, needle: str, limit: int) -> dict
         scope = ""
     else:
         table, column = DIMENSIONS_TABLE, "value"
-        scope, scoped = "dimension = ? AND ", (field,)
+        scope, scoped = "dimension = ?", (field,)
     found = _prefixed(conn, table, column, needle, limit + 1, scope, scoped)
     if len(found) <= limit:
         seen = set(found)
         rows = conn.execute(
             f"SELECT DISTINCT x FROM (SELECT {column} AS x FROM {table} "
-            f"{'WHERE ' + scope[:-5] if scope else ''} LIMIT ?) AS r "
+            f"{'WHERE ' + scope if scope else ''} LIMIT ?) AS r "
             "WHERE x IS NOT NULL AND instr(lower(x), ?) > 0 ORDER BY x LIMIT ?",
             (*scoped, SEARCH_SCAN, needle.lower(), limit + 1 + len(found))).fetchall()
         found += [str(r[0]) for r in rows if r[0] not in seen]
@@ -550,9 +550,10 @@ def search_values(conn: Connection, field: str, needle: str, limit: int) -> dict
 def _prefixed(conn: Connection, table: str, column: str, prefix: str, limit: int,
               scope: str = "", scoped: tuple[Any, ...] = ()) -> list[str]:
     """Distinct values of `column` starting with `prefix`, in order, at most `limit`.
-    `scope`: a condition ending in "AND " that leads the index (a dimension's name), with its
-    parameters `scoped`."""
+    `scope`: a condition that leads the index (a dimension's name), with its parameters
+    `scoped`."""
     n = len(prefix)
+    scope = f"{scope} AND " if scope else ""
     if isinstance(conn, sqlite3.Connection):
         # SQLite compares text as bytes, so the values with a prefix are one range of the
         # index: walk it a distinct value at a time (a loose index scan), `limit` seeks.

@@ -9,6 +9,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
+import pytest
 from aiohttp import web
 
 from collector.budgets.delivery import OutboxDelivery
@@ -56,9 +57,15 @@ async def _until(predicate: object) -> None:
         await asyncio.sleep(0.05)
 
 
-async def _crossed(path: Path, sink: Sink) -> tuple[AlertSink, ...]:
+async def _crossed(where: Path | str, sink: Sink) -> tuple[AlertSink, ...]:
+    """Cross the fleet budget's 0.8 and 1.0 at once in a SQLite file (a Path) or a
+    PostgreSQL database (a URL), with one webhook sink."""
     sinks = (AlertSink(name="hook", kind="webhook", url=sink.url),)
-    store = SQLiteStore(path, retention_s=100, budgets=(FLEET,), sinks=sinks)
+    store: SQLiteStore | PostgresStore = (
+        SQLiteStore(where, retention_s=100, budgets=(FLEET,), sinks=sinks)
+        if isinstance(where, Path) else
+        PostgresStore(ConnectOptions(where), retention_s=100, commit_timeout_s=30,
+                      budgets=(FLEET,), sinks=sinks))
     await store.open()
     try:
         await store.commit(batch(rec(1, cents=6)), now_ns=T0)  # 0.8 and 1.0 at once
@@ -67,24 +74,31 @@ async def _crossed(path: Path, sink: Sink) -> tuple[AlertSink, ...]:
     return sinks
 
 
-async def test_a_failing_sink_gets_each_alert_once_it_recovers(tmp_path: Path) -> None:
-    path = tmp_path / "db.sqlite"
+@pytest.mark.parametrize(("backend", "ok_status"), [("sqlite", 204), ("postgres", 200)])
+async def test_a_failing_sink_gets_each_alert_once_it_recovers(
+        tmp_path: Path, backend: str, ok_status: int, request: pytest.FixtureRequest) -> None:
+    where: Path | str = (tmp_path / "db.sqlite" if backend == "sqlite"
+                         else request.getfixturevalue("pg_url"))
     async with Sink() as sink:
         sink.status = 500
-        sinks = await _crossed(path, sink)
-        delivery = OutboxDelivery(open_outbox(path), sinks, poll_s=0.05, backoff_base_s=0.05,
+        sinks = await _crossed(where, sink)
+        outbox = (open_outbox(where) if isinstance(where, Path)
+                  else open_pg_outbox(ConnectOptions(where)))
+        delivery = OutboxDelivery(outbox, sinks, poll_s=0.05, backoff_base_s=0.05,
                                   backoff_cap_s=0.1)
         await delivery.start()
         try:
             await _until(lambda: delivery.stats.failed_attempts >= 2)
-            sink.status = 204
+            sink.status = ok_status
             await _until(lambda: delivery.stats.delivered == 2)
         finally:
             await delivery.stop()
         assert delivery.pending() == 0
     ok = {key for key, _ in sink.received[-2:]}
+    assert len(ok) == 2
     assert {body["threshold"] for _, body in sink.received} == {0.8, 1.0}
     assert {body["id"] for _, body in sink.received} == ok  # one stable id per threshold
+    assert {key for key, _ in sink.received} == ok
 
 
 async def test_a_lapsed_lease_resends_the_same_id(tmp_path: Path) -> None:
@@ -121,41 +135,11 @@ async def test_a_live_lease_is_left_to_its_claimant(tmp_path: Path) -> None:
 
 # -- on PostgreSQL -----------------------------------------------------------------------------
 
-async def _crossed_pg(url: str, sink: Sink) -> tuple[AlertSink, ...]:
-    sinks = (AlertSink(name="hook", kind="webhook", url=sink.url),)
-    store = PostgresStore(ConnectOptions(url), retention_s=100, commit_timeout_s=30,
-                          budgets=(FLEET,), sinks=sinks)
-    await store.open()
-    try:
-        await store.commit(batch(rec(1, cents=6)), now_ns=T0)
-    finally:
-        await store.close()
-    return sinks
-
-
-async def test_postgres_delivery_gets_each_alert_to_a_sink_once_it_recovers(pg_url: str) -> None:
-    async with Sink() as sink:
-        sink.status = 500
-        sinks = await _crossed_pg(pg_url, sink)
-        delivery = OutboxDelivery(open_pg_outbox(ConnectOptions(pg_url)), sinks, poll_s=0.05,
-                                  backoff_base_s=0.05, backoff_cap_s=0.1)
-        await delivery.start()
-        try:
-            await _until(lambda: delivery.stats.failed_attempts >= 2)
-            sink.status = 200
-            await _until(lambda: delivery.stats.delivered == 2)
-        finally:
-            await delivery.stop()
-    assert len({key for key, _ in sink.received}) == 2
-    assert sorted(key for key, _ in sink.received[-2:]) == sorted(
-        {key for key, _ in sink.received})
-
-
 def test_postgres_claims_from_two_collectors_at_once_never_share_a_row(pg_server: PgServer,
                                                                         pg_url: str) -> None:
     """Two outboxes on their own connections claim as fast as they can, at once: every row
     is leased by exactly one of them (the lease is taken in one statement, SKIP LOCKED)."""
-    asyncio.run(_crossed_pg(pg_url, Sink()))  # makes the tables
+    asyncio.run(_crossed(pg_url, Sink()))  # makes the tables
     pg_server.execute(pg_url, "INSERT INTO collector_alert_outbox (id, sink, payload, "
                               "created_ns) SELECT 'a' || n, 'hook', '{}', n "
                               "FROM generate_series(1, 400) AS n")

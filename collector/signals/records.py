@@ -142,7 +142,12 @@ def lookup(dialect: Dialect, record: Record, role: str) -> Any:
 def lookup_named(dialect: Dialect, record: Record, role: str) -> tuple[str, Any] | None:
     """(attribute name, value) of the first present attribute of a role, so that an error
     names the attribute the agent sent."""
-    names = dialect.names_for(role)
+    return first_present(record, dialect.names_for(role))
+
+
+def first_present(record: Record, names: tuple[str, ...]) -> tuple[str, Any] | None:
+    """(name, value) of the first of `names` the record gives a plain value, else the first
+    its resource gives."""
     for source in (record.attributes, record.resource):
         for name in names:
             value = source.get(name)
@@ -195,10 +200,7 @@ def labels_of(dialect: Dialect, record: Record, options: MappingOptions) -> Labe
 
     dimensions: list[tuple[str, str]] = []
     for dimension, names in options.dimensions:
-        found = next(((name, value) for source in (record.attributes, record.resource)
-                      for name in names
-                      if (value := source.get(name)) is not None
-                      and value is not EMPTY and value is not NESTED), None)
+        found = first_present(record, names)
         if found is not None:
             text = label(found[1], found[0])
             if text:

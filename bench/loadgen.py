@@ -36,7 +36,14 @@ import aiohttp
 import grpc
 import uvloop
 
-from bench.payload import DEFAULT_SESSIONS, SPANS_PER_REQUEST, RequestFactory, expected_sums
+from bench.payload import (
+    DEFAULT_SESSIONS,
+    LAYOUTS,
+    SPANS_PER_REQUEST,
+    Layout,
+    RequestFactory,
+    expected_sums,
+)
 from bench.verify import verify
 
 HOST = "127.0.0.1"
@@ -252,8 +259,9 @@ async def _open_loop(send: Send, factory: RequestFactory, plan: Plan, tally: Tal
 
 
 async def run_load(transport: str, target: str, plan: Plan, *, sessions: int,
-                   pid: int | None, tagged: bool = False) -> tuple[dict[str, Any], Tally]:
-    factory = RequestFactory(sessions, tagged=tagged)
+                   pid: int | None, tagged: bool = False, layout: Layout = "span"
+                   ) -> tuple[dict[str, Any], Tally]:
+    factory = RequestFactory(sessions, tagged=tagged, layout=layout)
     tally = Tally()
     sampler = RssSampler(pid)
     sampling_done = asyncio.Event()
@@ -286,6 +294,7 @@ async def run_load(transport: str, target: str, plan: Plan, *, sessions: int,
         "plan": asdict(plan),
         "sessions": sessions,
         "tagged": tagged,
+        "layout": layout,
         "requests_acked": len(tally.acked),
         "spans_acked": len(tally.acked) * SPANS_PER_REQUEST,
         "failures": dict(tally.failures),
@@ -328,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tagged", action="store_true",
                         help="spans also carry dimension tags (team.id, department, "
                         "cost_center, project; see bench.payload.TAGS)")
+    parser.add_argument("--layout", choices=LAYOUTS, default="span",
+                        help="span: one resource, a session per span (tags on spans); "
+                        "resource: 16 resources of one session each (tags on resources)")
     parser.add_argument("--pid", type=int, help="server process, for its peak RSS")
     parser.add_argument("--verify-db", type=Path, help="collector SQLite file to check sums in")
     parser.add_argument("--json-out", type=Path, help="write the result here (else stdout)")
@@ -346,11 +358,11 @@ def main(argv: list[str] | None = None) -> int:
                 first_request=args.first_request)
     result, tally = uvloop.run(run_load(args.transport, args.target, plan,
                                         sessions=args.sessions, pid=args.pid,
-                                        tagged=args.tagged))
+                                        tagged=args.tagged, layout=args.layout))
     if args.verify_db is not None:
         # Every acknowledged request is committed (the collector answers after commit), so
         # the database can be checked now, with the daemon still running.
-        expected = expected_sums(tally.acked, args.sessions)
+        expected = expected_sums(tally.acked, args.sessions, args.layout)
         result["verification"] = verify(args.verify_db, expected).as_dict()
     text = json.dumps(result, indent=2)
     if args.json_out is not None:

@@ -8,8 +8,14 @@ microseconds a span, and every span still gets a unique (trace id, span id), so 
 on-disk deduplication sees only new spans, as it would in production.
 
 Which session a span belongs to and what it counts are pure functions of its global index
-(request number x 512 + position), so the expected per-session sums of any set of acknowledged
-requests can be recomputed exactly afterwards.
+(request number x 512 + position) and the layout, so the expected per-session sums of any set
+of acknowledged requests can be recomputed exactly afterwards.
+
+Two layouts: "span", one resource whose 512 spans are of 512 sessions (a gateway batching a
+fleet's spans into one resource, the costliest case for anything read per span), and
+"resource", 16 resources of 32 spans each, a resource being one agent process with one session
+(what agents' own exporters send, a gateway's batch of them). Dimension tags go where the layout
+says: on every span, or on the resource, as `OTEL_RESOURCE_ATTRIBUTES` puts them.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import struct
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
@@ -31,6 +38,11 @@ SESSION_PREFIX = "bench-session-"
 SESSION_DIGITS = 7  # fixed width, so a session id can be rewritten in place
 MAX_SESSIONS = 10**SESSION_DIGITS
 SPAN_DURATION_NS = 1_500_000_000
+Layout = Literal["span", "resource"]
+LAYOUTS: tuple[Layout, ...] = ("span", "resource")
+RESOURCES_PER_REQUEST = 16  # the "resource" layout
+SPANS_PER_RESOURCE = SPANS_PER_REQUEST // RESOURCES_PER_REQUEST
+assert SPANS_PER_RESOURCE * RESOURCES_PER_REQUEST == SPANS_PER_REQUEST
 
 # Dimension tags (bench.run's budgets phase): the collector's default [attribution] reads these
 # keys. Every value is a prefix and TAG_DIGITS digits, rewritten in place like the session id;
@@ -99,6 +111,12 @@ def session_id(index: int) -> str:
     return f"{SESSION_PREFIX}{index:0{SESSION_DIGITS}d}"
 
 
+def session_of(g: int, sessions: int, layout: Layout) -> int:
+    """The session of the span of global index `g`: each span its own in the "span" layout,
+    each resource's 32 spans one in the "resource" layout."""
+    return (g if layout == "span" else g // SPANS_PER_RESOURCE) % sessions
+
+
 def tag_values(session: int) -> tuple[int, ...]:
     """The number behind each of TAGS for a session: team is its last three digits, so 1,000
     sessions or more carry 1,000 teams; the others repeat over fewer values."""
@@ -138,9 +156,13 @@ def _span_attributes(position: int, *, tagged: bool) -> list[KeyValue]:
     }
     assert tuple(values) == ATTRIBUTE_KEYS
     if tagged:
-        for key, prefix, _ in TAGS:
-            values[key] = tag_value(prefix, position)
+        values.update(_tags(position))
     return [_kv(k, v) for k, v in values.items()]
+
+
+def _tags(placeholder: int) -> dict[str, str | int]:
+    """The dimension tags with `placeholder` for digits (rewritten per request)."""
+    return {key: tag_value(prefix, placeholder) for key, prefix, _ in TAGS}
 
 
 def _only_offset(data: bytes, needle: bytes, expected: int) -> list[int]:
@@ -159,24 +181,32 @@ class RequestFactory:
     """Builds request number `r` as bytes: spans with global index r*512 .. r*512+511.
 
     `nonce` (the first 8 bytes of every trace id) keeps ids of different runs apart.
-    `tagged`: every span also carries the dimension tags of TAGS (20 attributes, not 16).
+    `tagged`: the dimension tags of TAGS are also sent, on every span (20 attributes, not 16)
+    or on every resource, as `layout` says.
     """
 
     def __init__(self, sessions: int = DEFAULT_SESSIONS, *, nonce: int | None = None,
-                 now_ns: int | None = None, tagged: bool = False) -> None:
+                 now_ns: int | None = None, tagged: bool = False,
+                 layout: Layout = "span") -> None:
         if not 1 <= sessions < MAX_SESSIONS:
             raise ValueError(f"sessions must be in 1..{MAX_SESSIONS - 1}")
         self.sessions = sessions
+        self.layout = layout
         self.nonce = nonce if nonce is not None else int.from_bytes(os.urandom(8), "big")
         end = now_ns if now_ns is not None else time.time_ns()
+        per_resource = SPANS_PER_REQUEST if layout == "span" else SPANS_PER_RESOURCE
         request = ExportTraceServiceRequest()
-        resource_spans = request.resource_spans.add()
-        resource_spans.resource.attributes.append(_kv("service.name", "bench-agent"))
-        scope_spans = resource_spans.scope_spans.add()
-        scope_spans.scope.name = "bench.loadgen"
         trace_markers: list[bytes] = []
         span_markers: list[bytes] = []
         for j in range(SPANS_PER_REQUEST):
+            if j % per_resource == 0:
+                resource_spans = request.resource_spans.add()
+                resource_spans.resource.attributes.append(_kv("service.name", "bench-agent"))
+                if tagged and layout == "resource":
+                    resource_spans.resource.attributes.extend(
+                        _kv(k, v) for k, v in _tags(j // per_resource).items())
+                scope_spans = resource_spans.scope_spans.add()
+                scope_spans.scope.name = "bench.loadgen"
             trace_markers.append(os.urandom(16))
             span_markers.append(os.urandom(8))
             scope_spans.spans.append(Span(
@@ -186,7 +216,7 @@ class RequestFactory:
                 kind=Span.SpanKind.SPAN_KIND_CLIENT,
                 start_time_unix_nano=end - SPAN_DURATION_NS,
                 end_time_unix_nano=end,
-                attributes=_span_attributes(j, tagged=tagged),
+                attributes=_span_attributes(j, tagged=tagged and layout == "span"),
             ))
         template = request.SerializeToString()
         self.template = template
@@ -197,19 +227,22 @@ class RequestFactory:
             tuple(o + digits_at for o in _only_offset(template, session_id(j).encode(), 2))
             for j in range(SPANS_PER_REQUEST)
         ]
-        # The tags are adjacent attributes of fixed width, so from a span's first tag digit to
-        # its last, the bytes differ only in the digits: one slice per span rewrites them all,
-        # copied from a run precomputed per session (the sending path stays cheap).
+        # The tags are adjacent attributes of fixed width, so from a holder's (span's or
+        # resource's) first tag digit to its last, the bytes differ only in the digits: one
+        # slice per holder rewrites them all, copied from a run precomputed per session (the
+        # sending path stays cheap).
         self._tag_offsets: list[int] = []
         self._tag_runs: list[bytes] = []
         if tagged:
-            per_span = [[_only_offset(template, tag_value(prefix, j).encode(), 1)[0]
-                         + len(prefix) for _, prefix, _ in TAGS]
-                        for j in range(SPANS_PER_REQUEST)]
-            relative = [o - per_span[0][0] for o in per_span[0]]
-            if any([o - offsets[0] for o in offsets] != relative for offsets in per_span):
-                raise RuntimeError("tag attributes are not laid out alike in every span")
-            self._tag_offsets = [offsets[0] for offsets in per_span]
+            holders = SPANS_PER_REQUEST // per_resource if layout == "resource" \
+                else SPANS_PER_REQUEST
+            per_holder = [[_only_offset(template, tag_value(prefix, j).encode(), 1)[0]
+                           + len(prefix) for _, prefix, _ in TAGS]
+                          for j in range(holders)]
+            relative = [o - per_holder[0][0] for o in per_holder[0]]
+            if any([o - offsets[0] for o in offsets] != relative for offsets in per_holder):
+                raise RuntimeError("tag attributes are not laid out alike in every holder")
+            self._tag_offsets = [offsets[0] for offsets in per_holder]
             first = self._tag_offsets[0]
             run = bytearray(template[first:first + relative[-1] + TAG_DIGITS])
             for session in range(sessions):
@@ -223,22 +256,22 @@ class RequestFactory:
         base = number * SPANS_PER_REQUEST
         nonce = self.nonce
         sessions = self.sessions
+        layout = self.layout
         pack_trace = struct.Struct(">QQ").pack_into
         pack_span = struct.Struct(">Q").pack_into
-        tag_offsets, tag_runs = self._tag_offsets, self._tag_runs
         for j, (t_off, s_off, (c_off, i_off)) in enumerate(
                 zip(self._trace_offsets, self._span_offsets, self._session_offsets,
                     strict=True)):
             g = base + j
             pack_trace(buf, t_off, nonce, g)
             pack_span(buf, s_off, g + 1)  # a span id of zero is invalid
-            session = g % sessions
-            digits = b"%07d" % session
+            digits = b"%07d" % session_of(g, sessions, layout)
             buf[c_off:c_off + SESSION_DIGITS] = digits
             buf[i_off:i_off + SESSION_DIGITS] = digits
-            if tag_offsets:
-                run = tag_runs[session]
-                buf[tag_offsets[j]:tag_offsets[j] + len(run)] = run
+        holder_spans = SPANS_PER_REQUEST // len(self._tag_offsets) if self._tag_offsets else 0
+        for k, offset in enumerate(self._tag_offsets):
+            run = self._tag_runs[session_of(base + k * holder_spans, sessions, layout)]
+            buf[offset:offset + len(run)] = run
         return bytes(buf)
 
 
@@ -246,7 +279,8 @@ class RequestFactory:
 Sums = dict[str, tuple[int, int, int, int]]
 
 
-def expected_sums(request_numbers: Iterable[int], sessions: int) -> Sums:
+def expected_sums(request_numbers: Iterable[int], sessions: int,
+                  layout: Layout = "span") -> Sums:
     """What agent_sessions must hold after exactly these requests were accounted.
 
     Every span is a root `chat` span: one turn. cache <= input and reasoning <= output, so
@@ -261,7 +295,7 @@ def expected_sums(request_numbers: Iterable[int], sessions: int) -> Sums:
     for number in request_numbers:
         g = number * SPANS_PER_REQUEST
         for inp, out, rea in per_position:
-            s = g % sessions
+            s = session_of(g, sessions, layout)
             turns[s] += 1
             prompt[s] += inp
             completion[s] += out

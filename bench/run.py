@@ -50,7 +50,15 @@ from pathlib import Path
 from typing import Any
 
 from bench.budgets import BUDGETS, budgets_toml, check_budgets
-from bench.payload import SPANS_PER_REQUEST, TAGS, RequestFactory, decode_check
+from bench.payload import (
+    LAYOUTS,
+    RESOURCES_PER_REQUEST,
+    SPANS_PER_REQUEST,
+    TAGS,
+    Layout,
+    RequestFactory,
+    decode_check,
+)
 from bench.verify import storage_footprint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,6 +101,9 @@ class Settings:
     sweep_s: float = 10
     budgets_s: float = 10
     budget_rounds: int = 5
+    # Where the tags travel: on the resource (OTEL_RESOURCE_ATTRIBUTES, one session a
+    # resource: the set-up the issue describes) and on every span (the costly case).
+    budget_layouts: tuple[Layout, ...] = ("resource", "span")
     sessions: int = 1000
     # The sweep's request shapes: the benchmark's fan-out (a request's 512 spans in 512
     # sessions, as a gateway batching a whole fleet sends) and spans in a handful of sessions
@@ -221,8 +232,8 @@ def start_collector(work: Path, tag: str, settings: Settings, *,
 def loadgen(work: Path, tag: str, server: Server, transport: str, *, concurrency: int,
             sessions: int, duration_s: float = 0, warmup_s: float = 0,
             requests: int | None = None, rate: float | None = None,
-            verify_db: Path | None = None, background: bool = False, tagged: bool = False
-            ) -> dict[str, Any] | subprocess.Popen[bytes]:
+            verify_db: Path | None = None, background: bool = False, tagged: bool = False,
+            layout: Layout = "span") -> dict[str, Any] | subprocess.Popen[bytes]:
     """Run bench.loadgen in its own process; its JSON result (or the process if background)."""
     port = server.http_port if transport == "http" else server.grpc_port
     out = work / f"load-{tag}.json"
@@ -239,6 +250,7 @@ def loadgen(work: Path, tag: str, server: Server, transport: str, *, concurrency
         argv += ["--verify-db", str(verify_db)]
     if tagged:
         argv.append("--tagged")
+    argv += ["--layout", layout]
     if background:
         return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL)
     planned = duration_s + warmup_s + (requests or 0) * SPANS_PER_REQUEST / 5_000
@@ -333,54 +345,62 @@ def phase_sweep(work: Path, s: Settings) -> dict[str, Any]:
 
 
 def phase_budgets(work: Path, s: Settings) -> dict[str, Any]:
-    """Per transport, `budget_rounds` rounds of A ("none": no budgets, untagged spans) then B
-    ("budgets": bench.budgets' 20 budgets and a sink, spans tagged with 1,000 teams), each
-    run as a baseline then a collector back to back on the same payload, so every ratio has
-    its own baseline and the machine's drift shows as spread between rounds, not as a loss."""
+    """Per layout and transport, `budget_rounds` rounds of A ("none": no budgets, no tags)
+    then B ("budgets": bench.budgets' 20 budgets and a sink, tags of 1,000 teams on the
+    resources or on every span), each run as a baseline then a collector back to back on the
+    same payload, so every ratio has its own baseline and the machine's drift shows as spread
+    between rounds, not as a loss. Results: layout -> transport -> rounds and means."""
     results: dict[str, Any] = {}
-    for transport in ("http", "grpc"):
-        rounds: list[dict[str, Any]] = []
-        for number in range(1, s.budget_rounds + 1):
-            row: dict[str, Any] = {"round": number}
-            for name in BUDGET_CONFIGS:
-                tagged = name == "budgets"
-                tag = f"bud-{transport}-{number}-{name}"
-                _say(f"budgets {transport}, round {number}/{s.budget_rounds}, {name}: baseline")
-                with running(lambda tag=tag: start_baseline(work, tag)) as base:
-                    b = loadgen(work, f"{tag}-baseline", base, transport,
-                                concurrency=s.concurrency, sessions=s.sessions,
-                                duration_s=s.budgets_s, warmup_s=s.warmup_s, tagged=tagged)
-                # Closed at once: a sink that refuses every connection, as a down one would.
-                extra = budgets_toml(free_port()) if tagged else ""
-                _say(f"budgets {transport}, round {number}/{s.budget_rounds}, {name}: "
-                     "collector")
-                with running(lambda tag=tag, extra=extra: start_collector(
-                        work, tag, s, extra_toml=extra)) as col:
-                    c = loadgen(work, f"{tag}-collector", col, transport,
-                                concurrency=s.concurrency, sessions=s.sessions,
-                                duration_s=s.budgets_s, warmup_s=s.warmup_s,
-                                verify_db=col.db, tagged=tagged)
-                    assert isinstance(c, dict) and col.db is not None
-                    if tagged:
-                        c["budget_check"] = check_budgets(col.db).as_dict()
-                assert isinstance(b, dict)
-                row[name] = {"baseline": b, "collector": c,
-                             "ratio": c["spans_per_s"] / b["spans_per_s"]}
-            row["b_over_a"] = row["budgets"]["ratio"] / row["none"]["ratio"]
-            rounds.append(row)
-        means = {name: sum(r[name]["ratio"] for r in rounds) / len(rounds)
-                 for name in BUDGET_CONFIGS}
-        cpu = {name: sum(r[name]["collector"]["server_cpu_us_per_span"] for r in rounds)
-               / len(rounds) for name in BUDGET_CONFIGS}
-        paired = sorted(r["b_over_a"] for r in rounds)
-        results[transport] = {
-            "rounds": rounds, "mean_ratio": means,
-            "loss": 1 - means["budgets"] / means["none"],
-            "paired_b_over_a": paired,
-            "mean_cpu_us_per_span": cpu,
-            "cpu_increase": cpu["budgets"] / cpu["none"] - 1,
-        }
+    for layout in s.budget_layouts:
+        results[layout] = {}
+        for transport in ("http", "grpc"):
+            results[layout][transport] = _budget_rounds(work, s, layout, transport)
     return results
+
+
+def _budget_rounds(work: Path, s: Settings, layout: Layout, transport: str
+                   ) -> dict[str, Any]:
+    rounds: list[dict[str, Any]] = []
+    for number in range(1, s.budget_rounds + 1):
+        row: dict[str, Any] = {"round": number}
+        for name in BUDGET_CONFIGS:
+            tagged = name == "budgets"
+            tag = f"bud-{layout}-{transport}-{number}-{name}"
+            what = f"budgets, tags on {layout}s, {transport}, round {number}/{s.budget_rounds}"
+            _say(f"{what}, {name}: baseline")
+            with running(lambda tag=tag: start_baseline(work, tag)) as base:
+                b = loadgen(work, f"{tag}-baseline", base, transport,
+                            concurrency=s.concurrency, sessions=s.sessions,
+                            duration_s=s.budgets_s, warmup_s=s.warmup_s, tagged=tagged,
+                            layout=layout)
+            # Closed at once: a sink that refuses every connection, as a down one would.
+            extra = budgets_toml(free_port()) if tagged else ""
+            _say(f"{what}, {name}: collector")
+            with running(lambda tag=tag, extra=extra: start_collector(
+                    work, tag, s, extra_toml=extra)) as col:
+                c = loadgen(work, f"{tag}-collector", col, transport,
+                            concurrency=s.concurrency, sessions=s.sessions,
+                            duration_s=s.budgets_s, warmup_s=s.warmup_s,
+                            verify_db=col.db, tagged=tagged, layout=layout)
+                assert isinstance(c, dict) and col.db is not None
+                if tagged:
+                    c["budget_check"] = check_budgets(col.db).as_dict()
+            assert isinstance(b, dict)
+            row[name] = {"baseline": b, "collector": c,
+                         "ratio": c["spans_per_s"] / b["spans_per_s"]}
+        row["b_over_a"] = row["budgets"]["ratio"] / row["none"]["ratio"]
+        rounds.append(row)
+    means = {name: sum(r[name]["ratio"] for r in rounds) / len(rounds)
+             for name in BUDGET_CONFIGS}
+    cpu = {name: sum(r[name]["collector"]["server_cpu_us_per_span"] for r in rounds)
+           / len(rounds) for name in BUDGET_CONFIGS}
+    return {
+        "rounds": rounds, "mean_ratio": means,
+        "loss": 1 - means["budgets"] / means["none"],
+        "paired_b_over_a": sorted(r["b_over_a"] for r in rounds),
+        "mean_cpu_us_per_span": cpu,
+        "cpu_increase": cpu["budgets"] / cpu["none"] - 1,
+    }
 
 
 def _sweep_goal(r: dict[str, Any]) -> tuple[str, bool] | None:
@@ -745,11 +765,12 @@ def report(results: dict[str, Any], s: Settings, command: str) -> str:
             out.append(f"| {names[r['transport']]} at {r['in_flight']} in flight, "
                        f"{r['sessions']:,} sessions: {goal[0]} | "
                        f"{measured} | {'yes' if goal[1] else '**no**'} |")
-    for transport, t in results.get("budgets", {}).items():
+    for layout, transport, t in _budget_results(results):
         met = t["loss"] <= BUDGETS_LOSS_GOAL
-        out.append(f"| {names[transport]}: {len(BUDGETS)} budgets over {TAGS[0][2]:,} teams "
-                   f"lose ≤ {BUDGETS_LOSS_GOAL:.0%} vs none | {t['loss']:+.1%} "
-                   f"(CPU/span {t['cpu_increase']:+.1%}) | {'yes' if met else '**no**'} |")
+        out.append(f"| {names[transport]}, tags on {layout}s: {len(BUDGETS)} budgets over "
+                   f"{TAGS[0][2]:,} teams lose ≤ {BUDGETS_LOSS_GOAL:.0%} vs none | "
+                   f"{t['loss']:+.1%} (CPU/span {t['cpu_increase']:+.1%}) | "
+                   f"{'yes' if met else '**no**'} |")
     checks = [r["budget_check"] for r in _all_runs(results) if "budget_check" in r]
     if checks:
         good = all(c["ok"] for c in checks)
@@ -762,19 +783,28 @@ def report(results: dict[str, Any], s: Settings, command: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def _budget_results(results: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    for layout, by_transport in results.get("budgets", {}).items():
+        for transport, t in by_transport.items():
+            yield layout, transport, t
+
+
 def _budgets_report(budgets: dict[str, Any], s: Settings, names: dict[str, str]) -> str:
     out = [f"### Budgets: {len(BUDGETS)} budgets over {TAGS[0][2]:,} teams vs none "
            f"(closed loop, {s.concurrency} in flight, {s.warmup_s:.0f} s warm-up + "
            f"{s.budgets_s:.0f} s measured per run, rounds interleaved A B A B)\n",
-           "A: no [[budgets]], spans untagged. B: bench/budgets.py's budgets and a webhook "
-           "sink on a closed port, spans tagged (" + ", ".join(
+           "A: no [[budgets]], no tags. B: bench/budgets.py's budgets and a webhook "
+           "sink on a closed port, and tags (" + ", ".join(
                f"{key}: {count:,} values" for key, _, count in TAGS)
-           + "). Each ratio is to a baseline run just before it on the same payload.\n",
-           "| transport | round | A baseline spans/s | A collector spans/s | A ratio "
+           + f"). Tags on resources: {RESOURCES_PER_REQUEST} resources a request, each one "
+           "session's (as OTEL_RESOURCE_ATTRIBUTES sends them); tags on spans: one resource "
+           f"of {SPANS_PER_REQUEST} sessions, every span tagged. Each ratio is to a baseline "
+           "run just before it on the same payload.\n",
+           "| tags on | transport | round | A baseline spans/s | A collector spans/s | A ratio "
            "| B baseline spans/s | B collector spans/s | B ratio | B/A | A CPU µs/span "
            "| B CPU µs/span | sums | budget check |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
-    for transport, t in budgets.items():
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    for layout, transport, t in _budget_results({"budgets": budgets}):
         for r in t["rounds"]:
             a, b = r["none"], r["budgets"]
             check = b["collector"].get("budget_check", {})
@@ -787,7 +817,7 @@ def _budgets_report(budgets: dict[str, Any], s: Settings, names: dict[str, str])
                           f"**FAILED**: {'; '.join(check.get('problems', ()))}")
             sums = (_sums(b["collector"]) if a["collector"]["verification"]["ok"]
                     else f"A: {_sums(a['collector'])}")
-            out.append(f"| {names[transport]} | {r['round']} | "
+            out.append(f"| {layout}s | {names[transport]} | {r['round']} | "
                        f"{a['baseline']['spans_per_s']:,.0f} | "
                        f"{a['collector']['spans_per_s']:,.0f} | {a['ratio']:.3f} | "
                        f"{b['baseline']['spans_per_s']:,.0f} | "
@@ -798,12 +828,12 @@ def _budgets_report(budgets: dict[str, Any], s: Settings, names: dict[str, str])
                        f"{sums} | "
                        f"{check_text} |")
     out.append("")
-    out.append("| transport | mean ratio A | mean ratio B | loss (1 - B/A) | B/A per round, "
-               "min … max | mean CPU µs/span A → B |")
-    out.append("|---|---:|---:|---:|---|---|")
-    for transport, t in budgets.items():
+    out.append("| tags on | transport | mean ratio A | mean ratio B | loss (1 - B/A) | "
+               "B/A per round, min … max | mean CPU µs/span A → B |")
+    out.append("|---|---|---:|---:|---:|---|---|")
+    for layout, transport, t in _budget_results({"budgets": budgets}):
         m, cpu, paired = t["mean_ratio"], t["mean_cpu_us_per_span"], t["paired_b_over_a"]
-        out.append(f"| {names[transport]} | {m['none']:.3f} | {m['budgets']:.3f} | "
+        out.append(f"| {layout}s | {names[transport]} | {m['none']:.3f} | {m['budgets']:.3f} | "
                    f"{t['loss']:+.1%} | {paired[0]:.3f} … {paired[-1]:.3f} | "
                    f"{cpu['none']:.2f} → {cpu['budgets']:.2f} ({t['cpu_increase']:+.1%}) |")
     out.append("")
@@ -811,7 +841,7 @@ def _budgets_report(budgets: dict[str, Any], s: Settings, names: dict[str, str])
 
 
 def _all_runs(results: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    for t in results.get("budgets", {}).values():
+    for _, _, t in _budget_results(results):
         for r in t["rounds"]:
             yield r["none"]["collector"]
             yield r["budgets"]["collector"]
@@ -842,6 +872,15 @@ def self_check() -> None:
         if (len(attrs) != 16 + len(TAGS)
                 or attrs["team.id"][-3:] != attrs["session.id"][-3:]):
             raise RuntimeError("tagged spans must carry their session's team")
+    by_resource = decode_check(RequestFactory(1000, tagged=True, layout="resource").request(3))
+    if len(by_resource.resource_spans) != RESOURCES_PER_REQUEST:
+        raise RuntimeError(f"the resource layout must send {RESOURCES_PER_REQUEST} resources")
+    for resource_spans in by_resource.resource_spans:
+        tags = {kv.key: kv.value.string_value for kv in resource_spans.resource.attributes}
+        sessions = {kv.value.string_value for span in resource_spans.scope_spans[0].spans
+                    for kv in span.attributes if kv.key == "session.id"}
+        if len(sessions) != 1 or tags["team.id"][-3:] != sessions.pop()[-3:]:
+            raise RuntimeError("a tagged resource must be one session's, with its team")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -855,6 +894,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--collector-src", type=Path,
                         help="run the collector package found in this directory (e.g. a "
                         "patched copy) instead of the one in this tree")
+    parser.add_argument("--budget-layout", choices=LAYOUTS, action="append",
+                        help="the budgets phase only with the tags on resources or on spans "
+                        "(default: both)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
@@ -865,6 +907,8 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.collector_src / "collector" / "__init__.py").exists():
             parser.error(f"no collector package in {args.collector_src}")
         overrides["collector_src"] = str(args.collector_src.resolve())
+    if args.budget_layout:
+        overrides["budget_layouts"] = tuple(args.budget_layout)
     settings = replace(settings, **overrides)
     phases = set(args.only or ("throughput", "latency", "scaling", "profile", "sweep",
                                "budgets"))
@@ -897,7 +941,8 @@ def main(argv: list[str] | None = None) -> int:
     results["elapsed_s"] = round(time.monotonic() - started, 1)
     results["loadavg_at_phase_starts"] = LOADAVG_SEEN
     command = "python -m bench.run" + (" --quick" if args.quick else "") + "".join(
-        f" --only {phase}" for phase in args.only or ())
+        f" --only {phase}" for phase in args.only or ()) + "".join(
+        f" --budget-layout {layout}" for layout in args.budget_layout or ())
     text = report(results, settings, command)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (RESULTS_DIR / f"results-{stamp}.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -302,3 +302,27 @@ async def test_a_flush_touching_many_instances_adds_to_each_once(
     spend = dict(rows(where, "SELECT scope_value, spend_cents FROM collector_budget_spend"))
     assert spend == {f"team-{i:04d}": 6.0 if i == 5 else 1.0 for i in range(n)}
     assert rows(where, "SELECT scope_value FROM collector_budget_alerts") == [("team-0005",)]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_a_commit_counts_towards_the_value_its_usage_carries(
+        tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
+    """A record tagged growth spends for growth even when the session's stored team is a
+    later record's platform; a record without a team spends for the stored one."""
+    url = request.getfixturevalue("pg_url") if backend == "postgres" else None
+    path = tmp_path / "db.sqlite"
+    store = await (_pg_store(url, (PER_TEAM,)) if url else _store(path, (PER_TEAM,)))
+    try:
+        await store.commit(batch(tagged(1, "platform", session="a", t=T0 + 2 * MS)),
+                           now_ns=T0)
+        await store.commit(batch(tagged(2, "growth", session="a", t=T0)), now_ns=T0)
+        await store.commit(batch(tagged(3, None, session="a", t=T0 + MS, cents=0.5)),
+                           now_ns=T0)
+    finally:
+        await store.close()
+    rows = _pg_rows if url else (lambda _, sql: _rows(path, sql))
+    where = url or path
+    assert rows(where, "SELECT scope_value, spend_cents FROM collector_budget_spend "
+                       "ORDER BY scope_value") == [("growth", 1.0), ("platform", 1.5)]
+    assert rows(where, "SELECT value FROM collector_session_dimensions "
+                       "WHERE session_id = 'a' AND dimension = 'team'") == [("platform",)]

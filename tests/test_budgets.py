@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from collector.accounting.aggregate import HOUR_NS, HourDelta
 from collector.budgets import (
     Alert,
     Period,
+    SpendPlanner,
     alert_id,
     backoff_s,
     period_of,
@@ -153,6 +155,52 @@ def test_scopes_and_glob_instances() -> None:
     assert scope_matches(plat, "platform") and not scope_matches(plat, "web")
     assert not scope_matches(plat, None)
     assert scope_value(plat, "platform") == "platform"
+
+
+GLOBS = ("*", "plat*", "platform", "team-[0-4]?", "team-[!0-4]*", "a?c", "[*]", "x[", "")
+VALUES = ("platform", "plat", "web", "team-01", "team-55", "team-5", "abc", "a?c", "*", "x[",
+          "", "PLATFORM")
+
+
+def test_the_planner_matches_as_fnmatch_does_and_sums_per_instance_period() -> None:
+    """Its compiled globs and memos give the answers of the plain rule (scope_matches,
+    period_of, scope_value), first time and remembered, and after its memos are cleared."""
+    budgets = [Budget(name=f"b{i}", amount_usd=1, dimension="team", value=glob,
+                      period=period, timezone=zone)
+               for i, (glob, period, zone) in enumerate(
+                   (g, p, z) for g in GLOBS for p, z in (("day", "Asia/Kolkata"),
+                                                        ("week", "America/New_York")))]
+    budgets.append(Budget(name="fleet", amount_usd=1, period="month"))
+    first_hour = int(datetime(2026, 3, 29, tzinfo=UTC).timestamp()) * 10**9 // HOUR_NS
+    hours = {(f"s{i}", "m", first_hour + i % 30): HourDelta(cost_cents=1.0 + i)
+             for i in range(len(VALUES) + 1)}
+    values = {("team", f"s{i}"): v for i, v in enumerate(VALUES)}  # the last one has none
+    expected: dict[tuple[str, str, int], float] = {}
+    for b in budgets:
+        for (sid, _, hour), delta in hours.items():
+            value = values.get(("team", sid))
+            if scope_matches(b, value):
+                key = (b.name, scope_value(b, value), period_of(b, hour * HOUR_NS).start_ns)
+                expected[key] = expected.get(key, 0.0) + delta.cost_cents
+    planner = SpendPlanner(budgets)
+    assert planner.deltas(hours, values) == expected
+    assert planner.deltas(hours, values) == expected  # remembered
+    planner.MAX_REMEMBERED = 0  # every memo is cleared before its next use
+    assert planner.deltas(hours, values) == expected
+    assert expected[("fleet", "", period_of(budgets[-1], first_hour * HOUR_NS).start_ns)] \
+        == sum(d.cost_cents for d in hours.values())
+
+
+def test_spend_statements_come_in_a_handful_of_sizes_in_order() -> None:
+    from collector.store.budgets import SPEND_CHUNK, spend_chunks
+
+    sizes: set[int] = set()
+    for n in (0, 1, 2, 3, 255, 256, 257, 1000, 3 * SPEND_CHUNK + 77):
+        rows = list(range(n))
+        chunks = list(spend_chunks(rows))
+        assert [r for c in chunks for r in c] == rows
+        sizes.update(len(c) for c in chunks)
+    assert sizes <= {SPEND_CHUNK >> k for k in range(SPEND_CHUNK.bit_length())}
 
 
 def test_alert_ids_are_stable_and_distinct() -> None:

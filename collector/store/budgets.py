@@ -17,12 +17,13 @@ finds the crossing already there; only the one that inserted it queues the alert
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import functools
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from collector.accounting.aggregate import HOUR_NS, Batch
-from collector.budgets import Period, outbox_rows, period_of, reached, spend_deltas, top_n
+from collector.budgets import Period, SpendPlanner, outbox_rows, period_of, reached, top_n
 from collector.config.attribution import NAME_PATTERN
 from collector.config.budgets import AlertSink, Budget
 from collector.store.base import (
@@ -75,6 +76,18 @@ def scope_rows(dimensions: Sequence[str], rows: Iterable[Sequence[Any]]
 SPEND_CHUNK = 256
 
 
+def spend_chunks(rows: Sequence[Any]) -> Iterator[Sequence[Any]]:
+    """`rows` in order, in chunks of SPEND_CHUNK and then of powers of two: a handful of
+    statement texts in all, so each backend's statement cache keeps them compiled (a new
+    row count per flush was a new statement to prepare every flush)."""
+    first = 0
+    while first < len(rows):
+        size = min(SPEND_CHUNK, 1 << ((len(rows) - first).bit_length() - 1))
+        yield rows[first:first + size]
+        first += size
+
+
+@functools.cache
 def add_spend_sql(rows: int) -> str:
     """Add to `rows` spend rows at once (in the order given: key order, so that concurrent
     flushes lock them alike); each row's new total comes back with its key."""
@@ -110,32 +123,78 @@ class BudgetOps(Protocol):
         ...
 
 
-def record_budgets(ops: BudgetOps, applied: Batch, budgets: Sequence[Budget],
+def carried_values(applied: Batch, dimensions: Sequence[str]
+                   ) -> tuple[dict[tuple[str, str], str | None], list[tuple[str, str]]]:
+    """Each costing session's value of each dimension as this batch carries it (its latest
+    record's), and the (dimension, session id) pairs it carries none for: only those are
+    read back from the store. The batch's own value is what its usage was tagged with, so
+    its cost counts there even when a later record, committed before, says otherwise."""
+    values: dict[tuple[str, str], str | None] = {}
+    missing: list[tuple[str, str]] = []
+    if not dimensions:
+        return values, missing
+    labels = [(d, LABEL_FIELDS[d]) for d in dimensions if d in LABEL_FIELDS]
+    configured = [d for d in dimensions if d not in LABEL_FIELDS]
+    for session_id in {sid for sid, _, _ in applied.hours}:
+        delta = applied.sessions.get(session_id)
+        if delta is None:
+            missing.extend((d, session_id) for d in dimensions)
+            continue
+        for dimension, field in labels:
+            value = getattr(delta, field)
+            if value is None:
+                missing.append((dimension, session_id))
+            else:
+                values[(dimension, session_id)] = value
+        if configured:
+            tags = dict(delta.tags) if delta.dimensions is None \
+                else {n: v for n, (v, _) in delta.latest_dimensions().items()}
+            for dimension in configured:
+                value = tags.get(dimension)
+                if value is None:
+                    missing.append((dimension, session_id))
+                else:
+                    values[(dimension, session_id)] = value
+    return values, missing
+
+
+# A built-in dimension's field of collector.accounting.aggregate.SessionDelta.
+LABEL_FIELDS = {"agent": "agent", "user": "user", "host": "host", "credential": "credential"}
+assert LABEL_FIELDS.keys() == LABEL_COLUMNS.keys()
+
+
+def record_budgets(ops: BudgetOps, applied: Batch, planner: SpendPlanner,
                    sinks: Sequence[AlertSink], now_ns: int) -> int:
     """Inside the usage's transaction, after the rollup is written: add the applied batch's
     cost to each budget period it touches and record every threshold newly reached, with one
     outbox row per sink. Spend rows are taken in key order, the same in every collector, so
     concurrent flushes queue on them instead of deadlocking. Returns the crossings added."""
+    budgets = planner.budgets
     if not budgets:
         return 0
     dimensions = sorted({b.dimension for b in budgets if b.dimension is not None})
-    sessions = sorted({s for s, _, _ in applied.hours})
-    values = ops.scope_values(dimensions, sessions) if dimensions and sessions else {}
+    values, missing = carried_values(applied, dimensions)
+    if missing:
+        asked = sorted({d for d, _ in missing}), sorted({sid for _, sid in missing})
+        found = ops.scope_values(*asked)
+        for pair in missing:
+            values[pair] = found.get(pair)
+    deltas = sorted(planner.deltas(applied.hours, values).items())
     by_name = {b.name: b for b in budgets}
-    deltas = sorted(spend_deltas(budgets, applied.hours, values).items())
-    totals: dict[tuple[str, str, int], float] = {}
-    for first in range(0, len(deltas), SPEND_CHUNK):
-        chunk = deltas[first:first + SPEND_CHUNK]
-        for name, value, start_ns, spend in ops.run(
-                add_spend_sql(len(chunk)),
-                tuple(v for key, cents in chunk for v in (*key, cents))):
-            totals[(str(name), str(value), int(start_ns))] = float(spend)
+    # Below it an instance's new total needs no look: no threshold can be reached.
+    lowest = {b.name: b.amount_usd * 100 * min(b.thresholds) for b in budgets}
+    reaching: list[tuple[str, str, int, float]] = []
+    for chunk in spend_chunks(deltas):
+        params: list[Any] = []
+        for key, cents in chunk:
+            params += key
+            params.append(cents)
+        for name, value, start_ns, spend in ops.run(add_spend_sql(len(chunk)), tuple(params)):
+            if spend >= lowest[name]:
+                reaching.append((str(name), str(value), int(start_ns), float(spend)))
     added = 0
-    for (name, value, start_ns), _ in deltas:
-        spend = totals[(name, value, start_ns)]
+    for name, value, start_ns, spend in sorted(reaching):
         budget = by_name[name]
-        if spend < budget.amount_usd * 100 * min(budget.thresholds):
-            continue  # below its lowest threshold: nothing to look at
         top: dict[str, list[tuple[str, float]]] | None = None
         for threshold in reached(budget, spend):
             if not ops.run(ADD_CROSSING, (name, value, start_ns, threshold)):

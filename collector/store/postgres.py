@@ -48,6 +48,7 @@ import psycopg
 from psycopg import conninfo, errors
 
 from collector.accounting.aggregate import Batch
+from collector.budgets import SpendPlanner
 from collector.config.budgets import AlertSink, Budget
 from collector.signals.metrics import CumulativePoint
 from collector.signals.traces import KEY_BYTES
@@ -718,6 +719,7 @@ class PostgresStore:
                  sinks: tuple[AlertSink, ...] = ()) -> None:
         self._options = options
         self._budgets = budgets
+        self._planner = SpendPlanner(budgets)
         self._sinks = sinks
         self._retention_ns = retention_s * 1_000_000_000
         self._resolve_window_ns = resolve_window_s * 1_000_000_000
@@ -905,7 +907,7 @@ class PostgresStore:
             # After the rollup (an alert's top lists include this batch), before the counter
             # rows: a period's spend row is held to commit, like them, and taken after the
             # sessions in every collector's flush.
-            record_budgets(_BudgetOps(conn), applied, self._budgets, self._sinks, now_ns)
+            record_budgets(_BudgetOps(conn), applied, self._planner, self._sinks, now_ns)
         if traced is not None:
             # Near the end, like the span-id count (and before it: one order for both rows),
             # so flushes of several collectors hold this row only until their commit.

@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from collector.accounting.aggregate import Batch, HourDelta, SessionDelta
+from collector.budgets import SpendPlanner
 from collector.config.budgets import AlertSink, Budget
 from collector.signals.metrics import CumulativePoint
 from collector.signals.traces import KEY_BYTES, TRACE_ID_BYTES
@@ -844,6 +845,7 @@ class SQLiteStore:
                  sinks: tuple[AlertSink, ...] = ()) -> None:
         self.path = path
         self._budgets = budgets
+        self._planner = SpendPlanner(budgets)
         self._sinks = sinks
         self._retention_ns = retention_s * 1_000_000_000
         self._resolve_window_ns = resolve_window_s * 1_000_000_000
@@ -973,7 +975,7 @@ class SQLiteStore:
                                                self._retention_ns)
             write_sessions(db, applied)
             if self._budgets:  # after the rollup: an alert's top lists include this batch
-                record_budgets(_BudgetOps(db), applied, self._budgets, self._sinks, now_ns)
+                record_budgets(_BudgetOps(db), applied, self._planner, self._sinks, now_ns)
             swept = 0
             if sweep_before_ns is not None:
                 swept = max(db.execute(SWEEP_STALE, (iso_utc(sweep_before_ns),)).rowcount, 0)

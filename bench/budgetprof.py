@@ -1,0 +1,130 @@
+"""What 20 budgets and 1,000 teams' tags cost the ingest path, in one process, without the
+network: the same comparison as bench.run's budgets phase, at a precision the daemon runs
+cannot give on a shared machine (their spans/s move by ±15 % between neighbouring runs).
+
+For a layout of bench.payload (tags on the resources or on every span), each round builds
+`--batch` requests into one batch and commits it, timed whole (decode, read, map, fold and
+commit on this thread, as the daemon's ingest path and writer share one interpreter), for
+A (no budgets, no tags) and B (bench.budgets' 20 budgets, tags of 1,000 teams), into
+SQLite files of their own (WAL, synchronous = FULL) kept across rounds so that they grow
+alike; a third configuration, the tags without budgets, tells the two costs apart. Rounds
+alternate the three, and each figure is the median over rounds. `--profile` adds a
+cProfile of B's budget work.
+
+Run: python -m bench.budgetprof [--layout resource|span] [--rounds N] [--batch REQUESTS]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import statistics
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from bench.budgets import budgets_toml
+from bench.payload import LAYOUTS, SPANS_PER_REQUEST, Layout, RequestFactory
+from collector.accounting.aggregate import Batch
+from collector.accounting.pricing import Pricer
+from collector.config.attribution import DEFAULT_DIMENSIONS, dimension_names
+from collector.config.budgets import Budget, parse_budgets
+from collector.receivers.otlp import decode_protobuf
+from collector.signals import Signal
+from collector.signals.traces import MappingOptions, map_request
+from collector.store import budgets as store_budgets
+from collector.store import sqlite as store
+
+
+def bench_budgets() -> tuple[Budget, ...]:
+    parsed: Any = tomllib.loads(budgets_toml(9))["budgets"]
+    return parse_budgets(parsed, source="bench", dimensions=(
+        *dimension_names(DEFAULT_DIMENSIONS), "agent", "user", "host", "credential"))
+
+
+def measure(layout: Layout, *, rounds: int, batch_requests: int, sessions: int = 1000,
+            profile: cProfile.Profile | None = None) -> dict[str, Any]:
+    """Median µs a span of the whole ingest path for A and B, and of record_budgets in B."""
+    pricer = Pricer({})
+    pricer.preload()
+    options = MappingOptions(pricer=pricer, dimensions=tuple(
+        (d.name, d.attributes) for d in DEFAULT_DIMENSIONS))
+    tagged = RequestFactory(sessions, tagged=True, layout=layout)
+    factories = {"none": RequestFactory(sessions, layout=layout), "tags": tagged,
+                 "budgets": tagged}
+    budgets = {"none": (), "tags": (), "budgets": bench_budgets()}
+    per_span: dict[str, list[float]] = {name: [] for name in (*factories, "record_budgets")}
+    inside = [0.0]
+    real_record = store_budgets.record_budgets
+
+    def timed_record(*a: Any, **k: Any) -> int:
+        started = time.perf_counter()
+        if profile is not None:
+            profile.enable()
+        try:
+            return real_record(*a, **k)
+        finally:
+            if profile is not None:
+                profile.disable()
+            inside[0] += time.perf_counter() - started
+
+    store.record_budgets = timed_record  # type: ignore[assignment]
+    spans = batch_requests * SPANS_PER_REQUEST
+    now = time.time_ns()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            stores = {name: store.SQLiteStore(Path(tmp) / f"{name}.db", retention_s=86400,
+                                              budgets=budgets[name]) for name in budgets}
+            dbs = {name: s._open() for name, s in stores.items()}
+            for number in range(rounds + 1):  # the first round warms up, unmeasured
+                for name, factory in factories.items():
+                    bodies = [factory.request(number * batch_requests + i)
+                              for i in range(batch_requests)]
+                    inside[0] = 0.0
+                    started = time.perf_counter()
+                    batch = Batch()
+                    for body in bodies:
+                        batch.add(map_request(decode_protobuf(body, Signal.TRACES), options,
+                                              now, body).records)
+                    stores[name]._commit(dbs[name], batch, now, None)
+                    elapsed = time.perf_counter() - started
+                    if number:
+                        per_span[name].append(elapsed * 1e6 / spans)
+                        if name == "budgets":
+                            per_span["record_budgets"].append(inside[0] * 1e6 / spans)
+            for db in dbs.values():
+                db.close()
+    finally:
+        store.record_budgets = real_record  # type: ignore[assignment]
+    medians = {name: statistics.median(values) for name, values in per_span.items()}
+    return {"layout": layout, "rounds": rounds, "batch_requests": batch_requests,
+            "us_per_span": medians,
+            "increase": medians["budgets"] / medians["none"] - 1}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--layout", choices=LAYOUTS, action="append")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--batch", type=int, default=4, help="requests of 512 spans a batch")
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    print("| tags on | batch | A µs/span | tags, no budgets | B µs/span | B - A "
+          "| of which record_budgets | increase |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    profile = cProfile.Profile() if args.profile else None
+    for layout in args.layout or LAYOUTS:
+        r = measure(layout, rounds=args.rounds, batch_requests=args.batch, profile=profile)
+        m = r["us_per_span"]
+        print(f"| {layout}s | {args.batch} x {SPANS_PER_REQUEST} | {m['none']:.2f} | "
+              f"{m['tags']:.2f} | {m['budgets']:.2f} | {m['budgets'] - m['none']:+.2f} | "
+              f"{m['record_budgets']:.2f} | {r['increase']:+.1%} |")
+    if profile is not None:
+        pstats.Stats(profile).sort_stats("tottime").print_stats(15)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

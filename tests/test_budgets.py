@@ -11,7 +11,6 @@ from collector.accounting.aggregate import HOUR_NS, HourDelta
 from collector.budgets import (
     Alert,
     Period,
-    SpendPlanner,
     alert_id,
     backoff_s,
     period_of,
@@ -23,6 +22,7 @@ from collector.budgets import (
     threshold_cents,
     webhook_body,
 )
+from collector.budgets.spend import SpendPlanner
 from collector.config import Config, ConfigError, parse_config
 from collector.config.budgets import Budget
 

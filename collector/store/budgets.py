@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from collector.accounting.aggregate import HOUR_NS, Batch
-from collector.budgets import Period, SpendPlanner, outbox_rows, period_of, reached, top_n
+from collector.budgets import Period, outbox_rows, period_of, reached, top_n
+from collector.budgets.spend import SpendPlanner
 from collector.config.attribution import NAME_PATTERN
 from collector.config.budgets import AlertSink, Budget
 from collector.store.base import (

@@ -48,7 +48,7 @@ import psycopg
 from psycopg import conninfo, errors
 
 from collector.accounting.aggregate import Batch
-from collector.budgets import SpendPlanner
+from collector.budgets.spend import SpendPlanner
 from collector.config.budgets import AlertSink, Budget
 from collector.signals.metrics import CumulativePoint
 from collector.signals.traces import KEY_BYTES

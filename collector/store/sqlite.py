@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from collector.accounting.aggregate import Batch, HourDelta, SessionDelta
-from collector.budgets import SpendPlanner
+from collector.budgets.spend import SpendPlanner
 from collector.config.budgets import AlertSink, Budget
 from collector.signals.metrics import CumulativePoint
 from collector.signals.traces import KEY_BYTES, TRACE_ID_BYTES

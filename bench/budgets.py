@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.payload import TAGS
+from collector.budgets.spend import FLEET, Sums, decode, merge
 
 FLEET_BUDGET = "fleet-month"
 TEAM_BUDGET = "team-month"  # team = "*": one instance per team
@@ -100,27 +101,35 @@ class BudgetCheck:
 
 
 def check_budgets(path: Path, *, teams: int = TEAMS) -> BudgetCheck:
-    """The fleet budget's spend must equal the sum of agent_sessions.cost_cents (both are sums
-    of the same per-hour costs, in another order: equal within float rounding), and the team
-    glob must have one instance per team. Read-only; the collector may still be running."""
+    """The fleet budget's spend (its rows and the journal's fleet sums) must equal the sum of
+    agent_sessions.cost_cents (both are sums of the same per-hour costs, in another order:
+    equal within float rounding), and the team glob must have one instance per team, folded
+    or journaled. Read-only; the collector may still be running."""
     conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10)
     try:
+        conn.execute("BEGIN")  # one snapshot: a fold moves sums from the journal to the rows
         cost = float(conn.execute(
             "SELECT coalesce(sum(cost_cents), 0) FROM agent_sessions").fetchone()[0])
         fleet, periods = conn.execute(
             "SELECT coalesce(sum(spend_cents), 0), count(DISTINCT period_start_ns) "
             "FROM collector_budget_spend WHERE budget = ?", (FLEET_BUDGET,)).fetchone()
-        instances = conn.execute(
-            "SELECT count(DISTINCT scope_value) FROM collector_budget_spend WHERE budget = ?",
-            (TEAM_BUDGET,)).fetchone()[0]
+        team_values = [v for (v,) in conn.execute(
+            "SELECT DISTINCT scope_value FROM collector_budget_spend WHERE budget = ?",
+            (TEAM_BUDGET,))]
         with_spend = conn.execute(
             "SELECT count(DISTINCT budget) FROM collector_budget_spend").fetchone()[0]
+        # Flushes' sums not yet folded into the spend rows (collector.budgets.spend).
+        journal: Sums = {}
+        for (text,) in conn.execute("SELECT sums FROM collector_budget_journal"):
+            merge(journal, decode(text))
         crossings = conn.execute("SELECT count(*) FROM collector_budget_alerts").fetchone()[0]
         outbox, attempts = conn.execute(
             "SELECT count(*), coalesce(sum(attempts), 0) FROM collector_alert_outbox"
         ).fetchone()
     finally:
         conn.close()
+    fleet += sum(journal.get(FLEET, {}).values())
+    instances = len(set(team_values) | {v for v, _ in journal.get("team", {})})
     problems: list[str] = []
     if cost <= 0:
         problems.append("agent_sessions holds no cost: the model is not priced")

@@ -326,3 +326,99 @@ async def test_a_commit_counts_towards_the_value_its_usage_carries(
                        "ORDER BY scope_value") == [("growth", 1.0), ("platform", 1.5)]
     assert rows(where, "SELECT value FROM collector_session_dimensions "
                        "WHERE session_id = 'a' AND dimension = 'team'") == [("platform",)]
+
+
+async def _backend_store(backend: str, tmp_path: Path, request: pytest.FixtureRequest,
+                         budgets: tuple[Budget, ...]) -> tuple[Any, Any]:
+    """A store of `backend` and `rows(sql)` reading its database."""
+    if backend == "postgres":
+        url = request.getfixturevalue("pg_url")
+        return await _pg_store(url, budgets), lambda sql: _pg_rows(url, sql)
+    path = tmp_path / "db.sqlite"
+    return await _store(path, budgets), lambda sql: _rows(path, sql)
+
+
+def _reader(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Any:
+    from collector.store.postgres import PostgresReader
+    from collector.store.sqlite import SQLiteReader
+
+    if backend == "postgres":
+        return PostgresReader(ConnectOptions(request.getfixturevalue("pg_url")))
+    return SQLiteReader(tmp_path / "db.sqlite")
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_a_flush_far_from_every_threshold_is_journaled_and_read_as_spend(
+        tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
+    """The first flush folds (nothing is known yet); the next, 1 cent of the 3 left before
+    the 0.8 threshold, is one journal row: readers count it, and a fold is due
+    FOLD_INTERVAL_NS after the last, or when the store closes."""
+    from collector.budgets.spend import FOLD_INTERVAL_NS
+    from collector.budgets.status import read_status
+
+    store, rows = await _backend_store(backend, tmp_path, request, (FLEET,))
+    reader = _reader(backend, tmp_path, request)
+    spend_sql = "SELECT spend_cents FROM collector_budget_spend"
+    try:
+        await store.commit(batch(rec(1)), now_ns=T0)
+        await store.commit(batch(rec(2)), now_ns=T0 + 1)
+        assert rows(spend_sql) == [(1.0,)]
+        assert len(rows("SELECT sums FROM collector_budget_journal")) == 1
+        [fleet] = read_status(reader, (FLEET,), T0).instances
+        assert fleet.spend_cents == 2.0 and fleet.reached == ()
+        await store.commit(batch(rec(3)), now_ns=T0 + FOLD_INTERVAL_NS)  # a fold is due
+        assert rows(spend_sql) == [(3.0,)]
+        assert rows("SELECT sums FROM collector_budget_journal") == []
+        await store.commit(batch(rec(4, cents=0.5)), now_ns=T0 + FOLD_INTERVAL_NS + 1)
+        assert rows(spend_sql) == [(3.0,)]
+    finally:
+        await store.close()
+    assert rows(spend_sql) == [(3.5,)]  # folded at close
+    assert rows("SELECT sums FROM collector_budget_journal") == []
+    assert rows("SELECT count(*) FROM collector_budget_alerts") == [(0,)]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_the_flush_that_crosses_records_it_though_its_neighbours_were_journaled(
+        tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
+    """One collector: its headroom is exact, so the commit that reaches 4 cents (0.8 of 5)
+    folds and records the crossing, with the journaled cents before it, in its own
+    transaction; the same for 5 cents."""
+    store, rows = await _backend_store(backend, tmp_path, request, (FLEET,))
+    crossings = "SELECT threshold FROM collector_budget_alerts ORDER BY threshold"
+    try:
+        await store.commit(batch(rec(1)), now_ns=T0)  # folds: 1 of 4
+        for key in (2, 3):
+            await store.commit(batch(rec(key)), now_ns=T0 + key)  # journaled
+            assert rows(crossings) == []
+        await store.commit(batch(rec(4)), now_ns=T0 + 4)
+        assert rows(crossings) == [(0.8,)]
+        assert rows("SELECT spend_cents FROM collector_budget_spend") == [(4.0,)]
+        await store.commit(batch(rec(5, cents=0.5)), now_ns=T0 + 5)
+        assert rows(crossings) == [(0.8,)]
+        await store.commit(batch(rec(6, cents=0.5)), now_ns=T0 + 6)
+        assert rows(crossings) == [(0.8,), (1.0,)]
+    finally:
+        await store.close()
+    assert len(rows("SELECT id FROM collector_alert_outbox")) == 2 * len(SINKS)
+
+
+async def test_a_crossing_two_collectors_journal_together_is_recorded_at_the_next_fold(
+        tmp_path: Path) -> None:
+    """Each store's headroom misses the other's journal: 4 cents reached in two journals is
+    recorded by the next fold (here the close of one), once."""
+    path = tmp_path / "db.sqlite"
+    a, b = await _store(path, (FLEET,)), await _store(path, (FLEET,))
+    crossings = "SELECT threshold FROM collector_budget_alerts"
+    try:
+        await a.commit(batch(rec(1)), now_ns=T0)  # folds: 1, a's headroom 3
+        await b.commit(batch(rec(2)), now_ns=T0)  # folds: 2, b's headroom 2
+        await a.commit(batch(rec(3)), now_ns=T0 + 1)  # journaled: a has 2 left
+        await b.commit(batch(rec(4)), now_ns=T0 + 1)  # journaled: b has 1 left
+        assert _rows(path, crossings) == []  # 4 cents in all, not yet folded
+        await a.close()
+        assert _rows(path, crossings) == [(0.8,)]
+        assert _rows(path, "SELECT spend_cents FROM collector_budget_spend") == [(4.0,)]
+    finally:
+        await b.close()
+    assert _rows(path, crossings) == [(0.8,)]

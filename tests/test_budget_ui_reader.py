@@ -41,7 +41,7 @@ async def test_both_backends_read_the_same_budget_rows(tmp_path: Path, pg_url: s
         pass
     periods = current_periods((FLEET, PER_USER), T0)
     for reader in (sqlite_reader, pg):
-        assert reader.read_budgets(periods) == ([], [])
+        assert reader.read_budgets(periods) == ([], [], [])
         assert reader.count_alerts_pending() == 0
     store = SQLiteStore(path, retention_s=100, budgets=(FLEET, PER_USER), sinks=SINKS)
     await store.open()
@@ -61,7 +61,8 @@ async def test_both_backends_read_the_same_budget_rows(tmp_path: Path, pg_url: s
                 cur.executemany(f"INSERT INTO {table} VALUES ({marks})", rows)
     got = sqlite_reader.read_budgets(periods)
     assert pg.read_budgets(periods) == got
-    spend, crossings = got
+    spend, crossings, journal = got
+    assert journal == []  # folded when the store closed (and no journal table in PG_TABLES)
     day = period_of(PER_USER, T0).start_ns
     # Only the asked periods: the per-user budget's next day is not read.
     assert sorted(spend) == [("fleet", "", period_of(FLEET, T0).start_ns, 15.0),

@@ -1,28 +1,99 @@
 """What committed usage adds to each budget instance's period, pure: the flush's part of
 collector.store.budgets, kept apart from the alerts and their bodies in collector.budgets.
+
+A flush's cost is first summed per (dimension, value, usage hour): a few rows however many
+budgets there are. Spreading those sums over the budget instances (every budget of the
+dimension whose glob takes the value, in that hour's period) is the costly step, a spend row
+per instance: 20 budgets over 1,000 teams touch about 8,000 rows. So it is not done at every
+flush. A flush whose sums cannot reach any threshold writes them as one journal row instead,
+in its own transaction (durable with the usage, so nothing is lost); the next flush that may
+reach a threshold, or that comes FOLD_INTERVAL_NS after the last fold, folds the whole
+journal into the spend rows and records the crossings, in its transaction.
+
+Whether a flush may reach a threshold is told by headroom: after each fold, for every
+(dimension, value) it touched, the least distance in cents from a current-period total to
+that instance's next threshold, valid for the usage hours all those periods share; per
+dimension, the least headroom of its values is its room. Each flush that does not fold counts
+its cost per dimension against the room (the cost of any one value is at most that); a flush
+folds when a dimension's cost since the last fold may have used up its room, when it meets a
+(dimension, value) without headroom, or a usage hour outside it. Checking per dimension keeps
+a flush to a few set and sum operations; while some value is close to a threshold, its
+dimension folds more often, which is correct, only costlier. With one collector on a
+database the totals are exact and every crossing is recorded in the transaction of the usage
+that crossed it. With several, another collector's journal is not in this one's headroom: a
+crossing they reach together is recorded by the next fold of either (within FOLD_INTERVAL_NS
+while usage flows, and at the latest when a store closes), still exactly once, since a
+crossing is a primary key.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import re
+import struct
 from collections.abc import Callable, Iterable, Mapping
 from fnmatch import translate
 
 from collector.accounting.aggregate import HOUR_NS, HourDelta, HourKey
-from collector.budgets import period_of
+from collector.budgets import NS_PER_S, Period, period_of, threshold_cents
 from collector.config.budgets import Budget
 
 # (budget name, scope value, period start ns): one budget instance's period.
 SpendKey = tuple[str, str, int]
+# A flush's cost per dimension ("" for the fleet) per (value, usage hour) ("" for the fleet).
+Sums = dict[str, dict[tuple[str, int], float]]
+FLEET = ""
+# The longest the journal waits for a fold while usage flows.
+FOLD_INTERVAL_NS = 5 * NS_PER_S
+# Headroom this close to zero counts as used up: totals are float sums, added in another
+# order by the database than here.
+HEADROOM_MARGIN_CENTS = 0.01
+
+
+def merge(into: Sums, more: Sums) -> Sums:
+    """`more` added into `into` (returned)."""
+    for dimension, per in more.items():
+        target = into.setdefault(dimension, {})
+        for key, cents in per.items():
+            target[key] = target.get(key, 0.0) + cents
+    return into
+
+
+def encode(sums: Sums) -> str:
+    """A journal row's text: per dimension, its (value, hour) keys and their cents as the
+    hex of packed doubles. Exact (every bit of each float), and formatting floats as decimal
+    text cost more than the rest of a flush's journaling together."""
+    return json.dumps([[d, list(per), struct.pack(f"<{len(per)}d", *per.values()).hex()]
+                       for d, per in sums.items()], separators=(",", ":"))
+
+
+def decode(text: str) -> Sums:
+    """A journal row's sums; ValueError when the text is not one."""
+    sums: Sums = {}
+    rows = json.loads(text)
+    if not isinstance(rows, list):
+        raise ValueError("not a budget journal row: not a list")
+    try:
+        for dimension, keys, cents in rows:
+            values = struct.unpack(f"<{len(keys)}d", bytes.fromhex(cents))
+            per = sums.setdefault(str(dimension), {})
+            for (value, hour), c in zip(keys, values, strict=True):
+                if not isinstance(value, str) or not isinstance(hour, int):
+                    raise ValueError(f"not a budget journal key: {[value, hour]!r}")
+                per[(value, hour)] = per.get((value, hour), 0.0) + c
+    except (TypeError, struct.error) as exc:
+        raise ValueError(f"not a budget journal row: {exc}") from exc
+    return sums
 
 
 class SpendPlanner:
-    """What an applied batch adds to each budget instance's period, with what a flush would
-    otherwise recompute remembered between flushes: each budget's glob, compiled once, and its
-    answer per value; each budget's period per usage hour. A flush's batch holds few hours and
-    values, but a glob over 1,000 teams tried afresh per (budget, value) each flush cost more
-    than the rest of the flush's budget work together. Both memos are bounded (cleared when
-    full); a planner belongs to one store, for the budgets it was built with."""
+    """Sums, their spread over budget instances, and the fold policy, for one store's
+    budgets. What a flush would otherwise recompute is remembered between flushes: each
+    budget's glob, compiled once, and its answer per value; each budget's period per usage
+    hour (a glob over 1,000 teams tried afresh per (budget, value) each flush cost more than
+    the rest of the flush's budget work together). Every memo is bounded (cleared when
+    full)."""
 
     MAX_REMEMBERED = 100_000
 
@@ -31,59 +102,163 @@ class SpendPlanner:
         self._matchers = [_matcher(b) for b in self.budgets]
         self._matched: list[dict[str, bool]] = [{} for _ in self.budgets]
         self._starts: list[dict[int, int]] = [{} for _ in self.budgets]
+        self._dimensions = sorted({_key(b) for b in self.budgets})
+        self._by_name = {b.name: i for i, b in enumerate(self.budgets)}
+        # Since the last fold (module docstring): per (dimension, value) the cents to its
+        # nearest threshold and the usage hours [lo, hi) that holds for; per dimension the
+        # least of those, the cost journaled since, and the (value, hour) pairs seen within
+        # their hours.
+        self._headroom: dict[tuple[str, str], float] = {}
+        self._windows: dict[tuple[str, str], tuple[int, int]] = {}
+        self._room: dict[str, float] = {}
+        self._spent: dict[str, float] = {}
+        self._known: dict[str, set[tuple[str, int]]] = {}
+        self._last_fold_ns: int | None = None
 
-    def deltas(self, hours: Mapping[HourKey, HourDelta],
-               values: Mapping[tuple[str, str], str | None]) -> dict[SpendKey, float]:
-        """In cents, per instance period. `values`: (dimension, session id) -> the session's
-        value as committed (the latest wins, as for the model), for every dimension a budget
-        names. Costs only the batch's hours, never a scan."""
-        # Many budgets share a dimension, and a batch holds many session hours but few hours
-        # and values: each dimension's cost is summed per (value, hour) once, then each budget
-        # walks those sums.
-        sums: dict[str | None, dict[tuple[str | None, int], float]] = {}
-        for dimension in {b.dimension for b in self.budgets}:
-            per_value: dict[tuple[str | None, int], float] = {}
+    def sums(self, hours: Mapping[HourKey, HourDelta],
+             values: Mapping[tuple[str, str], str | None]) -> Sums:
+        """A batch's cost per dimension a budget names, per (value, hour). `values`:
+        (dimension, session id) -> the session's value (see collector.store.budgets); a
+        session without one counts only towards the fleet."""
+        sums: Sums = {}
+        for dimension in self._dimensions:
+            per: dict[tuple[str, int], float] = {}
             for (session_id, _, hour), delta in hours.items():
                 cost = delta.cost_cents
                 if not cost:
                     continue
-                key = (None if dimension is None else values.get((dimension, session_id)),
-                       hour)
-                per_value[key] = per_value.get(key, 0.0) + cost
-            sums[dimension] = per_value
+                value = FLEET if dimension == FLEET else values.get((dimension, session_id))
+                if value is None:
+                    continue
+                per[(value, hour)] = per.get((value, hour), 0.0) + cost
+            if per:
+                sums[dimension] = per
+        return sums
+
+    def deltas(self, hours: Mapping[HourKey, HourDelta],
+               values: Mapping[tuple[str, str], str | None]) -> dict[SpendKey, float]:
+        """What a batch adds to each instance period, in cents (sums, spread)."""
+        return self.spread(self.sums(hours, values))
+
+    def spread(self, sums: Sums) -> dict[SpendKey, float]:
+        """Sums over the budget instances they count towards, in cents per instance period.
+        Costs only the sums' values and hours, never a scan."""
         out: dict[SpendKey, float] = {}
-        for budget, matcher, matched, starts in zip(self.budgets, self._matchers,
-                                                    self._matched, self._starts, strict=True):
+        for index, budget in enumerate(self.budgets):
+            per = sums.get(_key(budget))
+            if not per:
+                continue
             name = budget.name
-            fleet = budget.dimension is None
-            if len(matched) > self.MAX_REMEMBERED:
-                matched.clear()
-            if len(starts) > self.MAX_REMEMBERED:
-                starts.clear()
-            for (value, hour), cost in sums[budget.dimension].items():
-                if fleet:
-                    value = ""
-                elif value is None:
-                    continue  # a session without a value counts only towards fleet budgets
-                else:
-                    ok = matched.get(value)
-                    if ok is None:
-                        ok = matched[value] = matcher(value)
-                    if not ok:
-                        continue
-                start = starts.get(hour)
-                if start is None:
-                    start = starts[hour] = period_of(budget, hour * HOUR_NS).start_ns
-                spend_key = (name, value, start)
+            for (value, hour), cost in per.items():
+                if not self._takes(index, value):
+                    continue
+                spend_key = (name, value, self._start(index, hour))
                 out[spend_key] = out.get(spend_key, 0.0) + cost
         return out
 
+    def must_fold(self, sums: Sums, now_ns: int) -> bool:
+        """Whether a flush with these sums folds the journal (module docstring). When it
+        need not, its cost is counted against its dimensions' headroom, as the caller
+        journals it. Checked per dimension, not per value, so that a flush costs a few set
+        and sum operations: each dimension's room is the least headroom of its values, a
+        flush folds when the dimension's cost since the last fold may have used it up."""
+        if self._last_fold_ns is None or now_ns - self._last_fold_ns >= FOLD_INTERVAL_NS:
+            return True
+        costs: list[tuple[str, float]] = []
+        for dimension, per in sums.items():
+            known = self._known.setdefault(dimension, set())
+            if not per.keys() <= known:
+                for value, hour in per.keys() - known:
+                    window = self._windows.get((dimension, value))
+                    if window is None or not window[0] <= hour < window[1]:
+                        return True
+                    known.add((value, hour))
+            cost = sum(per.values())
+            if self._spent.get(dimension, 0.0) + cost >= \
+                    self._room.get(dimension, math.inf) - HEADROOM_MARGIN_CENTS:
+                return True
+            costs.append((dimension, cost))
+        for dimension, cost in costs:
+            self._spent[dimension] = self._spent.get(dimension, 0.0) + cost
+        return False
+
+    def folded(self, totals: Mapping[SpendKey, float], now_ns: int) -> None:
+        """After a fold: `totals`, every instance period it added to, with its new total.
+        Each (dimension, value) among them gets its headroom afresh when the total of each of
+        its budgets' current periods is known, and is forgotten otherwise; the values it did
+        not touch keep theirs (nothing was added to them since)."""
+        self._last_fold_ns = now_ns
+        if len(self._windows) > self.MAX_REMEMBERED:
+            self._windows.clear()
+            self._headroom.clear()
+        periods = [period_of(b, now_ns) for b in self.budgets]
+        touched: set[tuple[str, str]] = set()
+        for name, value, _ in totals:
+            touched.add((_key(self.budgets[self._by_name[name]]), value))
+        for key in touched:
+            learned = self._headroom_of(key, totals, periods)
+            if learned is None:
+                self._windows.pop(key, None)
+                self._headroom.pop(key, None)
+            else:
+                self._headroom[key], self._windows[key] = learned[0], learned[1:]
+        room: dict[str, float] = {}
+        for (dimension, _), left in self._headroom.items():
+            room[dimension] = min(left, room.get(dimension, math.inf))
+        self._room = room
+        self._spent = {}
+        self._known = {}
+
+    def _headroom_of(self, key: tuple[str, str], totals: Mapping[SpendKey, float],
+                     periods: list[Period]) -> tuple[float, int, int] | None:
+        dimension, value = key
+        left, lo, hi, seen = math.inf, 0, 0, False
+        for index, budget in enumerate(self.budgets):
+            if _key(budget) != dimension or not self._takes(index, value):
+                continue
+            period = periods[index]
+            total = totals.get((budget.name, value, period.start_ns))
+            if total is None:
+                return None  # this period's total is not known here: fold when next seen
+            for threshold in budget.thresholds:
+                cents = threshold_cents(budget, threshold)
+                if cents > total:
+                    left = min(left, cents - total)
+            # The hours filed under this period: those starting in it.
+            first, end = -(-period.start_ns // HOUR_NS), -(-period.end_ns // HOUR_NS)
+            lo, hi = (max(lo, first), min(hi, end)) if seen else (first, end)
+            seen = True
+        return (left, lo, hi) if seen else None
+
+    def _takes(self, index: int, value: str) -> bool:
+        matched = self._matched[index]
+        ok = matched.get(value)
+        if ok is None:
+            if len(matched) > self.MAX_REMEMBERED:
+                matched.clear()
+            ok = matched[value] = self._matchers[index](value)
+        return ok
+
+    def _start(self, index: int, hour: int) -> int:
+        starts = self._starts[index]
+        start = starts.get(hour)
+        if start is None:
+            if len(starts) > self.MAX_REMEMBERED:
+                starts.clear()
+            start = starts[hour] = period_of(self.budgets[index], hour * HOUR_NS).start_ns
+        return start
+
+
+def _key(budget: Budget) -> str:
+    return FLEET if budget.dimension is None else budget.dimension
+
 
 def _matcher(budget: Budget) -> Callable[[str], bool]:
-    """scope_matches for a value of the budget's dimension, decided without fnmatch's
-    per-call pattern lookup: `*` matches all, a literal is equality, a glob its compiled
-    fnmatch pattern (the same translation fnmatchcase uses, so the same answers)."""
-    if budget.value == "*":
+    """scope_matches for a value of the budget's dimension (the fleet's "" included),
+    decided without fnmatch's per-call pattern lookup: `*` matches all, a literal is
+    equality, a glob its compiled fnmatch pattern (the same translation fnmatchcase uses, so
+    the same answers)."""
+    if budget.dimension is None or budget.value == "*":
         return lambda value: True
     if not budget.is_glob:
         return budget.value.__eq__

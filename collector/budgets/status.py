@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 from collector.budgets import NS_PER_S, Period, period_of, projected_cents, reached
+from collector.budgets.spend import SpendPlanner, Sums, decode, merge
 from collector.config.budgets import Budget
 
 if TYPE_CHECKING:
@@ -90,9 +91,23 @@ def read_status(reader: Reader, budgets: Sequence[Budget], now_ns: int,
                 max_instances: int | None = None) -> BudgetStatus:
     """budget_status over what `reader` holds for the budgets' current periods. Blocks: call
     it off the event loop. Without budgets nothing is read."""
-    spend, crossings = (reader.read_budgets(current_periods(budgets, now_ns)) if budgets
-                        else ([], []))
-    return budget_status(budgets, spend, crossings, now_ns, max_instances=max_instances)
+    if not budgets:
+        return budget_status(budgets, [], [], now_ns, max_instances=max_instances)
+    spend, crossings, journal = reader.read_budgets(current_periods(budgets, now_ns))
+    return budget_status(budgets, [*spend, *journal_spend(budgets, journal)], crossings,
+                         now_ns, max_instances=max_instances)
+
+
+def journal_spend(budgets: Sequence[Budget], texts: Iterable[str]) -> list[SpendRow]:
+    """Spend rows for what the budget journal holds, not yet folded (collector.budgets.
+    spend): the same rows a fold would add to, so a reader's totals are whole at any time."""
+    sums: Sums = {}
+    for text in texts:
+        merge(sums, decode(text))
+    if not sums:
+        return []
+    return [(name, value, start_ns, cents)
+            for (name, value, start_ns), cents in SpendPlanner(budgets).spread(sums).items()]
 
 
 def budget_status(budgets: Sequence[Budget], spend: Iterable[SpendRow],

@@ -87,6 +87,7 @@ USAGE_GROUPS = {"hour": "hour", "session": "session_id",
 SPEND_TABLE = "collector_budget_spend"
 ALERTS_TABLE = "collector_budget_alerts"
 OUTBOX_TABLE = "collector_alert_outbox"
+JOURNAL_TABLE = "collector_budget_journal"  # flushes' sums not yet folded into the spend
 
 
 def usage_group(group: str, mark: str) -> tuple[str, str, tuple[Any, ...]]:
@@ -171,7 +172,9 @@ class Store(Protocol):
 # (budget, scope value, period start ns, spend cents or threshold) rows: the spend and the
 # recorded crossings of collector_budget_spend and collector_budget_alerts.
 BudgetRow = tuple[str, str, int, float]
-BudgetRows = tuple[list[BudgetRow], list[BudgetRow]]
+# With the budget journal's rows (collector.budgets.spend.decode reads them), read with them
+# in one snapshot: a fold moves sums from the journal into the spend rows.
+BudgetRows = tuple[list[BudgetRow], list[BudgetRow], list[str]]
 
 
 class Reader(Protocol):
@@ -202,7 +205,9 @@ class Reader(Protocol):
     def read_budgets(self, periods: Sequence[tuple[str, int]]) -> BudgetRows:
         """For each (budget, period start): its spend rows (budget, scope value, period
         start ns, spend cents) and recorded crossings (budget, scope value, period start ns,
-        threshold), as collector.budgets.status.budget_status takes them."""
+        threshold), as collector.budgets.status.budget_status takes them; and the budget
+        journal (flushes' sums not yet folded into the spend rows: spend too), all from one
+        snapshot."""
         ...
 
     def count_alerts_pending(self) -> int:
@@ -229,9 +234,11 @@ def budget_read_sql(table: str, column: str, pairs: int, mark: str) -> str:
 
 
 def read_budget_rows(execute: Callable[[str, list[Any]], Iterable[Sequence[Any]]],
-                     periods: Sequence[tuple[str, int]], mark: str
+                     periods: Sequence[tuple[str, int]], mark: str, *, journal: bool = True
                      ) -> BudgetRows:
-    """Reader.read_budgets over a backend's `execute(sql, params) -> rows`."""
+    """Reader.read_budgets over a backend's `execute(sql, params) -> rows`, all in the one
+    snapshot `execute` reads from. `journal`: whether the database has the journal table
+    (made later than the other budget tables)."""
     spend: list[BudgetRow] = []
     crossings: list[BudgetRow] = []
     for start in range(0, len(periods), BUDGET_PERIODS_PER_READ):
@@ -241,7 +248,11 @@ def read_budget_rows(execute: Callable[[str, list[Any]], Iterable[Sequence[Any]]
                                    (crossings, ALERTS_TABLE, "threshold")):
             out.extend((str(r[0]), str(r[1]), int(r[2]), float(r[3])) for r in execute(
                 budget_read_sql(table, column, len(chunk), mark), params))
-    return spend, crossings
+    texts = [str(r[0]) for r in execute(READ_JOURNAL_SQL, [])] if journal else []
+    return spend, crossings, texts
+
+
+READ_JOURNAL_SQL = f"SELECT sums FROM {JOURNAL_TABLE} ORDER BY created_ns, id"
 
 
 # Seconds whose formatted prefix is kept: a flush's span times cluster within a few seconds

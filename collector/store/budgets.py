@@ -18,13 +18,14 @@ finds the crossing already there; only the one that inserted it queues the alert
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from collector.accounting.aggregate import HOUR_NS, Batch
 from collector.budgets import Period, outbox_rows, period_of, reached, top_n
-from collector.budgets.spend import SpendPlanner
+from collector.budgets.spend import SpendPlanner, Sums, decode, encode, merge
 from collector.config.attribution import NAME_PATTERN
 from collector.config.budgets import AlertSink, Budget
 from collector.store.base import (
@@ -32,6 +33,7 @@ from collector.store.base import (
     ALERTS_TABLE,
     DIMENSIONS_TABLE,
     HOURLY_TABLE,
+    JOURNAL_TABLE,
     LABEL_COLUMNS,
     LABELS_TABLE,
     OUTBOX_TABLE,
@@ -100,6 +102,10 @@ ON CONFLICT (budget, scope_value, period_start_ns) DO UPDATE SET
     spend_cents = {SPEND_TABLE}.spend_cents + excluded.spend_cents
 RETURNING budget, scope_value, period_start_ns, spend_cents
 """
+# A flush's sums, when they need no fold (collector.budgets.spend): one row, whatever the
+# number of budgets; a fold takes every row, this collector's and the others'.
+ADD_JOURNAL = f"INSERT INTO {JOURNAL_TABLE} (id, created_ns, sums) VALUES (?, ?, ?)"
+TAKE_JOURNAL = f"DELETE FROM {JOURNAL_TABLE} RETURNING sums"
 ADD_CROSSING = f"""
 INSERT INTO {ALERTS_TABLE} (budget, scope_value, period_start_ns, threshold)
 VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING RETURNING threshold
@@ -121,6 +127,11 @@ class BudgetOps(Protocol):
                      ) -> dict[tuple[str, str], str | None]:
         """(dimension, session id) -> the session's value as committed by this flush, for
         every pair asked (None when the session has no value)."""
+        ...
+
+    def lock_fold(self) -> None:
+        """Wait until no other collector is folding the journal, for the rest of this
+        transaction (a single-writer backend has nothing to wait for)."""
         ...
 
 
@@ -166,10 +177,10 @@ assert LABEL_FIELDS.keys() == LABEL_COLUMNS.keys()
 
 def record_budgets(ops: BudgetOps, applied: Batch, planner: SpendPlanner,
                    sinks: Sequence[AlertSink], now_ns: int) -> int:
-    """Inside the usage's transaction, after the rollup is written: add the applied batch's
-    cost to each budget period it touches and record every threshold newly reached, with one
-    outbox row per sink. Spend rows are taken in key order, the same in every collector, so
-    concurrent flushes queue on them instead of deadlocking. Returns the crossings added."""
+    """Inside the usage's transaction, after the rollup is written: the applied batch's cost
+    per (dimension, value, hour), journaled, or folded with the journal into the budget
+    periods when it may reach a threshold or a fold is due (collector.budgets.spend).
+    Returns the crossings added."""
     budgets = planner.budgets
     if not budgets:
         return 0
@@ -180,10 +191,31 @@ def record_budgets(ops: BudgetOps, applied: Batch, planner: SpendPlanner,
         found = ops.scope_values(*asked)
         for pair in missing:
             values[pair] = found.get(pair)
-    deltas = sorted(planner.deltas(applied.hours, values).items())
-    by_name = {b.name: b for b in budgets}
+    sums = planner.sums(applied.hours, values)
+    if not sums:
+        return 0
+    if not planner.must_fold(sums, now_ns):
+        ops.run(ADD_JOURNAL, (os.urandom(16).hex(), now_ns, encode(sums)))
+        return 0
+    return fold_budgets(ops, planner, sinks, now_ns, sums)
+
+
+def fold_budgets(ops: BudgetOps, planner: SpendPlanner, sinks: Sequence[AlertSink],
+                 now_ns: int, sums: Sums | None = None) -> int:
+    """In an open transaction: the whole journal (and `sums`, a flush's own) added to each
+    budget period it counts towards, every threshold newly reached recorded with one outbox
+    row per sink. One collector folds at a time (ops.lock_fold); spend rows are taken in key
+    order, the same in every collector, so concurrent flushes queue on them instead of
+    deadlocking. Returns the crossings added."""
+    ops.lock_fold()
+    total = sums if sums is not None else {}
+    for (text,) in ops.run(TAKE_JOURNAL, ()):
+        merge(total, decode(str(text)))
+    deltas = sorted(planner.spread(total).items())
+    by_name = {b.name: b for b in planner.budgets}
     # Below it an instance's new total needs no look: no threshold can be reached.
-    lowest = {b.name: b.amount_usd * 100 * min(b.thresholds) for b in budgets}
+    lowest = {b.name: b.amount_usd * 100 * min(b.thresholds) for b in planner.budgets}
+    totals: dict[tuple[str, str, int], float] = {}
     reaching: list[tuple[str, str, int, float]] = []
     for chunk in spend_chunks(deltas):
         params: list[Any] = []
@@ -191,8 +223,11 @@ def record_budgets(ops: BudgetOps, applied: Batch, planner: SpendPlanner,
             params += key
             params.append(cents)
         for name, value, start_ns, spend in ops.run(add_spend_sql(len(chunk)), tuple(params)):
-            if spend >= lowest[name]:
-                reaching.append((str(name), str(value), int(start_ns), float(spend)))
+            key = (str(name), str(value), int(start_ns))
+            totals[key] = float(spend)
+            if spend >= lowest[key[0]]:
+                reaching.append((*key, float(spend)))
+    planner.folded(totals, now_ns)
     added = 0
     for name, value, start_ns, spend in sorted(reaching):
         budget = by_name[name]

@@ -37,6 +37,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ from collector.store.base import (
     HELD_COUNT,
     HELD_TABLE,
     HOURLY_TABLE,
+    JOURNAL_TABLE,
     LABELS_TABLE,
     LINKS_TABLE,
     SEEN_CURRENT_COUNT,
@@ -90,7 +92,13 @@ from collector.store.base import (
     turns_kept_since,
     usage_group,
 )
-from collector.store.budgets import Outbox, dimension_sql, record_budgets, scope_rows
+from collector.store.budgets import (
+    Outbox,
+    dimension_sql,
+    fold_budgets,
+    record_budgets,
+    scope_rows,
+)
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -110,6 +118,7 @@ USABLE_ENCODINGS = ("UTF8", "SQL_ASCII")
 # share it, a rotation takes it alone).
 SCHEMA_LOCK = 0x636F_6C6C_0001
 GENERATION_LOCK = 0x636F_6C6C_0002
+FOLD_LOCK = 0x636F_6C6C_0003  # one collector folds the budget journal at a time
 # A deadlock or serialization failure rolls the flush back whole; it is tried again at once
 # this many times in all before the pipeline hears of it (and retries after its backoff).
 TRANSACTION_ATTEMPTS = 3
@@ -278,6 +287,11 @@ CREATE TABLE IF NOT EXISTS collector_alert_outbox (
     next_attempt_ns BIGINT NOT NULL DEFAULT 0,
     claimed_until_ns BIGINT NOT NULL DEFAULT 0,
     delivered_ns BIGINT
+);
+CREATE TABLE IF NOT EXISTS collector_budget_journal (
+    id TEXT COLLATE "C" PRIMARY KEY,
+    created_ns BIGINT NOT NULL,
+    sums TEXT NOT NULL
 )
 """
 
@@ -818,6 +832,8 @@ class PostgresStore:
             await asyncio.wait([busy])
         if self._thread is not None:
             thread, self._thread = self._thread, None
+            if self._budgets:
+                await asyncio.get_running_loop().run_in_executor(thread, self._fold_journal)
             await asyncio.get_running_loop().run_in_executor(thread, self._drop_connection)
             self._lost_connection = False
             thread.shutdown(wait=True)
@@ -840,6 +856,18 @@ class PostgresStore:
             future.add_done_callback(lambda f: f.cancelled() or f.exception())
             raise StorageError(f"no answer from PostgreSQL at {self._options.where} within "
                                f"{self._commit_timeout_s:g} s; connection reset") from None
+
+    def _fold_journal(self) -> None:
+        """At close: the journal folded into the spend rows (collector.budgets.spend), so a
+        stopped collector leaves nothing of its own waiting. Failing is harmless: the journal
+        stays, and readers and the next fold, of any collector, count it."""
+        try:
+            conn = self._connection()
+            with conn.transaction():
+                fold_budgets(_BudgetOps(conn), self._planner, self._sinks, time.time_ns())
+        except (psycopg.Error, StorageError, ValueError) as exc:
+            log.warning("budget journal not folded at close (kept for the next fold): %s",
+                        exc)
 
     def _commit(self, batch: Batch, now_ns: int,
                 sweep_before_ns: int | None) -> tuple[CommitResult, Batch]:
@@ -1103,6 +1131,10 @@ class _BudgetOps:
                      ) -> dict[tuple[str, str], str | None]:
         return scope_values(self._conn, dimensions, session_ids)
 
+    def lock_fold(self) -> None:
+        """Two folders' deletes of the journal would lock its rows in either order."""
+        self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (FOLD_LOCK,))
+
 
 class _OutboxConnection:
     """collector.store.budgets.OutboxConnection on PostgreSQL: the delivery task's own
@@ -1240,8 +1272,23 @@ class PostgresReader:
 
     def read_budgets(self, periods: Sequence[tuple[str, int]]) -> BudgetRows:
         if not self._has_budget_tables():
-            return [], []
-        return read_budget_rows(self._query, periods, "%s")
+            return [], [], []
+        conn = self._options.connect()
+        try:
+            # One snapshot for every statement: a fold moves sums from the journal to the
+            # spend rows between two of them otherwise.
+            conn.read_only = True
+            conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            with conn.transaction():
+                journal = conn.execute(f"SELECT to_regclass('{JOURNAL_TABLE}') IS NOT NULL"
+                                       ).fetchone()
+                return read_budget_rows(
+                    lambda sql, params: conn.execute(sql, params).fetchall(), periods, "%s",
+                    journal=bool(journal and journal[0]))
+        except psycopg.Error as exc:
+            raise StorageError(f"PostgreSQL at {self._options.where}: {_message(exc)}") from exc
+        finally:
+            conn.close()
 
     def count_alerts_pending(self) -> int:
         if not self._has_budget_tables():

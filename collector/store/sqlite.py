@@ -46,6 +46,7 @@ import logging
 import os
 import sqlite3
 import stat
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -69,6 +70,7 @@ from collector.store.base import (
     HELD_COUNT,
     HELD_TABLE,
     HOURLY_TABLE,
+    JOURNAL_TABLE,
     LABELS_TABLE,
     LINKS_TABLE,
     SEEN_CURRENT_COUNT,
@@ -96,7 +98,13 @@ from collector.store.base import (
     usage_group,
 )
 from collector.store.base import schema_problem as _schema_problem
-from collector.store.budgets import Outbox, dimension_sql, record_budgets, scope_rows
+from collector.store.budgets import (
+    Outbox,
+    dimension_sql,
+    fold_budgets,
+    record_budgets,
+    scope_rows,
+)
 
 __all__ = ["COLUMNS", "COLUMN_NAMES", "CommitResult", "SQLiteReader", "SQLiteStore",
            "SchemaError", "StorageError", "iso_utc"]
@@ -936,6 +944,8 @@ class SQLiteStore:
     async def close(self) -> None:
         if self._db is not None:
             db, self._db = self._db, None
+            if self._budgets:
+                await self._in_writer(self._fold_journal, db)
             await self._in_writer(db.close)
         if self._thread is not None:
             thread, self._thread = self._thread, None
@@ -951,6 +961,22 @@ class SQLiteStore:
         if db is None:
             raise StorageError("store is not open")
         return await self._in_writer(self._commit, db, batch, now_ns, sweep_before_ns)
+
+    def _fold_journal(self, db: sqlite3.Connection) -> None:
+        """At close: what the journal holds folded into the spend rows (collector.budgets.
+        spend), so a stopped daemon leaves the budget tables whole. Failing is harmless: the
+        journal stays, and readers and the next fold count it."""
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                fold_budgets(_BudgetOps(db), self._planner, self._sinks, time.time_ns())
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        except (sqlite3.Error, ValueError) as exc:
+            log.warning("budget journal not folded at close (kept for the next fold): %s",
+                        exc)
 
     def _commit(self, db: sqlite3.Connection, batch: Batch, now_ns: int,
                 sweep_before_ns: int | None) -> tuple[CommitResult, Batch]:
@@ -1215,8 +1241,15 @@ CREATE TABLE IF NOT EXISTS collector_alert_outbox (
     next_attempt_ns INTEGER NOT NULL DEFAULT 0,
     claimed_until_ns INTEGER NOT NULL DEFAULT 0,
     delivered_ns INTEGER
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS collector_budget_journal (
+    id TEXT PRIMARY KEY,
+    created_ns INTEGER NOT NULL,
+    sums TEXT NOT NULL
 ) WITHOUT ROWID
 """
+
+
 def scope_values(db: sqlite3.Connection, dimensions: Sequence[str],
                  session_ids: Sequence[str]) -> dict[tuple[str, str], str | None]:
     """collector.store.budgets.BudgetOps.scope_values on SQLite: one statement, the ids as
@@ -1238,6 +1271,9 @@ class _BudgetOps:
     def scope_values(self, dimensions: Sequence[str], session_ids: Sequence[str]
                      ) -> dict[tuple[str, str], str | None]:
         return scope_values(self._db, dimensions, session_ids)
+
+    def lock_fold(self) -> None:
+        """One writer at a time already: the flush holds the file's write lock."""
 
 
 class _OutboxConnection:
@@ -1374,19 +1410,25 @@ class SQLiteReader:
 
     def count_alerts_pending(self) -> int:
         rows = _reading(self.path, self._budget_query,
-                        lambda execute: list(execute(ALERTS_PENDING_SQL, [])))
+                        lambda execute, journal: list(execute(ALERTS_PENDING_SQL, [])))
         return int(rows[0][0]) if rows else 0
 
     def _budget_query(self, read: Callable[..., _T], *args: Any) -> _T:
-        """`read(execute, *args)` on one read-only connection. A database whose daemon never
-        had budgets has no budget tables: that reads as nothing spent, not an error."""
+        """`read(execute, *args, journal=...)` on one read-only connection, in one read
+        transaction (one snapshot). A database whose daemon never had budgets has no budget
+        tables: that reads as nothing spent, not an error; one from before the journal has
+        no journal table."""
         uri = f"{self.path.resolve().as_uri()}?mode=ro"
         conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
         try:
-            if conn.execute("SELECT count(*) FROM sqlite_master WHERE type = 'table' AND "
-                            "name = ?", (SPEND_TABLE,)).fetchone()[0] == 0:
-                return read(lambda sql, params: [], *args)
-            return read(lambda sql, params: conn.execute(sql, params).fetchall(), *args)
+            conn.execute("BEGIN")
+            tables = {str(r[0]) for r in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name IN (?, ?)",
+                (SPEND_TABLE, JOURNAL_TABLE))}
+            if SPEND_TABLE not in tables:
+                return read(lambda sql, params: [], *args, journal=False)
+            return read(lambda sql, params: conn.execute(sql, params).fetchall(), *args,
+                        journal=JOURNAL_TABLE in tables)
         finally:
             conn.close()
 

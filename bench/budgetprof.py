@@ -3,8 +3,9 @@ network: the same comparison as bench.run's budgets phase, at a precision the da
 cannot give on a shared machine (their spans/s move by ±15 % between neighbouring runs).
 
 For a layout of bench.payload (tags on the resources or on every span), each round builds
-`--batch` requests into one batch and commits it, timed whole (decode, read, map, fold and
-commit on this thread, as the daemon's ingest path and writer share one interpreter), for
+`--batch` requests into one batch and commits it, its CPU time taken whole (decode, read, map,
+fold and commit on this thread, as the daemon's ingest path and writer share one interpreter;
+CPU, not wall time, so that the fsync's wait on a shared disk does not blur it), for
 A (no budgets, no tags) and B (bench.budgets' 20 budgets, tags of 1,000 teams), into
 SQLite files of their own (WAL, synchronous = FULL) kept across rounds so that they grow
 alike; a third configuration, the tags without budgets, tells the two costs apart. Rounds
@@ -61,7 +62,7 @@ def measure(layout: Layout, *, rounds: int, batch_requests: int, sessions: int =
     real_record = store_budgets.record_budgets
 
     def timed_record(*a: Any, **k: Any) -> int:
-        started = time.perf_counter()
+        started = time.process_time()
         if profile is not None:
             profile.enable()
         try:
@@ -69,7 +70,7 @@ def measure(layout: Layout, *, rounds: int, batch_requests: int, sessions: int =
         finally:
             if profile is not None:
                 profile.disable()
-            inside[0] += time.perf_counter() - started
+            inside[0] += time.process_time() - started
 
     store.record_budgets = timed_record  # type: ignore[assignment]
     spans = batch_requests * SPANS_PER_REQUEST
@@ -84,13 +85,13 @@ def measure(layout: Layout, *, rounds: int, batch_requests: int, sessions: int =
                     bodies = [factory.request(number * batch_requests + i)
                               for i in range(batch_requests)]
                     inside[0] = 0.0
-                    started = time.perf_counter()
+                    started = time.process_time()
                     batch = Batch()
                     for body in bodies:
                         batch.add(map_request(decode_protobuf(body, Signal.TRACES), options,
                                               now, body).records)
                     stores[name]._commit(dbs[name], batch, now, None)
-                    elapsed = time.perf_counter() - started
+                    elapsed = time.process_time() - started
                     if number:
                         per_span[name].append(elapsed * 1e6 / spans)
                         if name == "budgets":

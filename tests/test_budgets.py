@@ -175,6 +175,7 @@ def test_the_planner_matches_as_fnmatch_does_and_sums_per_instance_period() -> N
     hours = {(f"s{i}", "m", first_hour + i % 30): HourDelta(cost_cents=1.0 + i)
              for i in range(len(VALUES) + 1)}
     values = {("team", f"s{i}"): v for i, v in enumerate(VALUES)}  # the last one has none
+    pairs = {sid: [(d, v)] for (d, sid), v in values.items()}
     expected: dict[tuple[str, str, int], float] = {}
     for b in budgets:
         for (sid, _, hour), delta in hours.items():
@@ -183,10 +184,10 @@ def test_the_planner_matches_as_fnmatch_does_and_sums_per_instance_period() -> N
                 key = (b.name, scope_value(b, value), period_of(b, hour * HOUR_NS).start_ns)
                 expected[key] = expected.get(key, 0.0) + delta.cost_cents
     planner = SpendPlanner(budgets)
-    assert planner.deltas(hours, values) == expected
-    assert planner.deltas(hours, values) == expected  # remembered
+    assert planner.deltas(hours, pairs) == expected
+    assert planner.deltas(hours, pairs) == expected  # remembered
     planner.MAX_REMEMBERED = 0  # every memo is cleared before its next use
-    assert planner.deltas(hours, values) == expected
+    assert planner.deltas(hours, pairs) == expected
     assert expected[("fleet", "", period_of(budgets[-1], first_hour * HOUR_NS).start_ns)] \
         == sum(d.cost_cents for d in hours.values())
 

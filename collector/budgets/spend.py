@@ -32,7 +32,7 @@ import json
 import math
 import re
 import struct
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from fnmatch import translate
 
 from collector.accounting.aggregate import HOUR_NS, HourDelta, HourKey
@@ -116,27 +116,26 @@ class SpendPlanner:
         self._last_fold_ns: int | None = None
 
     def sums(self, hours: Mapping[HourKey, HourDelta],
-             values: Mapping[tuple[str, str], str | None]) -> Sums:
-        """A batch's cost per dimension a budget names, per (value, hour). `values`:
-        (dimension, session id) -> the session's value (see collector.store.budgets); a
-        session without one counts only towards the fleet."""
-        sums: Sums = {}
-        for dimension in self._dimensions:
-            per: dict[tuple[str, int], float] = {}
-            for (session_id, _, hour), delta in hours.items():
-                cost = delta.cost_cents
-                if not cost:
-                    continue
-                value = FLEET if dimension == FLEET else values.get((dimension, session_id))
-                if value is None:
-                    continue
-                per[(value, hour)] = per.get((value, hour), 0.0) + cost
-            if per:
-                sums[dimension] = per
-        return sums
+             values: Mapping[str, Sequence[tuple[str, str]]]) -> Sums:
+        """A batch's cost per dimension a budget names, per (value, hour). `values`: session
+        id -> its (dimension, value) pairs (see collector.store.budgets); a session without a
+        value of a dimension counts only towards the fleet."""
+        sums: Sums = {d: {} for d in self._dimensions}
+        fleet = sums.get(FLEET)
+        for (session_id, _, hour), delta in hours.items():
+            cost = delta.cost_cents
+            if not cost:
+                continue
+            if fleet is not None:
+                fleet[(FLEET, hour)] = fleet.get((FLEET, hour), 0.0) + cost
+            for dimension, value in values.get(session_id, ()):
+                per = sums.get(dimension)
+                if per is not None:
+                    per[(value, hour)] = per.get((value, hour), 0.0) + cost
+        return {d: per for d, per in sums.items() if per}
 
     def deltas(self, hours: Mapping[HourKey, HourDelta],
-               values: Mapping[tuple[str, str], str | None]) -> dict[SpendKey, float]:
+               values: Mapping[str, Sequence[tuple[str, str]]]) -> dict[SpendKey, float]:
         """What a batch adds to each instance period, in cents (sums, spread)."""
         return self.spread(self.sums(hours, values))
 

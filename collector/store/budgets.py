@@ -136,18 +136,19 @@ class BudgetOps(Protocol):
 
 
 def carried_values(applied: Batch, dimensions: Sequence[str]
-                   ) -> tuple[dict[tuple[str, str], str | None], list[tuple[str, str]]]:
-    """Each costing session's value of each dimension as this batch carries it (its latest
-    record's), and the (dimension, session id) pairs it carries none for: only those are
-    read back from the store. The batch's own value is what its usage was tagged with, so
-    its cost counts there even when a later record, committed before, says otherwise."""
-    values: dict[tuple[str, str], str | None] = {}
+                   ) -> tuple[dict[str, list[tuple[str, str]]], list[tuple[str, str]]]:
+    """Each costing session's (dimension, value) pairs as this batch carries them (its
+    latest record's), and the (dimension, session id) pairs it carries none for: only those
+    are read back from the store. The batch's own value is what its usage was tagged with,
+    so its cost counts there even when a later record, committed before, says otherwise."""
+    values: dict[str, list[tuple[str, str]]] = {}
     missing: list[tuple[str, str]] = []
     if not dimensions:
         return values, missing
     labels = [(d, LABEL_FIELDS[d]) for d in dimensions if d in LABEL_FIELDS]
-    configured = [d for d in dimensions if d not in LABEL_FIELDS]
+    configured = {d for d in dimensions if d not in LABEL_FIELDS}
     for session_id in {sid for sid, _, _ in applied.hours}:
+        pairs = values[session_id] = []
         delta = applied.sessions.get(session_id)
         if delta is None:
             missing.extend((d, session_id) for d in dimensions)
@@ -157,16 +158,20 @@ def carried_values(applied: Batch, dimensions: Sequence[str]
             if value is None:
                 missing.append((dimension, session_id))
             else:
-                values[(dimension, session_id)] = value
+                pairs.append((dimension, value))
         if configured:
-            tags = dict(delta.tags) if delta.dimensions is None \
-                else {n: v for n, (v, _) in delta.latest_dimensions().items()}
-            for dimension in configured:
-                value = tags.get(dimension)
-                if value is None:
-                    missing.append((dimension, session_id))
-                else:
-                    values[(dimension, session_id)] = value
+            # Usually the session's latest tags are one set, kept whole (SessionDelta.tags).
+            given = delta.dimensions
+            tags = delta.tags if given is None or len(given) == len(delta.tags) else tuple(
+                (n, v) for n, (v, _) in delta.latest_dimensions().items())
+            found = 0
+            for dimension, value in tags:
+                if dimension in configured:
+                    pairs.append((dimension, value))
+                    found += 1
+            if found < len(configured):
+                named = {d for d, _ in tags}
+                missing.extend((d, session_id) for d in configured if d not in named)
     return values, missing
 
 
@@ -189,8 +194,10 @@ def record_budgets(ops: BudgetOps, applied: Batch, planner: SpendPlanner,
     if missing:
         asked = sorted({d for d, _ in missing}), sorted({sid for _, sid in missing})
         found = ops.scope_values(*asked)
-        for pair in missing:
-            values[pair] = found.get(pair)
+        for dimension, session_id in missing:
+            value = found.get((dimension, session_id))
+            if value is not None:
+                values[session_id].append((dimension, value))
     sums = planner.sums(applied.hours, values)
     if not sums:
         return 0

@@ -18,10 +18,11 @@ Phases:
 5. sweep: closed loop at 1, 8 and 64 requests in flight, per
    transport, baseline and collector back to back at each level; ratios and the p50 ack gap.
    Twice: with the spans of a request in 512 sessions (the fan-out above) and in 8.
-6. budgets: per transport, rounds of A (no budgets, untagged spans) and B (20 budgets and an
-   alert sink, spans tagged with 1,000 teams), interleaved, each against its own baseline;
-   after every B run the fleet budget's spend must equal the sessions' cost and the team
-   budget must have 1,000 instances.
+6. budgets: per layout (tags on the resources, as OTEL_RESOURCE_ATTRIBUTES sends them, and
+   on every span) and transport, rounds of A (no budgets, no tags) and B (20 budgets and an
+   alert sink, tags of 1,000 teams), interleaved, each against its own baseline; after every
+   B run the fleet budget's spend (rows and journal) must equal the sessions' cost and the
+   team budget must have 1,000 instances.
 
 Results: a markdown report on stdout and, with the raw JSON, in bench/results/ (git-ignored).
 """

@@ -422,3 +422,27 @@ async def test_a_crossing_two_collectors_journal_together_is_recorded_at_the_nex
     finally:
         await b.close()
     assert _rows(path, crossings) == [(0.8,)]
+
+
+async def test_a_journal_row_that_is_not_one_is_dropped_not_a_stuck_flush(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Whatever wrote it, an unreadable journal row must not fail every flush after it: the
+    fold drops it (logged) and adds the rest; readers skip it too."""
+    from collector.budgets.status import read_status
+    from collector.store.sqlite import SQLiteReader
+
+    path = tmp_path / "db.sqlite"
+    store = await _store(path, (FLEET,))
+    try:
+        await store.commit(batch(rec(1)), now_ns=T0)  # folds, and makes the tables
+        await store.commit(batch(rec(2)), now_ns=T0 + 1)  # journaled
+        with sqlite3.connect(path) as db:
+            db.execute("INSERT INTO collector_budget_journal VALUES ('x', 0, '{not json')")
+        [fleet] = read_status(SQLiteReader(path), (FLEET,), T0).instances
+        assert fleet.spend_cents == 2.0
+        await store.commit(batch(rec(3), rec(4)), now_ns=T0 + 2)  # reaches 4: folds
+    finally:
+        await store.close()
+    assert _rows(path, "SELECT spend_cents FROM collector_budget_spend") == [(4.0,)]
+    assert _rows(path, "SELECT threshold FROM collector_budget_alerts") == [(0.8,)]
+    assert "1 budget journal rows were not journal rows" in caplog.text

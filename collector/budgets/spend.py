@@ -87,6 +87,20 @@ def decode(text: str) -> Sums:
     return sums
 
 
+def journal_total(texts: Iterable[str], into: Sums | None = None) -> tuple[Sums, int]:
+    """The journal rows' sums added into `into` (or new sums), and how many rows were not
+    journal rows (skipped, for the caller to report: one unreadable row, written by who knows
+    what, must not stop every flush after it)."""
+    total: Sums = {} if into is None else into
+    bad = 0
+    for text in texts:
+        try:
+            merge(total, decode(text))
+        except ValueError:
+            bad += 1
+    return total, bad
+
+
 class SpendPlanner:
     """Sums, their spread over budget instances, and the fold policy, for one store's
     budgets. What a flush would otherwise recompute is remembered between flushes: each

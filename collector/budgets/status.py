@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 from collector.budgets import NS_PER_S, Period, period_of, projected_cents, reached
-from collector.budgets.spend import SpendPlanner, Sums, decode, merge
+from collector.budgets.spend import SpendPlanner, journal_total
 from collector.config.budgets import Budget
 
 if TYPE_CHECKING:
@@ -101,9 +101,7 @@ def read_status(reader: Reader, budgets: Sequence[Budget], now_ns: int,
 def journal_spend(budgets: Sequence[Budget], texts: Iterable[str]) -> list[SpendRow]:
     """Spend rows for what the budget journal holds, not yet folded (collector.budgets.
     spend): the same rows a fold would add to, so a reader's totals are whole at any time."""
-    sums: Sums = {}
-    for text in texts:
-        merge(sums, decode(text))
+    sums, _ = journal_total(texts)  # a row that is not one is the next fold's to report
     if not sums:
         return []
     return [(name, value, start_ns, cents)

@@ -18,6 +18,7 @@ finds the crossing already there; only the one that inserted it queues the alert
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from typing import Any, Protocol
 
 from collector.accounting.aggregate import HOUR_NS, Batch
 from collector.budgets import Period, outbox_rows, period_of, reached, top_n
-from collector.budgets.spend import SpendPlanner, Sums, decode, encode, merge
+from collector.budgets.spend import SpendPlanner, Sums, encode, journal_total
 from collector.config.attribution import NAME_PATTERN
 from collector.config.budgets import AlertSink, Budget
 from collector.store.base import (
@@ -41,6 +42,8 @@ from collector.store.base import (
     StorageError,
     iso_utc,
 )
+
+log = logging.getLogger(__name__)
 
 # How many sessions, users and models an alert names: enough to act on, short enough to read.
 TOP_N = 5
@@ -215,9 +218,10 @@ def fold_budgets(ops: BudgetOps, planner: SpendPlanner, sinks: Sequence[AlertSin
     order, the same in every collector, so concurrent flushes queue on them instead of
     deadlocking. Returns the crossings added."""
     ops.lock_fold()
-    total = sums if sums is not None else {}
-    for (text,) in ops.run(TAKE_JOURNAL, ()):
-        merge(total, decode(str(text)))
+    total, bad = journal_total((str(t) for (t,) in ops.run(TAKE_JOURNAL, ())), sums)
+    if bad:
+        log.error("%d budget journal rows were not journal rows and are dropped: their cost "
+                  "is in the usage tables but not in any budget's spend", bad)
     deltas = sorted(planner.spread(total).items())
     by_name = {b.name: b for b in planner.budgets}
     # Below it an instance's new total needs no look: no threshold can be reached.

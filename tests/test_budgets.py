@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,6 @@ from collector.budgets import (
     period_of,
     projected_cents,
     reached,
-    scope_matches,
-    scope_value,
     slack_body,
     threshold_cents,
     webhook_body,
@@ -149,12 +148,18 @@ def test_thresholds_are_reached_at_whole_cents() -> None:
 
 
 def test_scopes_and_glob_instances() -> None:
+    """The fleet takes every session under the value "", a session without a value too; a
+    glob takes the values it matches, each its own instance, and no session without one."""
     fleet = Budget(name="f", amount_usd=1)
-    assert scope_matches(fleet, None) and scope_value(fleet, "x") == ""
     plat = Budget(name="p", amount_usd=1, dimension="user", value="plat*")
-    assert scope_matches(plat, "platform") and not scope_matches(plat, "web")
-    assert not scope_matches(plat, None)
-    assert scope_value(plat, "platform") == "platform"
+    hour = int(datetime(2026, 3, 2, 10, tzinfo=UTC).timestamp()) * 10**9 // HOUR_NS
+    hours = {(sid, "m", hour): HourDelta(cost_cents=cents)
+             for sid, cents in (("a", 1.0), ("b", 2.0), ("c", 4.0))}
+    planner = SpendPlanner([fleet, plat])
+    spread = planner.spread(planner.sums(hours, {"a": [("user", "platform")],
+                                                 "b": [("user", "web")]}))
+    assert spread == {("f", "", period_of(fleet, hour * HOUR_NS).start_ns): 7.0,
+                      ("p", "platform", period_of(plat, hour * HOUR_NS).start_ns): 1.0}
 
 
 GLOBS = ("*", "plat*", "platform", "team-[0-4]?", "team-[!0-4]*", "a?c", "[*]", "x[", "")
@@ -162,9 +167,17 @@ VALUES = ("platform", "plat", "web", "team-01", "team-55", "team-5", "abc", "a?c
           "", "PLATFORM")
 
 
+def _plain_instance(budget: Budget, value: str | None) -> str | None:
+    """The plain rule, by fnmatch: the instance value a session with `value` counts under
+    (the fleet's "", or the value its glob matches), None when it counts towards none."""
+    if budget.dimension is None:
+        return ""
+    return value if value is not None and fnmatchcase(value, budget.value) else None
+
+
 def test_the_planner_matches_as_fnmatch_does_and_sums_per_instance_period() -> None:
-    """Its compiled globs and memos give the answers of the plain rule (scope_matches,
-    period_of, scope_value), first time and remembered, and after its memos are cleared."""
+    """Its compiled globs and memos give the answers of the plain rule (fnmatch, period_of),
+    first time and remembered, and after its memos are cleared."""
     budgets = [Budget(name=f"b{i}", amount_usd=1, dimension="team", value=glob,
                       period=period, timezone=zone)
                for i, (glob, period, zone) in enumerate(
@@ -179,15 +192,15 @@ def test_the_planner_matches_as_fnmatch_does_and_sums_per_instance_period() -> N
     expected: dict[tuple[str, str, int], float] = {}
     for b in budgets:
         for (sid, _, hour), delta in hours.items():
-            value = values.get(("team", sid))
-            if scope_matches(b, value):
-                key = (b.name, scope_value(b, value), period_of(b, hour * HOUR_NS).start_ns)
+            instance = _plain_instance(b, values.get(("team", sid)))
+            if instance is not None:
+                key = (b.name, instance, period_of(b, hour * HOUR_NS).start_ns)
                 expected[key] = expected.get(key, 0.0) + delta.cost_cents
     planner = SpendPlanner(budgets)
-    assert planner.deltas(hours, pairs) == expected
-    assert planner.deltas(hours, pairs) == expected  # remembered
+    assert planner.spread(planner.sums(hours, pairs)) == expected
+    assert planner.spread(planner.sums(hours, pairs)) == expected  # remembered
     planner.MAX_REMEMBERED = 0  # every memo is cleared before its next use
-    assert planner.deltas(hours, pairs) == expected
+    assert planner.spread(planner.sums(hours, pairs)) == expected
     assert expected[("fleet", "", period_of(budgets[-1], first_hour * HOUR_NS).start_ns)] \
         == sum(d.cost_cents for d in hours.values())
 

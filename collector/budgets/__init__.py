@@ -13,7 +13,6 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from fnmatch import fnmatchcase
 from zoneinfo import ZoneInfo
 
 from collector.config.budgets import AlertSink, Budget
@@ -48,22 +47,6 @@ def period_of(budget: Budget, ts_ns: int) -> Period:
         return int(datetime(d.year, d.month, d.day, tzinfo=zone).timestamp()) * NS_PER_S
 
     return Period(ns(start), ns(end))
-
-
-def scope_matches(budget: Budget, dimension_value: str | None) -> bool:
-    """Whether a session with this value of the budget's dimension counts towards it. A
-    session without a value counts only towards fleet budgets."""
-    if budget.dimension is None:
-        return True
-    if dimension_value is None:
-        return False
-    return fnmatchcase(dimension_value, budget.value)
-
-
-def scope_value(budget: Budget, dimension_value: str | None) -> str:
-    """The instance key: "" for the fleet, else the session's value (one instance per
-    matching value, for a glob as for a literal)."""
-    return "" if budget.dimension is None or dimension_value is None else dimension_value
 
 
 def threshold_cents(budget: Budget, threshold: float) -> int:

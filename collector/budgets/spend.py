@@ -148,11 +148,6 @@ class SpendPlanner:
                     per[(value, hour)] = per.get((value, hour), 0.0) + cost
         return {d: per for d, per in sums.items() if per}
 
-    def deltas(self, hours: Mapping[HourKey, HourDelta],
-               values: Mapping[str, Sequence[tuple[str, str]]]) -> dict[SpendKey, float]:
-        """What a batch adds to each instance period, in cents (sums, spread)."""
-        return self.spread(self.sums(hours, values))
-
     def spread(self, sums: Sums) -> dict[SpendKey, float]:
         """Sums over the budget instances they count towards, in cents per instance period.
         Costs only the sums' values and hours, never a scan."""
@@ -267,10 +262,11 @@ def _key(budget: Budget) -> str:
 
 
 def _matcher(budget: Budget) -> Callable[[str], bool]:
-    """scope_matches for a value of the budget's dimension (the fleet's "" included),
-    decided without fnmatch's per-call pattern lookup: `*` matches all, a literal is
-    equality, a glob its compiled fnmatch pattern (the same translation fnmatchcase uses, so
-    the same answers)."""
+    """Whether a value of the budget's dimension (the fleet's "" included) counts towards
+    it: one instance per matching value, for a glob (fnmatch) as for a literal. Decided
+    without fnmatch's per-call pattern lookup: `*` matches all, a literal is equality, a glob
+    its compiled fnmatch pattern (the same translation fnmatchcase uses, so the same
+    answers)."""
     if budget.dimension is None or budget.value == "*":
         return lambda value: True
     if not budget.is_glob:

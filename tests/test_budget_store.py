@@ -236,6 +236,16 @@ async def test_an_alert_names_the_top_sessions_users_and_models_of_its_scope_pos
     _check_top(_pg_rows(pg_url, "SELECT sink, payload FROM collector_alert_outbox"))
 
 
+async def _backend_store(backend: str, tmp_path: Path, request: pytest.FixtureRequest,
+                         budgets: tuple[Budget, ...]) -> tuple[Any, Any]:
+    """A store of `backend` and `rows(sql)` reading its database."""
+    if backend == "postgres":
+        url = request.getfixturevalue("pg_url")
+        return await _pg_store(url, budgets), lambda sql: _pg_rows(url, sql)
+    path = tmp_path / "db.sqlite"
+    return await _store(path, budgets), lambda sql: _rows(path, sql)
+
+
 PER_TEAM = Budget(name="teams", amount_usd=0.03, dimension="team", value="*",
                   thresholds=(1.0,))
 
@@ -250,9 +260,7 @@ async def test_a_budget_per_value_of_a_configured_dimension(
         tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
     """Each team is its own instance; the session's latest team takes the spend of the
     commit, and a session without a team is in no instance."""
-    url = request.getfixturevalue("pg_url") if backend == "postgres" else None
-    path = tmp_path / "db.sqlite"
-    store = await (_pg_store(url, (PER_TEAM,)) if url else _store(path, (PER_TEAM,)))
+    store, rows = await _backend_store(backend, tmp_path, request, (PER_TEAM,))
     try:
         await store.commit(batch(tagged(1, "platform", session="a", cents=2),
                                  tagged(2, "growth", session="b", cents=1),
@@ -262,14 +270,12 @@ async def test_a_budget_per_value_of_a_configured_dimension(
                            now_ns=T0)
     finally:
         await store.close()
-    rows = _pg_rows if url else (lambda _, sql: _rows(path, sql))
-    where = url or path
-    assert rows(where, "SELECT scope_value, spend_cents FROM collector_budget_spend "
-                       "ORDER BY scope_value") == [("growth", 1.0), ("platform", 3.0)]
-    assert rows(where, "SELECT scope_value, threshold FROM collector_budget_alerts") == [
+    assert rows("SELECT scope_value, spend_cents FROM collector_budget_spend "
+                "ORDER BY scope_value") == [("growth", 1.0), ("platform", 3.0)]
+    assert rows("SELECT scope_value, threshold FROM collector_budget_alerts") == [
         ("platform", 1.0)]
     payloads = [json.loads(str(p)) for (p,) in rows(
-        where, "SELECT payload FROM collector_alert_outbox WHERE sink = 'hook'")]
+        "SELECT payload FROM collector_alert_outbox WHERE sink = 'hook'")]
     assert [(p["scope"], p["value"], p["threshold"]) for p in payloads] == [
         ("team", "platform", 1.0)]
     # Behind it: the sessions whose team is platform now, never the untagged one.
@@ -283,11 +289,9 @@ async def test_a_flush_touching_many_instances_adds_to_each_once(
     twice over two commits, and only the one past its threshold is a crossing."""
     from collector.store.budgets import SPEND_CHUNK
 
-    url = request.getfixturevalue("pg_url") if backend == "postgres" else None
-    path = tmp_path / "db.sqlite"
     per_team = Budget(name="teams", amount_usd=0.05, dimension="team", value="*",
                       thresholds=(1.0,))
-    store = await (_pg_store(url, (per_team,)) if url else _store(path, (per_team,)))
+    store, rows = await _backend_store(backend, tmp_path, request, (per_team,))
     n = 2 * SPEND_CHUNK + 7
     try:
         for round_ in range(2):
@@ -297,11 +301,9 @@ async def test_a_flush_touching_many_instances_adds_to_each_once(
                 for i in range(n))), now_ns=T0)
     finally:
         await store.close()
-    rows = _pg_rows if url else (lambda _, sql: _rows(path, sql))
-    where = url or path
-    spend = dict(rows(where, "SELECT scope_value, spend_cents FROM collector_budget_spend"))
+    spend = dict(rows("SELECT scope_value, spend_cents FROM collector_budget_spend"))
     assert spend == {f"team-{i:04d}": 6.0 if i == 5 else 1.0 for i in range(n)}
-    assert rows(where, "SELECT scope_value FROM collector_budget_alerts") == [("team-0005",)]
+    assert rows("SELECT scope_value FROM collector_budget_alerts") == [("team-0005",)]
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
@@ -309,9 +311,7 @@ async def test_a_commit_counts_towards_the_value_its_usage_carries(
         tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
     """A record tagged growth spends for growth even when the session's stored team is a
     later record's platform; a record without a team spends for the stored one."""
-    url = request.getfixturevalue("pg_url") if backend == "postgres" else None
-    path = tmp_path / "db.sqlite"
-    store = await (_pg_store(url, (PER_TEAM,)) if url else _store(path, (PER_TEAM,)))
+    store, rows = await _backend_store(backend, tmp_path, request, (PER_TEAM,))
     try:
         await store.commit(batch(tagged(1, "platform", session="a", t=T0 + 2 * MS)),
                            now_ns=T0)
@@ -320,22 +320,10 @@ async def test_a_commit_counts_towards_the_value_its_usage_carries(
                            now_ns=T0)
     finally:
         await store.close()
-    rows = _pg_rows if url else (lambda _, sql: _rows(path, sql))
-    where = url or path
-    assert rows(where, "SELECT scope_value, spend_cents FROM collector_budget_spend "
-                       "ORDER BY scope_value") == [("growth", 1.0), ("platform", 1.5)]
-    assert rows(where, "SELECT value FROM collector_session_dimensions "
-                       "WHERE session_id = 'a' AND dimension = 'team'") == [("platform",)]
-
-
-async def _backend_store(backend: str, tmp_path: Path, request: pytest.FixtureRequest,
-                         budgets: tuple[Budget, ...]) -> tuple[Any, Any]:
-    """A store of `backend` and `rows(sql)` reading its database."""
-    if backend == "postgres":
-        url = request.getfixturevalue("pg_url")
-        return await _pg_store(url, budgets), lambda sql: _pg_rows(url, sql)
-    path = tmp_path / "db.sqlite"
-    return await _store(path, budgets), lambda sql: _rows(path, sql)
+    assert rows("SELECT scope_value, spend_cents FROM collector_budget_spend "
+                "ORDER BY scope_value") == [("growth", 1.0), ("platform", 1.5)]
+    assert rows("SELECT value FROM collector_session_dimensions "
+                "WHERE session_id = 'a' AND dimension = 'team'") == [("platform",)]
 
 
 def _reader(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Any:

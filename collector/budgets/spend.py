@@ -117,6 +117,8 @@ class SpendPlanner:
         self._matched: list[dict[str, bool]] = [{} for _ in self.budgets]
         self._starts: list[dict[int, int]] = [{} for _ in self.budgets]
         self._dimensions = sorted({_key(b) for b in self.budgets})
+        # The dimensions the budgets name, whose values a flush looks up per session.
+        self.dimensions = tuple(d for d in self._dimensions if d != FLEET)
         self._by_name = {b.name: i for i, b in enumerate(self.budgets)}
         # Since the last fold (module docstring): per (dimension, value) the cents to its
         # nearest threshold and the usage hours [lo, hi) that holds for; per dimension the

@@ -189,11 +189,9 @@ def record_budgets(ops: BudgetOps, applied: Batch, planner: SpendPlanner,
     per (dimension, value, hour), journaled, or folded with the journal into the budget
     periods when it may reach a threshold or a fold is due (collector.budgets.spend).
     Returns the crossings added."""
-    budgets = planner.budgets
-    if not budgets:
+    if not planner.budgets:
         return 0
-    dimensions = sorted({b.dimension for b in budgets if b.dimension is not None})
-    values, missing = carried_values(applied, dimensions)
+    values, missing = carried_values(applied, planner.dimensions)
     if missing:
         asked = sorted({d for d, _ in missing}), sorted({sid for _, sid in missing})
         found = ops.scope_values(*asked)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.payload import TAGS
-from collector.budgets.spend import FLEET, Sums, decode, merge
+from collector.budgets.spend import FLEET, journal_total
 
 FLEET_BUDGET = "fleet-month"
 TEAM_BUDGET = "team-month"  # team = "*": one instance per team
@@ -119,9 +119,8 @@ def check_budgets(path: Path, *, teams: int = TEAMS) -> BudgetCheck:
         with_spend = conn.execute(
             "SELECT count(DISTINCT budget) FROM collector_budget_spend").fetchone()[0]
         # Flushes' sums not yet folded into the spend rows (collector.budgets.spend).
-        journal: Sums = {}
-        for (text,) in conn.execute("SELECT sums FROM collector_budget_journal"):
-            merge(journal, decode(text))
+        journal, unreadable = journal_total(
+            str(t) for (t,) in conn.execute("SELECT sums FROM collector_budget_journal"))
         crossings = conn.execute("SELECT count(*) FROM collector_budget_alerts").fetchone()[0]
         outbox, attempts = conn.execute(
             "SELECT count(*), coalesce(sum(attempts), 0) FROM collector_alert_outbox"
@@ -131,6 +130,8 @@ def check_budgets(path: Path, *, teams: int = TEAMS) -> BudgetCheck:
     fleet += sum(journal.get(FLEET, {}).values())
     instances = len(set(team_values) | {v for v, _ in journal.get("team", {})})
     problems: list[str] = []
+    if unreadable:
+        problems.append(f"{unreadable} budget journal rows are not journal rows")
     if cost <= 0:
         problems.append("agent_sessions holds no cost: the model is not priced")
     if not math.isclose(float(fleet), cost, rel_tol=1e-9, abs_tol=1e-6):

@@ -266,3 +266,25 @@ def test_journal_rows_keep_every_bit_of_each_sum_and_refuse_what_is_not_one() ->
                 '[["team", [[7, 7]], "000000000000f03f"]]', "not json"):
         with pytest.raises(ValueError):
             decode(bad)
+
+
+def test_a_flush_takes_every_tag_its_batch_carries_even_from_spans_with_partial_sets() -> None:
+    """A session whose spans give its tags in two parts (a team and a department, then a
+    project and a cost centre) carries all four from the batch: none is left to be read back
+    from the store."""
+    from collector.accounting.aggregate import Batch
+    from collector.signals.traces import SpanUsage
+    from collector.store.budgets import carried_values
+
+    def span(key: int, end: int, tags: tuple[tuple[str, str], ...]) -> SpanUsage:
+        return SpanUsage(key.to_bytes(32, "big"), "s", end - 1, end, 1, 10, 2, 0, 0, 0, 1.0,
+                         True, "m", None, None, None, None, user="alice", dimensions=tags)
+
+    batch = Batch()
+    batch.add([span(1, 10, (("team", "platform"), ("department", "eng"))),
+               span(2, 20, (("project", "web"), ("cost_center", "cc-1")))])
+    values, missing = carried_values(
+        batch, ("team", "project", "department", "cost_center", "user", "host"))
+    assert sorted(values["s"]) == [("cost_center", "cc-1"), ("department", "eng"),
+                                   ("project", "web"), ("team", "platform"), ("user", "alice")]
+    assert missing == [("host", "s")]

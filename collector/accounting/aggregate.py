@@ -79,6 +79,13 @@ class SessionDelta:
             given[name] = (value, self.tags_ns)
         return given
 
+    def latest_tags(self) -> Dimensions:
+        """The session's latest value of each configured dimension, without their times:
+        nearly always its one whole set of tags, as it came."""
+        if not self.dimensions:
+            return self.tags
+        return tuple((name, value) for name, (value, _) in self.latest_dimensions().items())
+
     def has_labels(self) -> bool:
         return max(self.agent_ns, self.agent_version_ns, self.user_ns, self.host_ns,
                    self.credential_ns) >= 0

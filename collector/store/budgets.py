@@ -163,10 +163,7 @@ def carried_values(applied: Batch, dimensions: Sequence[str]
             else:
                 pairs.append((dimension, value))
         if configured:
-            # Usually the session's latest tags are one set, kept whole (SessionDelta.tags).
-            given = delta.dimensions
-            tags = delta.tags if given is None or len(given) == len(delta.tags) else tuple(
-                (n, v) for n, (v, _) in delta.latest_dimensions().items())
+            tags = delta.latest_tags()
             found = 0
             for dimension, value in tags:
                 if dimension in configured:

@@ -99,6 +99,7 @@ from collector.store.budgets import (
     record_budgets,
     scope_rows,
 )
+from collector.store.tags import TagMemo, TagPlan
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -734,6 +735,7 @@ class PostgresStore:
         self._options = options
         self._budgets = budgets
         self._planner = SpendPlanner(budgets)
+        self._tags = TagMemo()
         self._sinks = sinks
         self._retention_ns = retention_s * 1_000_000_000
         self._resolve_window_ns = resolve_window_s * 1_000_000_000
@@ -832,6 +834,8 @@ class PostgresStore:
             await asyncio.wait([busy])
         if self._thread is not None:
             thread, self._thread = self._thread, None
+            if len(self._tags):
+                await asyncio.get_running_loop().run_in_executor(thread, self._settle_tags)
             if self._budgets:
                 await asyncio.get_running_loop().run_in_executor(thread, self._fold_journal)
             await asyncio.get_running_loop().run_in_executor(thread, self._drop_connection)
@@ -856,6 +860,21 @@ class PostgresStore:
             future.add_done_callback(lambda f: f.cancelled() or f.exception())
             raise StorageError(f"no answer from PostgreSQL at {self._options.where} within "
                                f"{self._commit_timeout_s:g} s; connection reset") from None
+
+    def _settle_tags(self) -> None:
+        """At close: the tags' end times not written yet (collector.store.tags). Failing
+        loses only how late a tag was last given, never a value or a sum."""
+        rows = self._tags.owed_rows()
+        if not rows:
+            return
+        try:
+            conn = self._connection()
+            with conn.transaction():
+                self._run_write(conn, DIMENSIONS_TABLE, rows)
+        except (psycopg.Error, StorageError) as exc:
+            log.warning("tags' latest end times not written at close: %s", exc)
+            return
+        self._tags.settled()
 
     def _fold_journal(self) -> None:
         """At close: the journal folded into the spend rows (collector.budgets.spend), so a
@@ -885,7 +904,9 @@ class PostgresStore:
                             now_ns, self._retention_ns),))
                 self._rotate_if_due(conn, now_ns)
                 with conn.transaction():
-                    applied, seen_current, traced = self._write(conn, batch, now_ns)
+                    applied, seen_current, traced, tags = self._write(conn, batch, now_ns)
+                if tags is not None:
+                    self._tags.committed(tags, now_ns)
                 if seen_current is not None:
                     self.seen_current = seen_current
                 if traced is not None:
@@ -906,10 +927,11 @@ class PostgresStore:
                 raise StorageError(f"value not storable: {exc!r}") from exc
         raise AssertionError("unreachable")
 
-    def _write(self, conn: psycopg.Connection[Any], batch: Batch,
-               now_ns: int) -> tuple[Batch, int | None, Traced | None]:
+    def _write(self, conn: psycopg.Connection[Any], batch: Batch, now_ns: int
+               ) -> tuple[Batch, int | None, Traced | None, TagPlan | None]:
         """The flush transaction's statements; returns the batch applied (with the held usage
-        it resolved), the new span-id count and what it did with held usage."""
+        it resolved), the new span-id count, what it did with held usage and the tag rows it
+        wrote (collector.store.tags)."""
         conn.execute("SELECT pg_advisory_xact_lock_shared(%s)", (GENERATION_LOCK,))
         applied = batch
         seen_current = None
@@ -928,9 +950,12 @@ class PostgresStore:
         if has_trace_work(applied) or held_count:
             applied, traced = hold_and_resolve(_TraceOps(conn, held_count), applied, now_ns,
                                                self._resolve_window_ns)
+        tags = None
         if applied.sessions:
+            tags = self._tags.plan(applied, now_ns)
             for write in BATCH_WRITES:
-                self._run_write(conn, write.table, write.rows(applied))
+                self._run_write(conn, write.table, tags.rows if write.table == DIMENSIONS_TABLE
+                                else write.rows(applied))
         if self._budgets:
             # After the rollup (an alert's top lists include this batch), before the counter
             # rows: a period's spend row is held to commit, like them, and taken after the
@@ -948,7 +973,7 @@ class PostgresStore:
             # here to its commit only.
             row = conn.execute(ADD_SEEN_COUNT, (accounted, SEEN_CURRENT_COUNT)).fetchone()
             seen_current = None if row is None else int(row[0])
-        return applied, seen_current, traced
+        return applied, seen_current, traced, tags
 
     @staticmethod
     def _run_write(conn: psycopg.Connection[Any], table: str,

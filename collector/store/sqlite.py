@@ -105,6 +105,7 @@ from collector.store.budgets import (
     record_budgets,
     scope_rows,
 )
+from collector.store.tags import TagMemo
 
 __all__ = ["COLUMNS", "COLUMN_NAMES", "CommitResult", "SQLiteReader", "SQLiteStore",
            "SchemaError", "StorageError", "iso_utc"]
@@ -699,13 +700,15 @@ def plain_session_params(d: SessionDelta, t: HourDelta) -> tuple[Any, ...]:
 
 def write_sessions(db: sqlite3.Connection, applied: Batch,
                    execute: Callable[[sqlite3.Connection, RowsStatement,
-                                      Iterable[tuple[Any, ...]]], int] | None = None) -> int:
+                                      Iterable[tuple[Any, ...]]], int] | None = None, *,
+                   dimensions: Iterable[tuple[Any, ...]] | None = None) -> int:
     """Upsert the batch's tables in BATCH_WRITES order; the sessions written.
 
     Plain sessions (most of them: spans setting a model, times and sums) go through the
     narrower session and marks statements. Every session upsert runs before any marks upsert:
     each reads the marks as they were before this flush. `execute` is _run_rows unless a
-    profiler wraps it."""
+    profiler wraps it; `dimensions`, the store's TagPlan rows (collector.store.tags), else
+    every tag the batch carries."""
     run = execute or _run_rows
     deltas = list(applied.sessions.values())
     if not deltas:
@@ -722,6 +725,8 @@ def write_sessions(db: sqlite3.Connection, applied: Batch,
             run(db, UPSERT_MARKS_PLAIN,
                 ((d.session_id, d.model_ns) for d in plain if d.model_ns >= 0))
             run(db, UPSERT_MARKS, (mark_params(d) for d in full))
+        elif write.table == DIMENSIONS_TABLE and dimensions is not None:
+            run(db, UPSERT_DIMENSIONS, dimensions)
         else:
             run(db, BATCH_STATEMENTS[write.table], write.rows(applied))
     return len(deltas)
@@ -854,6 +859,7 @@ class SQLiteStore:
         self.path = path
         self._budgets = budgets
         self._planner = SpendPlanner(budgets)
+        self._tags = TagMemo()
         self._sinks = sinks
         self._retention_ns = retention_s * 1_000_000_000
         self._resolve_window_ns = resolve_window_s * 1_000_000_000
@@ -944,6 +950,8 @@ class SQLiteStore:
     async def close(self) -> None:
         if self._db is not None:
             db, self._db = self._db, None
+            if len(self._tags):
+                await self._in_writer(self._settle_tags, db)
             if self._budgets:
                 await self._in_writer(self._fold_journal, db)
             await self._in_writer(db.close)
@@ -961,6 +969,25 @@ class SQLiteStore:
         if db is None:
             raise StorageError("store is not open")
         return await self._in_writer(self._commit, db, batch, now_ns, sweep_before_ns)
+
+    def _settle_tags(self, db: sqlite3.Connection) -> None:
+        """At close: the tags' end times not written yet (collector.store.tags). Failing
+        loses only how late a tag was last given, never a value or a sum."""
+        rows = self._tags.owed_rows()
+        if not rows:
+            return
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                UPSERT_DIMENSIONS.run(db, rows)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            log.warning("tags' latest end times not written at close: %s", exc)
+            return
+        self._tags.settled()
 
     def _fold_journal(self, db: sqlite3.Connection) -> None:
         """At close: what the journal holds folded into the spend rows (collector.budgets.
@@ -999,7 +1026,8 @@ class SQLiteStore:
             if has_trace_work(applied) or self.held_now or _held_count(db):
                 applied, traced = _with_traces(db, applied, now_ns, self._resolve_window_ns,
                                                self._retention_ns)
-            write_sessions(db, applied)
+            tags = self._tags.plan(applied, now_ns) if applied.sessions else None
+            write_sessions(db, applied, dimensions=None if tags is None else tags.rows)
             if self._budgets:  # after the rollup: an alert's top lists include this batch
                 record_budgets(_BudgetOps(db), applied, self._planner, self._sinks, now_ns)
             swept = 0
@@ -1013,6 +1041,8 @@ class SQLiteStore:
                 self.seen_current = seen_current
             if traced is not None:
                 self.held_now = traced.held_now
+            if tags is not None:
+                self._tags.committed(tags, now_ns)
         except BaseException as exc:
             # A failed COMMIT may already have rolled back; then ROLLBACK itself fails.
             with contextlib.suppress(sqlite3.Error):

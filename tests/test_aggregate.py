@@ -138,3 +138,16 @@ def test_each_dimension_keeps_its_latest_value_in_any_arrival_order() -> None:
                 if name not in expected or T0 + t >= expected[name][1]:
                     expected[name] = (value, T0 + t)
         assert batch.sessions["s"].latest_dimensions() == expected
+        assert dict(batch.sessions["s"].latest_tags()) == {n: v for n, (v, _) in expected.items()}
+
+
+def test_a_session_repeating_one_set_of_tags_keeps_it_whole_in_any_order() -> None:
+    """Spans of one resource carry the same tags; arriving out of order, they still leave the
+    set whole (SessionDelta.tags: the shortcut every later flush step takes) with the latest
+    end time."""
+    tags = (("team", "a"), ("project", "p"))
+    batch = Batch()
+    batch.add(rec(i, end=T0 + t * MS)._replace(dimensions=tags)
+              for i, t in enumerate([5, 9, 2, 9, 7]))
+    d = batch.sessions["s"]
+    assert (d.tags, d.tags_ns, d.dimensions) == (tags, T0 + 9 * MS, {})

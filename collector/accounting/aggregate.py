@@ -217,8 +217,11 @@ class Batch:
             if carried_by is not None and end >= delta.credential_ns:
                 delta.credential, delta.credential_ns = carried_by, end
             if dimensions:
-                if dimensions == delta.tags and end >= delta.tags_ns:
-                    delta.tags_ns = end
+                if dimensions is delta.tags or dimensions == delta.tags:
+                    # The session's latest tags again: only how late they were given can
+                    # move (an older span repeating them changes nothing).
+                    if end > delta.tags_ns:
+                        delta.tags_ns = end
                 else:
                     _latest_dimensions(delta, end, dimensions)
             hour_key = (session_id, model or NO_MODEL, end // HOUR_NS)

@@ -138,16 +138,19 @@ class SpendPlanner:
         value of a dimension counts only towards the fleet."""
         sums: Sums = {d: {} for d in self._dimensions}
         fleet = sums.get(FLEET)
+        none = ()
         for (session_id, _, hour), delta in hours.items():
             cost = delta.cost_cents
             if not cost:
                 continue
             if fleet is not None:
-                fleet[(FLEET, hour)] = fleet.get((FLEET, hour), 0.0) + cost
-            for dimension, value in values.get(session_id, ()):
+                key = (FLEET, hour)
+                fleet[key] = fleet.get(key, 0.0) + cost
+            for dimension, value in values.get(session_id, none):
                 per = sums.get(dimension)
                 if per is not None:
-                    per[(value, hour)] = per.get((value, hour), 0.0) + cost
+                    key = (value, hour)
+                    per[key] = per.get(key, 0.0) + cost
         return {d: per for d, per in sums.items() if per}
 
     def spread(self, sums: Sums) -> dict[SpendKey, float]:

@@ -66,10 +66,14 @@ class TagMemo:
         remembered = self._rows
         lag = self._lag_ns
         for delta in batch.sessions.values():
-            if not (delta.tags or delta.dimensions):
+            if delta.dimensions:
+                given = [(n, v, e) for n, (v, e) in delta.latest_dimensions().items()]
+            elif delta.tags:  # the usual session: one whole set of tags, one end time
+                given = [(n, v, delta.tags_ns) for n, v in delta.tags]
+            else:
                 continue
             session_id = delta.session_id
-            for name, (value, end) in delta.latest_dimensions().items():
+            for name, value, end in given:
                 key = (session_id, name)
                 known = remembered.get(key)
                 if known is not None:

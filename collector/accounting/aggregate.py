@@ -217,11 +217,14 @@ class Batch:
             if carried_by is not None and end >= delta.credential_ns:
                 delta.credential, delta.credential_ns = carried_by, end
             if dimensions:
-                if dimensions is delta.tags or dimensions == delta.tags:
+                tags = delta.tags
+                if dimensions is tags or dimensions == tags:
                     # The session's latest tags again: only how late they were given can
                     # move (an older span repeating them changes nothing).
                     if end > delta.tags_ns:
                         delta.tags_ns = end
+                elif not tags and not delta.dimensions:  # the session's first tags
+                    delta.tags, delta.tags_ns = dimensions, end
                 else:
                     _latest_dimensions(delta, end, dimensions)
             hour_key = (session_id, model or NO_MODEL, end // HOUR_NS)

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from fnmatch import translate
 
 from collector.accounting.aggregate import HOUR_NS, HourDelta, HourKey
-from collector.budgets import NS_PER_S, Period, period_of, threshold_cents
+from collector.budgets import NS_PER_S, period_of, threshold_cents
 from collector.config.budgets import Budget
 
 # (budget name, scope value, period start ns): one budget instance's period.
@@ -68,22 +68,39 @@ def encode(sums: Sums) -> str:
                        for d, per in sums.items()], separators=(",", ":"))
 
 
-def decode(text: str) -> Sums:
-    """A journal row's sums; ValueError when the text is not one."""
-    sums: Sums = {}
+JournalRow = list[tuple[str, list[tuple[str, int]], tuple[float, ...]]]
+
+
+def _parsed(text: str) -> JournalRow:
+    """A journal row's text checked whole, per dimension its keys and cents; ValueError when
+    the text is not one (nothing of it is then added anywhere)."""
     rows = json.loads(text)
     if not isinstance(rows, list):
         raise ValueError("not a budget journal row: not a list")
+    parsed: JournalRow = []
     try:
         for dimension, keys, cents in rows:
             values = struct.unpack(f"<{len(keys)}d", bytes.fromhex(cents))
-            per = sums.setdefault(str(dimension), {})
-            for (value, hour), c in zip(keys, values, strict=True):
-                if not isinstance(value, str) or not isinstance(hour, int):
-                    raise ValueError(f"not a budget journal key: {[value, hour]!r}")
-                per[(value, hour)] = per.get((value, hour), 0.0) + c
+            pairs = [(value, hour) for value, hour in keys]
+            if not all(v.__class__ is str and h.__class__ is int for v, h in pairs):
+                raise ValueError("not a budget journal row: a key is not [text, hour]")
+            parsed.append((str(dimension), pairs, values))
     except (TypeError, struct.error) as exc:
         raise ValueError(f"not a budget journal row: {exc}") from exc
+    return parsed
+
+
+def _add(into: Sums, parsed: JournalRow) -> None:
+    for dimension, pairs, values in parsed:
+        per = into.setdefault(dimension, {})
+        for key, cents in zip(pairs, values, strict=True):
+            per[key] = per.get(key, 0.0) + cents
+
+
+def decode(text: str) -> Sums:
+    """A journal row's sums; ValueError when the text is not one."""
+    sums: Sums = {}
+    _add(sums, _parsed(text))
     return sums
 
 
@@ -95,9 +112,11 @@ def journal_total(texts: Iterable[str], into: Sums | None = None) -> tuple[Sums,
     bad = 0
     for text in texts:
         try:
-            merge(total, decode(text))
+            parsed = _parsed(text)
         except ValueError:
             bad += 1
+            continue
+        _add(total, parsed)
     return total, bad
 
 
@@ -120,6 +139,13 @@ class SpendPlanner:
         # The dimensions the budgets name, whose values a flush looks up per session.
         self.dimensions = tuple(d for d in self._dimensions if d != FLEET)
         self._by_name = {b.name: i for i, b in enumerate(self.budgets)}
+        # What a fold looks up per (dimension, value), worked out once: each dimension's
+        # budgets and each budget's thresholds in cents.
+        self._dimension_of = {b.name: _key(b) for b in self.budgets}
+        self._of_dimension: dict[str, list[int]] = {}
+        for index, budget in enumerate(self.budgets):
+            self._of_dimension.setdefault(_key(budget), []).append(index)
+        self._cents = [tuple(threshold_cents(b, t) for t in b.thresholds) for b in self.budgets]
         # Since the last fold (module docstring): per (dimension, value) the cents to its
         # nearest threshold and the usage hours [lo, hi) that holds for; per dimension the
         # least of those, the cost journaled since, and the (value, hour) pairs seen within
@@ -162,10 +188,17 @@ class SpendPlanner:
             if not per:
                 continue
             name = budget.name
+            matched, starts = self._matched[index], self._starts[index]
             for (value, hour), cost in per.items():
-                if not self._takes(index, value):
+                takes = matched.get(value)
+                if takes is None:
+                    takes = self._takes(index, value)
+                if not takes:
                     continue
-                spend_key = (name, value, self._start(index, hour))
+                start = starts.get(hour)
+                if start is None:
+                    start = self._start(index, hour)
+                spend_key = (name, value, start)
                 out[spend_key] = out.get(spend_key, 0.0) + cost
         return out
 
@@ -204,10 +237,15 @@ class SpendPlanner:
         if len(self._windows) > self.MAX_REMEMBERED:
             self._windows.clear()
             self._headroom.clear()
-        periods = [period_of(b, now_ns) for b in self.budgets]
-        touched: set[tuple[str, str]] = set()
-        for name, value, _ in totals:
-            touched.add((_key(self.budgets[self._by_name[name]]), value))
+        # Per budget: its current period's start, and the usage hours filed under it (those
+        # starting in it).
+        periods = []
+        for budget in self.budgets:
+            period = period_of(budget, now_ns)
+            periods.append((period.start_ns, -(-period.start_ns // HOUR_NS),
+                            -(-period.end_ns // HOUR_NS)))
+        dimension_of = self._dimension_of
+        touched = {(dimension_of[name], value) for name, value, _ in totals}
         for key in touched:
             learned = self._headroom_of(key, totals, periods)
             if learned is None:
@@ -223,22 +261,19 @@ class SpendPlanner:
         self._known = {}
 
     def _headroom_of(self, key: tuple[str, str], totals: Mapping[SpendKey, float],
-                     periods: list[Period]) -> tuple[float, int, int] | None:
+                     periods: Sequence[tuple[int, int, int]]) -> tuple[float, int, int] | None:
         dimension, value = key
         left, lo, hi, seen = math.inf, 0, 0, False
-        for index, budget in enumerate(self.budgets):
-            if _key(budget) != dimension or not self._takes(index, value):
+        for index in self._of_dimension.get(dimension, ()):
+            if not self._takes(index, value):
                 continue
-            period = periods[index]
-            total = totals.get((budget.name, value, period.start_ns))
+            start_ns, first, end = periods[index]
+            total = totals.get((self.budgets[index].name, value, start_ns))
             if total is None:
                 return None  # this period's total is not known here: fold when next seen
-            for threshold in budget.thresholds:
-                cents = threshold_cents(budget, threshold)
-                if cents > total:
-                    left = min(left, cents - total)
-            # The hours filed under this period: those starting in it.
-            first, end = -(-period.start_ns // HOUR_NS), -(-period.end_ns // HOUR_NS)
+            for cents in self._cents[index]:
+                if cents > total and cents - total < left:
+                    left = cents - total
             lo, hi = (max(lo, first), min(hi, end)) if seen else (first, end)
             seen = True
         return (left, lo, hi) if seen else None

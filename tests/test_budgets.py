@@ -256,12 +256,13 @@ def test_slack_text_escapes_agent_text() -> None:
 
 
 def test_journal_rows_keep_every_bit_of_each_sum_and_refuse_what_is_not_one() -> None:
-    from collector.budgets.spend import decode, encode, merge
+    from collector.budgets.spend import decode, encode, journal_total
 
     sums = {"": {("", 7): 0.1 + 0.2}, "team": {("plat\u00e9\"form", 7): 1e-300,
                                                ("web", 8): 123456.789012345}}
     assert decode(encode(sums)) == sums
-    assert merge(decode(encode(sums)), sums)["team"][("web", 8)] == 2 * 123456.789012345
+    assert journal_total([encode(sums)], decode(encode(sums)))[0]["team"][("web", 8)] == \
+        2 * 123456.789012345
     for bad in ("{}", "[[1]]", '[["team", [["v", 7]], "zz"]]', '[["team", [["v", 7]], ""]]',
                 '[["team", [[7, 7]], "000000000000f03f"]]', "not json"):
         with pytest.raises(ValueError):

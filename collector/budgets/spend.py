@@ -51,15 +51,6 @@ FOLD_INTERVAL_NS = 5 * NS_PER_S
 HEADROOM_MARGIN_CENTS = 0.01
 
 
-def merge(into: Sums, more: Sums) -> Sums:
-    """`more` added into `into` (returned)."""
-    for dimension, per in more.items():
-        target = into.setdefault(dimension, {})
-        for key, cents in per.items():
-            target[key] = target.get(key, 0.0) + cents
-    return into
-
-
 def encode(sums: Sums) -> str:
     """A journal row's text: per dimension, its (value, hour) keys and their cents as the
     hex of packed doubles. Exact (every bit of each float), and formatting floats as decimal
@@ -138,7 +129,6 @@ class SpendPlanner:
         self._dimensions = sorted({_key(b) for b in self.budgets})
         # The dimensions the budgets name, whose values a flush looks up per session.
         self.dimensions = tuple(d for d in self._dimensions if d != FLEET)
-        self._by_name = {b.name: i for i, b in enumerate(self.budgets)}
         # What a fold looks up per (dimension, value), worked out once: each dimension's
         # budgets and each budget's thresholds in cents.
         self._dimension_of = {b.name: _key(b) for b in self.budgets}

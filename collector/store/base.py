@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import json
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -321,11 +321,16 @@ def label_rows(batch: Batch) -> Iterable[tuple[Any, ...]]:
     return (label_params(d) for d in batch.sessions.values() if d.has_labels())
 
 
-def dimension_rows(batch: Batch) -> Iterable[tuple[Any, ...]]:
+def dimension_rows(batch: Batch) -> Iterator[tuple[str, str, str, int]]:
     """(session, dimension, value, end time of the span that set it) per dimension given."""
-    return ((d.session_id, name, value, value_ns) for d in batch.sessions.values()
-            if d.tags or d.dimensions
-            for name, (value, value_ns) in d.latest_dimensions().items())
+    for d in batch.sessions.values():
+        if d.dimensions:
+            for name, (value, value_ns) in d.latest_dimensions().items():
+                yield d.session_id, name, value, value_ns
+        elif d.tags:  # the usual session: one whole set of tags, one end time
+            value_ns = d.tags_ns
+            for name, value in d.tags:
+                yield d.session_id, name, value, value_ns
 
 
 def hour_rows(batch: Batch) -> Iterable[tuple[Any, ...]]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from collector.accounting.aggregate import Batch
+from collector.store.base import dimension_rows
 
 TAG_TIME_LAG_NS = 5_000_000_000
 MAX_REMEMBERED = 65_536  # rows; each about 200 bytes
@@ -65,26 +66,18 @@ class TagMemo:
         updates: dict[TagKey, Remembered] = {}
         remembered = self._rows
         lag = self._lag_ns
-        for delta in batch.sessions.values():
-            if delta.dimensions:
-                given = [(n, v, e) for n, (v, e) in delta.latest_dimensions().items()]
-            elif delta.tags:  # the usual session: one whole set of tags, one end time
-                given = [(n, v, delta.tags_ns) for n, v in delta.tags]
-            else:
-                continue
-            session_id = delta.session_id
-            for name, value, end in given:
-                key = (session_id, name)
-                known = remembered.get(key)
-                if known is not None:
-                    old, written, seen, at = known
-                    if end <= seen and (value == old or end < seen):
-                        continue  # nothing later than what is written or owed
-                    if value == old and now_ns - at < lag:
-                        updates[key] = (old, written, end, at)
-                        continue
-                rows.append((session_id, name, value, end))
-                updates[key] = (value, end, end, now_ns)
+        for session_id, name, value, end in dimension_rows(batch):
+            key = (session_id, name)
+            known = remembered.get(key)
+            if known is not None:
+                old, written, seen, at = known
+                if end <= seen and (value == old or end < seen):
+                    continue  # nothing later than what is written or owed
+                if value == old and now_ns - at < lag:
+                    updates[key] = (old, written, end, at)
+                    continue
+            rows.append((session_id, name, value, end))
+            updates[key] = (value, end, end, now_ns)
         for key, due in self._owed.items():
             if due > now_ns:
                 break

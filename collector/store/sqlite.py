@@ -974,36 +974,17 @@ class SQLiteStore:
         """At close: the tags' end times not written yet (collector.store.tags). Failing
         loses only how late a tag was last given, never a value or a sum."""
         rows = self._tags.owed_rows()
-        if not rows:
-            return
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                UPSERT_DIMENSIONS.run(db, rows)
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            log.warning("tags' latest end times not written at close: %s", exc)
-            return
-        self._tags.settled()
+        if rows and _write_at_close(db, lambda: UPSERT_DIMENSIONS.run(db, rows),
+                                    "tags' latest end times not written at close"):
+            self._tags.settled()
 
     def _fold_journal(self, db: sqlite3.Connection) -> None:
         """At close: what the journal holds folded into the spend rows (collector.budgets.
         spend), so a stopped daemon leaves the budget tables whole. Failing is harmless: the
         journal stays, and readers and the next fold count it."""
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                fold_budgets(_BudgetOps(db), self._planner, self._sinks, time.time_ns())
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-        except (sqlite3.Error, ValueError) as exc:
-            log.warning("budget journal not folded at close (kept for the next fold): %s",
-                        exc)
+        _write_at_close(
+            db, lambda: fold_budgets(_BudgetOps(db), self._planner, self._sinks, time.time_ns()),
+            "budget journal not folded at close (kept for the next fold)", (ValueError,))
 
     def _commit(self, db: sqlite3.Connection, batch: Batch, now_ns: int,
                 sweep_before_ns: int | None) -> tuple[CommitResult, Batch]:
@@ -1094,6 +1075,26 @@ class SQLiteStore:
         self._generation_started_ns = started
         # Also after another daemon on this file rotated: read what the generations hold now.
         return _read_seen_counts(db)
+
+
+def _write_at_close(db: sqlite3.Connection, work: Callable[[], object], failed: str,
+                    also: tuple[type[Exception], ...] = ()) -> bool:
+    """Run `work` in a write transaction of its own as the store closes; False, logged as
+    `failed`, when it (or an error of the types `also`) failed: what it would have written is
+    left for later, never half written."""
+    errors: tuple[type[Exception], ...] = (sqlite3.Error, *also)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            work()
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+    except errors as exc:
+        log.warning("%s: %s", failed, exc)
+        return False
+    return True
 
 
 def _record_seen(db: sqlite3.Connection, batch: Batch) -> Batch:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import struct
 from datetime import UTC, datetime
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -258,13 +260,20 @@ def test_slack_text_escapes_agent_text() -> None:
 def test_journal_rows_keep_every_bit_of_each_sum_and_refuse_what_is_not_one() -> None:
     from collector.budgets.spend import decode, encode, journal_total
 
-    sums = {"": {("", 7): 0.1 + 0.2}, "team": {("plat\u00e9\"form", 7): 1e-300,
-                                               ("web", 8): 123456.789012345}}
+    sums = {"": {7: {"": 0.1 + 0.2}}, "team": {7: {"plat\u00e9\"form": 1e-300},
+                                              8: {"web": 123456.789012345, "api": 2.5}}}
     assert decode(encode(sums)) == sums
-    assert journal_total([encode(sums)], decode(encode(sums)))[0]["team"][("web", 8)] == \
+    assert journal_total([encode(sums)], decode(encode(sums)))[0]["team"][8]["web"] == \
         2 * 123456.789012345
-    for bad in ("{}", "[[1]]", '[["team", [["v", 7]], "zz"]]', '[["team", [["v", 7]], ""]]',
-                '[["team", [[7, 7]], "000000000000f03f"]]', "not json"):
+    # The first layout, per dimension its [value, hour] keys, reads as the same sums.
+    first = json.dumps([["team", [["web", 8], ["api", 8]],
+                         struct.pack("<2d", 123456.789012345, 2.5).hex()]])
+    assert decode(first) == {"team": {8: {"web": 123456.789012345, "api": 2.5}}}
+    for bad in ("{}", "[[1]]", '[["team", 7, ["v"], "zz"]]', '[["team", 7, ["v"], ""]]',
+                '[["team", 7, [7], "000000000000f03f"]]', '[["team", "7", ["v"], '
+                '"000000000000f03f"]]', '[[7, 7, ["v"], "000000000000f03f"]]',
+                '[["team", [["v", 7]], "zz"]]', '[["team", [[7, 7]], "000000000000f03f"]]',
+                "not json"):
         with pytest.raises(ValueError):
             decode(bad)
 

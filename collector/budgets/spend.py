@@ -41,8 +41,11 @@ from collector.config.budgets import Budget
 
 # (budget name, scope value, period start ns): one budget instance's period.
 SpendKey = tuple[str, str, int]
-# A flush's cost per dimension ("" for the fleet) per (value, usage hour) ("" for the fleet).
-Sums = dict[str, dict[tuple[str, int], float]]
+# A flush's cost per dimension ("" for the fleet), usage hour and value ("" for the fleet).
+# Nested, not keyed by (value, hour): a flush nearly always has one hour, and the inner dicts'
+# text keys are what summing, the fold check and the journal's encoding then work on whole
+# (a key tuple per (value, hour) was a third of their cost).
+Sums = dict[str, dict[int, dict[str, float]]]
 FLEET = ""
 # The longest the journal waits for a fold while usage flows.
 FOLD_INTERVAL_NS = 5 * NS_PER_S
@@ -52,40 +55,51 @@ HEADROOM_MARGIN_CENTS = 0.01
 
 
 def encode(sums: Sums) -> str:
-    """A journal row's text: per dimension, its (value, hour) keys and their cents as the
-    hex of packed doubles. Exact (every bit of each float), and formatting floats as decimal
-    text cost more than the rest of a flush's journaling together."""
-    return json.dumps([[d, list(per), struct.pack(f"<{len(per)}d", *per.values()).hex()]
-                       for d, per in sums.items()], separators=(",", ":"))
+    """A journal row's text: per (dimension, hour), its values and their cents as the hex of
+    packed doubles. Exact (every bit of each float), and formatting floats as decimal text
+    cost more than the rest of a flush's journaling together."""
+    return json.dumps([[d, hour, list(per), struct.pack(f"<{len(per)}d", *per.values()).hex()]
+                       for d, by_hour in sums.items() for hour, per in by_hour.items()],
+                      separators=(",", ":"))
 
 
-JournalRow = list[tuple[str, list[tuple[str, int]], tuple[float, ...]]]
+# Per (dimension, hour): its values and their cents.
+JournalRow = list[tuple[str, int, list[str], tuple[float, ...]]]
 
 
 def _parsed(text: str) -> JournalRow:
-    """A journal row's text checked whole, per dimension its keys and cents; ValueError when
-    the text is not one (nothing of it is then added anywhere)."""
+    """A journal row's text checked whole; ValueError when the text is not one (nothing of
+    it is then added anywhere). Also reads the first layout, [dimension, [[value, hour],
+    ...], cents], which builds before the nested sums wrote and a crash may have left."""
     rows = json.loads(text)
     if not isinstance(rows, list):
         raise ValueError("not a budget journal row: not a list")
     parsed: JournalRow = []
     try:
-        for dimension, keys, cents in rows:
-            values = struct.unpack(f"<{len(keys)}d", bytes.fromhex(cents))
-            pairs = [(value, hour) for value, hour in keys]
-            if not all(v.__class__ is str and h.__class__ is int for v, h in pairs):
-                raise ValueError("not a budget journal row: a key is not [text, hour]")
-            parsed.append((str(dimension), pairs, values))
+        for row in rows:
+            if len(row) == 3:
+                dimension, keys, cents = row
+                values = struct.unpack(f"<{len(keys)}d", bytes.fromhex(cents))
+                for (value, hour), one in zip(keys, values, strict=True):
+                    parsed.append((dimension, hour, [value], (one,)))
+                continue
+            dimension, hour, names, cents = row
+            parsed.append((dimension, hour, names,
+                           struct.unpack(f"<{len(names)}d", bytes.fromhex(cents))))
     except (TypeError, struct.error) as exc:
         raise ValueError(f"not a budget journal row: {exc}") from exc
+    for dimension, hour, names, _ in parsed:
+        if not (dimension.__class__ is str and hour.__class__ is int
+                and names.__class__ is list and all(v.__class__ is str for v in names)):
+            raise ValueError("not a budget journal row: not [text, hour, [text, ...], cents]")
     return parsed
 
 
 def _add(into: Sums, parsed: JournalRow) -> None:
-    for dimension, pairs, values in parsed:
-        per = into.setdefault(dimension, {})
-        for key, cents in zip(pairs, values, strict=True):
-            per[key] = per.get(key, 0.0) + cents
+    for dimension, hour, names, values in parsed:
+        per = into.setdefault(dimension, {}).setdefault(hour, {})
+        for value, cents in zip(names, values, strict=True):
+            per[value] = per.get(value, 0.0) + cents
 
 
 def decode(text: str) -> Sums:
@@ -138,13 +152,13 @@ class SpendPlanner:
         self._cents = [tuple(threshold_cents(b, t) for t in b.thresholds) for b in self.budgets]
         # Since the last fold (module docstring): per (dimension, value) the cents to its
         # nearest threshold and the usage hours [lo, hi) that holds for; per dimension the
-        # least of those, the cost journaled since, and the (value, hour) pairs seen within
-        # their hours.
+        # least of those and the cost journaled since; per (dimension, hour) the values seen
+        # within their hours.
         self._headroom: dict[tuple[str, str], float] = {}
         self._windows: dict[tuple[str, str], tuple[int, int]] = {}
         self._room: dict[str, float] = {}
         self._spent: dict[str, float] = {}
-        self._known: dict[str, set[tuple[str, int]]] = {}
+        self._known: dict[tuple[str, int], set[str]] = {}
         self._last_fold_ns: int | None = None
 
     def sums(self, hours: Mapping[HourKey, HourDelta],
@@ -152,44 +166,53 @@ class SpendPlanner:
         """A batch's cost per dimension a budget names, per (value, hour). `values`: session
         id -> its (dimension, value) pairs (see collector.store.budgets); a session without a
         value of a dimension counts only towards the fleet."""
-        sums: Sums = {d: {} for d in self._dimensions}
-        fleet = sums.get(FLEET)
+        # Per usage hour, each dimension's {value: cents} (the dicts the result holds).
+        levels: dict[int, dict[str, dict[str, float]]] = {}
+        fleet = FLEET in self._of_dimension
         none = ()
         for (session_id, _, hour), delta in hours.items():
             cost = delta.cost_cents
             if not cost:
                 continue
-            if fleet is not None:
-                key = (FLEET, hour)
-                fleet[key] = fleet.get(key, 0.0) + cost
+            level = levels.get(hour)
+            if level is None:
+                level = levels[hour] = {d: {} for d in self._dimensions}
+            if fleet:
+                per = level[FLEET]
+                per[FLEET] = per.get(FLEET, 0.0) + cost
             for dimension, value in values.get(session_id, none):
-                per = sums.get(dimension)
-                if per is not None:
-                    key = (value, hour)
-                    per[key] = per.get(key, 0.0) + cost
-        return {d: per for d, per in sums.items() if per}
+                of = level.get(dimension)
+                if of is not None:
+                    of[value] = of.get(value, 0.0) + cost
+        sums: Sums = {}
+        for hour, level in levels.items():
+            for dimension, per in level.items():
+                if per:
+                    sums.setdefault(dimension, {})[hour] = per
+        return sums
 
     def spread(self, sums: Sums) -> dict[SpendKey, float]:
         """Sums over the budget instances they count towards, in cents per instance period.
         Costs only the sums' values and hours, never a scan."""
         out: dict[SpendKey, float] = {}
         for index, budget in enumerate(self.budgets):
-            per = sums.get(_key(budget))
-            if not per:
+            by_hour = sums.get(_key(budget))
+            if not by_hour:
                 continue
             name = budget.name
             matched, starts = self._matched[index], self._starts[index]
-            for (value, hour), cost in per.items():
-                takes = matched.get(value)
-                if takes is None:
-                    takes = self._takes(index, value)
-                if not takes:
-                    continue
+            for hour, per in by_hour.items():
                 start = starts.get(hour)
                 if start is None:
                     start = self._start(index, hour)
-                spend_key = (name, value, start)
-                out[spend_key] = out.get(spend_key, 0.0) + cost
+                for value, cost in per.items():
+                    takes = matched.get(value)
+                    if takes is None:
+                        takes = self._takes(index, value)
+                    if not takes:
+                        continue
+                    spend_key = (name, value, start)
+                    out[spend_key] = out.get(spend_key, 0.0) + cost
         return out
 
     def must_fold(self, sums: Sums, now_ns: int) -> bool:
@@ -201,15 +224,19 @@ class SpendPlanner:
         if self._last_fold_ns is None or now_ns - self._last_fold_ns >= FOLD_INTERVAL_NS:
             return True
         costs: list[tuple[str, float]] = []
-        for dimension, per in sums.items():
-            known = self._known.setdefault(dimension, set())
-            if not per.keys() <= known:
-                for value, hour in per.keys() - known:
-                    window = self._windows.get((dimension, value))
-                    if window is None or not window[0] <= hour < window[1]:
-                        return True
-                    known.add((value, hour))
-            cost = sum(per.values())
+        for dimension, by_hour in sums.items():
+            cost = 0.0
+            for hour, per in by_hour.items():
+                known = self._known.get((dimension, hour))
+                if known is None:
+                    known = self._known[(dimension, hour)] = set()
+                if not per.keys() <= known:
+                    for value in per.keys() - known:
+                        window = self._windows.get((dimension, value))
+                        if window is None or not window[0] <= hour < window[1]:
+                            return True
+                        known.add(value)
+                cost += sum(per.values())
             if self._spent.get(dimension, 0.0) + cost >= \
                     self._room.get(dimension, math.inf) - HEADROOM_MARGIN_CENTS:
                 return True

@@ -127,8 +127,8 @@ def check_budgets(path: Path, *, teams: int = TEAMS) -> BudgetCheck:
         ).fetchone()
     finally:
         conn.close()
-    fleet += sum(journal.get(FLEET, {}).values())
-    instances = len(set(team_values) | {v for v, _ in journal.get("team", {})})
+    fleet += sum(sum(per.values()) for per in journal.get(FLEET, {}).values())
+    instances = len(set(team_values).union(*journal.get("team", {}).values()))
     problems: list[str] = []
     if unreadable:
         problems.append(f"{unreadable} budget journal rows are not journal rows")

@@ -44,7 +44,7 @@ TOKEN_KEYS = {
     "gen_ai.usage.cache_read.input_tokens": 3,
     "gen_ai.usage.cache_creation.input_tokens": 4,
 }
-EMPTY_RESPONSE = ExportTraceServiceResponse().SerializeToString()
+EMPTY_RESPONSE: bytes = ExportTraceServiceResponse().SerializeToString()
 
 
 class Counter:

@@ -447,7 +447,7 @@ def phase_scaling(work: Path, s: Settings) -> dict[str, Any]:
         with running(lambda tag=tag: start_collector(work, tag, s, log_level="debug")) as col:
             r = loadgen(work, tag, col, "http", concurrency=s.concurrency, sessions=sessions,
                         requests=requests, verify_db=col.db)
-            assert isinstance(r, dict)
+            assert isinstance(r, dict) and col.db is not None
             r["storage"] = storage_footprint(col.db)
             # Memory once the load is over: what the sessions themselves keep resident.
             r["server_rss_after_load_kb"] = _status_kb(col.pid, "VmRSS:")

@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -150,7 +151,7 @@ def deep_endpoints(path: Path) -> list[str]:
             row = conn.execute(f"SELECT {expr}, id FROM agent_sessions ORDER BY {expr} DESC, "
                                "id DESC LIMIT 1 OFFSET ?", (DEEP_ROW,)).fetchone()
             if row is not None:
-                cursor = urllib.request.quote(encode_cursor(row[0], row[1]))
+                cursor = urllib.parse.quote(encode_cursor(row[0], row[1]))
                 out.append(f"/api/sessions?sort={sort}&cursor={cursor}")
         return out
     finally:

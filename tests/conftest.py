@@ -177,7 +177,7 @@ class Daemon:
         try:
             assert exporter.export(list(spans)) == SpanExportResult.SUCCESS, self.log
         finally:
-            exporter.shutdown()
+            exporter.shutdown()  # type: ignore[no-untyped-call]  # unannotated in the SDK
 
     def export_grpc(self, spans: Sequence[ReadableSpan], *, gzip: bool = False) -> None:
         import grpc

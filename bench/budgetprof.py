@@ -68,7 +68,7 @@ def measure(layout: Layout, *, rounds: int, batch_requests: int, warmup: int = 2
     per_span: dict[str, list[float]] = {name: [] for name in (*factories, "record_budgets")}
     inside = [0.0]
     folds: list[float] = []  # CPU ms of each of B's folds in the measured rounds
-    measuring = [False]
+    measuring = [False]  # past the warm-up rounds: what the round and its folds cost counts
     real_record, real_fold = store_budgets.record_budgets, store_budgets.fold_budgets
 
     def timed_fold(*a: Any, **k: Any) -> int:
@@ -119,7 +119,7 @@ def measure(layout: Layout, *, rounds: int, batch_requests: int, warmup: int = 2
                     # times are due by it.
                     stores[name]._commit(dbs[name], batch, time.time_ns(), None)
                     elapsed = time.process_time() - started
-                    if number >= 0:
+                    if measuring[0]:
                         per_span[name].append(elapsed * 1e6 / spans)
                         if name == "budgets":
                             per_span["record_budgets"].append(inside[0] * 1e6 / spans)

@@ -17,10 +17,14 @@ measured, as bench.run's daemons are not in their first seconds: in them the pla
 the 1,000 teams for the first time, and each flush's new teams are a fold (about 16 of them
 at 64 sessions a flush). A fold falls due every FOLD_INTERVAL_NS, so a run shorter than that
 (--rounds 300 is about 20 s) sees none of those: --rounds 1000 sees two.
+The garbage collector is tuned as the daemon tunes it once it has loaded
+(collector.daemon.tune_garbage_collector): with Python's defaults a young collection runs every
+700 allocations and B, which allocates more, pays for collections the daemon does not make
+(about half of B's extra instructions, counted). `--python-gc` keeps the defaults.
 `--profile` adds a cProfile of B's budget work.
 
 Run: python -m bench.budgetprof [--layout resource|span] [--rounds N] [--warmup N]
-     [--batch REQUESTS]
+     [--batch REQUESTS] [--python-gc] [--profile]
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import statistics
 import tempfile
 import time
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +46,7 @@ from collector.accounting.aggregate import Batch
 from collector.accounting.pricing import Pricer
 from collector.config.attribution import DEFAULT_DIMENSIONS, dimension_names
 from collector.config.budgets import Budget, parse_budgets
+from collector.daemon import tune_garbage_collector
 from collector.receivers.otlp import decode_protobuf
 from collector.signals import Signal
 from collector.signals.traces import MappingOptions, map_request
@@ -54,17 +60,50 @@ def bench_budgets() -> tuple[Budget, ...]:
         *dimension_names(DEFAULT_DIMENSIONS), "agent", "user", "host", "credential"))
 
 
-def measure(layout: Layout, *, rounds: int, batch_requests: int, warmup: int = 20,
-            sessions: int = 1000, profile: cProfile.Profile | None = None) -> dict[str, Any]:
-    """Median µs a span of the whole ingest path for A and B, and of record_budgets in B."""
+# A: neither; the tags alone; B: the tags and the budgets.
+CONFIGS = ("none", "tags", "budgets")
+
+
+@dataclass(frozen=True, slots=True)
+class Setup:
+    """What each configuration ingests, and with which budgets, as the daemon would map it
+    (the default [attribution])."""
+
+    options: MappingOptions
+    factories: dict[str, RequestFactory]
+    budgets: dict[str, tuple[Budget, ...]]
+
+
+def setup(layout: Layout, sessions: int = 1000, *, nonce: int | None = None,
+          now_ns: int | None = None) -> Setup:
+    """`nonce` and `now_ns` fix the requests' ids and times (the same bytes in every run)."""
     pricer = Pricer({})
     pricer.preload()
     options = MappingOptions(pricer=pricer, dimensions=tuple(
         (d.name, d.attributes) for d in DEFAULT_DIMENSIONS))
-    tagged = RequestFactory(sessions, tagged=True, layout=layout)
-    factories = {"none": RequestFactory(sessions, layout=layout), "tags": tagged,
-                 "budgets": tagged}
-    budgets = {"none": (), "tags": (), "budgets": bench_budgets()}
+    plain = RequestFactory(sessions, layout=layout, nonce=nonce, now_ns=now_ns)
+    tagged = RequestFactory(sessions, tagged=True, layout=layout, nonce=nonce, now_ns=now_ns)
+    return Setup(options, {"none": plain, "tags": tagged, "budgets": tagged},
+                 {"none": (), "tags": (), "budgets": bench_budgets()})
+
+
+def ingest(into: store.SQLiteStore, db: Any, bodies: list[bytes], options: MappingOptions,
+           now_ns: int, commit_ns: int) -> None:
+    """The daemon's ingest path for one flush of `bodies`, on this thread: decode, read,
+    map, fold, and commit at `commit_ns` (budget journal, folds and tag rows included)."""
+    batch = Batch()
+    for body in bodies:
+        batch.add(map_request(decode_protobuf(body, Signal.TRACES), options, now_ns,
+                              body).records)
+    into._commit(db, batch, commit_ns, None)
+
+
+def measure(layout: Layout, *, rounds: int, batch_requests: int, warmup: int = 20,
+            sessions: int = 1000, profile: cProfile.Profile | None = None,
+            daemon_gc: bool = True) -> dict[str, Any]:
+    """Median µs a span of the whole ingest path for A and B, and of record_budgets in B."""
+    parts = setup(layout, sessions)
+    options, factories, budgets = parts.options, parts.factories, parts.budgets
     per_span: dict[str, list[float]] = {name: [] for name in (*factories, "record_budgets")}
     inside = [0.0]
     folds: list[float] = []  # CPU ms of each of B's folds in the measured rounds
@@ -95,13 +134,15 @@ def measure(layout: Layout, *, rounds: int, batch_requests: int, warmup: int = 2
     vars(store)["record_budgets"] = timed_record
     store_budgets.fold_budgets = timed_fold
     spans = batch_requests * SPANS_PER_REQUEST
+    if daemon_gc:
+        tune_garbage_collector()
     now = time.time_ns()
     try:
         with tempfile.TemporaryDirectory() as tmp:
             stores = {name: store.SQLiteStore(Path(tmp) / f"{name}.db", retention_s=86400,
                                               budgets=budgets[name]) for name in budgets}
             dbs = {name: s._open() for name, s in stores.items()}
-            names = list(factories)
+            names = list(CONFIGS)
             for number in range(-warmup, rounds):
                 measuring[0] = number >= 0
                 # Each round starts with the next configuration: none pays for its place.
@@ -111,13 +152,9 @@ def measure(layout: Layout, *, rounds: int, batch_requests: int, warmup: int = 2
                               for i in range(batch_requests)]
                     inside[0] = 0.0
                     started = time.process_time()
-                    batch = Batch()
-                    for body in bodies:
-                        batch.add(map_request(decode_protobuf(body, Signal.TRACES), options,
-                                              now, body).records)
                     # The clock as the daemon's: the journal's folds and the tags' end
                     # times are due by it.
-                    stores[name]._commit(dbs[name], batch, time.time_ns(), None)
+                    ingest(stores[name], dbs[name], bodies, options, now, time.time_ns())
                     elapsed = time.process_time() - started
                     if measuring[0]:
                         per_span[name].append(elapsed * 1e6 / spans)
@@ -150,6 +187,8 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=20, help="unmeasured rounds first")
     parser.add_argument("--batch", type=int, default=4, help="requests of 512 spans a batch")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--python-gc", action="store_true",
+                        help="keep Python's garbage collector settings, not the daemon's")
     args = parser.parse_args()
     print("| tags on | batch | A µs/span | tags, no budgets | B µs/span | B - A "
           "| of which record_budgets | tags only / A | B / A | B / A, all rounds summed "
@@ -157,7 +196,7 @@ def main() -> int:
     profile = cProfile.Profile() if args.profile else None
     for layout in args.layout or LAYOUTS:
         r = measure(layout, rounds=args.rounds, batch_requests=args.batch,
-                    warmup=args.warmup, profile=profile)
+                    warmup=args.warmup, profile=profile, daemon_gc=not args.python_gc)
         m = r["us_per_span"]
         folds = ", ".join(f"{ms:.0f}" for ms in r["folds_ms"])
         print(f"| {layout}s | {args.batch} x {SPANS_PER_REQUEST} | {m['none']:.2f} | "

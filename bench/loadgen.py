@@ -258,6 +258,15 @@ async def _open_loop(send: Send, factory: RequestFactory, plan: Plan, tally: Tal
     await asyncio.gather(*tasks)
 
 
+async def _cpu_at(sampler: RssSampler, moments: tuple[float, float]) -> list[float]:
+    """The server's CPU seconds at each of `moments` (perf_counter times)."""
+    marks: list[float] = []
+    for moment in moments:
+        await asyncio.sleep(max(0.0, moment - time.perf_counter()))
+        marks.append(sampler.cpu_seconds())
+    return marks
+
+
 async def run_load(transport: str, target: str, plan: Plan, *, sessions: int,
                    pid: int | None, tagged: bool = False, layout: Layout = "span"
                    ) -> tuple[dict[str, Any], Tally]:
@@ -276,8 +285,18 @@ async def run_load(transport: str, target: str, plan: Plan, *, sessions: int,
         else:
             window = (t0 + plan.warmup_s, t0 + plan.warmup_s + plan.duration_s)
         drive = _open_loop if plan.rate_spans_s is not None else _closed_loop
+        # The server's CPU within the window, beside its CPU over the whole run.
+        in_window = asyncio.create_task(_cpu_at(sampler, window))
         await drive(sender.send, factory, plan, tally, t0, window)
         finished = time.perf_counter()
+        window_cpu = None
+        if finished >= window[1]:
+            marks = await in_window
+            window_cpu = marks[1] - marks[0]
+        else:  # ended early (a --requests run, or the hard stop): no window figure
+            in_window.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await in_window
         server_cpu, own_cpu = sampler.cpu_seconds() - server_cpu0, time.process_time() - own_cpu0
         sampling_done.set()
         await sampling
@@ -316,6 +335,10 @@ async def run_load(transport: str, target: str, plan: Plan, *, sessions: int,
         "loadgen_cpu_cores": round(own_cpu / (finished - t0), 2),
         "server_cpu_us_per_span": round(server_cpu * 1e6 / max(len(tally.acked), 1)
                                         / SPANS_PER_REQUEST, 2),
+        # The same within the measurement window only (no warm-up); None without one.
+        "server_window_cpu_us_per_span": (
+            round(window_cpu * 1e6 / (tally.window_acks * SPANS_PER_REQUEST), 3)
+            if window_cpu is not None and tally.window_acks else None),
     }
     return result, tally
 

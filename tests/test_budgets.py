@@ -7,9 +7,11 @@ import struct
 from datetime import UTC, datetime
 from fnmatch import fnmatchcase
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 
+from collector import budgets
 from collector.accounting.aggregate import HOUR_NS, HourDelta
 from collector.budgets import (
     Alert,
@@ -22,6 +24,7 @@ from collector.budgets import (
     slack_body,
     threshold_cents,
     webhook_body,
+    zone,
 )
 from collector.budgets.spend import SpendPlanner
 from collector.config import Config, ConfigError, parse_config
@@ -139,6 +142,27 @@ def test_periods_follow_the_budget_time_zone() -> None:
     day = Budget(name="b", amount_usd=1, period="day", timezone="Europe/Berlin")
     p = period_of(day, _ns(2026, 10, 25, 12))
     assert p.end_ns - p.start_ns == 25 * 3600 * 1_000_000_000
+
+
+def test_a_budget_zone_is_read_once_however_many_zones_the_budgets_use(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """ZoneInfo keeps 8 zones for sure; budgets in more must not read a zone file each fold."""
+    read: list[str] = []
+
+    def counting(name: str) -> ZoneInfo:
+        read.append(name)
+        return ZoneInfo(name)
+
+    monkeypatch.setattr(budgets, "ZoneInfo", counting)
+    zone.cache_clear()
+    names = ("UTC", "Asia/Tokyo", "Asia/Kolkata", "America/New_York", "America/Chicago",
+             "America/Los_Angeles", "America/Sao_Paulo", "Australia/Sydney",
+             "Pacific/Auckland", "Africa/Nairobi", "Europe/London")
+    for _ in range(3):
+        for name in names:
+            period_of(Budget(name="b", amount_usd=1, timezone=name), _ns(2026, 1, 31, 23))
+    assert sorted(read) == sorted(names)
+    zone.cache_clear()  # the real ZoneInfo again for later tests
 
 
 def test_thresholds_are_reached_at_whole_cents() -> None:

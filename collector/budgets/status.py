@@ -14,9 +14,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
-from zoneinfo import ZoneInfo
 
-from collector.budgets import NS_PER_S, Period, period_of, projected_cents, reached
+from collector.budgets import NS_PER_S, Period, period_of, projected_cents, reached, zone
 from collector.budgets.spend import SpendPlanner, journal_total
 from collector.config.budgets import Budget
 
@@ -163,7 +162,7 @@ def _instance(budget: Budget, period: Period, value: str | None, cents: float, n
 def local_iso(ns: int, timezone: str) -> str:
     """A period boundary in the budget's own zone, as its people read it."""
     return datetime.fromtimestamp(ns / NS_PER_S, tz=UTC).astimezone(
-        ZoneInfo(timezone)).isoformat()
+        zone(timezone)).isoformat()
 
 
 def to_json(status: BudgetStatus) -> dict[str, Any]:

@@ -133,6 +133,51 @@ async def test_a_live_lease_is_left_to_its_claimant(tmp_path: Path) -> None:
     assert sink.received == [] and delivery.pending() == 2
 
 
+async def test_stopping_waits_for_a_claim_in_flight_before_closing_its_connection(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A claim waiting for the write lock (a flush holds it) when the daemon stops: the
+    connection is closed after the claim returns, never beside it (closing it beside a
+    running statement crashed the daemon on its way out)."""
+    path = tmp_path / "db.sqlite"
+    events: list[str] = []
+    async with Sink() as sink:
+        sinks = await _crossed(path, sink)
+        outbox = open_outbox(path)
+        claim, close = outbox.claim, outbox.close
+        claiming = threading.Event()
+
+        def recorded_claim(now_ns: int, lease_ns: int) -> object:
+            events.append("claim")
+            claiming.set()
+            try:
+                return claim(now_ns, lease_ns)
+            finally:
+                events.append("claimed")
+
+        def recorded_close() -> None:
+            events.append("close")
+            close()
+
+        monkeypatch.setattr(outbox, "claim", recorded_claim)
+        monkeypatch.setattr(outbox, "close", recorded_close)
+        holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        holder.execute("BEGIN IMMEDIATE")  # the claim's UPDATE waits for this lock
+        delivery = OutboxDelivery(outbox, sinks, poll_s=0.05)
+        await delivery.start()
+        stopping = None
+        try:
+            assert await asyncio.to_thread(claiming.wait, DEADLINE_S)
+            stopping = asyncio.create_task(delivery.stop())
+            await asyncio.sleep(0.2)  # stop() has cancelled the task by now
+            assert events == ["claim"]  # ... and closed nothing
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+            await (stopping if stopping is not None else delivery.stop())
+    assert events[:3] == ["claim", "claimed", "close"]
+    assert delivery.pending() == 2 and sink.received == []
+
+
 # -- on PostgreSQL -----------------------------------------------------------------------------
 
 def test_postgres_claims_from_two_collectors_at_once_never_share_a_row(pg_server: PgServer,

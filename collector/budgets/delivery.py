@@ -16,7 +16,10 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -26,6 +29,7 @@ from collector.store.base import StorageError
 from collector.store.budgets import Claimed, Outbox
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 # How long a claimed row is left to its claimant before another may send it: three POST
 # timeouts, so only a dead claimant's rows are taken over, and a collector killed mid-POST
@@ -49,7 +53,13 @@ class DeliveryStats:
 
 
 class OutboxDelivery:
-    """Start with `start()`, stop with `stop()` (safe if never started)."""
+    """Start with `start()`, stop with `stop()` (safe if never started).
+
+    Every call on the outbox, its close included, runs on one thread of its own, one after
+    another. Cancelling the task does not stop a call already running on a thread (a claim
+    waiting for the database's write lock, say); with the calls on a shared pool, stop()
+    closed the connection beside such a claim, and the daemon crashed (SIGSEGV) on its way
+    out. On one thread the close waits for it."""
 
     def __init__(self, outbox: Outbox, sinks: tuple[AlertSink, ...], *,
                  poll_s: float = POLL_S, lease_s: float = LEASE_S,
@@ -62,6 +72,7 @@ class OutboxDelivery:
         self._base_s = backoff_base_s
         self._cap_s = backoff_cap_s
         self._task: asyncio.Task[None] | None = None
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alert-outbox")
         self._unreadable = 0  # consecutive failed reads: logged once, then on recovery
         self.stats = DeliveryStats()
 
@@ -74,7 +85,11 @@ class OutboxDelivery:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        await asyncio.to_thread(self._outbox.close)
+        await self._call(self._outbox.close)  # after any call still running: one thread
+        self._thread.shutdown(wait=False)
+
+    async def _call(self, fn: Callable[..., _T], *args: Any) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     def _settle(self, alert_id: str, delivered: bool, attempts: int) -> None:
         now = time.time_ns()
@@ -94,8 +109,8 @@ class OutboxDelivery:
         async with aiohttp.ClientSession(timeout=timeout) as http:
             while True:
                 try:
-                    claimed = await asyncio.to_thread(self._outbox.claim, time.time_ns(),
-                                                      self._lease_ns)
+                    claimed = await self._call(self._outbox.claim, time.time_ns(),
+                                               self._lease_ns)
                 except StorageError as exc:
                     self._unreadable += 1
                     if self._unreadable == 1:
@@ -119,7 +134,7 @@ class OutboxDelivery:
         if sink is not None:  # a sink removed from the config: its rows wait for it
             ok = await self._post(http, sink, claimed.id, claimed.payload)
         try:
-            await asyncio.to_thread(self._settle, claimed.id, ok, attempts)
+            await self._call(self._settle, claimed.id, ok, attempts)
         except StorageError as exc:
             # The lease lapses and the same id is sent again: at least once, never lost.
             log.warning("alert %s sent but not settled: %s", claimed.id, exc)

@@ -1,37 +1,47 @@
-"""A and B side by side: what 20 budgets and 1,000 teams' tags cost the daemon, with both
-collectors running at the same time, so that whatever the shared machine does meanwhile
-(other tenants, clock speed) it does to both.
+"""A and B in the daemon, paired: what 20 budgets and 1,000 teams' tags cost a collector
+process, its CPU a span and its spans/s, in rounds of one run of each.
 
-bench.run's budgets phase runs A and B one after the other, each against its own parse-only
-baseline; between neighbouring rounds B/A moved from 0.79 to 1.06 there, wider than the goal
-(at most 5 %). Here each round starts collector A (no [[budgets]], requests without tags) and
-collector B (bench.budgets' 20 budgets and a webhook sink on a closed port, the tags of
-1,000 teams) on ports and SQLite files of their own, and drives both at once, each with its
-own load generator (closed loop, `--concurrency` requests in flight) for `--warmup` seconds
-and then `--seconds` measured. The four processes share the 2 cores; each collector gets
-about a fair share of them, so each one's spans/s says what its share buys, and its CPU time
-a span (from /proc, inside the measured window only) says what a span costs it. Rounds swap
-which collector and load generator start first. Every run's sums are checked exact, and
+bench.run's budgets phase runs A and B one after the other on floating CPUs, each against its
+own parse-only baseline; there B/A moved from 0.79 to 1.06 between neighbouring rounds. Here
+the collector's CPU time a span is read from /proc within the measured window only (not its
+start or warm-up), and the processes are pinned. A is a collector without [[budgets]] fed
+requests without tags; B one with bench.budgets' 20 budgets and a webhook sink on a closed
+port (every delivery fails and backs off, as a dead sink's would), fed the tags of 1,000
+teams (`--b tags`: the tags alone; `--b none`: A again, a control for the harness's own bias).
+Each run: a fresh collector and SQLite file, a load generator (closed loop, `--concurrency`
+requests in flight) for `--warmup` then `--seconds` measured, its sums checked exact, and
 B's budgets against its sessions (bench.budgets.check_budgets).
 
+In turns (the default) a round runs A and B one after the other, A first in even rounds, the
+collector alone on the last CPU and its load generator on the first, as a collector serving
+exporters on other machines would be. `--together` runs both at once, each collector and its
+load generator sharing a CPU, the two pairs' CPUs swapped every round: the machine's drift
+is then shared, but two collectors and two generators compete for the caches, which costs the
+one with more in memory more than running alone would. Rounds report B/A; the verdict is the
+median round and the ratio of the sums (pooled).
+
 Run: python -m bench.budgetpair [--layout resource|span] [--transport http|grpc]
-     [--rounds N] [--seconds S] [--warmup S] [--concurrency N]
+     [--rounds N] [--seconds S] [--warmup S] [--concurrency N] [--b budgets|tags|none]
+     [--together] [--no-pin]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from bench.budgets import budgets_toml, check_budgets
 from bench.payload import LAYOUTS, Layout
-from bench.run import FULL, Server, free_port, loadgen, start_collector
+from bench.run import FULL, RESULTS_DIR, Server, free_port, loadgen, start_collector
 
 CONFIGS = ("none", "budgets")
 # What B may be instead: the tags alone (no [[budgets]]), or A again (a control: B/A then
@@ -40,41 +50,82 @@ B_CHOICES = ("budgets", "tags", "none")
 TRANSPORTS = ("http", "grpc")
 
 
+@contextlib.contextmanager
+def pinned(cpu: int | None) -> Iterator[None]:
+    """Processes started inside run on `cpu` only, every thread of theirs (a child inherits
+    its parent's CPU mask); None leaves them to the scheduler."""
+    if cpu is None:
+        yield
+        return
+    mask = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, mask)
+
+
 def one_round(work: Path, number: int, layout: Layout, transport: str, *, seconds: float,
-              warmup: float, concurrency: int, sessions: int, b: str = "budgets"
-              ) -> dict[str, Any]:
-    """Both collectors at once; each one's load generator's result, and B's budget check.
-    `b` is what B is (B_CHOICES); its results are filed under "budgets" whatever it is."""
+              warmup: float, concurrency: int, sessions: int, b: str = "budgets",
+              together: bool = False, pin: bool = True) -> dict[str, Any]:
+    """One run of A and one of B; each one's load generator's result, and B's budget check.
+    `b` is what B is (B_CHOICES); its results are filed under "budgets" whatever it is.
+    In turns (the default), one collector at a time, pinned to a CPU of its own and its load
+    generator to the others, A first in even rounds. `together`, both at once; with `pin`,
+    each collector and its load generator share one CPU, A's and B's swapped every round (the
+    two CPUs' own speeds then cancel over an even number of rounds)."""
     order = CONFIGS if number % 2 == 0 else CONFIGS[::-1]
+    cpus = sorted(os.sched_getaffinity(0))
+    if not pin or len(cpus) < 2:
+        place: dict[str, tuple[int | None, int | None]] = {n: (None, None) for n in CONFIGS}
+    elif together:
+        place = {n: (cpus[(i + number) % 2],) * 2 for i, n in enumerate(CONFIGS)}
+    else:
+        place = {n: (cpus[-1], cpus[0]) for n in CONFIGS}
+    results: dict[str, Any] = {}
+    if together:
+        _run(work, number, order, place, layout, transport, seconds=seconds, warmup=warmup,
+             concurrency=concurrency, sessions=sessions, b=b, into=results)
+    else:
+        for name in order:
+            _run(work, number, (name,), place, layout, transport, seconds=seconds,
+                 warmup=warmup, concurrency=concurrency, sessions=sessions, b=b,
+                 into=results)
+    return results
+
+
+def _run(work: Path, number: int, names: Sequence[str],
+         place: dict[str, tuple[int | None, int | None]], layout: Layout, transport: str, *,
+         seconds: float, warmup: float, concurrency: int, sessions: int, b: str,
+         into: dict[str, Any]) -> None:
+    """Collectors `names` driven at once, each on its (collector, load generator) CPUs."""
     servers: dict[str, Server] = {}
     runs: dict[str, subprocess.Popen[bytes]] = {}
-    results: dict[str, Any] = {}
+    tags = {name: f"pair-{layout}-{transport}-{number}-{name}" for name in names}
     try:
-        for name in order:
-            tag = f"pair-{layout}-{transport}-{number}-{name}"
+        for name in names:
             extra = budgets_toml(free_port()) if name == "budgets" and b == "budgets" else ""
-            servers[name] = start_collector(work, tag, FULL, extra_toml=extra)
-        for name in order:
+            with pinned(place[name][0]):
+                servers[name] = start_collector(work, tags[name], FULL, extra_toml=extra)
+        for name in names:
             server = servers[name]
-            run = loadgen(work, f"pair-{layout}-{transport}-{number}-{name}", server,
-                          transport, concurrency=concurrency, sessions=sessions,
-                          duration_s=seconds, warmup_s=warmup, verify_db=server.db,
-                          tagged=name == "budgets" and b != "none", layout=layout,
-                          background=True)
+            with pinned(place[name][1]):
+                run = loadgen(work, tags[name], server, transport, concurrency=concurrency,
+                              sessions=sessions, duration_s=seconds, warmup_s=warmup,
+                              verify_db=server.db, tagged=name == "budgets" and b != "none",
+                              layout=layout, background=True)
             assert isinstance(run, subprocess.Popen)
             runs[name] = run
         for name, run in runs.items():
             run.wait(timeout=warmup + seconds + 300)
-            out = work / f"load-pair-{layout}-{transport}-{number}-{name}.json"
-            results[name] = _json(out)
-        db = servers["budgets"].db
-        assert db is not None
-        if b == "budgets":
-            results["budget_check"] = check_budgets(db).as_dict()
+            into[name] = _json(work / f"load-{tags[name]}.json")
+        if "budgets" in servers and b == "budgets":
+            db = servers["budgets"].db
+            assert db is not None
+            into["budget_check"] = check_budgets(db).as_dict()
     finally:
         for server in servers.values():
             server.stop()
-    return results
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -111,6 +162,10 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=32,
                         help="requests in flight, per load generator")
     parser.add_argument("--sessions", type=int, default=1000)
+    parser.add_argument("--together", action="store_true",
+                        help="A and B at once, each with its load generator, not in turns")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="leave every process to the scheduler")
     parser.add_argument("--b", choices=B_CHOICES, default="budgets",
                         help="what B is: the budgets and tags, the tags alone, or A again")
     args = parser.parse_args()
@@ -119,6 +174,8 @@ def main() -> int:
           "| B/A spans/s by round | sums | budgets |\n"
           "|---|---|---:|---:|---:|---|---:|---:|---:|---|---|---|", flush=True)
     ok = True
+    mode = "together" if args.together else "in turns"
+    saved: dict[str, Any] = {"args": vars(args), "results": {}}
     with tempfile.TemporaryDirectory(prefix="budgetpair-") as tmp:
         work = Path(tmp)
         for layout in args.layout or ["resource"]:
@@ -129,7 +186,9 @@ def main() -> int:
                     rounds.append(one_round(work, number, layout, transport,
                                             seconds=args.seconds, warmup=args.warmup,
                                             concurrency=args.concurrency,
-                                            sessions=args.sessions, b=args.b))
+                                            sessions=args.sessions, b=args.b,
+                                            together=args.together,
+                                            pin=not args.no_pin))
                     print(f"  {layout} {transport} round {number + 1}: B/A CPU "
                           f"{summary(rounds[-1:])['cpu_ratios'][0]:.3f} "
                           f"({time.monotonic() - started:.0f} s)", flush=True)
@@ -139,7 +198,8 @@ def main() -> int:
                                       for r in rounds)
                 b = statistics.median(r["budgets"]["server_window_cpu_us_per_span"]
                                       for r in rounds)
-                print(f"| {layout}s, B = {args.b} | {transport} | {len(rounds)} | "
+                saved["results"][f"{layout}/{transport}"] = {"rounds": rounds, "summary": s}
+                print(f"| {layout}s, B = {args.b}, {mode} | {transport} | {len(rounds)} | "
                       f"{a:.2f} | {b:.2f} | "
                       f"{' '.join(f'{x:.3f}' for x in s['cpu_ratios'])} | "
                       f"{s['cpu_increase_median']:+.1%} | {s['cpu_increase_pooled']:+.1%} | "
@@ -147,6 +207,10 @@ def main() -> int:
                       f"{' '.join(f'{x:.3f}' for x in s['rate_ratios'])} | "
                       f"{'exact' if s['exact'] else 'NOT EXACT'} | "
                       f"{'ok' if s['budgets_ok'] else 'FAILED'} |", flush=True)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    out = RESULTS_DIR / f"budgetpair-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(saved, indent=1) + "\n")
+    print(f"raw results: {out}")
     return 0 if ok else 1
 
 

@@ -14,13 +14,18 @@ by what a flush's spans take at ASSUMED_SPANS_PER_S, so the journal's folds and 
 times fall due as in the daemon at full load, not as under valgrind's slowdown.
 
 What a count does not see: the kernel's work (the write and fsync of the WAL, the journal
-row's pages among them), cycles lost to cache misses (B keeps more in memory), and what falls
+row's pages among them), cycles lost to cache misses (but see --cache-sim), and what falls
 due less often than the measured window reaches: a fold every FOLD_INTERVAL_NS and a tag's
 owed end time every TAG_TIME_LAG_NS. bench.budgetprof's CPU time over all its rounds counts
 those.
 
+With `--cache-sim` callgrind also simulates the data caches (their sizes the host's, first and
+last level) and counts their misses: where B's extra instructions are few, what it costs more
+may be memory it touches.
+
 Run: python -m bench.budgetcount [--layout resource|span] [--rounds N] [--warmup N]
-     [--keep DIR]  (about 10 minutes for both layouts on 2 cores; needs valgrind)
+     [--batch REQUESTS] [--cache-sim] [--keep DIR]
+     (about 30 minutes for both layouts on 2 cores; needs valgrind)
 """
 
 from __future__ import annotations
@@ -45,7 +50,11 @@ BATCH_REQUESTS = 4  # requests a flush by default, as bench.budgetprof's
 ASSUMED_SPANS_PER_S = 100_000
 NONCE = 0x5EED
 ROOT = Path(__file__).resolve().parent.parent
-COLLECTED = re.compile(r"Collected\s*:\s*([\d,]+)")
+# What valgrind prints at exit: instructions, and with --cache-sim the simulated cache's
+# data misses (first level, and last level: the host's sizes).
+EVENTS = {"instructions": re.compile(r"Collected\s*:\s*([\d,]+)"),
+          "D1 misses": re.compile(r"D1\s+misses:\s*([\d,]+)"),
+          "LL misses": re.compile(r"LL misses:\s*([\d,]+)")}
 
 
 def child(name: str, layout: Layout, warmup: int, rounds: int, now_ns: int,
@@ -74,21 +83,23 @@ def child(name: str, layout: Layout, warmup: int, rounds: int, now_ns: int,
 
 
 def count(name: str, layout: Layout, warmup: int, rounds: int, batch: int, now_ns: int,
-          keep: Path | None) -> int:
-    """The instructions of one child run under callgrind."""
+          keep: Path | None, cache_sim: bool = False) -> dict[str, int]:
+    """The events of one child run under callgrind (EVENTS: those it printed)."""
     out = (keep / f"callgrind.{layout}.{name}.{rounds}" if keep is not None
            else Path(os.devnull))
     argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-            sys.executable, "-m", "bench.budgetcount", "--child", name,
-            "--layout", layout, "--warmup", str(warmup), "--rounds", str(rounds),
-            "--batch", str(batch), "--now", str(now_ns)]
+            f"--cache-sim={'yes' if cache_sim else 'no'}",
+            sys.executable, "-m", "bench.budgetcount", "--child", name, "--layout", layout,
+            "--warmup", str(warmup), "--rounds", str(rounds), "--batch", str(batch),
+            "--now", str(now_ns)]
     env = dict(os.environ, PYTHONHASHSEED="0")
     done = subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True,
                           check=False)
-    found = COLLECTED.findall(done.stderr)
-    if done.returncode != 0 or not found:
+    found = {event: pattern.findall(done.stderr) for event, pattern in EVENTS.items()}
+    if done.returncode != 0 or not found["instructions"]:
         raise RuntimeError(f"callgrind run failed ({' '.join(argv)}):\n{done.stderr[-2000:]}")
-    return int(found[-1].replace(",", ""))
+    return {event: int(values[-1].replace(",", "")) for event, values in found.items()
+            if values}
 
 
 def main() -> int:
@@ -100,6 +111,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=BATCH_REQUESTS,
                         help="requests of 512 spans a flush (the daemon's flushes at full "
                         "load take about 32)")
+    parser.add_argument("--cache-sim", action="store_true",
+                        help="also count the simulated data cache's misses (about 2x slower)")
     parser.add_argument("--keep", type=Path, help="keep callgrind's files here")
     parser.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
     parser.add_argument("--now", type=int, help=argparse.SUPPRESS)
@@ -122,18 +135,22 @@ def main() -> int:
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         counts = dict(zip(jobs, pool.map(
             lambda job: count(job[1], job[0], args.warmup, job[2], args.batch, now_ns,
-                              args.keep), jobs),
+                              args.keep, args.cache_sim), jobs),
             strict=True))
     spans = args.rounds * args.batch * SPANS_PER_REQUEST
-    print(f"Instructions a span (callgrind; {args.warmup} flushes of {args.batch} x "
+    print(f"A span's events (callgrind; {args.warmup} flushes of {args.batch} x "
           f"{SPANS_PER_REQUEST} spans, then {args.rounds} counted)\n\n"
-          "| tags on | A | tags, no budgets | B | tags only / A | B / A |\n"
-          "|---|---:|---:|---:|---:|---:|")
+          "| tags on | event | A | tags, no budgets | B | tags only / A | B / A |\n"
+          "|---|---|---:|---:|---:|---:|---:|")
     for layout in layouts:
-        per = {name: (counts[(layout, name, args.rounds)] - counts[(layout, name, 0)]) / spans
-               for name in CONFIGS}
-        print(f"| {layout}s | {per['none']:,.0f} | {per['tags']:,.0f} | {per['budgets']:,.0f} "
-              f"| {per['tags'] / per['none'] - 1:+.2%} | {per['budgets'] / per['none'] - 1:+.2%} |")
+        for event in EVENTS:
+            if event not in counts[(layout, "none", 0)]:
+                continue
+            per = {name: (counts[(layout, name, args.rounds)][event]
+                          - counts[(layout, name, 0)][event]) / spans for name in CONFIGS}
+            print(f"| {layout}s | {event} | {per['none']:,.1f} | {per['tags']:,.1f} "
+                  f"| {per['budgets']:,.1f} | {per['tags'] / per['none'] - 1:+.2%} "
+                  f"| {per['budgets'] / per['none'] - 1:+.2%} |")
     return 0
 
 

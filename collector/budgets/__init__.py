@@ -40,8 +40,8 @@ def zone(name: str) -> ZoneInfo:
 def period_of(budget: Budget, ts_ns: int) -> Period:
     """The budget period containing `ts_ns`, its boundaries at local midnight in the budget's
     time zone (a day around a DST change is 23 or 25 hours long, as its people live it)."""
-    zone_ = zone(budget.timezone)
-    local = datetime.fromtimestamp(ts_ns / NS_PER_S, tz=UTC).astimezone(zone_)
+    tz = zone(budget.timezone)
+    local = datetime.fromtimestamp(ts_ns / NS_PER_S, tz=UTC).astimezone(tz)
     day = local.date()
     if budget.period == "day":
         start, end = day, day + timedelta(days=1)
@@ -53,7 +53,7 @@ def period_of(budget: Budget, ts_ns: int) -> Period:
         end = (start + timedelta(days=32)).replace(day=1)
 
     def ns(d: date) -> int:
-        return int(datetime(d.year, d.month, d.day, tzinfo=zone_).timestamp()) * NS_PER_S
+        return int(datetime(d.year, d.month, d.day, tzinfo=tz).timestamp()) * NS_PER_S
 
     return Period(ns(start), ns(end))
 

@@ -41,7 +41,15 @@ from typing import Any
 
 from bench.budgets import budgets_toml, check_budgets
 from bench.payload import LAYOUTS, Layout
-from bench.run import FULL, RESULTS_DIR, Server, free_port, loadgen, start_collector
+from bench.run import (
+    FULL,
+    RESULTS_DIR,
+    Server,
+    free_port,
+    load_result,
+    loadgen,
+    start_collector,
+)
 
 CONFIGS = ("none", "budgets")
 # What B may be instead: the tags alone (no [[budgets]]), or A again (a control: B/A then
@@ -118,7 +126,7 @@ def _run(work: Path, number: int, names: Sequence[str],
             runs[name] = run
         for name, run in runs.items():
             run.wait(timeout=warmup + seconds + 300)
-            into[name] = _json(work / f"load-{tags[name]}.json")
+            into[name] = load_result(work, tags[name])
         if "budgets" in servers and b == "budgets":
             db = servers["budgets"].db
             assert db is not None
@@ -128,24 +136,23 @@ def _run(work: Path, number: int, names: Sequence[str],
             server.stop()
 
 
-def _json(path: Path) -> dict[str, Any]:
-    result: dict[str, Any] = json.loads(path.read_text())
-    return result
+def cpu(run: dict[str, Any], name: str) -> float:
+    """A round's collector `name` ("none" or "budgets"): its CPU µs a span in the window."""
+    value: float = run[name]["server_window_cpu_us_per_span"]
+    return value
 
 
 def summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """Per round B over A (CPU a span in the window; spans/s), their medians and ranges."""
-    cpu = [r["budgets"]["server_window_cpu_us_per_span"]
-           / r["none"]["server_window_cpu_us_per_span"] for r in rounds]
+    ratios = [cpu(r, "budgets") / cpu(r, "none") for r in rounds]
     rate = [r["budgets"]["spans_per_s"] / r["none"]["spans_per_s"] for r in rounds]
     return {
-        "cpu_ratios": cpu, "rate_ratios": rate,
-        "cpu_increase_median": statistics.median(cpu) - 1,
+        "cpu_ratios": ratios, "rate_ratios": rate,
+        "cpu_increase_median": statistics.median(ratios) - 1,
         "loss_median": 1 - statistics.median(rate),
         # Over all rounds together: B's CPU per span summed over A's.
-        "cpu_increase_pooled": sum(r["budgets"]["server_window_cpu_us_per_span"]
-                                   for r in rounds)
-        / sum(r["none"]["server_window_cpu_us_per_span"] for r in rounds) - 1,
+        "cpu_increase_pooled": sum(cpu(r, "budgets") for r in rounds)
+        / sum(cpu(r, "none") for r in rounds) - 1,
         "exact": all(r[n]["verification"]["ok"] for r in rounds for n in CONFIGS),
         "budgets_ok": all(r["budget_check"]["ok"] for r in rounds if "budget_check" in r),
     }
@@ -189,15 +196,14 @@ def main() -> int:
                                             sessions=args.sessions, b=args.b,
                                             together=args.together,
                                             pin=not args.no_pin))
+                    last = rounds[-1]
                     print(f"  {layout} {transport} round {number + 1}: B/A CPU "
-                          f"{summary(rounds[-1:])['cpu_ratios'][0]:.3f} "
+                          f"{cpu(last, 'budgets') / cpu(last, 'none'):.3f} "
                           f"({time.monotonic() - started:.0f} s)", flush=True)
                 s = summary(rounds)
                 ok = ok and s["exact"] and s["budgets_ok"]
-                a = statistics.median(r["none"]["server_window_cpu_us_per_span"]
-                                      for r in rounds)
-                b = statistics.median(r["budgets"]["server_window_cpu_us_per_span"]
-                                      for r in rounds)
+                a = statistics.median(cpu(r, "none") for r in rounds)
+                b = statistics.median(cpu(r, "budgets") for r in rounds)
                 saved["results"][f"{layout}/{transport}"] = {"rounds": rounds, "summary": s}
                 print(f"| {layout}s, B = {args.b}, {mode} | {transport} | {len(rounds)} | "
                       f"{a:.2f} | {b:.2f} | "

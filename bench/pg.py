@@ -26,7 +26,7 @@ from typing import Any
 import psycopg
 
 from bench.payload import SPANS_PER_REQUEST
-from bench.run import PYTHON, ROOT, Server, free_port, listeners_toml, loadgen
+from bench.run import PYTHON, ROOT, Server, free_port, listeners_toml, load_result, loadgen
 from tests.pg import PgServer
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -89,8 +89,7 @@ def run_config(work: Path, tag: str, storages: list[str], server: PgServer | Non
     finally:
         for c in collectors:
             c.stop()
-    loads = [json.loads((work / f"load-{tag}-{i}.json").read_text())
-             for i in range(len(collectors))]
+    loads = [load_result(work, f"{tag}-{i}") for i in range(len(collectors))]
     spans_acked = sum(r["spans_acked"] for r in loads)
     result: dict[str, Any] = {
         "collectors": len(collectors),

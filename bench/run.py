@@ -237,7 +237,7 @@ def loadgen(work: Path, tag: str, server: Server, transport: str, *, concurrency
             layout: Layout = "span") -> dict[str, Any] | subprocess.Popen[bytes]:
     """Run bench.loadgen in its own process; its JSON result (or the process if background)."""
     port = server.http_port if transport == "http" else server.grpc_port
-    out = work / f"load-{tag}.json"
+    out = _load_path(work, tag)
     argv = [PYTHON, "-m", "bench.loadgen", "--transport", transport,
             "--target", f"{HOST}:{port}", "--concurrency", str(concurrency),
             "--sessions", str(sessions), "--pid", str(server.pid), "--json-out", str(out)]
@@ -256,7 +256,17 @@ def loadgen(work: Path, tag: str, server: Server, transport: str, *, concurrency
         return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL)
     planned = duration_s + warmup_s + (requests or 0) * SPANS_PER_REQUEST / 5_000
     subprocess.run(argv, cwd=ROOT, check=False, timeout=planned + LOADGEN_SLACK_S)
-    result: dict[str, Any] = json.loads(out.read_text())
+    return load_result(work, tag)
+
+
+def _load_path(work: Path, tag: str) -> Path:
+    return work / f"load-{tag}.json"
+
+
+def load_result(work: Path, tag: str) -> dict[str, Any]:
+    """The JSON result of loadgen(work, tag, ...) once its process has ended (for a
+    background one, after its wait)."""
+    result: dict[str, Any] = json.loads(_load_path(work, tag).read_text())
     return result
 
 

@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from collector import budgets
-from collector.accounting.aggregate import HOUR_NS, HourDelta
+from collector.accounting.aggregate import HOUR_NS, HourDelta, SessionDelta
 from collector.budgets import (
     Alert,
     Period,
@@ -182,8 +182,11 @@ def test_scopes_and_glob_instances() -> None:
     hours = {(sid, "m", hour): HourDelta(cost_cents=cents)
              for sid, cents in (("a", 1.0), ("b", 2.0), ("c", 4.0))}
     planner = SpendPlanner([fleet, plat])
-    spread = planner.spread(planner.sums(hours, {"a": [("user", "platform")],
-                                                 "b": [("user", "web")]}))
+    sessions = {sid: SessionDelta(sid, 0, 0, user=user)
+                for sid, user in (("a", "platform"), ("b", "web"), ("c", None))}
+    sums, missing = planner.sums(hours, sessions)
+    assert missing == [("user", "c")]  # read back from the store by the caller
+    spread = planner.spread(sums)
     assert spread == {("f", "", period_of(fleet, hour * HOUR_NS).start_ns): 7.0,
                       ("p", "platform", period_of(plat, hour * HOUR_NS).start_ns): 1.0}
 
@@ -214,7 +217,7 @@ def test_the_planner_matches_as_fnmatch_does_and_sums_per_instance_period() -> N
     hours = {(f"s{i}", "m", first_hour + i % 30): HourDelta(cost_cents=1.0 + i)
              for i in range(len(VALUES) + 1)}
     values = {("team", f"s{i}"): v for i, v in enumerate(VALUES)}  # the last one has none
-    pairs = {sid: [(d, v)] for (d, sid), v in values.items()}
+    sessions = {sid: SessionDelta(sid, 0, 0, tags=((d, v),)) for (d, sid), v in values.items()}
     expected: dict[tuple[str, str, int], float] = {}
     for b in budgets:
         for (sid, _, hour), delta in hours.items():
@@ -223,10 +226,10 @@ def test_the_planner_matches_as_fnmatch_does_and_sums_per_instance_period() -> N
                 key = (b.name, instance, period_of(b, hour * HOUR_NS).start_ns)
                 expected[key] = expected.get(key, 0.0) + delta.cost_cents
     planner = SpendPlanner(budgets)
-    assert planner.spread(planner.sums(hours, pairs)) == expected
-    assert planner.spread(planner.sums(hours, pairs)) == expected  # remembered
+    assert planner.spread(planner.sums(hours, sessions)[0]) == expected
+    assert planner.spread(planner.sums(hours, sessions)[0]) == expected  # remembered
     planner.MAX_REMEMBERED = 0  # every memo is cleared before its next use
-    assert planner.spread(planner.sums(hours, pairs)) == expected
+    assert planner.spread(planner.sums(hours, sessions)[0]) == expected
     assert expected[("fleet", "", period_of(budgets[-1], first_hour * HOUR_NS).start_ns)] \
         == sum(d.cost_cents for d in hours.values())
 
@@ -308,7 +311,6 @@ def test_a_flush_takes_every_tag_its_batch_carries_even_from_spans_with_partial_
     from the store."""
     from collector.accounting.aggregate import Batch
     from collector.signals.traces import SpanUsage
-    from collector.store.budgets import carried_values
 
     def span(key: int, end: int, tags: tuple[tuple[str, str], ...]) -> SpanUsage:
         return SpanUsage(key.to_bytes(32, "big"), "s", end - 1, end, 1, 10, 2, 0, 0, 0, 1.0,
@@ -317,8 +319,13 @@ def test_a_flush_takes_every_tag_its_batch_carries_even_from_spans_with_partial_
     batch = Batch()
     batch.add([span(1, 10, (("team", "platform"), ("department", "eng"))),
                span(2, 20, (("project", "web"), ("cost_center", "cc-1")))])
-    values, missing = carried_values(
-        batch, ("team", "project", "department", "cost_center", "user", "host"))
-    assert sorted(values["s"]) == [("cost_center", "cc-1"), ("department", "eng"),
-                                   ("project", "web"), ("team", "platform"), ("user", "alice")]
+    named = ("team", "project", "department", "cost_center", "user", "host")
+    planner = SpendPlanner([Budget(name=d, amount_usd=1, dimension=d, value="*")
+                            for d in named])
+    sums, missing = planner.sums(batch.hours, batch.sessions)
+    cost = sum(h.cost_cents for h in batch.hours.values())
+    assert cost > 0 and {h for _, _, h in batch.hours} == {0}
+    assert sums == {"cost_center": {0: {"cc-1": cost}}, "department": {0: {"eng": cost}},
+                    "project": {0: {"web": cost}}, "team": {0: {"platform": cost}},
+                    "user": {0: {"alice": cost}}}
     assert missing == [("host", "s")]

@@ -35,7 +35,7 @@ import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from fnmatch import translate
 
-from collector.accounting.aggregate import HOUR_NS, HourDelta, HourKey
+from collector.accounting.aggregate import HOUR_NS, HourDelta, HourKey, SessionDelta
 from collector.budgets import NS_PER_S, period_of, threshold_cents
 from collector.config.budgets import Budget
 
@@ -47,6 +47,9 @@ SpendKey = tuple[str, str, int]
 # (a key tuple per (value, hour) was a third of their cost).
 Sums = dict[str, dict[int, dict[str, float]]]
 FLEET = ""
+# A built-in dimension's field of collector.accounting.aggregate.SessionDelta; every other
+# dimension is one of the session's tags.
+LABEL_FIELDS = {"agent": "agent", "user": "user", "host": "host", "credential": "credential"}
 # The longest the journal waits for a fold while usage flows. A fold at 1,000 teams rewrites
 # some 8,000 spend rows (about 45 ms in the daemon): every 5 s that cost as much as all the
 # flushes' own budget work at full load; every 30 s, a sixth of that. Only a crossing several
@@ -147,6 +150,9 @@ class SpendPlanner:
         self._dimensions = sorted({_key(b) for b in self.budgets})
         # The dimensions the budgets name, whose values a flush looks up per session.
         self.dimensions = tuple(d for d in self._dimensions if d != FLEET)
+        # Those a session's delta has a field for, and those its tags give.
+        self._labels = tuple((d, LABEL_FIELDS[d]) for d in self.dimensions if d in LABEL_FIELDS)
+        self._configured = tuple(d for d in self.dimensions if d not in LABEL_FIELDS)
         # What a fold looks up per (dimension, value), worked out once: each dimension's
         # budgets and each budget's thresholds in cents.
         self._dimension_of = {b.name: _key(b) for b in self.budgets}
@@ -165,35 +171,74 @@ class SpendPlanner:
         self._known: dict[tuple[str, int], set[str]] = {}
         self._last_fold_ns: int | None = None
 
-    def sums(self, hours: Mapping[HourKey, HourDelta],
-             values: Mapping[str, Sequence[tuple[str, str]]]) -> Sums:
-        """A batch's cost per dimension a budget names, per (value, hour). `values`: session
-        id -> its (dimension, value) pairs (see collector.store.budgets); a session without a
-        value of a dimension counts only towards the fleet."""
+    def sums(self, hours: Mapping[HourKey, HourDelta], sessions: Mapping[str, SessionDelta]
+             ) -> tuple[Sums, list[tuple[str, str]]]:
+        """A batch's cost per dimension a budget names, per (value, hour), each session's
+        counted under the values its batch carries (its latest record's: its usage was tagged
+        with them, so its cost counts there even when a later record, committed before, says
+        otherwise); and the (dimension, session id) pairs the batch carries no value for,
+        which the caller reads back from the store and adds with add_read_back. One pass over
+        the batch's hours, no list of pairs built per session: this runs at every flush, for
+        every session in it."""
         # Per usage hour, each dimension's {value: cents} (the dicts the result holds).
         levels: dict[int, dict[str, dict[str, float]]] = {}
+        missing: list[tuple[str, str]] = []
         fleet = FLEET in self._of_dimension
-        none = ()
+        labels, configured = self._labels, self._configured
+        last_hour, level = None, {}
         for (session_id, _, hour), delta in hours.items():
             cost = delta.cost_cents
             if not cost:
                 continue
-            level = levels.get(hour)
-            if level is None:
-                level = levels[hour] = {d: {} for d in self._dimensions}
+            if hour != last_hour:
+                level = levels.get(hour) or levels.setdefault(
+                    hour, {d: {} for d in self._dimensions})
+                last_hour = hour
             if fleet:
                 per = level[FLEET]
                 per[FLEET] = per.get(FLEET, 0.0) + cost
-            for dimension, value in values.get(session_id, none):
-                of = level.get(dimension)
-                if of is not None:
-                    of[value] = of.get(value, 0.0) + cost
+            session = sessions.get(session_id)
+            if session is None:
+                missing.extend((d, session_id) for d in self.dimensions)
+                continue
+            for dimension, field in labels:
+                value = getattr(session, field)
+                if value is None:
+                    missing.append((dimension, session_id))
+                else:
+                    per = level[dimension]
+                    per[value] = per.get(value, 0.0) + cost
+            if configured:
+                found = 0
+                for dimension, value in (session.latest_tags() if session.dimensions
+                                         else session.tags):
+                    of = level.get(dimension)
+                    if of is not None:
+                        of[value] = of.get(value, 0.0) + cost
+                        found += 1
+                if found < len(configured):
+                    named = {d for d, _ in session.latest_tags()}
+                    missing.extend((d, session_id) for d in configured if d not in named)
         sums: Sums = {}
         for hour, level in levels.items():
             for dimension, per in level.items():
                 if per:
                     sums.setdefault(dimension, {})[hour] = per
-        return sums
+        # A session in several (model, hour) keys is missing a value once.
+        return sums, list(dict.fromkeys(missing))
+
+    @staticmethod
+    def add_read_back(sums: Sums, hours: Mapping[HourKey, HourDelta],
+                      values: Mapping[str, Sequence[tuple[str, str]]]) -> None:
+        """The values read back from the store (session id -> (dimension, value) pairs) for
+        what sums() found missing: each such session's cost added under them too."""
+        for (session_id, _, hour), delta in hours.items():
+            pairs = values.get(session_id)
+            if not pairs or not delta.cost_cents:
+                continue
+            for dimension, value in pairs:
+                per = sums.setdefault(dimension, {}).setdefault(hour, {})
+                per[value] = per.get(value, 0.0) + delta.cost_cents
 
     def spread(self, sums: Sums) -> dict[SpendKey, float]:
         """Sums over the budget instances they count towards, in cents per instance period.

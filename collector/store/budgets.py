@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 from collector.accounting.aggregate import HOUR_NS, Batch
 from collector.budgets import Period, outbox_rows, period_of, reached, top_n
-from collector.budgets.spend import SpendPlanner, Sums, encode, journal_total
+from collector.budgets.spend import LABEL_FIELDS, SpendPlanner, Sums, encode, journal_total
 from collector.config.attribution import NAME_PATTERN
 from collector.config.budgets import AlertSink, Budget
 from collector.store.base import (
@@ -138,45 +138,6 @@ class BudgetOps(Protocol):
         ...
 
 
-def carried_values(applied: Batch, dimensions: Sequence[str]
-                   ) -> tuple[dict[str, list[tuple[str, str]]], list[tuple[str, str]]]:
-    """Each costing session's (dimension, value) pairs as this batch carries them (its
-    latest record's), and the (dimension, session id) pairs it carries none for: only those
-    are read back from the store. The batch's own value is what its usage was tagged with,
-    so its cost counts there even when a later record, committed before, says otherwise."""
-    values: dict[str, list[tuple[str, str]]] = {}
-    missing: list[tuple[str, str]] = []
-    if not dimensions:
-        return values, missing
-    labels = [(d, LABEL_FIELDS[d]) for d in dimensions if d in LABEL_FIELDS]
-    configured = {d for d in dimensions if d not in LABEL_FIELDS}
-    for session_id in {sid for sid, _, _ in applied.hours}:
-        pairs = values[session_id] = []
-        delta = applied.sessions.get(session_id)
-        if delta is None:
-            missing.extend((d, session_id) for d in dimensions)
-            continue
-        for dimension, field in labels:
-            value = getattr(delta, field)
-            if value is None:
-                missing.append((dimension, session_id))
-            else:
-                pairs.append((dimension, value))
-        if configured:
-            tags = delta.latest_tags()
-            found = 0
-            for dimension, value in tags:
-                if dimension in configured:
-                    pairs.append((dimension, value))
-                    found += 1
-            if found < len(configured):
-                named = {d for d, _ in tags}
-                missing.extend((d, session_id) for d in configured if d not in named)
-    return values, missing
-
-
-# A built-in dimension's field of collector.accounting.aggregate.SessionDelta.
-LABEL_FIELDS = {"agent": "agent", "user": "user", "host": "host", "credential": "credential"}
 assert LABEL_FIELDS.keys() == LABEL_COLUMNS.keys()
 
 
@@ -188,15 +149,16 @@ def record_budgets(ops: BudgetOps, applied: Batch, planner: SpendPlanner,
     Returns the crossings added."""
     if not planner.budgets:
         return 0
-    values, missing = carried_values(applied, planner.dimensions)
+    sums, missing = planner.sums(applied.hours, applied.sessions)
     if missing:
         asked = sorted({d for d, _ in missing}), sorted({sid for _, sid in missing})
         found = ops.scope_values(*asked)
+        values: dict[str, list[tuple[str, str]]] = {}
         for dimension, session_id in missing:
             value = found.get((dimension, session_id))
             if value is not None:
-                values[session_id].append((dimension, value))
-    sums = planner.sums(applied.hours, values)
+                values.setdefault(session_id, []).append((dimension, value))
+        planner.add_read_back(sums, applied.hours, values)
     if not sums:
         return 0
     if not planner.must_fold(sums, now_ns):

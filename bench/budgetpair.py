@@ -136,9 +136,60 @@ def _run(work: Path, number: int, names: Sequence[str],
             server.stop()
 
 
+def alternating(work: Path, layout: Layout, transport: str, *, slices: int, seconds: float,
+                warmup: float, slice_warmup: float, concurrency: int, sessions: int,
+                b: str = "budgets") -> Iterator[dict[str, Any]]:
+    """A and B started once, warmed for `warmup` each, then driven in turn, `slices` times
+    each (A first in even slices), by a load generator pinned apart from them: the pairs of
+    neighbouring slices are seconds apart, so the machine's drift over a round of fresh
+    processes does not come between A and B. Every slice's sums are checked exact against
+    the whole run so far. Each slice's `slice_warmup` refills the caches the other collector
+    used. B folds its journal on a timer, so it folds about twice as often a span as when it
+    runs alone: that is counted against B. Yields each slice pair as one_round would."""
+    cpus = sorted(os.sched_getaffinity(0))
+    server_cpu, load_cpu = (cpus[-1], cpus[0]) if len(cpus) >= 2 else (None, None)
+    base = f"alt-{layout}-{transport}"
+    servers: dict[str, Server] = {}
+    try:
+        for name in CONFIGS:
+            extra = budgets_toml(free_port()) if name == "budgets" and b == "budgets" else ""
+            with pinned(server_cpu):
+                servers[name] = start_collector(work, f"{base}-{name}", FULL, extra_toml=extra)
+        for number in range(-1, slices):  # -1: the warm-up, not measured
+            run: dict[str, Any] = {}
+            for name in CONFIGS if number % 2 == 0 else CONFIGS[::-1]:
+                server = servers[name]
+                with pinned(load_cpu):
+                    result = loadgen(work, f"{base}-{name}-{number}", server, transport,
+                                     concurrency=concurrency, sessions=sessions,
+                                     duration_s=seconds if number >= 0 else warmup,
+                                     warmup_s=slice_warmup, verify_db=server.db,
+                                     carry=work / f"{base}-{name}-sums.json",
+                                     tagged=name == "budgets" and b != "none",
+                                     layout=layout)
+                assert isinstance(result, dict)
+                run[name] = result
+            if number < 0:
+                continue
+            if number == slices - 1 and b == "budgets":
+                db = servers["budgets"].db
+                assert db is not None
+                run["budget_check"] = check_budgets(db).as_dict()
+            yield run
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
 def cpu(run: dict[str, Any], name: str) -> float:
     """A round's collector `name` ("none" or "budgets"): its CPU µs a span in the window."""
     value: float = run[name]["server_window_cpu_us_per_span"]
+    return value
+
+
+def system(run: dict[str, Any], name: str) -> float:
+    """The kernel's part of cpu(run, name)."""
+    value: float = run[name]["server_window_system_us_per_span"]
     return value
 
 
@@ -171,6 +222,11 @@ def main() -> int:
     parser.add_argument("--sessions", type=int, default=1000)
     parser.add_argument("--together", action="store_true",
                         help="A and B at once, each with its load generator, not in turns")
+    parser.add_argument("--alternate", action="store_true",
+                        help="A and B started once and driven in turn, --rounds slices of "
+                        "--seconds each (see alternating())")
+    parser.add_argument("--slice-warmup", type=float, default=0.5,
+                        help="with --alternate: seconds unmeasured at each slice's start")
     parser.add_argument("--no-pin", action="store_true",
                         help="leave every process to the scheduler")
     parser.add_argument("--b", choices=B_CHOICES, default="budgets",
@@ -181,25 +237,33 @@ def main() -> int:
           "| B/A spans/s by round | sums | budgets |\n"
           "|---|---|---:|---:|---:|---|---:|---:|---:|---|---|---|", flush=True)
     ok = True
-    mode = "together" if args.together else "in turns"
+    mode = ("alternating" if args.alternate else "together" if args.together
+            else "in turns")
     saved: dict[str, Any] = {"args": vars(args), "results": {}}
     with tempfile.TemporaryDirectory(prefix="budgetpair-") as tmp:
         work = Path(tmp)
         for layout in args.layout or ["resource"]:
             for transport in args.transport or list(TRANSPORTS):
-                rounds = []
-                for number in range(args.rounds):
-                    started = time.monotonic()
-                    rounds.append(one_round(work, number, layout, transport,
-                                            seconds=args.seconds, warmup=args.warmup,
-                                            concurrency=args.concurrency,
-                                            sessions=args.sessions, b=args.b,
-                                            together=args.together,
-                                            pin=not args.no_pin))
-                    last = rounds[-1]
+                rounds: list[dict[str, Any]] = []
+                if args.alternate:
+                    each: Iterator[dict[str, Any]] = alternating(
+                        work, layout, transport, slices=args.rounds, seconds=args.seconds,
+                        warmup=args.warmup, slice_warmup=args.slice_warmup,
+                        concurrency=args.concurrency, sessions=args.sessions, b=args.b)
+                else:
+                    each = (one_round(work, number, layout, transport, seconds=args.seconds,
+                                      warmup=args.warmup, concurrency=args.concurrency,
+                                      sessions=args.sessions, b=args.b,
+                                      together=args.together, pin=not args.no_pin)
+                            for number in range(args.rounds))
+                started = time.monotonic()
+                for number, last in enumerate(each):
+                    rounds.append(last)
                     print(f"  {layout} {transport} round {number + 1}: B/A CPU "
-                          f"{cpu(last, 'budgets') / cpu(last, 'none'):.3f} "
+                          f"{cpu(last, 'budgets') / cpu(last, 'none'):.3f}, system µs/span "
+                          f"A {system(last, 'none'):.2f} B {system(last, 'budgets'):.2f} "
                           f"({time.monotonic() - started:.0f} s)", flush=True)
+                    started = time.monotonic()
                 s = summary(rounds)
                 ok = ok and s["exact"] and s["budgets_ok"]
                 a = statistics.median(cpu(r, "none") for r in rounds)

@@ -42,6 +42,7 @@ from bench.payload import (
     SPANS_PER_REQUEST,
     Layout,
     RequestFactory,
+    Sums,
     expected_sums,
 )
 from bench.verify import verify
@@ -170,15 +171,23 @@ class RssSampler:
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the process so far (all its threads)."""
+        user, system = self.cpu_split()
+        return user + system
+
+    def cpu_split(self) -> tuple[float, float]:
+        """User and system CPU time of the process so far, apart: what the kernel spends
+        for it (its writes, its sockets) can grow with what it stores while its own code
+        does not."""
         if self.pid is None:
-            return 0.0
+            return 0.0, 0.0
         try:
             with open(f"/proc/{self.pid}/stat") as stat:
                 fields = stat.read().rpartition(")")[2].split()
         except OSError:
-            return 0.0
+            return 0.0, 0.0
         # After the command name: state is field 3, utime field 14, stime field 15.
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        tick = os.sysconf("SC_CLK_TCK")
+        return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -258,12 +267,13 @@ async def _open_loop(send: Send, factory: RequestFactory, plan: Plan, tally: Tal
     await asyncio.gather(*tasks)
 
 
-async def _cpu_at(sampler: RssSampler, moments: tuple[float, float]) -> list[float]:
-    """The server's CPU seconds at each of `moments` (perf_counter times)."""
-    marks: list[float] = []
+async def _cpu_at(sampler: RssSampler, moments: tuple[float, float]
+                  ) -> list[tuple[float, float]]:
+    """The server's CPU seconds (user, system) at each of `moments` (perf_counter times)."""
+    marks: list[tuple[float, float]] = []
     for moment in moments:
         await asyncio.sleep(max(0.0, moment - time.perf_counter()))
-        marks.append(sampler.cpu_seconds())
+        marks.append(sampler.cpu_split())
     return marks
 
 
@@ -289,10 +299,11 @@ async def run_load(transport: str, target: str, plan: Plan, *, sessions: int,
         in_window = asyncio.create_task(_cpu_at(sampler, window))
         await drive(sender.send, factory, plan, tally, t0, window)
         finished = time.perf_counter()
-        window_cpu = None
+        window_cpu = window_system = None
         if finished >= window[1]:
             marks = await in_window
-            window_cpu = marks[1] - marks[0]
+            window_system = marks[1][1] - marks[0][1]
+            window_cpu = marks[1][0] - marks[0][0] + window_system
         else:  # ended early (a --requests run, or the hard stop): no window figure
             in_window.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -339,8 +350,26 @@ async def run_load(transport: str, target: str, plan: Plan, *, sessions: int,
         "server_window_cpu_us_per_span": (
             round(window_cpu * 1e6 / (tally.window_acks * SPANS_PER_REQUEST), 3)
             if window_cpu is not None and tally.window_acks else None),
+        # Its system (kernel) part.
+        "server_window_system_us_per_span": (
+            round(window_system * 1e6 / (tally.window_acks * SPANS_PER_REQUEST), 3)
+            if window_system is not None and tally.window_acks else None),
     }
     return result, tally
+
+
+def _carried(path: Path, expected: Sums) -> Sums:
+    """`expected` plus the sums saved at `path` by earlier runs, saved there in turn."""
+    total: Sums = {}
+    if path.exists():
+        total = {sid: (row[0], row[1], row[2], row[3])
+                 for sid, row in json.loads(path.read_text()).items()}
+    for sid, row in expected.items():
+        before = total.get(sid, (0, 0, 0, 0))
+        total[sid] = (before[0] + row[0], before[1] + row[1], before[2] + row[2],
+                      before[3] + row[3])
+    path.write_text(json.dumps(total))
+    return total
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -365,6 +394,10 @@ def main(argv: list[str] | None = None) -> int:
                         "resource: 16 resources of one session each (tags on resources)")
     parser.add_argument("--pid", type=int, help="server process, for its peak RSS")
     parser.add_argument("--verify-db", type=Path, help="collector SQLite file to check sums in")
+    parser.add_argument("--carry", type=Path,
+                        help="with --verify-db: the sums of earlier runs into the same "
+                        "database, read from this JSON file (when it exists) and added to this "
+                        "run's before the check, then the total written back for the next")
     parser.add_argument("--json-out", type=Path, help="write the result here (else stdout)")
     args = parser.parse_args(argv)
     if not args.target.startswith(f"{HOST}:"):
@@ -386,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         # Every acknowledged request is committed (the collector answers after commit), so
         # the database can be checked now, with the daemon still running.
         expected = expected_sums(tally.acked, args.sessions, args.layout)
+        if args.carry is not None:
+            expected = _carried(args.carry, expected)
         result["verification"] = verify(args.verify_db, expected).as_dict()
     text = json.dumps(result, indent=2)
     if args.json_out is not None:

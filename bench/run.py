@@ -234,8 +234,10 @@ def loadgen(work: Path, tag: str, server: Server, transport: str, *, concurrency
             sessions: int, duration_s: float = 0, warmup_s: float = 0,
             requests: int | None = None, rate: float | None = None,
             verify_db: Path | None = None, background: bool = False, tagged: bool = False,
-            layout: Layout = "span") -> dict[str, Any] | subprocess.Popen[bytes]:
-    """Run bench.loadgen in its own process; its JSON result (or the process if background)."""
+            layout: Layout = "span", carry: Path | None = None
+            ) -> dict[str, Any] | subprocess.Popen[bytes]:
+    """Run bench.loadgen in its own process; its JSON result (or the process if background).
+    `carry`: earlier runs' sums into the same database (bench.loadgen's --carry)."""
     port = server.http_port if transport == "http" else server.grpc_port
     out = _load_path(work, tag)
     argv = [PYTHON, "-m", "bench.loadgen", "--transport", transport,
@@ -249,6 +251,8 @@ def loadgen(work: Path, tag: str, server: Server, transport: str, *, concurrency
         argv += ["--rate", f"{rate:.1f}"]
     if verify_db is not None:
         argv += ["--verify-db", str(verify_db)]
+    if carry is not None:
+        argv += ["--carry", str(carry)]
     if tagged:
         argv.append("--tagged")
     argv += ["--layout", layout]

@@ -38,6 +38,12 @@ SESSION_PREFIX = "bench-session-"
 SESSION_DIGITS = 7  # fixed width, so a session id can be rewritten in place
 MAX_SESSIONS = 10**SESSION_DIGITS
 SPAN_DURATION_NS = 1_500_000_000
+# How much later each request's spans end than the previous request's: about the wall-clock
+# time between requests at full load (some 200 requests/s), so that a session's records keep
+# getting later as an agent's do. Were every request's spans to end at one time, whatever keeps
+# "the latest" per session (the tags' end times, last_active_at) would find nothing new after
+# the first flush, and cost less than it does in production.
+REQUEST_SPACING_NS = 5_000_000
 Layout = Literal["span", "resource"]
 LAYOUTS: tuple[Layout, ...] = ("span", "resource")
 RESOURCES_PER_REQUEST = 16  # the "resource" layout
@@ -194,6 +200,7 @@ class RequestFactory:
         self.layout = layout
         self.nonce = nonce if nonce is not None else int.from_bytes(os.urandom(8), "big")
         end = now_ns if now_ns is not None else time.time_ns()
+        self.end_ns = end
         per_resource = SPANS_PER_REQUEST if layout == "span" else SPANS_PER_RESOURCE
         request = ExportTraceServiceRequest()
         trace_markers: list[bytes] = []
@@ -223,6 +230,11 @@ class RequestFactory:
         self._trace_offsets = [_only_offset(template, m, 1)[0] for m in trace_markers]
         self._span_offsets = [_only_offset(template, m, 1)[0] for m in span_markers]
         digits_at = len(SESSION_PREFIX)
+        # Every span's start and end times, fixed64 fields (7 and 8): rewritten per request.
+        self._time_offsets = [
+            o + 1
+            for tag, at in ((b"\x39", end - SPAN_DURATION_NS), (b"\x41", end))
+            for o in _only_offset(template, tag + struct.pack("<Q", at), SPANS_PER_REQUEST)]
         self._session_offsets = [
             tuple(o + digits_at for o in _only_offset(template, session_id(j).encode(), 2))
             for j in range(SPANS_PER_REQUEST)
@@ -268,6 +280,11 @@ class RequestFactory:
             digits = b"%07d" % session_of(g, sessions, layout)
             buf[c_off:c_off + SESSION_DIGITS] = digits
             buf[i_off:i_off + SESSION_DIGITS] = digits
+        shift = number * REQUEST_SPACING_NS
+        pack_time = struct.Struct("<Q").pack_into
+        start, end = self.end_ns - SPAN_DURATION_NS + shift, self.end_ns + shift
+        for k, offset in enumerate(self._time_offsets):
+            pack_time(buf, offset, start if k < SPANS_PER_REQUEST else end)
         holder_spans = SPANS_PER_REQUEST // len(self._tag_offsets) if self._tag_offsets else 0
         for k, offset in enumerate(self._tag_offsets):
             run = self._tag_runs[session_of(base + k * holder_spans, sessions, layout)]

@@ -107,6 +107,68 @@ def test_a_full_memo_forgets_what_it_owes_nothing_and_keeps_what_it_owes() -> No
         ("s1", "team", "t", T0 + S)]
 
 
+def test_a_session_giving_another_set_or_a_part_is_kept_per_row_from_then_on() -> None:
+    """A session remembered as one set of tags, then giving a different set or only part of
+    it: each row still follows the latest-value rule, and an end time its set owed is still
+    written (by the flush that breaks the set, when due)."""
+    memo = TagMemo(lag_ns=LAG)
+    flush(memo, T0, span(1, "a", T0, team="web", project="p"))
+    assert flush(memo, T0 + S, span(2, "a", T0 + S, team="web", project="p")) == []
+    # Once the set's end time is due, a part of it with a new team: the team now, and the
+    # project's owed end time.
+    assert flush(memo, T0 + S + LAG, span(3, "a", T0 + LAG, team="ops")) == [
+        ("a", "project", "p", T0 + S), ("a", "team", "ops", T0 + LAG)]
+    # Per row from now on: the old set again, older than the team's latest, changes nothing.
+    assert flush(memo, T0 + S + LAG, span(4, "a", T0 + 2 * S, team="web", project="p")) == []
+    assert flush(memo, T0 + S + LAG, span(5, "a", T0 + 2 * LAG, team="web", project="q")) == [
+        ("a", "project", "q", T0 + 2 * LAG), ("a", "team", "web", T0 + 2 * LAG)]
+    assert memo.owed_rows() == []
+
+
+def test_the_memo_writes_what_writing_every_row_would_leave_in_the_table() -> None:
+    """Random flushes of whole sets, parts and other sets, at times in and out of order,
+    with a memo so small that it forgets: once the owed end times are written, the table
+    (its latest-value rule applied to the rows written) is the table every row written
+    would give."""
+    import random
+
+    def write(table: dict[tuple[str, str], tuple[str, int]],
+              rows: list[tuple[str, str, str, int]]) -> None:
+        for session, name, value, end in rows:
+            stored = table.get((session, name))
+            if stored is None or end >= stored[1]:
+                table[(session, name)] = (value, end)
+
+    for seed in range(40):
+        rng = random.Random(seed)
+        memo = TagMemo(lag_ns=LAG, limit=rng.choice((3, 6, 1000)))
+        with_memo: dict[tuple[str, str], tuple[str, int]] = {}
+        every_row: dict[tuple[str, str], tuple[str, int]] = {}
+        now, key = T0, 0
+        records: list[SpanUsage] = []
+        for _ in range(60):
+            now += rng.choice((0, S, 2 * S, LAG))
+            for _ in range(rng.randint(1, 4)):
+                key += 1
+                tags = rng.choice(({"team": "web", "project": "p"}, {"team": "web"},
+                                   {"team": "ops", "project": "p"}, {"project": "q"}))
+                records.append(span(key, rng.choice("abc"), now - rng.choice((0, S, 3 * S)),
+                                    **tags))
+            b = batch(*records)
+            plan = memo.plan(b, now)
+            if rng.random() < 0.1:
+                continue  # rolled back: its records are retried with the next flush's
+            write(every_row, [(sid, name, value, end)
+                              for sid, delta in b.sessions.items()
+                              for name, (value, end) in delta.latest_dimensions().items()])
+            write(with_memo, plan.rows)
+            memo.committed(plan, now)
+            records = []
+        write(with_memo, memo.owed_rows())
+        memo.settled()
+        assert with_memo == every_row, f"seed {seed}"
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 async def test_the_table_holds_each_latest_value_and_end_time_once_the_store_closes(
         tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:

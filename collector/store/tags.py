@@ -28,94 +28,190 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from collector.accounting.aggregate import Batch
-from collector.store.base import dimension_rows
+from collector.accounting.aggregate import Batch, SessionDelta
+from collector.signals.traces import Dimensions
 
 TAG_TIME_LAG_NS = 5_000_000_000
-MAX_REMEMBERED = 65_536  # rows; each about 200 bytes
+MAX_REMEMBERED = 65_536  # entries (a row, or a session's whole set); each about 200 bytes
 
 # (session id, dimension)
 TagKey = tuple[str, str]
 # (value, end time committed with it, latest end time seen for it, when it was committed)
 Remembered = tuple[str, int, int, int]
+# A session whose rows all came as one set of tags, together: the set, and the same times.
+SetRemembered = tuple[Dimensions, int, int, int]
 
 
 @dataclass(slots=True)
 class TagPlan:
-    """One flush's dimension rows, and what the memo knows once that flush commits."""
+    """One flush's dimension rows, and what the memo knows once that flush commits: per
+    row, and per session remembered as one set (None: the set is kept per row from now on,
+    its rows among `updates`)."""
 
     rows: list[tuple[str, str, str, int]]
     updates: dict[TagKey, Remembered]
+    sets: dict[str, SetRemembered | None]
+
+
+def _session_rows(d: SessionDelta) -> list[tuple[str, str, int]]:
+    """(dimension, value, end time of the span that set it) per dimension the batch gives."""
+    if d.dimensions:
+        return [(name, value, value_ns)
+                for name, (value, value_ns) in d.latest_dimensions().items()]
+    return [(name, value, d.tags_ns) for name, value in d.tags]
 
 
 class TagMemo:
-    """The dimension rows this collector committed (module docstring)."""
+    """The dimension rows this collector committed (module docstring).
+
+    A session's records nearly always carry one whole set of tags, the same at every flush:
+    such a session is remembered as that set, with one value and end time for all its rows,
+    so that a flush costs one comparison of the set per session, not a lookup per row. A
+    session that ever gives its tags otherwise (in parts, or a different set) is remembered
+    per row from then on; the rows its set had owed wait one more lag at most."""
 
     def __init__(self, *, lag_ns: int = TAG_TIME_LAG_NS, limit: int = MAX_REMEMBERED) -> None:
         self._lag_ns = lag_ns
         self._limit = limit
         self._rows: dict[TagKey, Remembered] = {}
-        # The rows whose latest end time is not written yet, each with the time it is due;
-        # in the order they became owed, which is the order of those times.
-        self._owed: dict[TagKey, int] = {}
+        self._sets: dict[str, SetRemembered] = {}
+        # The sessions remembered per row.
+        self._split: set[str] = set()
+        # The rows (or sessions' sets) whose latest end time is not written yet, each with the
+        # time it is due; in the order they became owed, which is the order of those times.
+        self._owed: dict[TagKey | str, int] = {}
 
     def plan(self, batch: Batch, now_ns: int) -> TagPlan:
         """The rows a flush of `batch` at `now_ns` writes (session id, dimension, value,
         end time), for the statements of the table's latest-value rule."""
         rows: list[tuple[str, str, str, int]] = []
         updates: dict[TagKey, Remembered] = {}
-        remembered = self._rows
+        sets: dict[str, SetRemembered | None] = {}
+        remembered, whole, split = self._rows, self._sets, self._split
         lag = self._lag_ns
-        for session_id, name, value, end in dimension_rows(batch):
-            key = (session_id, name)
-            known = remembered.get(key)
-            if known is not None:
-                old, written, seen, at = known
-                if end <= seen and (value == old or end < seen):
-                    continue  # nothing later than what is written or owed
-                if value == old and now_ns - at < lag:
-                    updates[key] = (old, written, end, at)
+        for d in batch.sessions.values():
+            session_id = d.session_id
+            tags = d.tags
+            if not d.dimensions and session_id not in split:
+                if not tags:
                     continue
-            rows.append((session_id, name, value, end))
-            updates[key] = (value, end, end, now_ns)
-        for key, due in self._owed.items():
+                end = d.tags_ns
+                known_set = whole.get(session_id)
+                if known_set is None:  # a session new here (or forgotten): written as one
+                    rows.extend((session_id, name, value, end) for name, value in tags)
+                    sets[session_id] = (tags, end, end, now_ns)
+                    continue
+                old_tags, written, seen, at = known_set
+                if old_tags is tags or old_tags == tags:
+                    if end <= seen:
+                        continue  # nothing later than what is written or owed
+                    if now_ns - at < lag:
+                        sets[session_id] = (old_tags, written, end, at)
+                    else:
+                        rows.extend((session_id, name, value, end) for name, value in tags)
+                        sets[session_id] = (tags, end, end, now_ns)
+                    continue
+            known_set = whole.get(session_id)
+            if known_set is not None:  # another set: this session is kept per row from now
+                old_tags, written, seen, at = known_set
+                for name, value in old_tags:
+                    updates[(session_id, name)] = (value, written, seen, at)
+                sets[session_id] = None
+            for name, value, end in _session_rows(d):
+                key = (session_id, name)
+                known = updates.get(key) or remembered.get(key)
+                if known is not None:
+                    old, written, seen, at = known
+                    if end <= seen and (value == old or end < seen):
+                        continue  # nothing later than what is written or owed
+                    if value == old and now_ns - at < lag:
+                        updates[key] = (old, written, end, at)
+                        continue
+                rows.append((session_id, name, value, end))
+                updates[key] = (value, end, end, now_ns)
+        for owed, due in self._owed.items():
             if due > now_ns:
                 break
-            value, written, seen, _ = updates.get(key) or remembered[key]
-            if seen > written:
-                rows.append((key[0], key[1], value, seen))
-                updates[key] = (value, seen, seen, now_ns)
-        return TagPlan(rows, updates)
+            if owed.__class__ is str:
+                assert isinstance(owed, str)
+                planned = sets.get(owed, whole.get(owed))
+                if planned is not None:
+                    tags, written, seen, _ = planned
+                    if seen > written:
+                        rows.extend((owed, name, value, seen) for name, value in tags)
+                        sets[owed] = (tags, seen, seen, now_ns)
+                    continue
+                # Its set was broken into rows by this flush: those are owed instead.
+                keys: list[TagKey] = [(owed, name) for name, _ in whole[owed][0]]
+            else:
+                assert isinstance(owed, tuple)
+                keys = [owed]
+            for key in keys:
+                value, written, seen, _ = updates.get(key) or remembered[key]
+                if seen > written:
+                    rows.append((key[0], key[1], value, seen))
+                    updates[key] = (value, seen, seen, now_ns)
+        return TagPlan(rows, updates, sets)
 
     def committed(self, plan: TagPlan, now_ns: int) -> None:
         """The flush that wrote `plan` committed (never called for one rolled back, so its
         rows are planned again with the batch it is retried in)."""
         owed = self._owed
-        rows = self._rows
-        for key, entry in plan.updates.items():
-            if key not in rows and len(rows) >= self._limit:
-                # Room: rows with nothing owed are forgotten (written as new when next
-                # seen); owed ones stay until written.
-                self._rows = rows = {k: e for k, e in rows.items() if k in owed}
-                if len(rows) >= self._limit:
-                    continue  # a new key owes nothing: written as new next time
-            rows[key] = entry
-            if entry[2] > entry[1]:
-                if key not in owed:
-                    owed[key] = now_ns + self._lag_ns
-            else:
-                owed.pop(key, None)
+        for session_id, entry in plan.sets.items():
+            if entry is None:
+                self._sets.pop(session_id, None)
+                owed.pop(session_id, None)  # owed per row now, through plan.updates
+                self._split.add(session_id)
+            elif self._room_for(session_id in self._sets):
+                self._sets[session_id] = entry
+                self._owe(session_id, entry[2] > entry[1], now_ns)
+        for key, row in plan.updates.items():
+            if self._room_for(key in self._rows):
+                self._rows[key] = row
+                self._split.add(key[0])
+                self._owe(key, row[2] > row[1], now_ns)
+
+    def _room_for(self, known: bool) -> bool:
+        """Whether an entry can be kept: a known one always; a new one when the memo is not
+        full, else once what owes nothing is forgotten (written as new when next seen);
+        owed entries stay until written."""
+        if known or len(self._rows) + len(self._sets) < self._limit:
+            return True
+        owed = self._owed
+        self._rows = {k: e for k, e in self._rows.items() if k in owed}
+        self._sets = {k: e for k, e in self._sets.items() if k in owed}
+        self._split = {session_id for session_id, _ in self._rows}
+        return len(self._rows) + len(self._sets) < self._limit
+
+    def _owe(self, key: TagKey | str, owes: bool, now_ns: int) -> None:
+        if owes:
+            if key not in self._owed:
+                self._owed[key] = now_ns + self._lag_ns
+        else:
+            self._owed.pop(key, None)
 
     def owed_rows(self) -> list[tuple[str, str, str, int]]:
         """Every end time not written yet (for a store that closes)."""
-        return [(key[0], key[1], self._rows[key][0], self._rows[key][2]) for key in self._owed]
+        rows: list[tuple[str, str, str, int]] = []
+        for key in self._owed:
+            if isinstance(key, str):
+                tags, _, seen, _ = self._sets[key]
+                rows.extend((key, name, value, seen) for name, value in tags)
+            else:
+                rows.append((key[0], key[1], self._rows[key][0], self._rows[key][2]))
+        return rows
 
     def settled(self) -> None:
         """owed_rows() committed."""
         for key in self._owed:
-            value, _, seen, at = self._rows[key]
-            self._rows[key] = (value, seen, seen, at)
+            if isinstance(key, str):
+                tags, _, seen, at = self._sets[key]
+                self._sets[key] = (tags, seen, seen, at)
+            else:
+                value, _, seen, at = self._rows[key]
+                self._rows[key] = (value, seen, seen, at)
         self._owed.clear()
 
     def __len__(self) -> int:
-        return len(self._rows)
+        """Rows remembered, a session's set counting each of its rows."""
+        return len(self._rows) + sum(len(entry[0]) for entry in self._sets.values())

@@ -497,6 +497,32 @@ def test_dimensions_come_from_the_span_then_the_resource_first_attribute_first()
     assert one(make_span(attrs=chat()), options=options).dimensions == ()
 
 
+def test_a_set_of_tags_read_again_is_the_same_object_and_the_sets_kept_are_bounded(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests repeating a resource's tags (every request an agent sends) give their
+    records one tuple for the set, so that comparing a session's tags with what was
+    remembered stops at identity; the sets kept are bounded and forgetting them changes no
+    value."""
+    import collector.signals.traces as traces
+
+    options = mapping_options(dimensions=DIMENSIONS)
+    resource = {"service.name": "bot", "team.id": "platform", "repository": "org/repo"}
+    first = one(make_span(attrs=chat(), resource=resource), options=options)
+    again = one(make_span(span_id=2, attrs=chat(), resource=dict(resource)), options=options)
+    assert again.dimensions == first.dimensions == (("team", "platform"),
+                                                    ("project", "org/repo"))
+    assert again.dimensions is first.dimensions
+    # A span's own value over the resource's: a set of its own, kept once too.
+    own = [one(make_span(span_id=3 + i, attrs=chat(team="security"), resource=resource),
+               options=options).dimensions for i in range(2)]
+    assert own[0] == (("team", "security"), ("project", "org/repo")) and own[0] is own[1]
+    monkeypatch.setattr(traces, "MAX_TAG_SETS", 3)
+    sets = [one(make_span(span_id=10 + i, attrs=chat(), resource={"team": f"t{i}"}),
+                options=options).dimensions for i in range(5)]
+    assert sets == [(("team", f"t{i}"),) for i in range(5)]
+    assert len(options._tag_sets) <= 3
+
+
 def test_a_dimension_value_is_bounded_like_the_labels() -> None:
     options = mapping_options(dimensions=DIMENSIONS, max_attribute_value_bytes=64)
     result = run(make_span(attrs=chat(**{"team.id": "x" * 65})), options=options)

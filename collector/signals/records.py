@@ -209,7 +209,7 @@ def labels_of(dialect: Dialect, record: Record, options: MappingOptions) -> Labe
             label(attribute(SERVICE_VERSION), SERVICE_VERSION),
             label(lookup(dialect, record, "user"), "user"),
             label(attribute(HOST_NAME), HOST_NAME),
-            tuple(dimensions))
+            options.tag_set(tuple(dimensions)) if dimensions else ())
 
 
 def map_record(dialect: Dialect, record: Record, options: MappingOptions, now_ns: int,

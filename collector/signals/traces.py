@@ -110,6 +110,9 @@ DEFAULT_STATUS = "active"
 DEFAULT_CHANNEL = "cli"
 MODEL_CALL_OPERATIONS = frozenset({"chat", "text_completion", "generate_content"})
 TRACE_ID_BYTES = 16
+# Sets of tags MappingOptions.tag_set keeps (each a few hundred bytes): far more than a fleet's
+# teams times projects, few enough that one agent sending a new set per span costs little.
+MAX_TAG_SETS = 16_384
 SPAN_ID_BYTES = 8
 # (dimension name, value) pairs, in the configured order; only the dimensions given.
 Dimensions = tuple[tuple[str, str], ...]
@@ -232,6 +235,8 @@ class MappingOptions:
     no_label_values: list[None] = field(init=False, repr=False, compare=False)
     # The attribute names a dialect reads, with the dimensions' (by dialect name).
     _wanted: dict[str, frozenset[str]] = field(init=False, repr=False, compare=False)
+    # Each set of tags read so far, kept once (see tag_set).
+    _tag_sets: dict[Dimensions, Dimensions] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # The other conventions' names first, so that a config alias of the same name wins.
@@ -257,6 +262,23 @@ class MappingOptions:
         set_(self, "slot_names", names)
         set_(self, "no_label_values", [None] * (n_slots - S_AGENT))
         set_(self, "_wanted", {})
+        set_(self, "_tag_sets", {})
+
+    def tag_set(self, tags: Dimensions) -> Dimensions:
+        """The one tuple kept for this set of tags. A fleet's agents repeat a few sets (one
+        per team and project) in every request; with one object per set, whatever compares
+        a session's tags with what it remembered of them (the aggregator, the store's tag
+        memo) finds the same object and stops at identity, never reading the old set's
+        tuples and strings again: those are long out of the caches by the next flush, and
+        reading them was most of what remembering tags cost. Bounded: forgotten whole when
+        full (a set forgotten is kept again when next read; only identity is lost)."""
+        sets = self._tag_sets
+        kept = sets.get(tags)
+        if kept is None:
+            if len(sets) >= MAX_TAG_SETS:
+                sets.clear()
+            kept = sets[tags] = tags
+        return kept
 
     def read_for(self, dialect: Any) -> frozenset[str]:
         """The attributes a dialect's records are decoded for: its own and the dimensions'."""
@@ -842,12 +864,13 @@ def _dimensions(v: list[Any], fallback: Dimensions, who: str | bytes, limit: int
     # alone) return without building a mapping. `fallback` is this function's own result for
     # the resource, so it is already in dimension order.
     if not fallback:
-        return tuple(found)
+        return options.tag_set(tuple(found)) if found else ()
     if not found:
         return fallback
     given = dict(fallback)
     given.update(found)
-    return tuple((d, given[d]) for d, _ in options.dimension_slots if d in given)
+    return options.tag_set(
+        tuple((d, given[d]) for d, _ in options.dimension_slots if d in given))
 
 
 def _label(value: Any, slot: int, who: str, limit: int) -> str | None:

@@ -22,15 +22,17 @@ median round and the ratio of the sums (pooled).
 
 Run: python -m bench.budgetpair [--layout resource|span] [--transport http|grpc]
      [--rounds N] [--seconds S] [--warmup S] [--concurrency N] [--b budgets|tags|none]
-     [--together] [--no-pin]
+     [--together] [--no-pin] [--alternate [--blocks K] [--slice-warmup S]]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
+import random
 import statistics
 import subprocess
 import tempfile
@@ -138,17 +140,20 @@ def _run(work: Path, number: int, names: Sequence[str],
 
 def alternating(work: Path, layout: Layout, transport: str, *, slices: int, seconds: float,
                 warmup: float, slice_warmup: float, concurrency: int, sessions: int,
-                b: str = "budgets") -> Iterator[dict[str, Any]]:
+                b: str = "budgets", block: int = 0) -> Iterator[dict[str, Any]]:
     """A and B started once, warmed for `warmup` each, then driven in turn, `slices` times
     each (A first in even slices), by a load generator pinned apart from them: the pairs of
     neighbouring slices are seconds apart, so the machine's drift over a round of fresh
     processes does not come between A and B. Every slice's sums are checked exact against
     the whole run so far. Each slice's `slice_warmup` refills the caches the other collector
     used. B folds its journal on a timer, so it folds about twice as often a span as when it
-    runs alone: that is counted against B. Yields each slice pair as one_round would."""
+    runs alone: that is counted against B. Yields each slice pair as one_round would.
+    A process keeps its own luck for its life (where its heap and hash seeds put things
+    against the caches: a collector against itself came out 2 % apart over 12 slices), so
+    main() runs `--blocks` of these, each with fresh collectors (`block` names its files)."""
     cpus = sorted(os.sched_getaffinity(0))
     server_cpu, load_cpu = (cpus[-1], cpus[0]) if len(cpus) >= 2 else (None, None)
-    base = f"alt-{layout}-{transport}"
+    base = f"alt-{layout}-{transport}-{block}"
     servers: dict[str, Server] = {}
     try:
         for name in CONFIGS:
@@ -193,13 +198,27 @@ def system(run: dict[str, Any], name: str) -> float:
     return value
 
 
+def median_interval(values: Sequence[float], *, resamples: int = 2000,
+                    level: float = 0.9) -> tuple[float, float]:
+    """A bootstrap interval of the median of `values` (percentiles of the medians of
+    resamples; a fixed seed, so a saved run's interval can be recomputed): how far apart
+    the rounds leave it, which a median alone does not say."""
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values)))
+                     for _ in range(resamples))
+    tail = (1 - level) / 2
+    return medians[int(tail * resamples)], medians[int((1 - tail) * resamples) - 1]
+
+
 def summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """Per round B over A (CPU a span in the window; spans/s), their medians and ranges."""
     ratios = [cpu(r, "budgets") / cpu(r, "none") for r in rounds]
     rate = [r["budgets"]["spans_per_s"] / r["none"]["spans_per_s"] for r in rounds]
+    low, high = median_interval(ratios)
     return {
         "cpu_ratios": ratios, "rate_ratios": rate,
         "cpu_increase_median": statistics.median(ratios) - 1,
+        "cpu_increase_median_90": (low - 1, high - 1),
         "loss_median": 1 - statistics.median(rate),
         # Over all rounds together: B's CPU per span summed over A's.
         "cpu_increase_pooled": sum(cpu(r, "budgets") for r in rounds)
@@ -225,6 +244,9 @@ def main() -> int:
     parser.add_argument("--alternate", action="store_true",
                         help="A and B started once and driven in turn, --rounds slices of "
                         "--seconds each (see alternating())")
+    parser.add_argument("--blocks", type=int, default=1,
+                        help="with --alternate: this many runs of --rounds slices, each with "
+                        "fresh collectors")
     parser.add_argument("--slice-warmup", type=float, default=0.5,
                         help="with --alternate: seconds unmeasured at each slice's start")
     parser.add_argument("--no-pin", action="store_true",
@@ -233,8 +255,8 @@ def main() -> int:
                         help="what B is: the budgets and tags, the tags alone, or A again")
     args = parser.parse_args()
     print("| tags on | transport | rounds | A CPU µs/span (median) | B CPU µs/span (median) "
-          "| B/A CPU by round | B/A CPU, median | pooled | loss (1 - B/A spans/s), median "
-          "| B/A spans/s by round | sums | budgets |\n"
+          "| B/A CPU by round | B/A CPU, median (90 % interval) | pooled "
+          "| loss (1 - B/A spans/s), median | B/A spans/s by round | sums | budgets |\n"
           "|---|---|---:|---:|---:|---|---:|---:|---:|---|---|---|", flush=True)
     ok = True
     mode = ("alternating" if args.alternate else "together" if args.together
@@ -246,10 +268,13 @@ def main() -> int:
             for transport in args.transport or list(TRANSPORTS):
                 rounds: list[dict[str, Any]] = []
                 if args.alternate:
-                    each: Iterator[dict[str, Any]] = alternating(
-                        work, layout, transport, slices=args.rounds, seconds=args.seconds,
-                        warmup=args.warmup, slice_warmup=args.slice_warmup,
-                        concurrency=args.concurrency, sessions=args.sessions, b=args.b)
+                    each: Iterator[dict[str, Any]] = itertools.chain.from_iterable(
+                        alternating(work, layout, transport, slices=args.rounds,
+                                    seconds=args.seconds, warmup=args.warmup,
+                                    slice_warmup=args.slice_warmup,
+                                    concurrency=args.concurrency, sessions=args.sessions,
+                                    b=args.b, block=block)
+                        for block in range(args.blocks))
                 else:
                     each = (one_round(work, number, layout, transport, seconds=args.seconds,
                                       warmup=args.warmup, concurrency=args.concurrency,
@@ -272,7 +297,10 @@ def main() -> int:
                 print(f"| {layout}s, B = {args.b}, {mode} | {transport} | {len(rounds)} | "
                       f"{a:.2f} | {b:.2f} | "
                       f"{' '.join(f'{x:.3f}' for x in s['cpu_ratios'])} | "
-                      f"{s['cpu_increase_median']:+.1%} | {s['cpu_increase_pooled']:+.1%} | "
+                      f"{s['cpu_increase_median']:+.1%} "
+                      f"({s['cpu_increase_median_90'][0]:+.1%} … "
+                      f"{s['cpu_increase_median_90'][1]:+.1%}) | "
+                      f"{s['cpu_increase_pooled']:+.1%} | "
                       f"{s['loss_median']:.1%} | "
                       f"{' '.join(f'{x:.3f}' for x in s['rate_ratios'])} | "
                       f"{'exact' if s['exact'] else 'NOT EXACT'} | "

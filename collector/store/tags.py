@@ -8,7 +8,8 @@ values, and then a row changes only by its end time. Rewriting every row on ever
 that was most of what tags cost ingestion (about 2 µs a row, four tags a session).
 
 So each store keeps a TagMemo: per row, the value and end time it committed, when, and the
-latest end time it has seen since. A flush writes
+latest end time it has seen since (for a session whose records carry one whole set of tags,
+once for the set: TagMemo's docstring). A flush writes
 - a row it knows nothing of, and a new value, at once;
 - a repeated value's later end time once TAG_TIME_LAG_NS has passed since that row was last
   written: by the next flush that carries it, else by the first flush after the move has been

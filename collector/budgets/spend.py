@@ -185,15 +185,16 @@ class SpendPlanner:
         missing: list[tuple[str, str]] = []
         fleet = FLEET in self._of_dimension
         labels, configured = self._labels, self._configured
-        last_hour, level = None, {}
+        last_hour: int | None = None
+        level: dict[str, dict[str, float]] = {}
         for (session_id, _, hour), delta in hours.items():
             cost = delta.cost_cents
             if not cost:
                 continue
             if hour != last_hour:
-                level = levels.get(hour) or levels.setdefault(
-                    hour, {d: {} for d in self._dimensions})
-                last_hour = hour
+                if hour not in levels:
+                    levels[hour] = {d: {} for d in self._dimensions}
+                level, last_hour = levels[hour], hour
             if fleet:
                 per = level[FLEET]
                 per[FLEET] = per.get(FLEET, 0.0) + cost
@@ -210,14 +211,14 @@ class SpendPlanner:
                     per[value] = per.get(value, 0.0) + cost
             if configured:
                 found = 0
-                for dimension, value in (session.latest_tags() if session.dimensions
-                                         else session.tags):
+                tags = session.latest_tags()
+                for dimension, value in tags:
                     of = level.get(dimension)
                     if of is not None:
                         of[value] = of.get(value, 0.0) + cost
                         found += 1
                 if found < len(configured):
-                    named = {d for d, _ in session.latest_tags()}
+                    named = {d for d, _ in tags}
                     missing.extend((d, session_id) for d in configured if d not in named)
         sums: Sums = {}
         for hour, level in levels.items():

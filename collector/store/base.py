@@ -321,16 +321,21 @@ def label_rows(batch: Batch) -> Iterable[tuple[Any, ...]]:
     return (label_params(d) for d in batch.sessions.values() if d.has_labels())
 
 
+def session_dimensions(d: SessionDelta) -> list[tuple[str, str, int]]:
+    """(dimension, value, end time of the span that set it) per dimension a session's delta
+    gives."""
+    if d.dimensions:
+        return [(name, value, value_ns)
+                for name, (value, value_ns) in d.latest_dimensions().items()]
+    # The usual session: one whole set of tags, one end time.
+    return [(name, value, d.tags_ns) for name, value in d.tags]
+
+
 def dimension_rows(batch: Batch) -> Iterator[tuple[str, str, str, int]]:
     """(session, dimension, value, end time of the span that set it) per dimension given."""
     for d in batch.sessions.values():
-        if d.dimensions:
-            for name, (value, value_ns) in d.latest_dimensions().items():
-                yield d.session_id, name, value, value_ns
-        elif d.tags:  # the usual session: one whole set of tags, one end time
-            value_ns = d.tags_ns
-            for name, value in d.tags:
-                yield d.session_id, name, value, value_ns
+        for name, value, value_ns in session_dimensions(d):
+            yield d.session_id, name, value, value_ns
 
 
 def hour_rows(batch: Batch) -> Iterable[tuple[Any, ...]]:

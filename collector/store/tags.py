@@ -29,8 +29,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from collector.accounting.aggregate import Batch, SessionDelta
+from collector.accounting.aggregate import Batch
 from collector.signals.traces import Dimensions
+from collector.store.base import session_dimensions
 
 TAG_TIME_LAG_NS = 5_000_000_000
 MAX_REMEMBERED = 65_536  # entries (a row, or a session's whole set); each about 200 bytes
@@ -52,14 +53,6 @@ class TagPlan:
     rows: list[tuple[str, str, str, int]]
     updates: dict[TagKey, Remembered]
     sets: dict[str, SetRemembered | None]
-
-
-def _session_rows(d: SessionDelta) -> list[tuple[str, str, int]]:
-    """(dimension, value, end time of the span that set it) per dimension the batch gives."""
-    if d.dimensions:
-        return [(name, value, value_ns)
-                for name, (value, value_ns) in d.latest_dimensions().items()]
-    return [(name, value, d.tags_ns) for name, value in d.tags]
 
 
 class TagMemo:
@@ -93,11 +86,11 @@ class TagMemo:
         for d in batch.sessions.values():
             session_id = d.session_id
             tags = d.tags
+            known_set = whole.get(session_id)  # never one for a session in `split`
             if not d.dimensions and session_id not in split:
                 if not tags:
                     continue
                 end = d.tags_ns
-                known_set = whole.get(session_id)
                 if known_set is None:  # a session new here (or forgotten): written as one
                     rows.extend((session_id, name, value, end) for name, value in tags)
                     sets[session_id] = (tags, end, end, now_ns)
@@ -112,13 +105,12 @@ class TagMemo:
                         rows.extend((session_id, name, value, end) for name, value in tags)
                         sets[session_id] = (tags, end, end, now_ns)
                     continue
-            known_set = whole.get(session_id)
             if known_set is not None:  # another set: this session is kept per row from now
                 old_tags, written, seen, at = known_set
                 for name, value in old_tags:
                     updates[(session_id, name)] = (value, written, seen, at)
                 sets[session_id] = None
-            for name, value, end in _session_rows(d):
+            for name, value, end in session_dimensions(d):
                 key = (session_id, name)
                 known = updates.get(key) or remembered.get(key)
                 if known is not None:
@@ -133,8 +125,7 @@ class TagMemo:
         for owed, due in self._owed.items():
             if due > now_ns:
                 break
-            if owed.__class__ is str:
-                assert isinstance(owed, str)
+            if isinstance(owed, str):
                 planned = sets.get(owed, whole.get(owed))
                 if planned is not None:
                     tags, written, seen, _ = planned
@@ -145,7 +136,6 @@ class TagMemo:
                 # Its set was broken into rows by this flush: those are owed instead.
                 keys: list[TagKey] = [(owed, name) for name, _ in whole[owed][0]]
             else:
-                assert isinstance(owed, tuple)
                 keys = [owed]
             for key in keys:
                 value, written, seen, _ = updates.get(key) or remembered[key]

@@ -104,6 +104,26 @@ def one_round(work: Path, number: int, layout: Layout, transport: str, *, second
     return results
 
 
+def _start(work: Path, tag: str, name: str, b: str, cpu: int | None) -> Server:
+    """Collector `name` ("none" or "budgets") on `cpu`: B with bench.budgets' budgets and a
+    sink on a closed port when `b` is "budgets", else as A."""
+    extra = budgets_toml(free_port()) if name == "budgets" and b == "budgets" else ""
+    with pinned(cpu):
+        return start_collector(work, tag, FULL, extra_toml=extra)
+
+
+def _tagged(name: str, b: str) -> bool:
+    """Whether collector `name` is sent the teams' tags."""
+    return name == "budgets" and b != "none"
+
+
+def _budget_check(servers: dict[str, Server]) -> dict[str, Any]:
+    """B's budgets against its sessions (bench.budgets.check_budgets)."""
+    db = servers["budgets"].db
+    assert db is not None
+    return check_budgets(db).as_dict()
+
+
 def _run(work: Path, number: int, names: Sequence[str],
          place: dict[str, tuple[int | None, int | None]], layout: Layout, transport: str, *,
          seconds: float, warmup: float, concurrency: int, sessions: int, b: str,
@@ -114,25 +134,21 @@ def _run(work: Path, number: int, names: Sequence[str],
     tags = {name: f"pair-{layout}-{transport}-{number}-{name}" for name in names}
     try:
         for name in names:
-            extra = budgets_toml(free_port()) if name == "budgets" and b == "budgets" else ""
-            with pinned(place[name][0]):
-                servers[name] = start_collector(work, tags[name], FULL, extra_toml=extra)
+            servers[name] = _start(work, tags[name], name, b, place[name][0])
         for name in names:
             server = servers[name]
             with pinned(place[name][1]):
                 run = loadgen(work, tags[name], server, transport, concurrency=concurrency,
                               sessions=sessions, duration_s=seconds, warmup_s=warmup,
-                              verify_db=server.db, tagged=name == "budgets" and b != "none",
-                              layout=layout, background=True)
+                              verify_db=server.db, tagged=_tagged(name, b), layout=layout,
+                              background=True)
             assert isinstance(run, subprocess.Popen)
             runs[name] = run
         for name, run in runs.items():
             run.wait(timeout=warmup + seconds + 300)
             into[name] = load_result(work, tags[name])
         if "budgets" in servers and b == "budgets":
-            db = servers["budgets"].db
-            assert db is not None
-            into["budget_check"] = check_budgets(db).as_dict()
+            into["budget_check"] = _budget_check(servers)
     finally:
         for server in servers.values():
             server.stop()
@@ -157,9 +173,7 @@ def alternating(work: Path, layout: Layout, transport: str, *, slices: int, seco
     servers: dict[str, Server] = {}
     try:
         for name in CONFIGS:
-            extra = budgets_toml(free_port()) if name == "budgets" and b == "budgets" else ""
-            with pinned(server_cpu):
-                servers[name] = start_collector(work, f"{base}-{name}", FULL, extra_toml=extra)
+            servers[name] = _start(work, f"{base}-{name}", name, b, server_cpu)
         for number in range(-1, slices):  # -1: the warm-up, not measured
             run: dict[str, Any] = {}
             for name in CONFIGS if number % 2 == 0 else CONFIGS[::-1]:
@@ -170,16 +184,13 @@ def alternating(work: Path, layout: Layout, transport: str, *, slices: int, seco
                                      duration_s=seconds if number >= 0 else warmup,
                                      warmup_s=slice_warmup, verify_db=server.db,
                                      carry=work / f"{base}-{name}-sums.json",
-                                     tagged=name == "budgets" and b != "none",
-                                     layout=layout)
+                                     tagged=_tagged(name, b), layout=layout)
                 assert isinstance(result, dict)
                 run[name] = result
             if number < 0:
                 continue
             if number == slices - 1 and b == "budgets":
-                db = servers["budgets"].db
-                assert db is not None
-                run["budget_check"] = check_budgets(db).as_dict()
+                run["budget_check"] = _budget_check(servers)
             yield run
     finally:
         for server in servers.values():

@@ -318,6 +318,13 @@ async def run_load(transport: str, target: str, plan: Plan, *, sessions: int,
         seconds = min(finished, window[1]) - window[0]
         measured_spans = tally.window_acks * SPANS_PER_REQUEST
     latencies = sorted(tally.latencies_s)
+
+    def in_window_per_span(cpu_s: float | None) -> float | None:
+        """CPU seconds spent within the window, in µs a span acknowledged in it."""
+        if cpu_s is None or not tally.window_acks:
+            return None
+        return round(cpu_s * 1e6 / (tally.window_acks * SPANS_PER_REQUEST), 3)
+
     result: dict[str, Any] = {
         "transport": transport,
         "target": target,
@@ -347,13 +354,9 @@ async def run_load(transport: str, target: str, plan: Plan, *, sessions: int,
         "server_cpu_us_per_span": round(server_cpu * 1e6 / max(len(tally.acked), 1)
                                         / SPANS_PER_REQUEST, 2),
         # The same within the measurement window only (no warm-up); None without one.
-        "server_window_cpu_us_per_span": (
-            round(window_cpu * 1e6 / (tally.window_acks * SPANS_PER_REQUEST), 3)
-            if window_cpu is not None and tally.window_acks else None),
+        "server_window_cpu_us_per_span": in_window_per_span(window_cpu),
         # Its system (kernel) part.
-        "server_window_system_us_per_span": (
-            round(window_system * 1e6 / (tally.window_acks * SPANS_PER_REQUEST), 3)
-            if window_system is not None and tally.window_acks else None),
+        "server_window_system_us_per_span": in_window_per_span(window_system),
     }
     return result, tally
 

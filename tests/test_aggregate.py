@@ -124,11 +124,16 @@ def test_who_spends_follows_the_latest_span_per_label() -> None:
 
 def test_each_dimension_keeps_its_latest_value_in_any_arrival_order() -> None:
     """The fold's shortcut for a repeated set of tags gives what a plain per-name fold does."""
-    tag_sets = [(("team", "a"), ("project", "p")), (("team", "b"),), (("project", "q"),),
-                (("team", "a"), ("project", "p")), (("cost_center", "c"), ("team", "b"))]
+    same = (("team", "a"), ("project", "p"))
+    tag_sets = [same, (("team", "b"),), (("project", "q"),), tuple(list(same)), (),
+                (("cost_center", "c"), ("team", "b"))]
     rng = random.Random(7)
-    for _ in range(300):
-        spans = [(rng.randrange(1, 40) * MS, rng.choice(tag_sets)) for _ in range(12)]
+    for _ in range(600):
+        # Half the sessions mostly repeat one set (the fold's shortcut), now and then
+        # another set, an equal one in another object, or none.
+        weights = [30, 1, 1, 2, 2, 1] if rng.random() < 0.5 else None
+        spans = [(rng.randrange(1, 40) * MS, rng.choices(tag_sets, weights)[0])
+                 for _ in range(rng.randrange(1, 12))]
         batch = Batch()
         batch.add(rec(i, end=T0 + t)._replace(dimensions=tags)
                   for i, (t, tags) in enumerate(spans))
@@ -137,8 +142,11 @@ def test_each_dimension_keeps_its_latest_value_in_any_arrival_order() -> None:
             for name, value in tags:
                 if name not in expected or T0 + t >= expected[name][1]:
                     expected[name] = (value, T0 + t)
-        assert batch.sessions["s"].latest_dimensions() == expected
-        assert dict(batch.sessions["s"].latest_tags()) == {n: v for n, (v, _) in expected.items()}
+        d = batch.sessions["s"]
+        assert d.latest_dimensions() == expected
+        assert dict(d.latest_tags()) == {n: v for n, (v, _) in expected.items()}
+        if d.tags:  # the set's end time: the latest span that gave all of it
+            assert d.tags_ns == max(T0 + t for t, tags in spans if tags == d.tags)
 
 
 def test_a_session_repeating_one_set_of_tags_keeps_it_whole_in_any_order() -> None:

@@ -30,6 +30,10 @@ from collector.signals.traces import (
 NO_TIME = -1
 HOUR_NS = 3600 * 1_000_000_000
 NO_MODEL = ""  # the rollup's model for usage without one (a key column cannot be NULL)
+# SessionDelta.tags_at while the session's tags are as late as its latest span.
+FOLLOWS_LAST = -2
+# SessionDelta.same once its spans differ in their tags: an object no span's tags are.
+MIXED: Dimensions = (("", ""),)
 
 
 @dataclass(slots=True)
@@ -71,7 +75,17 @@ class SessionDelta:
     # of its names in `dimensions`), so a span repeating it only moves `tags_ns`.
     dimensions: dict[str, tuple[str, int]] | None = None
     tags: Dimensions = ()
-    tags_ns: int = NO_TIME
+    # The end time of the latest span that gave `tags`; FOLLOWS_LAST while every span of the
+    # session in this batch gave them (then it is last_ns, which the fold keeps anyway).
+    tags_at: int = FOLLOWS_LAST
+    # What Batch.add compares a span's tags with, by identity, to know it changes nothing but
+    # times already kept: `tags` while tags_at follows last_ns (or () while the session has
+    # none), else MIXED, which no span carries.
+    same: Dimensions = ()
+
+    @property
+    def tags_ns(self) -> int:
+        return self.last_ns if self.tags_at == FOLLOWS_LAST else self.tags_at
 
     def latest_dimensions(self) -> dict[str, tuple[str, int]]:
         given = dict(self.dimensions or {})
@@ -194,7 +208,13 @@ class Batch:
             delta = sessions.get(session_id)
             if delta is None:
                 delta = sessions[session_id] = SessionDelta(session_id, start, end)
+                if dimensions:
+                    delta.tags = delta.same = dimensions
             else:
+                # Before last_ns moves: while the session's spans all repeat one set of tags,
+                # their end time is last_ns and this is the whole of their fold.
+                if dimensions is not delta.same:
+                    _fold_tags(delta, end, dimensions)
                 if start < delta.created_ns:
                     delta.created_ns = start
                 if end > delta.last_ns:
@@ -216,17 +236,6 @@ class Batch:
                 carried_by = credential
             if carried_by is not None and end >= delta.credential_ns:
                 delta.credential, delta.credential_ns = carried_by, end
-            if dimensions:
-                tags = delta.tags
-                if dimensions is tags or dimensions == tags:
-                    # The session's latest tags again: only how late they were given can
-                    # move (an older span repeating them changes nothing).
-                    if end > delta.tags_ns:
-                        delta.tags_ns = end
-                elif not tags and not delta.dimensions:  # the session's first tags
-                    delta.tags, delta.tags_ns = dimensions, end
-                else:
-                    _latest_dimensions(delta, end, dimensions)
             hour_key = (session_id, model or NO_MODEL, end // HOUR_NS)
             hour = hours.get(hour_key)
             if hour is None:
@@ -295,6 +304,30 @@ def _latest_session_values(delta: SessionDelta, end: int, kind: str | None, stat
         delta.goal, delta.goal_ns = goal, end
 
 
+def _fold_tags(delta: SessionDelta, end: int, dimensions: Dimensions) -> None:
+    """A span whose tags are not (by identity) the ones every earlier span of its session in
+    the batch gave; called before the span moves last_ns."""
+    tags = delta.tags
+    if delta.same is not MIXED:
+        if dimensions and dimensions == tags:
+            return  # the same set in another object: still every span's
+        # From here on the session's tags are not simply as late as its latest span.
+        delta.same = MIXED
+        if tags:
+            delta.tags_at = delta.last_ns
+    if not dimensions:
+        return
+    if dimensions is tags or dimensions == tags:
+        # The session's latest tags again: only how late they were given can move (an older
+        # span repeating them changes nothing).
+        if end > delta.tags_at:
+            delta.tags_at = end
+    elif not tags and not delta.dimensions:  # the session's first tags
+        delta.tags, delta.tags_at = dimensions, end
+    else:
+        _latest_dimensions(delta, end, dimensions)
+
+
 def _latest_dimensions(delta: SessionDelta, end: int, dimensions: Dimensions) -> None:
     """Fold a span's tags in per name (latest end time wins); they become the session's
     whole `tags` when they are the latest for every name they give."""
@@ -307,7 +340,7 @@ def _latest_dimensions(delta: SessionDelta, end: int, dimensions: Dimensions) ->
         else:
             latest = False
     delta.dimensions = given
-    delta.tags, delta.tags_ns = (dimensions, end) if latest else ((), NO_TIME)
+    delta.tags, delta.tags_at = (dimensions, end) if latest else ((), NO_TIME)
     if latest:
         for name, _ in dimensions:
             del given[name]

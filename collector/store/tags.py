@@ -28,9 +28,9 @@ be taken as later than it is.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from collector.accounting.aggregate import Batch
-from collector.signals.traces import Dimensions
 from collector.store.base import session_dimensions
 
 TAG_TIME_LAG_NS = 5_000_000_000
@@ -40,8 +40,9 @@ MAX_REMEMBERED = 65_536  # entries (a row, or a session's whole set); each about
 TagKey = tuple[str, str]
 # (value, end time committed with it, latest end time seen for it, when it was committed)
 Remembered = tuple[str, int, int, int]
-# A session whose rows all came as one set of tags, together: the set, and the same times.
-SetRemembered = tuple[Dimensions, int, int, int]
+# A session whose rows all came as one set of tags, together: the set, and the same times
+# (a list: the latest end time seen moves in place, TagMemo.plan).
+SetRemembered = list[Any]
 
 
 @dataclass(slots=True)
@@ -62,7 +63,12 @@ class TagMemo:
     such a session is remembered as that set, with one value and end time for all its rows,
     so that a flush costs one comparison of the set per session, not a lookup per row. A
     session that ever gives its tags otherwise (in parts, or a different set) is remembered
-    per row from then on; the rows its set had owed wait one more lag at most."""
+    per row from then on; the rows its set had owed wait one more lag at most.
+
+    What a flush's plan writes is remembered once it commits (`committed`), except the
+    usual case, a set seen again later but within the lag: its latest end time moves, and
+    is owed, when planned. A flush rolled back is retried with the next one's records, so
+    that end time is committed by the retry, or its owed row after it."""
 
     def __init__(self, *, lag_ns: int = TAG_TIME_LAG_NS, limit: int = MAX_REMEMBERED) -> None:
         self._lag_ns = lag_ns
@@ -81,7 +87,7 @@ class TagMemo:
         rows: list[tuple[str, str, str, int]] = []
         updates: dict[TagKey, Remembered] = {}
         sets: dict[str, SetRemembered | None] = {}
-        remembered, whole, split = self._rows, self._sets, self._split
+        remembered, whole, split, owed = self._rows, self._sets, self._split, self._owed
         lag = self._lag_ns
         for d in batch.sessions.values():
             session_id = d.session_id
@@ -93,17 +99,19 @@ class TagMemo:
                 end = d.tags_ns
                 if known_set is None:  # a session new here (or forgotten): written as one
                     rows.extend((session_id, name, value, end) for name, value in tags)
-                    sets[session_id] = (tags, end, end, now_ns)
+                    sets[session_id] = [tags, end, end, now_ns]
                     continue
                 old_tags, written, seen, at = known_set
                 if old_tags is tags or old_tags == tags:
                     if end <= seen:
                         continue  # nothing later than what is written or owed
                     if now_ns - at < lag:
-                        sets[session_id] = (old_tags, written, end, at)
+                        known_set[2] = end  # in place, and owed now (class docstring)
+                        if session_id not in owed:
+                            owed[session_id] = now_ns + lag
                     else:
                         rows.extend((session_id, name, value, end) for name, value in tags)
-                        sets[session_id] = (tags, end, end, now_ns)
+                        sets[session_id] = [tags, end, end, now_ns]
                     continue
             if known_set is not None:  # another set: this session is kept per row from now
                 old_tags, written, seen, at = known_set
@@ -122,21 +130,21 @@ class TagMemo:
                         continue
                 rows.append((session_id, name, value, end))
                 updates[key] = (value, end, end, now_ns)
-        for owed, due in self._owed.items():
+        for owing, due in owed.items():
             if due > now_ns:
                 break
-            if isinstance(owed, str):
-                planned = sets.get(owed, whole.get(owed))
+            if isinstance(owing, str):
+                planned = sets.get(owing, whole.get(owing))
                 if planned is not None:
                     tags, written, seen, _ = planned
                     if seen > written:
-                        rows.extend((owed, name, value, seen) for name, value in tags)
-                        sets[owed] = (tags, seen, seen, now_ns)
+                        rows.extend((owing, name, value, seen) for name, value in tags)
+                        sets[owing] = [tags, seen, seen, now_ns]
                     continue
                 # Its set was broken into rows by this flush: those are owed instead.
-                keys: list[TagKey] = [(owed, name) for name, _ in whole[owed][0]]
+                keys: list[TagKey] = [(owing, name) for name, _ in whole[owing][0]]
             else:
-                keys = [owed]
+                keys = [owing]
             for key in keys:
                 value, written, seen, _ = updates.get(key) or remembered[key]
                 if seen > written:
@@ -147,15 +155,21 @@ class TagMemo:
     def committed(self, plan: TagPlan, now_ns: int) -> None:
         """The flush that wrote `plan` committed (never called for one rolled back, so its
         rows are planned again with the batch it is retried in)."""
+        # Once per session and flush: what _room_for and _owe do, inline for a known entry.
         owed = self._owed
+        due = now_ns + self._lag_ns
         for session_id, entry in plan.sets.items():
             if entry is None:
                 self._sets.pop(session_id, None)
                 owed.pop(session_id, None)  # owed per row now, through plan.updates
                 self._split.add(session_id)
-            elif self._room_for(session_id in self._sets):
+            elif session_id in self._sets or self._room_for(False):
                 self._sets[session_id] = entry
-                self._owe(session_id, entry[2] > entry[1], now_ns)
+                if entry[2] > entry[1]:
+                    if session_id not in owed:
+                        owed[session_id] = due
+                else:
+                    owed.pop(session_id, None)
         for key, row in plan.updates.items():
             if self._room_for(key in self._rows):
                 self._rows[key] = row
@@ -197,7 +211,7 @@ class TagMemo:
         for key in self._owed:
             if isinstance(key, str):
                 tags, _, seen, at = self._sets[key]
-                self._sets[key] = (tags, seen, seen, at)
+                self._sets[key] = [tags, seen, seen, at]
             else:
                 value, _, seen, at = self._rows[key]
                 self._rows[key] = (value, seen, seen, at)

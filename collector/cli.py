@@ -140,7 +140,7 @@ def _migrate_sqlite(config: Config, args: argparse.Namespace) -> int:
     else:
         print(f"moved {source} into {options.where}: {result.sessions} sessions, "
               f"{result.hours} rollup rows, {result.span_ids} span ids, "
-              f"{result.held} held usage records")
+              f"{result.held} held usage records, {result.budget_rows} budget rows")
     return EXIT_OK
 
 

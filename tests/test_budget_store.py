@@ -434,3 +434,53 @@ async def test_a_journal_row_that_is_not_one_is_dropped_not_a_stuck_flush(
     assert _rows(path, "SELECT spend_cents FROM collector_budget_spend") == [(4.0,)]
     assert _rows(path, "SELECT threshold FROM collector_budget_alerts") == [(0.8,)]
     assert "1 budget journal rows were not journal rows" in caplog.text
+
+
+async def test_migrate_sqlite_carries_budget_state_so_no_threshold_fires_twice(
+        tmp_path: Path, pg_url: str) -> None:
+    """A SQLite collector's spend, crossings, outbox and unfolded journal move with its usage
+    (`collector migrate-sqlite`): spend adds to what PostgreSQL's collectors spent, a threshold
+    crossed in the file is never crossed again, an alert it delivered stays delivered, and a
+    threshold the two reach together is crossed once, by the next fold."""
+    from collector.budgets.spend import encode
+    from collector.store.postgres import migrate_sqlite
+
+    pg = await _pg_store(pg_url)
+    try:
+        await pg.commit(batch(rec(100, session="p", user="bob", cents=0.5)), now_ns=T0)
+    finally:
+        await pg.close()
+    path = tmp_path / "old.sqlite"
+    old = await _store(path)
+    try:  # 4 cents: the fleet's 0.8 and alice's 1.0, each with an outbox row per sink
+        await old.commit(batch(rec(1, cents=4)), now_ns=T0)
+    finally:
+        await old.close()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE collector_alert_outbox SET delivered_ns = 1, attempts = 1 "
+                   "WHERE sink = 'hook' AND payload LIKE '%\"budget\": \"fleet\"%'")
+        # A flush's sums its collector had not folded when it stopped (a crash leaves them).
+        db.execute("INSERT INTO collector_budget_journal (id, created_ns, sums) VALUES (?, ?, ?)",
+                   ("left", T0, encode({"": {T0 // (3600 * 10**9): {"": 0.25}}})))
+    assert _rows(path, "SELECT count(*) FROM collector_alert_outbox "
+                       "WHERE delivered_ns IS NOT NULL") == [(1,)]
+    options = ConnectOptions(pg_url)
+    moved = await asyncio.to_thread(migrate_sqlite, path, options, retention_s=100)
+    assert moved.budget_rows == 2 + 2 + 4 + 1  # spend, crossings, outbox, journal
+    again = await asyncio.to_thread(migrate_sqlite, path, options, retention_s=100)
+    assert again.already and again.budget_rows == 0
+    spent = "SELECT budget, scope_value, spend_cents FROM collector_budget_spend ORDER BY 1, 2"
+    assert _pg_rows(pg_url, spent) == [("fleet", "", 4.5), ("users", "alice", 4.0)]
+    assert _pg_rows(pg_url, "SELECT id FROM collector_budget_journal") == [("left",)]
+    assert _pg_rows(pg_url, "SELECT count(*), count(delivered_ns) FROM collector_alert_outbox"
+                    ) == [(4, 1)]
+    pg = await _pg_store(pg_url)
+    try:  # 4.5 + 0.25 journaled + 0.5: the fleet's 1.0 now, its 0.8 not again
+        await pg.commit(batch(rec(101, session="p", user="bob", cents=0.5)), now_ns=T0)
+    finally:
+        await pg.close()
+    assert _pg_rows(pg_url, spent) == [("fleet", "", 5.25), ("users", "alice", 4.0)]
+    assert _pg_rows(pg_url, "SELECT budget, scope_value, threshold FROM collector_budget_alerts "
+                            "ORDER BY 1, 3") == [
+        ("fleet", "", 0.8), ("fleet", "", 1.0), ("users", "alice", 1.0)]
+    assert _pg_rows(pg_url, "SELECT count(*) FROM collector_alert_outbox") == [(6,)]

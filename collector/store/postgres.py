@@ -55,6 +55,7 @@ from collector.signals.metrics import CumulativePoint
 from collector.signals.traces import KEY_BYTES
 from collector.store.base import (
     ALERTS_PENDING_SQL,
+    ALERTS_TABLE,
     BATCH_WRITES,
     COLUMN_NAMES,
     COLUMNS,
@@ -69,6 +70,7 @@ from collector.store.base import (
     JOURNAL_TABLE,
     LABELS_TABLE,
     LINKS_TABLE,
+    OUTBOX_TABLE,
     SEEN_CURRENT_COUNT,
     SEEN_PREVIOUS_COUNT,
     SPEND_TABLE,
@@ -1365,6 +1367,7 @@ class Migration:
     span_ids: int
     already: bool  # moved before: nothing was done
     held: int = 0  # usage still waiting for its trace's session
+    budget_rows: int = 0  # spend, crossing, outbox and journal rows (_migrate_budgets)
 
 
 def migrate_sqlite(path: Path, options: ConnectOptions, *, retention_s: int) -> Migration:
@@ -1496,5 +1499,47 @@ def _migrate(db: Any, conn: psycopg.Connection[Any], marker: str) -> Migration:
             if new:
                 conn.execute(ADD_SEEN_COUNT, (new, SEEN_CURRENT_COUNT))
             span_ids += new
+    budget_rows = _migrate_budgets(db, conn)
     conn.execute("INSERT INTO collector_meta (name, value) VALUES (%s, %s)", (marker, sessions))
-    return Migration(sessions, hours, span_ids, already=False, held=held)
+    return Migration(sessions, hours, span_ids, already=False, held=held,
+                     budget_rows=budget_rows)
+
+
+def _migrate_budgets(db: Any, conn: psycopg.Connection[Any]) -> int:
+    """The file's budget state, merged as its usage is: spend added per instance period
+    (what the file's collector folded), its journal rows kept for the next fold here (what it
+    had not), and its crossings and outbox rows kept once each, so that a threshold the file
+    recorded is never recorded, nor its alert sent, a second time, and an alert it had not
+    delivered yet is delivered from here. Spend rows are taken in key order, as a fold takes
+    them. A threshold the two databases' spend reaches only together is recorded by the next
+    fold that adds to that instance. Returns the rows moved."""
+    if not db.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (SPEND_TABLE,)).fetchone():
+        return 0  # the file's collector had no budgets
+    conn.execute(BUDGET_SCHEMA)
+    moved = 0
+    copies = (
+        (f"SELECT budget, scope_value, period_start_ns, spend_cents FROM {SPEND_TABLE} "
+         "ORDER BY budget, scope_value, period_start_ns",
+         f"INSERT INTO {SPEND_TABLE} AS s (budget, scope_value, period_start_ns, spend_cents) "
+         "VALUES (%s, %s, %s, %s) ON CONFLICT (budget, scope_value, period_start_ns) "
+         "DO UPDATE SET spend_cents = s.spend_cents + excluded.spend_cents"),
+        (f"SELECT budget, scope_value, period_start_ns, threshold FROM {ALERTS_TABLE}",
+         f"INSERT INTO {ALERTS_TABLE} (budget, scope_value, period_start_ns, threshold) "
+         "VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING"),
+        # A claim is this file's collector's, which no longer runs: not carried.
+        (f"SELECT id, sink, payload, created_ns, attempts, next_attempt_ns, delivered_ns "
+         f"FROM {OUTBOX_TABLE}",
+         f"INSERT INTO {OUTBOX_TABLE} (id, sink, payload, created_ns, attempts, "
+         "next_attempt_ns, delivered_ns) VALUES (%s, %s, %s, %s, %s, %s, %s) "
+         "ON CONFLICT (id) DO NOTHING"),
+        (f"SELECT id, created_ns, sums FROM {JOURNAL_TABLE}",
+         f"INSERT INTO {JOURNAL_TABLE} (id, created_ns, sums) VALUES (%s, %s, %s) "
+         "ON CONFLICT (id) DO NOTHING"),
+    )
+    with conn.cursor() as cursor:
+        for select, insert in copies:
+            source = db.execute(select)
+            while chunk := source.fetchmany(MIGRATION_CHUNK):
+                cursor.executemany(insert, chunk)
+                moved += len(chunk)
+    return moved

@@ -53,7 +53,7 @@ class DeliveryStats:
 
 
 class OutboxDelivery:
-    """Start with `start()`, stop with `stop()` (safe if never started).
+    """Start with `start()`, stop with `stop()` (safe if never started, and again).
 
     Every call on the outbox, its close included, runs on one thread of its own, one after
     another. Cancelling the task does not stop a call already running on a thread (a claim
@@ -73,6 +73,7 @@ class OutboxDelivery:
         self._cap_s = backoff_cap_s
         self._task: asyncio.Task[None] | None = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alert-outbox")
+        self._stopped = False
         self._unreadable = 0  # consecutive failed reads: logged once, then on recovery
         self.stats = DeliveryStats()
 
@@ -80,6 +81,9 @@ class OutboxDelivery:
         self._task = asyncio.create_task(self._run(), name="alert-delivery")
 
     async def stop(self) -> None:
+        if self._stopped:
+            return  # a second call would hand the closed outbox to a thread that is gone
+        self._stopped = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -155,21 +155,14 @@ class TagMemo:
     def committed(self, plan: TagPlan, now_ns: int) -> None:
         """The flush that wrote `plan` committed (never called for one rolled back, so its
         rows are planned again with the batch it is retried in)."""
-        # Once per session and flush: what _room_for and _owe do, inline for a known entry.
-        owed = self._owed
-        due = now_ns + self._lag_ns
         for session_id, entry in plan.sets.items():
             if entry is None:
                 self._sets.pop(session_id, None)
-                owed.pop(session_id, None)  # owed per row now, through plan.updates
+                self._owed.pop(session_id, None)  # owed per row now, through plan.updates
                 self._split.add(session_id)
-            elif session_id in self._sets or self._room_for(False):
+            elif self._room_for(session_id in self._sets):
                 self._sets[session_id] = entry
-                if entry[2] > entry[1]:
-                    if session_id not in owed:
-                        owed[session_id] = due
-                else:
-                    owed.pop(session_id, None)
+                self._owe(session_id, entry[2] > entry[1], now_ns)
         for key, row in plan.updates.items():
             if self._room_for(key in self._rows):
                 self._rows[key] = row

@@ -157,7 +157,8 @@ def _run(work: Path, number: int, names: Sequence[str],
 
 def alternating(work: Path, layout: Layout, transport: str, *, slices: int, seconds: float,
                 warmup: float, slice_warmup: float, concurrency: int, sessions: int,
-                b: str = "budgets", block: int = 0) -> Iterator[dict[str, Any]]:
+                b: str = "budgets", block: int = 0, pin: bool = True
+                ) -> Iterator[dict[str, Any]]:
     """A and B started once, warmed for `warmup` each, then driven in turn, `slices` times
     each (A first in even slices), by a load generator pinned apart from them: the pairs of
     neighbouring slices are seconds apart, so the machine's drift over a round of fresh
@@ -167,9 +168,11 @@ def alternating(work: Path, layout: Layout, transport: str, *, slices: int, seco
     runs alone: that is counted against B. Yields each slice pair as one_round would.
     A process keeps its own luck for its life (where its heap and hash seeds put things
     against the caches: a collector against itself came out 2 % apart over 12 slices), so
-    main() runs `--blocks` of these, each with fresh collectors (`block` names its files)."""
+    main() runs `--blocks` of these, each with fresh collectors (`block` names its files).
+    `pin` False leaves the collectors and load generators to the scheduler: a collector's
+    writer thread and event loop may then run on different cores, as they would in service."""
     cpus = sorted(os.sched_getaffinity(0))
-    server_cpu, load_cpu = (cpus[-1], cpus[0]) if len(cpus) >= 2 else (None, None)
+    server_cpu, load_cpu = (cpus[-1], cpus[0]) if pin and len(cpus) >= 2 else (None, None)
     base = f"alt-{layout}-{transport}-{block}"
     servers: dict[str, Server] = {}
     try:
@@ -317,7 +320,7 @@ def main() -> int:
                                     seconds=args.seconds, warmup=args.warmup,
                                     slice_warmup=args.slice_warmup,
                                     concurrency=args.concurrency, sessions=args.sessions,
-                                    b=args.b, block=block)
+                                    b=args.b, block=block, pin=not args.no_pin)
                         for block in range(args.blocks))
                 else:
                     each = (one_round(work, number, layout, transport, seconds=args.seconds,

@@ -78,7 +78,7 @@ def child(name: str, layout: Layout, warmup: int, rounds: int, now_ns: int,
         commit_ns = now_ns
         for bodies in flushes:
             commit_ns += step_ns
-            ingest(into, db, bodies, parts.options, now_ns, commit_ns)
+            ingest(into, db, bodies, parts.options[name], now_ns, commit_ns)
         db.close()
 
 

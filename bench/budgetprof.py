@@ -67,9 +67,11 @@ CONFIGS = ("none", "tags", "budgets")
 @dataclass(frozen=True, slots=True)
 class Setup:
     """What each configuration ingests, and with which budgets, as the daemon would map it
-    (the default [attribution])."""
+    (the default [attribution]). Each configuration has its own MappingOptions, as each
+    daemon has: sharing one would share its compiled reader's cache of decoded strings, and
+    B's tag values would then evict A's session ids there, making A slower than alone."""
 
-    options: MappingOptions
+    options: dict[str, MappingOptions]
     factories: dict[str, RequestFactory]
     budgets: dict[str, tuple[Budget, ...]]
 
@@ -79,8 +81,8 @@ def setup(layout: Layout, sessions: int = 1000, *, nonce: int | None = None,
     """`nonce` and `now_ns` fix the requests' ids and times (the same bytes in every run)."""
     pricer = Pricer({})
     pricer.preload()
-    options = MappingOptions(pricer=pricer, dimensions=tuple(
-        (d.name, d.attributes) for d in DEFAULT_DIMENSIONS))
+    options = {name: MappingOptions(pricer=pricer, dimensions=tuple(
+        (d.name, d.attributes) for d in DEFAULT_DIMENSIONS)) for name in CONFIGS}
     plain = RequestFactory(sessions, layout=layout, nonce=nonce, now_ns=now_ns)
     tagged = RequestFactory(sessions, tagged=True, layout=layout, nonce=nonce, now_ns=now_ns)
     return Setup(options, {"none": plain, "tags": tagged, "budgets": tagged},
@@ -154,7 +156,7 @@ def measure(layout: Layout, *, rounds: int, batch_requests: int, warmup: int = 2
                     started = time.process_time()
                     # The clock as the daemon's: the journal's folds and the tags' end
                     # times are due by it.
-                    ingest(stores[name], dbs[name], bodies, options, now, time.time_ns())
+                    ingest(stores[name], dbs[name], bodies, options[name], now, time.time_ns())
                     elapsed = time.process_time() - started
                     if measuring[0]:
                         per_span[name].append(elapsed * 1e6 / spans)

@@ -38,7 +38,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -214,16 +214,19 @@ def system(run: dict[str, Any], name: str) -> float:
     return value
 
 
-def median_interval(values: Sequence[float], *, resamples: int = 2000,
-                    level: float = 0.9) -> tuple[float, float]:
-    """A bootstrap interval of the median of `values` (percentiles of the medians of
-    resamples; a fixed seed, so a saved run's interval can be recomputed): how far apart
-    the rounds leave it, which a median alone does not say."""
+def bootstrap_interval(values: Sequence[float], statistic: Callable[[list[float]], float], *,
+                       resamples: int = 2000, level: float = 0.9) -> tuple[float, float]:
+    """A bootstrap interval of `statistic` over `values`: percentiles of its value over
+    resamples, with a fixed seed, so a saved run's interval can be recomputed."""
     rng = random.Random(0)
-    medians = sorted(statistics.median(rng.choices(values, k=len(values)))
-                     for _ in range(resamples))
+    drawn = sorted(statistic(rng.choices(values, k=len(values))) for _ in range(resamples))
     tail = (1 - level) / 2
-    return medians[int(tail * resamples)], medians[int((1 - tail) * resamples) - 1]
+    return drawn[int(tail * resamples)], drawn[int((1 - tail) * resamples) - 1]
+
+
+def median_interval(values: Sequence[float]) -> tuple[float, float]:
+    """How far apart the rounds leave their median, which a median alone does not say."""
+    return bootstrap_interval(values, statistics.median)
 
 
 def block_ratios(rounds: Sequence[dict[str, Any]]) -> list[float]:
@@ -239,14 +242,9 @@ def block_ratios(rounds: Sequence[dict[str, Any]]) -> list[float]:
     return [b / a for b, a in per.values()]
 
 
-def mean_interval(values: Sequence[float], *, resamples: int = 2000,
-                  level: float = 0.9) -> tuple[float, float]:
-    """A bootstrap interval of the mean of `values` (fixed seed, as median_interval)."""
-    rng = random.Random(0)
-    means = sorted(statistics.fmean(rng.choices(values, k=len(values)))
-                   for _ in range(resamples))
-    tail = (1 - level) / 2
-    return means[int(tail * resamples)], means[int((1 - tail) * resamples) - 1]
+def mean_interval(values: Sequence[float]) -> tuple[float, float]:
+    """How far apart the pairs leave their mean."""
+    return bootstrap_interval(values, statistics.fmean)
 
 
 def summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:

@@ -107,8 +107,7 @@ class TagMemo:
                         continue  # nothing later than what is written or owed
                     if now_ns - at < lag:
                         known_set[2] = end  # in place, and owed now (class docstring)
-                        if session_id not in owed:
-                            owed[session_id] = now_ns + lag
+                        self._owe(session_id, True, now_ns)
                     else:
                         rows.extend((session_id, name, value, end) for name, value in tags)
                         sets[session_id] = [tags, end, end, now_ns]
